@@ -1,0 +1,109 @@
+"""The settings of one DMQ node, validated once, with Kamailio's names and defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from app.dmq.errors import ConfigError
+from app.dmq.sip import DEFAULT_MAX_STREAM_MESSAGE, SipUri
+from app.dmq.transaction import TimerSettings
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Loopback only: a node trusts nothing else unless told to.
+LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+DEFAULT_NOTIFICATION_CHANNEL = "notification_peer"
+SUPPORTED_TRANSPORTS = ("udp", "tcp")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a :class:`~app.dmq.node.DmqNode` needs to know at start."""
+
+    #: The address this node listens on and announces (Kamailio's ``server_address``),
+    #: e.g. ``sip:127.0.0.1:5060`` or ``sip:10.0.0.5:5060;transport=tcp``.
+    server_address: SipUri
+    #: Nodes to join through (Kamailio's ``notification_address``, repeatable).
+    notification_addresses: tuple[SipUri, ...] = ()
+    #: The peer id that carries membership (Kamailio's ``notification_channel``).
+    notification_channel: str = DEFAULT_NOTIFICATION_CHANNEL
+    #: Resolve the first notification address by SRV, then A, then AAAA, and notify
+    #: every node found (Kamailio's ``multi_notify``).
+    multi_notify: bool = False
+    #: Seconds between pings (Kamailio's ``ping_interval``, default 60).
+    ping_interval: float = 60.0
+    #: SIP timers T1, T2, T4 and Timer F.
+    timers: TimerSettings = field(default_factory=TimerSettings)
+    #: Source networks whose KDMQ requests are accepted; others get 403.
+    trusted: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    #: Largest message accepted on a TCP stream.
+    max_stream_message: int = DEFAULT_MAX_STREAM_MESSAGE
+    #: Seconds a peer may take to answer a request before the node answers 408 itself;
+    #: ``None`` means Timer F, after which the sender has given up anyway.
+    peer_reply_timeout: float | None = None
+    #: Sent as ``User-Agent`` on requests and ``Server`` on responses.
+    user_agent: str = "dmq-gateway/0.1"
+
+    def __post_init__(self) -> None:
+        if self.server_address.transport not in SUPPORTED_TRANSPORTS:
+            raise ConfigError(
+                f"--server-address {self.server_address}: transport must be udp or tcp"
+            )
+        if self.server_address.port is None:
+            raise ConfigError(
+                f"--server-address {self.server_address}: give the port explicitly, "
+                "because other nodes match us by the exact host:port we announce"
+            )
+        if self.server_address.user:
+            raise ConfigError(f"--server-address {self.server_address}: must have no user part")
+        for address in self.notification_addresses:
+            if address.transport not in SUPPORTED_TRANSPORTS:
+                raise ConfigError(f"--notification-address {address}: transport must be udp or tcp")
+        if not self.notification_channel or not _is_user(self.notification_channel):
+            raise ConfigError(
+                f"--notification-channel {self.notification_channel!r}: must be a "
+                "non-empty SIP user name (letters, digits, - _ . ! ~ * ' ( ))"
+            )
+        if self.ping_interval < 1:
+            raise ConfigError(f"--ping-interval {self.ping_interval}: must be at least 1 second")
+        t = self.timers
+        if t.t1 <= 0 or t.t2 <= 0 or t.t4 <= 0:
+            raise ConfigError("--t1, --t2 and --t4 must be positive numbers of seconds")
+        if t.t2 < t.t1:
+            raise ConfigError(f"--t2 {t.t2}: must not be smaller than --t1 {t.t1}")
+        if t.timer_f is not None and t.timer_f <= 0:
+            raise ConfigError(f"--timer-f {t.timer_f}: must be a positive number of seconds")
+        if self.max_stream_message < 1024:
+            raise ConfigError(
+                f"--max-tcp-message {self.max_stream_message}: must be at least 1024 bytes"
+            )
+
+    @property
+    def reply_timeout(self) -> float:
+        if self.peer_reply_timeout is not None:
+            return self.peer_reply_timeout
+        return self.timers.timer_f_value
+
+
+_USER_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,;?/"
+)
+
+
+def _is_user(text: str) -> bool:
+    return all(ch in _USER_CHARS for ch in text)
+
+
+def is_valid_peer_id(text: str) -> bool:
+    """A peer id is the user part of a Request-URI, so it must be a SIP user name."""
+    return bool(text) and len(text) <= 128 and all(ch in _PEER_ID_CHARS for ch in text)
+
+
+_PEER_ID_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()"
+)

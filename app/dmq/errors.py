@@ -1,0 +1,49 @@
+"""Errors the DMQ core raises to its caller.
+
+Two families, as in h11:
+
+* :class:`DmqUsageError` and its subclasses are *local* errors: the code driving the
+  node asked for something impossible (send to a node that is not in the list, register
+  the reserved notification peer, a body too large for the transport). They are raised
+  to the caller, whose job is to turn them into a clear answer (the HTTP API makes them
+  4xx problems).
+* What a *remote* node sends wrong never raises: a malformed SIP message becomes a
+  :class:`~app.dmq.sip.SipParseError` inside the core, which answers it (400, 403, 404,
+  405, 413, 505) or drops and counts it, and the node carries on.
+
+Bad configuration raises :class:`ConfigError` with one sentence naming the option.
+"""
+
+from __future__ import annotations
+
+
+class DmqError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(DmqError, ValueError):
+    """A setting is invalid; the message names the option and says why."""
+
+
+class DmqUsageError(DmqError):
+    """The caller asked the node for something it cannot do."""
+
+
+class UnknownNodeError(DmqUsageError, LookupError):
+    """The node named is not in the node list."""
+
+
+class UnknownPeerError(DmqUsageError, LookupError):
+    """No peer is registered under that peer id."""
+
+
+class ReservedPeerError(DmqUsageError):
+    """The notification channel belongs to membership and can't be used as a peer."""
+
+
+class MessageTooLargeError(DmqUsageError):
+    """The message would not fit the transport (a UDP datagram, or the TCP limit)."""
+
+
+class NodeStoppedError(DmqUsageError):
+    """The node has left the bus and sends nothing more."""

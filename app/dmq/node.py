@@ -1,0 +1,1009 @@
+"""The DMQ node: a sans-IO state machine that a Kamailio bus takes for one of its own.
+
+Theory of operation
+-------------------
+Three kinds of input, each with the current time ``now`` from the driver's clock:
+
+* :meth:`DmqNode.receive` - one whole SIP message (a UDP datagram or a framed TCP
+  message) and where it came from;
+* :meth:`DmqNode.handle_timer` - the deadline from :meth:`get_timer` has passed;
+* calls: :meth:`start`, :meth:`broadcast`, :meth:`send`, :meth:`reply`,
+  :meth:`add_node`, :meth:`remove_node`, :meth:`stop`.
+
+Three kinds of output, which the driver collects after every input:
+
+* :meth:`datagrams_to_send` - ``(bytes, Endpoint)`` pairs;
+* :meth:`get_timer` - the one deadline to arm;
+* :meth:`next_event` - :mod:`app.dmq.events` (status changes, finished sends).
+
+Peer handlers (:mod:`app.dmq.peers`) are plain callables run inside :meth:`receive`.
+
+Membership follows Kamailio's ``notification_peer`` (protocol notes, section 4): join
+with Max-Forwards 2, answer a notification with our list and pass a changed list one
+hop on, ping every node every ``ping_interval``, a node is disabled on its first
+missed ping and removed on its second. Where Kamailio has known faults we do better:
+retransmissions are never delivered twice, a node's own word about itself outranks a
+third party's (so a node we removed is not brought back as a ghost by another node's
+stale list), we never add ourselves, and a graceful stop tells every active node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from app.dmq.config import NodeConfig, is_valid_peer_id
+from app.dmq.errors import (
+    MessageTooLargeError,
+    NodeStoppedError,
+    ReservedPeerError,
+    UnknownNodeError,
+)
+from app.dmq.events import (
+    Event,
+    NodeResult,
+    NodeStatusChanged,
+    SendCompleted,
+    SendOperation,
+)
+from app.dmq.nodes import (
+    KAMAILIO_BODY_LIMIT,
+    Node,
+    NodeKey,
+    NodeLine,
+    NodeList,
+    NodeStatus,
+    Resolver,
+    literal_resolver,
+    node_uri,
+    parse_node_list,
+)
+from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
+from app.dmq.sip import (
+    MAX_UDP_MESSAGE,
+    NameAddr,
+    SipParseError,
+    SipRequest,
+    SipResponse,
+    SipUri,
+    Via,
+    parse_cseq,
+    parse_message,
+)
+from app.dmq.timers import TimerHandle, TimerQueue
+from app.dmq.transaction import (
+    MAGIC_COOKIE,
+    Endpoint,
+    FinalResult,
+    ServerTransaction,
+    TransactionLayer,
+)
+
+log = logging.getLogger("dmq.node")
+
+#: Reason phrases for the codes the node generates itself.
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "User Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Request Entity Too Large",
+    483: "Too Many Hops",
+    500: "Server Internal Error",
+    503: "Service Unavailable",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+}
+
+#: KDMQ is sent with this CSeq number on every request, as Kamailio does.
+CSEQ_NUMBER = 10
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """Counters for metrics and tests; all monotonic."""
+
+    #: (peer_id, code) -> requests received and the code we answered.
+    received: Counter[tuple[str, int]]
+    #: (peer_id, code) -> requests sent and the final code (local 408 included).
+    sent: Counter[tuple[str, int]]
+    #: Malformed requests answered with an error (400, 505, 513...).
+    malformed_answered: int = 0
+    #: Messages dropped because they could not be answered (no usable Via...).
+    malformed_dropped: int = 0
+    #: Requests refused because the source is not trusted.
+    forbidden: int = 0
+    #: Deferred peer replies that never came and were answered 408 by the node.
+    reply_timeouts: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A request delivered to a peer whose handler will answer later."""
+
+    st: ServerTransaction
+    request: SipRequest
+    peer_id: str
+    destination: Endpoint
+    deadline: TimerHandle
+
+
+class DmqNode:
+    """One DMQ node. See the module docstring for how to drive it."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        resolver: Resolver = literal_resolver,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.timers = TimerQueue()
+        self.transactions = TransactionLayer(self.timers, config.timers, self._transmit)
+        self.nodes = NodeList(config.server_address, resolver)
+        self.peers: dict[str, Peer] = {}
+        self.stats = NodeStats(Counter(), Counter())
+        self.started = False
+        self.stopped = False
+        self._outbox: list[tuple[bytes, Endpoint]] = []
+        self._events: deque[Event] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._ids = 0
+        #: The driver's clock at the latest input; timer callbacks read it.
+        self._clock = 0.0
+        self._ping_timer: TimerHandle | None = None
+        #: Nodes removed after missed pings (or by an operator): a third party's stale
+        #: list does not bring them back until this time or until they speak for
+        #: themselves.
+        self._tombstones: dict[NodeKey, float] = {}
+        self._trust_cache: dict[str, bool] = {}
+        self._from_cache: dict[str, str] = {}
+        self._tag = f"{self.rng.getrandbits(64):016x}"
+        local = self.nodes.local.uri
+        self._local_hostport = (
+            f"[{local.host}]:{local.effective_port}"
+            if ":" in local.host
+            else f"{local.host}:{local.effective_port}"
+        )
+        self._max_message = (
+            MAX_UDP_MESSAGE if local.transport == "udp" else config.max_stream_message
+        )
+
+    # ------------------------------------------------------------------ outputs
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
+        """Everything queued for sending since the last call."""
+        out = self._outbox
+        self._outbox = []
+        return out
+
+    def get_timer(self) -> float | None:
+        """The instant at which :meth:`handle_timer` must be called next."""
+        return self.timers.next_deadline()
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # ------------------------------------------------------------------ peers
+
+    def register_peer(
+        self,
+        peer_id: str,
+        handler: PeerHandler,
+        *,
+        init: PeerInit | None = None,
+        description: str = "",
+    ) -> Peer:
+        """Register (or replace) the handler of a peer id.
+
+        If the bus is already up, the new peer's init hook runs at once: it would
+        otherwise never run, since the node has already reached its peer nodes.
+        """
+        if peer_id == self.config.notification_channel:
+            raise ReservedPeerError(
+                f"{peer_id!r} is the notification channel and carries membership only"
+            )
+        if not is_valid_peer_id(peer_id):
+            raise ValueError(
+                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
+            )
+        previous = self.peers.get(peer_id)
+        peer = Peer(peer_id, handler, init, description)
+        if previous is not None:
+            peer.init_done = previous.init_done
+        self.peers[peer_id] = peer
+        if not peer.init_done and self.nodes.active_others():
+            self._run_init(peer)
+        return peer
+
+    def unregister_peer(self, peer_id: str) -> bool:
+        return self.peers.pop(peer_id, None) is not None
+
+    def _run_init(self, peer: Peer) -> None:
+        peer.init_done = True
+        if peer.init is None:
+            return
+        try:
+            peer.init()
+        except Exception:
+            log.exception("init hook of peer %s failed", peer.peer_id)
+
+    def _maybe_run_inits(self) -> None:
+        for peer in list(self.peers.values()):
+            if not peer.init_done:
+                self._run_init(peer)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, now: float) -> None:
+        """Join the bus through the notification addresses and start pinging."""
+        if self.started:
+            return
+        self.started = True
+        for address in self.config.notification_addresses:
+            self.add_notification_address(address)
+        self._join(now)
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+
+    def add_notification_address(self, uri: SipUri) -> Node | None:
+        """Add a node to join through (already resolved by the driver, if need be).
+
+        A notification address that names ourselves is skipped with a warning: a node
+        listing itself (Kamailio issue #1109) must not hold itself twice or ping itself.
+        """
+        if self.nodes.is_local(uri):
+            log.warning("notification address %s is this node itself; skipped", uri)
+            return None
+        node = self.nodes.add(uri, NodeStatus.NOT_ACTIVE, notification_address=True)
+        if node is not None:
+            self._emit_status(node, None, node.status, "notification address")
+        return node
+
+    def stop(self, now: float) -> SendOperation:
+        """Leave gracefully: tell every active node we are disabled, stop pinging.
+
+        Requests still waiting for a peer's answer get 503. Returns the operation of
+        the leave message so that the driver can wait for the answers (or Timer F).
+        """
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        for pending_id in list(self._pending):
+            self.reply(pending_id, PeerReply(503, "Service Unavailable"), now)
+        targets = self.nodes.active_others() if not self.stopped else []
+        self.stopped = True
+        return self._operation(
+            self.config.notification_channel,
+            targets,
+            self.nodes.leave_body(),
+            "text/plain",
+            1,
+            now,
+        )
+
+    # ------------------------------------------------------------------ sending
+
+    def broadcast(
+        self,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        now: float,
+        *,
+        exclude: SipUri | None = None,
+        max_forwards: int = 1,
+    ) -> SendOperation:
+        """Send to every active node but us (and ``exclude``); one result per node."""
+        self._check_user_send(peer_id, body)
+        excluded = self.nodes.key_of(exclude) if exclude is not None else None
+        targets = [n for n in self.nodes.active_others() if n.key != excluded]
+        return self._operation(peer_id, targets, body, content_type, max_forwards, now)
+
+    def send(
+        self,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        node: SipUri,
+        now: float,
+        *,
+        max_forwards: int = 1,
+    ) -> SendOperation:
+        """Send to one node of the list, whatever its status."""
+        self._check_user_send(peer_id, body)
+        target = self.nodes.find(node)
+        if target is None or target.local:
+            raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
+        return self._operation(peer_id, [target], body, content_type, max_forwards, now)
+
+    def _check_user_send(self, peer_id: str, body: bytes) -> None:
+        if self.stopped:
+            raise NodeStoppedError("this node has left the bus")
+        if peer_id == self.config.notification_channel:
+            raise ReservedPeerError(
+                f"{peer_id!r} is the notification channel and carries membership only"
+            )
+        if not is_valid_peer_id(peer_id):
+            raise ValueError(
+                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
+            )
+        limit = self.max_body_size
+        if len(body) > limit:
+            raise MessageTooLargeError(
+                f"a body of {len(body)} bytes does not fit in one message on this "
+                f"transport (at most {limit} bytes)"
+            )
+
+    @property
+    def max_body_size(self) -> int:
+        """The largest body that fits in one message with our headers (about 600 bytes
+        of headers are kept in reserve)."""
+        return self._max_message - 600
+
+    def _operation(
+        self,
+        peer_id: str,
+        targets: list[Node],
+        body: bytes,
+        content_type: str | None,
+        max_forwards: int,
+        now: float,
+    ) -> SendOperation:
+        self._ids += 1
+        operation = SendOperation(self._ids, peer_id, tuple(node.uri for node in targets))
+        if not targets:
+            self._events.append(SendCompleted(operation))
+            return operation
+        for node in targets:
+            self._send_request(
+                node,
+                peer_id,
+                body,
+                content_type,
+                max_forwards,
+                now,
+                self._operation_result(operation, node),
+            )
+        return operation
+
+    def _operation_result(
+        self, operation: SendOperation, node: Node
+    ) -> Callable[[FinalResult], None]:
+        uri = node.uri
+        membership = operation.peer_id == self.config.notification_channel
+        key = node.key
+
+        def on_result(result: FinalResult) -> None:
+            response = result.response
+            operation.results.append(
+                NodeResult(
+                    uri,
+                    result.code,
+                    result.reason,
+                    response.body if response is not None else b"",
+                    response.headers.get("content-type") if response is not None else None,
+                    result.timed_out,
+                    result.transport_error,
+                )
+            )
+            if membership:
+                self._on_notification_result(key, result, self._clock)
+            if operation.done:
+                self._events.append(SendCompleted(operation))
+
+        return on_result
+
+    def _send_request(
+        self,
+        node: Node,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        max_forwards: int,
+        now: float,
+        on_result: Callable[[FinalResult], None],
+    ) -> None:
+        rng = self.rng
+        branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
+        call_id = f"{rng.getrandbits(64):016x}@{self._local_hostport}"
+        target = node.uri.with_user(peer_id)
+        to_uri = str(target)
+        transport = node.transport.upper()
+        lines = [
+            f"KDMQ {target} SIP/2.0",
+            f"Via: SIP/2.0/{transport} {self._local_hostport};branch={branch}",
+            f"To: <{to_uri}>",
+            f"From: <{self._from_uri(peer_id)}>;tag={self._tag}-{rng.getrandbits(32):08x}",
+            f"CSeq: {CSEQ_NUMBER} KDMQ",
+            f"Call-ID: {call_id}",
+            f"Max-Forwards: {max_forwards}",
+            f"User-Agent: {self.config.user_agent}",
+        ]
+        if content_type:
+            lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Length: {len(body)}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        self._clock = now
+        destination = Endpoint(node.transport, node.resolved_ip, node.port)
+        stats = self.stats.sent
+
+        def counted(result: FinalResult) -> None:
+            stats[(peer_id, result.code)] += 1
+            on_result(result)
+
+        self.transactions.send_request(branch, data, destination, now, counted)
+
+    def _from_uri(self, peer_id: str) -> str:
+        cached = self._from_cache.get(peer_id)
+        if cached is None:
+            cached = str(self.config.server_address.with_user(peer_id))
+            self._from_cache[peer_id] = cached
+        return cached
+
+    # ------------------------------------------------------------------ replies
+
+    def reply(self, message_id: int, reply: PeerReply, now: float) -> bool:
+        """Answer a message whose handler returned ``None``; False if it was already
+        answered (or timed out)."""
+        pending = self._pending.pop(message_id, None)
+        if pending is None:
+            return False
+        pending.deadline.cancel()
+        self._respond(
+            pending.st,
+            pending.request,
+            pending.destination,
+            reply.code,
+            reply.reason,
+            now,
+            content_type=reply.content_type,
+            body=reply.body,
+            peer_id=pending.peer_id,
+        )
+        return True
+
+    def _reply_timeout(self, message_id: int) -> None:
+        if message_id in self._pending:
+            self.stats.reply_timeouts += 1
+            self.reply(message_id, PeerReply(408, "Request Timeout"), self._clock)
+
+    def _respond(
+        self,
+        st: ServerTransaction | None,
+        request: SipRequest,
+        destination: Endpoint,
+        code: int,
+        reason: str,
+        now: float,
+        *,
+        content_type: str | None = None,
+        body: bytes = b"",
+        peer_id: str | None = None,
+        extra: Iterable[str] = (),
+    ) -> None:
+        headers = request.headers
+        lines = [f"SIP/2.0 {code} {reason}"]
+        for name, value in headers:
+            if name == "via":
+                lines.append(f"Via: {value}")
+        lines.append(f"From: {headers.get('from') or ''}")
+        to = headers.get("to") or ""
+        if ";tag=" not in to.replace(" ", "").lower():
+            to = f"{to};tag={self._tag}"
+        lines.append(f"To: {to}")
+        lines.append(f"Call-ID: {headers.get('call-id') or ''}")
+        lines.append(f"CSeq: {headers.get('cseq') or ''}")
+        lines.append(f"Server: {self.config.user_agent}")
+        lines.extend(extra)
+        if body and content_type:
+            lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Length: {len(body)}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        if peer_id is not None:
+            self.stats.received[(peer_id, code)] += 1
+        if st is not None:
+            self.transactions.respond(st, data, destination, now)
+        else:
+            self._transmit(data, destination)
+
+    @staticmethod
+    def _response_destination(source: Endpoint, top_via: Via) -> Endpoint:
+        """Where a response goes (RFC 3261 section 18.2.2 and RFC 3581).
+
+        On a stream, back over the connection the request came on. Over UDP, to the
+        address the request came from (the ``received`` address) and to the Via port,
+        or to the source port when the sender asked for ``rport``.
+        """
+        if source.reliable:
+            return source
+        if top_via.param("rport") is not None:
+            return source
+        return Endpoint("udp", source.host, top_via.port or 5060)
+
+    # ------------------------------------------------------------------ input
+
+    def _transmit(self, data: bytes, destination: Endpoint) -> None:
+        self._outbox.append((data, destination))
+
+    def handle_timer(self, now: float) -> None:
+        self._clock = now
+        self.timers.run_due(now)
+
+    def transport_error(self, destination: Endpoint, now: float) -> None:
+        """The driver could not deliver to ``destination`` (e.g. TCP connect refused)."""
+        self._clock = now
+        self.transactions.transport_error(destination)
+
+    def receive(self, data: bytes, source: Endpoint, now: float) -> None:
+        """Handle one whole SIP message. Never raises for anything the sender did."""
+        self._clock = now
+        try:
+            message = parse_message(data, max_size=max(self._max_message, MAX_UDP_MESSAGE))
+        except SipParseError as exc:
+            self._reject_malformed(exc, source, now)
+            return
+        if isinstance(message, SipRequest):
+            self._on_request(message, source, now)
+        else:
+            self._on_response(message, now)
+
+    def _reject_malformed(self, exc: SipParseError, source: Endpoint, now: float) -> None:
+        request = exc.request
+        if request is not None and request.method != "ACK" and self._answerable(request):
+            top_via = Via.parse(request.headers.get_all("via")[0])
+            self.stats.malformed_answered += 1
+            log.info(
+                "malformed request from %s:%s answered %s: %s",
+                source.host,
+                source.port,
+                exc.status,
+                exc.reason,
+            )
+            reason = REASONS.get(exc.status, "Bad Request")
+            self._respond(
+                None,
+                request,
+                self._response_destination(source, top_via),
+                exc.status,
+                reason,
+                now,
+                extra=(f'Warning: 399 dmq-gateway "{_quote(exc.reason)}"',),
+            )
+            return
+        self.stats.malformed_dropped += 1
+        log.info("malformed message from %s:%s dropped: %s", source.host, source.port, exc.reason)
+
+    @staticmethod
+    def _answerable(request: SipRequest) -> bool:
+        """A response can be built only with a parseable top Via and the dialog
+        headers to copy."""
+        headers = request.headers
+        vias = headers.get_all("via")
+        if not vias:
+            return False
+        try:
+            Via.parse(vias[0])
+        except ValueError:
+            return False
+        return all(headers.get(name) for name in ("from", "to", "call-id", "cseq"))
+
+    def _trusted(self, host: str) -> bool:
+        cached = self._trust_cache.get(host)
+        if cached is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                cached = False
+            else:
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                    address = address.ipv4_mapped
+                cached = any(address in network for network in self.config.trusted)
+            if len(self._trust_cache) > 4096:
+                self._trust_cache.clear()
+            self._trust_cache[host] = cached
+        return cached
+
+    def _on_request(self, request: SipRequest, source: Endpoint, now: float) -> None:
+        headers = request.headers
+        vias = headers.get_all("via")
+        try:
+            top_via = Via.parse(vias[0]) if vias else None
+        except ValueError:
+            top_via = None
+        if top_via is None or not all(
+            headers.get(name) for name in ("from", "to", "call-id", "cseq")
+        ):
+            if request.method != "ACK" and top_via is not None:
+                self._reject_malformed(
+                    SipParseError("missing From, To, Call-ID or CSeq", request=request),
+                    source,
+                    now,
+                )
+            else:
+                self.stats.malformed_dropped += 1
+                log.info(
+                    "request without a usable Via from %s:%s dropped", source.host, source.port
+                )
+            return
+        destination = self._response_destination(source, top_via)
+        try:
+            _, cseq_method = parse_cseq(headers.get("cseq") or "")
+        except ValueError as exc:
+            self._bad_request(request, destination, str(exc), now)
+            return
+        if cseq_method != request.method:
+            self._bad_request(request, destination, "CSeq method differs from the request", now)
+            return
+        if request.method == "ACK":
+            return
+        if not self._trusted(source.host):
+            self.stats.forbidden += 1
+            log.warning("KDMQ from untrusted %s:%s refused", source.host, source.port)
+            self._respond(None, request, destination, 403, "Forbidden", now)
+            return
+        st = self.transactions.receive_request(request, top_via, source)
+        if st is None:
+            return  # a retransmission, already absorbed or answered from the cache
+        if request.method != "KDMQ":
+            if request.method == "OPTIONS":
+                self._respond(st, request, destination, 200, "OK", now)
+            else:
+                self._respond(
+                    st,
+                    request,
+                    destination,
+                    405,
+                    "Method Not Allowed",
+                    now,
+                    extra=("Allow: KDMQ, OPTIONS",),
+                )
+            return
+        self._on_kdmq(st, request, destination, now)
+
+    def _bad_request(
+        self, request: SipRequest, destination: Endpoint, reason: str, now: float
+    ) -> None:
+        self.stats.malformed_answered += 1
+        self._respond(
+            None,
+            request,
+            destination,
+            400,
+            "Bad Request",
+            now,
+            extra=(f'Warning: 399 dmq-gateway "{_quote(reason)}"',),
+        )
+
+    def _on_kdmq(
+        self, st: ServerTransaction, request: SipRequest, destination: Endpoint, now: float
+    ) -> None:
+        headers = request.headers
+        try:
+            request_uri = SipUri.parse(request.uri)
+            sender = NameAddr.parse(headers.get("from") or "").uri
+        except ValueError as exc:
+            self._respond_error(st, request, destination, 400, str(exc), now)
+            return
+        max_forwards_text = headers.get("max-forwards")
+        if max_forwards_text is None:
+            max_forwards = 70
+        elif max_forwards_text.isdigit() and len(max_forwards_text) < 4:
+            max_forwards = int(max_forwards_text)
+        else:
+            self._respond_error(st, request, destination, 400, "bad Max-Forwards", now)
+            return
+        peer_id = request_uri.user
+        if peer_id is None:
+            self._respond_error(
+                st, request, destination, 404, "the Request-URI names no peer id", now
+            )
+            return
+        if peer_id == self.config.notification_channel:
+            self._on_notification(st, request, destination, sender, max_forwards, now)
+            return
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            self._respond(st, request, destination, 404, "User Not Found", now, peer_id=peer_id)
+            return
+        self._ids += 1
+        message = PeerMessage(
+            id=self._ids,
+            peer_id=peer_id,
+            body=request.body,
+            content_type=headers.get("content-type"),
+            sender=node_uri(sender),
+            call_id=headers.get("call-id") or "",
+            received_at=now,
+            max_forwards=max_forwards,
+        )
+        try:
+            reply = peer.handler(message)
+        except Exception:
+            log.exception("handler of peer %s failed", peer_id)
+            reply = PeerReply(500, "Server Internal Error")
+        if reply is None:
+            self._pending[message.id] = _Pending(
+                st,
+                request,
+                peer_id,
+                destination,
+                self.timers.call_at(
+                    now + self.config.reply_timeout, self._reply_timeout, message.id
+                ),
+            )
+            return
+        self._respond(
+            st,
+            request,
+            destination,
+            reply.code,
+            reply.reason,
+            now,
+            content_type=reply.content_type,
+            body=reply.body,
+            peer_id=peer_id,
+        )
+
+    def _respond_error(
+        self,
+        st: ServerTransaction,
+        request: SipRequest,
+        destination: Endpoint,
+        code: int,
+        reason: str,
+        now: float,
+    ) -> None:
+        self.stats.malformed_answered += 1
+        self._respond(
+            st,
+            request,
+            destination,
+            code,
+            REASONS.get(code, "Bad Request"),
+            now,
+            extra=(f'Warning: 399 dmq-gateway "{_quote(reason)}"',),
+        )
+
+    def _on_response(self, response: SipResponse, now: float) -> None:
+        vias = response.headers.get_all("via")
+        try:
+            top_via = Via.parse(vias[0]) if vias else None
+        except ValueError:
+            top_via = None
+        if top_via is None:
+            self.stats.malformed_dropped += 1
+            return
+        self.transactions.receive_response(response, top_via, now)
+
+    # ------------------------------------------------------------------ membership
+
+    def _on_notification(
+        self,
+        st: ServerTransaction,
+        request: SipRequest,
+        destination: Endpoint,
+        sender: SipUri,
+        max_forwards: int,
+        now: float,
+    ) -> None:
+        """A node sent us its list (join, propagation, ping or leave)."""
+        parsed = parse_node_list(request.body)
+        for error in parsed.errors:
+            log.warning("node list from %s: bad line skipped: %s", sender, error)
+        sender_key = self.nodes.key_of(sender)
+        changed = self._merge(parsed.lines, sender_key, now)
+        channel = self.config.notification_channel
+        self._respond(
+            st,
+            request,
+            destination,
+            200,
+            "OK",
+            now,
+            content_type="text/plain",
+            body=self._list_body(),
+            peer_id=channel,
+        )
+        forward = max_forwards - 1
+        if changed and forward > 0 and not self.stopped:
+            self._notify(self.nodes.active_others(), self._list_body(), forward, now)
+        if self.nodes.active_others():
+            self._maybe_run_inits()
+
+    def _list_body(self) -> bytes:
+        body = self.nodes.body()
+        if len(body) > KAMAILIO_BODY_LIMIT:
+            log.warning(
+                "our node list is %d bytes; Kamailio reads at most %d and will drop the rest",
+                len(body),
+                KAMAILIO_BODY_LIMIT,
+            )
+        return body
+
+    def _merge(self, lines: Iterable[NodeLine], speaker: NodeKey | None, now: float) -> int:
+        """Merge a node-list body; return how many nodes changed.
+
+        ``speaker`` is the node that sent the list: what it says about itself always
+        counts. What it says about others (third parties) may add an unknown node or
+        promote a pending one, but cannot revive a node that we disabled or removed
+        after it missed our pings: that node has to answer us itself. This is what
+        keeps removed nodes from coming back as ghosts (Kamailio PR #1840).
+        """
+        changed = 0
+        expired = [key for key, until in self._tombstones.items() if until <= now]
+        for key in expired:
+            del self._tombstones[key]
+        for line in lines:
+            key = self.nodes.key_of(line.uri)
+            if key == self.nodes.local.key:
+                continue  # never add or change ourselves
+            first_hand = key == speaker
+            node = self.nodes.find(line.uri)
+            if node is None:
+                if line.status is NodeStatus.DISABLED:
+                    continue  # a leave notice for a node we don't hold
+                if not first_hand and key in self._tombstones:
+                    continue
+                self._tombstones.pop(key, None)
+                node = self.nodes.add(line.uri, line.status)
+                if node is not None:
+                    if first_hand:
+                        node.last_reply = now
+                    self._emit_status(node, None, node.status, "listed by " + _key_text(speaker))
+                    changed += 1
+                continue
+            if node.status is line.status:
+                if first_hand:
+                    node.last_reply = now
+                continue
+            if (
+                not first_hand
+                and node.status is NodeStatus.DISABLED
+                and line.status is NodeStatus.ACTIVE
+            ):
+                continue  # our own observation outranks hearsay
+            old = node.status
+            node.status = line.status
+            if first_hand:
+                node.last_reply = now
+                if line.status is NodeStatus.ACTIVE:
+                    node.failures = 0
+            reason = (
+                "left the bus"
+                if first_hand and line.status is NodeStatus.DISABLED
+                else ("listed by " + _key_text(speaker))
+            )
+            self._emit_status(node, old, node.status, reason)
+            changed += 1
+        return changed
+
+    def _notify(self, targets: Iterable[Node], body: bytes, max_forwards: int, now: float) -> None:
+        channel = self.config.notification_channel
+        for node in targets:
+            key = node.key
+            self._send_request(
+                node,
+                channel,
+                body,
+                "text/plain",
+                max_forwards,
+                now,
+                self._notification_callback(key),
+            )
+
+    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult], None]:
+        def on_result(result: FinalResult) -> None:
+            self._on_notification_result(key, result, self._clock)
+
+        return on_result
+
+    def _on_notification_result(self, key: NodeKey, result: FinalResult, now: float) -> None:
+        """A node answered (or failed to answer) our join, ping, propagation or leave."""
+        node = self.nodes.get(key)
+        if node is None or node.local:
+            return
+        if result.code == 200:
+            node.last_reply = now
+            node.failures = 0
+            if node.status is not NodeStatus.ACTIVE and not self.stopped:
+                old: NodeStatus = node.status
+                node.status = NodeStatus.ACTIVE
+                self._emit_status(node, old, NodeStatus.ACTIVE, "answered")
+            if result.response is not None and not self.stopped:
+                parsed = parse_node_list(result.response.body)
+                self._merge(parsed.lines, key, now)
+            self._maybe_run_inits()
+        elif result.local:
+            node.failures += 1
+            if self.stopped:
+                return
+            if node.status is NodeStatus.DISABLED:
+                self.nodes.remove(node)
+                self._tombstones[key] = now + 3 * self.config.ping_interval
+                self._emit_status(node, NodeStatus.DISABLED, None, "missed a second ping")
+            else:
+                previous: NodeStatus = node.status
+                node.status = NodeStatus.DISABLED
+                self._emit_status(node, previous, NodeStatus.DISABLED, "did not answer")
+        else:
+            node.last_reply = now  # other codes are answers, but change nothing
+
+    def _join(self, now: float) -> None:
+        """Send ourselves, Max-Forwards 2, to every node we know (at first: the
+        notification addresses); they answer with their lists and pass us on."""
+        targets = self.nodes.others()
+        if targets:
+            self._notify(targets, self.nodes.join_body(), 2, now)
+
+    def _ping(self, scheduled: float) -> None:
+        now = self._clock
+        if self.stopped:
+            return
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+        if not self.nodes.others():
+            # Alone: go back to the notification addresses (they may have been
+            # removed after missing pings while they were down).
+            for address in self.config.notification_addresses:
+                self.add_notification_address(address)
+            self._join(now)
+            return
+        self._notify(self.nodes.others(), self._list_body(), 1, now)
+
+    # ------------------------------------------------------------------ operator
+
+    def add_node(self, uri: SipUri, now: float) -> Node:
+        """Add a node by hand and notify it (Kamailio master's ``dmq.add``)."""
+        self._clock = now
+        if self.nodes.is_local(uri):
+            raise ValueError(f"{uri} is this node itself")
+        self._tombstones.pop(self.nodes.key_of(uri), None)
+        node = self.nodes.add(uri, NodeStatus.NOT_ACTIVE)
+        if node is None:
+            existing = self.nodes.find(uri)
+            assert existing is not None
+            return existing
+        self._emit_status(node, None, node.status, "added by operator")
+        if not self.stopped:
+            self._notify([node], self._list_body(), 2, now)
+        return node
+
+    def remove_node(self, uri: SipUri, now: float) -> Node:
+        """Remove a node by hand (Kamailio's ``dmq.remove``); a third party's list won't
+        bring it back for three ping intervals."""
+        node = self.nodes.find(uri)
+        if node is None or node.local:
+            raise UnknownNodeError(f"{uri} is not a node of this bus (see the node list)")
+        self.nodes.remove(node)
+        self._tombstones[node.key] = now + 3 * self.config.ping_interval
+        self._emit_status(node, node.status, None, "removed by operator")
+        return node
+
+    def _emit_status(
+        self, node: Node, old: NodeStatus | None, new: NodeStatus | None, reason: str
+    ) -> None:
+        log.info(
+            "node %s: %s -> %s (%s)",
+            node.uri,
+            old.value if old else "new",
+            new.value if new else "removed",
+            reason,
+        )
+        self._events.append(NodeStatusChanged(node.uri, old, new, reason))
+
+
+def _key_text(key: NodeKey | None) -> str:
+    if key is None:
+        return "?"
+    return f"{key[0]}:{key[1]}/{key[2]}"
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')[:200]

@@ -1,0 +1,216 @@
+"""The DMQ node list: who is on the bus, and in what state.
+
+A node is identified by host, port and transport. Unlike Kamailio, which compares the
+URI strings (so ``sip:h`` and ``sip:h:5060`` are two nodes, and a DNS name and its
+address are two nodes, Kamailio issue #3642), the list compares the *resolved* address
+and the effective port, so one node is never held twice. The URI text we first learned
+for a node is kept and is what we announce for it, because Kamailio matches senders by
+string.
+
+The node-list body (``text/plain``, one ``sip:host:port[;transport=..];status=..`` per
+line) is parsed leniently: a bad line is reported and skipped, the rest is kept.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from app.dmq.sip import SipUri
+
+#: Maps a host name to its address (or returns it unchanged); injected so that the
+#: sans-IO core can be tested without DNS.
+Resolver = Callable[[str], str]
+
+#: Kamailio's receive buffer for a node-list body (notification_peer.c).
+KAMAILIO_BODY_LIMIT = 1024
+
+
+class NodeStatus(enum.Enum):
+    """The three statuses of a node, as Kamailio 6.x names them."""
+
+    ACTIVE = "active"
+    NOT_ACTIVE = "not_active"
+    DISABLED = "disabled"
+
+
+#: The union of 5.6 (active, timeout, disabled, pending) and 6.x (active, not_active,
+#: disabled) status words.
+STATUS_WORDS = {
+    "active": NodeStatus.ACTIVE,
+    "not_active": NodeStatus.NOT_ACTIVE,
+    "pending": NodeStatus.NOT_ACTIVE,
+    "timeout": NodeStatus.NOT_ACTIVE,
+    "disabled": NodeStatus.DISABLED,
+}
+
+NodeKey = tuple[str, int, str]
+
+
+def literal_resolver(host: str) -> str:
+    """A resolver that knows only IP literals (normalised) and keeps names as they are."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
+def node_uri(uri: SipUri) -> SipUri:
+    """The node part of a URI: no user part, only the transport parameter."""
+    params = tuple((k, v) for k, v in uri.params if k == "transport")
+    return SipUri(uri.host, uri.port, None, params, uri.scheme)
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One member of the bus as this node sees it."""
+
+    uri: SipUri
+    key: NodeKey
+    status: NodeStatus
+    local: bool = False
+    #: Added because it is one of our notification addresses.
+    notification_address: bool = False
+    #: ``now`` (driver clock) of the last final reply from it, if any.
+    last_reply: float | None = None
+    #: Consecutive pings it failed to answer.
+    failures: int = 0
+
+    @property
+    def host(self) -> str:
+        return self.uri.host
+
+    @property
+    def port(self) -> int:
+        return self.uri.effective_port
+
+    @property
+    def transport(self) -> str:
+        return self.uri.transport
+
+    @property
+    def resolved_ip(self) -> str:
+        return self.key[0]
+
+    def line(self, status: NodeStatus | None = None) -> str:
+        """This node as a line of a node-list body."""
+        return f"{self.uri};status={(status or self.status).value}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLine:
+    uri: SipUri
+    status: NodeStatus
+
+
+@dataclass(slots=True)
+class ParsedNodeList:
+    lines: list[NodeLine] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def parse_node_list(body: bytes) -> ParsedNodeList:
+    """Parse a node-list body; bad lines go to ``errors`` instead of failing the body.
+
+    No ``status`` means ``active`` (6.x reading; 5.6 would say pending, but only our
+    own and Kamailio's lines reach here and both always carry a status).
+    """
+    result = ParsedNodeList()
+    text = body.decode("utf-8", "replace")
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            uri = SipUri.parse(line)
+        except ValueError as exc:
+            result.errors.append(str(exc))
+            continue
+        word = uri.param("status")
+        if word is None or word == "":
+            status = NodeStatus.ACTIVE
+        else:
+            found = STATUS_WORDS.get(word.lower())
+            if found is None:
+                result.errors.append(f"{line!r}: unknown status {word!r}")
+                continue
+            status = found
+        result.lines.append(NodeLine(node_uri(uri), status))
+    return result
+
+
+class NodeList:
+    """The set of known nodes, with the local node always first."""
+
+    def __init__(self, local_uri: SipUri, resolver: Resolver = literal_resolver) -> None:
+        self.resolver = resolver
+        self._nodes: dict[NodeKey, Node] = {}
+        local = node_uri(local_uri)
+        self.local = Node(local, self.key_of(local), NodeStatus.ACTIVE, local=True)
+        self._nodes[self.local.key] = self.local
+
+    def key_of(self, uri: SipUri) -> NodeKey:
+        """Identity of a node: resolved address, effective port, transport."""
+        return (self.resolver(uri.host), uri.effective_port, uri.transport)
+
+    def get(self, key: NodeKey) -> Node | None:
+        return self._nodes.get(key)
+
+    def find(self, uri: SipUri) -> Node | None:
+        return self._nodes.get(self.key_of(uri))
+
+    def is_local(self, uri: SipUri) -> bool:
+        return self.key_of(uri) == self.local.key
+
+    def add(
+        self, uri: SipUri, status: NodeStatus, *, notification_address: bool = False
+    ) -> Node | None:
+        """Add a node unless it is known or is us; return the new node or ``None``."""
+        clean = node_uri(uri)
+        key = self.key_of(clean)
+        if key in self._nodes:
+            existing = self._nodes[key]
+            if notification_address and not existing.local:
+                existing.notification_address = True
+            return None
+        node = Node(clean, key, status, notification_address=notification_address)
+        self._nodes[key] = node
+        return node
+
+    def remove(self, node: Node) -> bool:
+        if node.local or self._nodes.get(node.key) is not node:
+            return False
+        del self._nodes[node.key]
+        return True
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self._nodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def others(self) -> list[Node]:
+        return [node for node in self._nodes.values() if not node.local]
+
+    def active_others(self) -> list[Node]:
+        return [
+            node
+            for node in self._nodes.values()
+            if not node.local and node.status is NodeStatus.ACTIVE
+        ]
+
+    def body(self) -> bytes:
+        """Our node-list body: ourselves and the nodes we hold as active."""
+        lines = [self.local.line()]
+        lines.extend(node.line() for node in self.active_others())
+        return ("\r\n".join(lines) + "\r\n").encode()
+
+    def leave_body(self) -> bytes:
+        """The body of a graceful leave: only ourselves, disabled."""
+        return (self.local.line(NodeStatus.DISABLED) + "\r\n").encode()
+
+    def join_body(self) -> bytes:
+        """The body of a join: only ourselves (what Kamailio sends with Max-Forwards 2)."""
+        return (self.local.line() + "\r\n").encode()

@@ -1,0 +1,64 @@
+"""Peers: the named channels of a DMQ bus, and the messages that arrive on them.
+
+A peer is what Kamailio's ``register_dmq_peer`` registers: a peer id (the user part of
+the Request-URI), a handler for requests that arrive for it, and an optional *init*
+hook run once when the node first reaches an active peer node (htable uses it to ask
+for a full sync). The handler answers with a :class:`PeerReply` at once, or returns
+``None`` and answers later through :meth:`app.dmq.node.DmqNode.reply`, which is how a
+driver lets a handler await something (a WebSocket client's answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.dmq.sip import SipUri
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMessage:
+    """A KDMQ request delivered to a peer, exactly once."""
+
+    #: Handle for :meth:`DmqNode.reply` when the handler answers later.
+    id: int
+    peer_id: str
+    body: bytes
+    content_type: str | None
+    #: The sending node, from the From URI (Kamailio identifies senders the same way).
+    sender: SipUri
+    call_id: str
+    #: Driver clock when it arrived.
+    received_at: float
+    max_forwards: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReply:
+    """The SIP reply a peer gives. Custom channels answer an empty 200 by default,
+    because a Kamailio script reuses the membership reply handler for them and would
+    read a 200 body as a node list (protocol notes, section 2)."""
+
+    code: int = 200
+    reason: str = "OK"
+    content_type: str | None = None
+    body: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 699:
+            raise ValueError(f"a peer reply needs a final status code (200-699), not {self.code}")
+        if any(ch in self.reason for ch in "\r\n"):
+            raise ValueError("a reply reason must be a single line")
+
+
+PeerHandler = Callable[[PeerMessage], PeerReply | None]
+PeerInit = Callable[[], None]
+
+
+@dataclass(slots=True)
+class Peer:
+    peer_id: str
+    handler: PeerHandler
+    init: PeerInit | None = None
+    description: str = ""
+    init_done: bool = False

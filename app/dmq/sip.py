@@ -1,0 +1,625 @@
+"""A sans-IO codec for the small, exact subset of SIP that DMQ uses.
+
+Theory of operation
+-------------------
+DMQ is RFC 3261 SIP reduced to one non-INVITE method (``KDMQ``) and its final
+responses. This module turns bytes into :class:`SipRequest` / :class:`SipResponse`
+objects and back, and nothing more: it knows no sockets, clocks or transactions.
+
+* :func:`parse_message` takes one whole message (a UDP datagram, or one frame cut by
+  :class:`StreamFramer` from a TCP stream) and returns a message or raises
+  :class:`SipParseError`. It never raises anything else, whatever the bytes. The error
+  carries the status code a reply should use and, when the request line and headers
+  could be read, the partly parsed request so that the caller can still answer it
+  (RFC 3261 section 8.2 / 21.4.1 "400 Bad Request").
+* :class:`StreamFramer` implements RFC 3261 section 18.3 framing for TCP: it buffers
+  bytes, cuts messages by their ``Content-Length``, accepts several messages in one read
+  or one message over many reads, and skips the CRLF keep-alives of RFC 5626.
+* Header names are matched case-insensitively and compact forms (``v``, ``f``, ``t``,
+  ``i``, ``l``, ``c``...) are expanded (RFC 3261 section 7.3.3). A ``Via`` header with
+  several comma-separated values becomes several values, in order, exactly as if they
+  had been sent on separate lines (section 7.3.1).
+
+Errors are "remote" errors in h11's sense: they describe what the other side sent,
+and become a 4xx reply or a counted drop; they never escape the node as exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+SIP_VERSION = "SIP/2.0"
+#: The largest UDP payload an IPv4 datagram can carry (65 535 - 8 - 20).
+MAX_UDP_MESSAGE = 65_507
+#: Default ceiling for one message on a TCP stream; configurable per node.
+DEFAULT_MAX_STREAM_MESSAGE = 1_048_576
+
+#: RFC 3261 section 7.3.3 (and later RFCs) compact header forms.
+COMPACT_FORMS = {
+    "a": "accept-contact",
+    "b": "referred-by",
+    "c": "content-type",
+    "d": "request-disposition",
+    "e": "content-encoding",
+    "f": "from",
+    "i": "call-id",
+    "j": "reject-contact",
+    "k": "supported",
+    "l": "content-length",
+    "m": "contact",
+    "n": "identity-info",
+    "o": "event",
+    "r": "refer-to",
+    "s": "subject",
+    "t": "to",
+    "u": "allow-events",
+    "v": "via",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+#: How header names are written on the way out; others are title-cased.
+_DISPLAY_NAMES = {
+    "via": "Via",
+    "from": "From",
+    "to": "To",
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "max-forwards": "Max-Forwards",
+    "content-type": "Content-Type",
+    "content-length": "Content-Length",
+    "user-agent": "User-Agent",
+    "server": "Server",
+    "allow": "Allow",
+    "www-authenticate": "WWW-Authenticate",
+}
+
+#: Headers whose value is a comma-separated list of values (section 7.3.1).
+_LIST_HEADERS = frozenset({"via"})
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+
+def display_name(name: str) -> str:
+    """The conventional spelling of a canonical (lower-case) header name."""
+    known = _DISPLAY_NAMES.get(name)
+    if known is not None:
+        return known
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+def _is_token(text: str) -> bool:
+    return bool(text) and all(ch in _TOKEN_CHARS for ch in text)
+
+
+class SipParseError(Exception):
+    """What the other side sent is not a SIP message we can accept.
+
+    ``status`` is the response code that fits (400 for syntax, 413 when too large,
+    505 for a version we don't speak). ``request`` is the request as far as it could be
+    read, or ``None`` when not even its headers could be; only with a request that has
+    the headers a reply needs can the error be answered instead of dropped.
+    """
+
+    def __init__(self, reason: str, *, status: int = 400, request: SipRequest | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.request = request
+
+
+class Headers:
+    """An ordered multi-map of SIP headers with case-insensitive, compact-aware names.
+
+    Names are stored in canonical lower-case long form; values keep their text.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
+        self._items: list[tuple[str, str]] = items if items is not None else []
+
+    @staticmethod
+    def canonical(name: str) -> str:
+        lowered = name.strip().lower()
+        return COMPACT_FORMS.get(lowered, lowered)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of a header, or ``default``."""
+        key = self.canonical(name)
+        for item_name, value in self._items:
+            if item_name == key:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        key = self.canonical(name)
+        return [value for item_name, value in self._items if item_name == key]
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((self.canonical(name), value))
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of a header with one value, keeping its position."""
+        key = self.canonical(name)
+        out: list[tuple[str, str]] = []
+        placed = False
+        for item in self._items:
+            if item[0] == key:
+                if not placed:
+                    out.append((key, value))
+                    placed = True
+            else:
+                out.append(item)
+        if not placed:
+            out.append((key, value))
+        self._items = out
+
+    def remove(self, name: str) -> None:
+        key = self.canonical(name)
+        self._items = [item for item in self._items if item[0] != key]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def copy(self) -> Headers:
+        return Headers(list(self._items))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+def _serialize(start_line: str, headers: Headers, body: bytes) -> bytes:
+    lines = [start_line]
+    for name, value in headers:
+        if name == "content-length":
+            continue
+        lines.append(f"{display_name(name)}: {value}")
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("")
+    lines.append("")
+    return "\r\n".join(lines).encode() + body
+
+
+@dataclass(slots=True)
+class SipRequest:
+    """A SIP request. ``Content-Length`` is always written from ``body``."""
+
+    method: str
+    uri: str
+    headers: Headers = field(default_factory=Headers)
+    body: bytes = b""
+
+    def to_bytes(self) -> bytes:
+        return _serialize(f"{self.method} {self.uri} {SIP_VERSION}", self.headers, self.body)
+
+
+@dataclass(slots=True)
+class SipResponse:
+    """A SIP response. ``Content-Length`` is always written from ``body``."""
+
+    code: int
+    reason: str
+    headers: Headers = field(default_factory=Headers)
+    body: bytes = b""
+
+    def to_bytes(self) -> bytes:
+        return _serialize(f"{SIP_VERSION} {self.code} {self.reason}", self.headers, self.body)
+
+
+SipMessage = SipRequest | SipResponse
+
+
+def _split_list_value(value: str) -> list[str]:
+    """Split a comma-separated header value, ignoring commas in quotes or <...>."""
+    if "," not in value:
+        return [value]
+    parts: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    index = 0
+    while index < len(value):
+        ch = value[index]
+        if quoted:
+            if ch == "\\":
+                index += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(value[start:index].strip())
+            start = index + 1
+        index += 1
+    parts.append(value[start:].strip())
+    return [part for part in parts if part]
+
+
+def _find_head_end(data: bytes) -> tuple[int, int]:
+    """Where the header block ends and how long its terminator is, or (-1, 0)."""
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        return end, 4
+    end = data.find(b"\n\n")
+    if end >= 0:
+        return end, 2
+    return -1, 0
+
+
+def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage:
+    """Parse one whole SIP message.
+
+    Returns a :class:`SipRequest` or :class:`SipResponse`; raises only
+    :class:`SipParseError`. A body longer than ``Content-Length`` is cut to it (RFC 3261
+    section 18.3 for datagrams); a shorter one is an error.
+    """
+    if len(data) > max_size:
+        raise SipParseError(f"message of {len(data)} bytes exceeds {max_size}", status=513)
+    # RFC 3261 section 7.5: leading CRLFs before a message are ignored.
+    if data[:1] in (b"\r", b"\n"):
+        data = data.lstrip(b"\r\n")
+    head_end, term_len = _find_head_end(data)
+    if head_end < 0:
+        raise SipParseError("no empty line ends the headers")
+    try:
+        head = data[:head_end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SipParseError(f"headers are not UTF-8 (byte {exc.start})") from None
+    if term_len == 4:
+        lines = head.split("\r\n")
+    else:
+        lines = [line.removesuffix("\r") for line in head.split("\n")]
+    # A lone CR or LF inside a line would smuggle a header into whatever copies the
+    # value (a reply copies Via, From, To, Call-ID), so it is a syntax error.
+    if head.count("\n") != len(lines) - 1 or head.count("\r") != (
+        len(lines) - 1 if term_len == 4 else head.count("\r\n")
+    ):
+        raise SipParseError("stray CR or LF inside the headers")
+    start_line = lines[0]
+    message: SipMessage
+    if start_line.startswith("SIP/"):
+        message = _parse_status_line(start_line)
+    else:
+        message = _parse_request_line(start_line)
+
+    items: list[tuple[str, str]] = []
+    content_length: str | None = None
+    for raw in lines[1:]:
+        if raw[:1] in (" ", "\t"):
+            # RFC 3261 section 7.3.1: a line starting with white space continues the
+            # previous header (obsolete line folding).
+            if not items:
+                raise _error(message, "header block starts with a continuation line")
+            name, previous = items[-1]
+            items[-1] = (name, f"{previous} {raw.strip()}")
+            continue
+        name, sep, value = raw.partition(":")
+        if not sep:
+            raise _error(message, f"header line without a colon: {raw[:40]!r}")
+        name = name.strip().lower()
+        if not _is_token(name):
+            raise _error(message, f"bad header name {name[:40]!r}")
+        name = COMPACT_FORMS.get(name, name)
+        value = value.strip()
+        if name in _LIST_HEADERS:
+            for part in _split_list_value(value):
+                items.append((name, part))
+        else:
+            if name == "content-length":
+                content_length = value
+            items.append((name, value))
+    message.headers = Headers(items)
+
+    body = data[head_end + term_len :]
+    if content_length is not None:
+        try:
+            length = int(content_length)
+        except ValueError:
+            raise _error(message, f"Content-Length is not a number: {content_length!r}") from None
+        if length < 0:
+            raise _error(message, "Content-Length is negative")
+        if len(body) < length:
+            raise _error(message, f"body has {len(body)} bytes but Content-Length says {length}")
+        body = body[:length]
+    message.body = body
+    return message
+
+
+def _error(message: SipMessage, reason: str, status: int = 400) -> SipParseError:
+    return SipParseError(
+        reason, status=status, request=message if isinstance(message, SipRequest) else None
+    )
+
+
+def _parse_request_line(line: str) -> SipRequest:
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise SipParseError(f"bad request line {line[:60]!r}")
+    method, uri, version = parts
+    if not _is_token(method):
+        raise SipParseError(f"bad method {method[:20]!r}")
+    if not uri or ":" not in uri:
+        raise SipParseError(f"bad Request-URI {uri[:60]!r}")
+    request = SipRequest(method, uri)
+    if version != SIP_VERSION:
+        raise SipParseError(f"unsupported version {version[:20]!r}", status=505, request=request)
+    return request
+
+
+def _parse_status_line(line: str) -> SipResponse:
+    version, _, rest = line.partition(" ")
+    code_text, _, reason = rest.partition(" ")
+    if version != SIP_VERSION:
+        raise SipParseError(f"unsupported version {version[:20]!r}")
+    if len(code_text) != 3 or not code_text.isdigit() or not 100 <= int(code_text) <= 699:
+        raise SipParseError(f"bad status code {code_text[:20]!r}")
+    return SipResponse(int(code_text), reason)
+
+
+class StreamFramer:
+    """Cut a TCP byte stream into whole SIP messages (RFC 3261 section 18.3).
+
+    Feed it whatever a read returned; it yields each complete message's bytes. On a
+    stream, ``Content-Length`` is mandatory: without it, or with a message larger than
+    ``max_size``, the stream can't be resynchronised, so :meth:`feed` raises
+    :class:`SipParseError` and the connection must be closed.
+    """
+
+    __slots__ = ("_buffer", "max_size")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_STREAM_MESSAGE) -> None:
+        self._buffer = bytearray()
+        self.max_size = max_size
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        messages: list[bytes] = []
+        buffer = self._buffer
+        while buffer:
+            # RFC 5626 keep-alives (CRLF) between messages.
+            if buffer[0] in (13, 10):
+                stripped = buffer.lstrip(b"\r\n")
+                del buffer[: len(buffer) - len(stripped)]
+                continue
+            head_end, term_len = _find_head_end(bytes(buffer[: self.max_size + 4]))
+            if head_end < 0:
+                if len(buffer) > self.max_size:
+                    raise SipParseError(
+                        f"no end of headers within {self.max_size} bytes", status=513
+                    )
+                break
+            length = _stream_content_length(bytes(buffer[:head_end]))
+            total = head_end + term_len + length
+            if total > self.max_size:
+                raise SipParseError(f"message of {total} bytes exceeds {self.max_size}", status=513)
+            if len(buffer) < total:
+                break
+            messages.append(bytes(buffer[:total]))
+            del buffer[:total]
+        return messages
+
+
+def _stream_content_length(head: bytes) -> int:
+    for raw in head.split(b"\n")[1:]:
+        name, sep, value = raw.partition(b":")
+        if sep and name.strip().lower() in (b"content-length", b"l"):
+            try:
+                length = int(value.strip())
+            except ValueError:
+                raise SipParseError("Content-Length is not a number") from None
+            if length < 0:
+                raise SipParseError("Content-Length is negative")
+            return length
+    raise SipParseError("a message on a stream must carry Content-Length")
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+@dataclass(frozen=True, slots=True)
+class SipUri:
+    """A ``sip:``/``sips:`` URI: ``sip:[user@]host[:port][;params]``.
+
+    ``port`` is ``None`` when the URI names none; :attr:`effective_port` applies the
+    default (5060, or 5061 for TLS).
+    """
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+    params: tuple[tuple[str, str | None], ...] = ()
+    scheme: str = "sip"
+
+    @classmethod
+    def parse(cls, text: str) -> SipUri:
+        """Parse a URI; raise ``ValueError`` with a one-line reason when it is not one."""
+        raw = text.strip()
+        if raw.startswith("<") and raw.endswith(">"):
+            raw = raw[1:-1]
+        scheme, sep, rest = raw.partition(":")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("sip", "sips"):
+            raise ValueError(f"{text!r} is not a sip: URI")
+        rest, _, _headers = rest.partition("?")
+        user: str | None = None
+        if "@" in rest:
+            user, _, rest = rest.rpartition("@")
+            user = user.partition(":")[0]
+            if not user:
+                raise ValueError(f"{text!r} has an empty user part")
+        hostport, _, param_text = rest.partition(";")
+        params: list[tuple[str, str | None]] = []
+        if param_text:
+            for chunk in param_text.split(";"):
+                if not chunk:
+                    continue
+                name, eq, value = chunk.partition("=")
+                params.append((name.strip().lower(), value.strip() if eq else None))
+        host, port = _split_hostport(hostport, text)
+        return cls(host=host, port=port, user=user, params=tuple(params), scheme=scheme)
+
+    def param(self, name: str) -> str | None:
+        for key, value in self.params:
+            if key == name:
+                return value if value is not None else ""
+        return None
+
+    @property
+    def transport(self) -> str:
+        """``udp``, ``tcp``, ``tls`` or ``sctp``; ``sips:`` means TLS."""
+        value = self.param("transport")
+        if value:
+            return value.lower()
+        return "tls" if self.scheme == "sips" else "udp"
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 5061 if self.transport == "tls" else 5060
+
+    def with_user(self, user: str | None) -> SipUri:
+        return SipUri(self.host, self.port, user, self.params, self.scheme)
+
+    def without_params(self, *names: str) -> SipUri:
+        kept = tuple(p for p in self.params if p[0] not in names)
+        return SipUri(self.host, self.port, self.user, kept, self.scheme)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        text = f"{self.scheme}:"
+        if self.user:
+            text += f"{self.user}@"
+        text += host
+        if self.port is not None:
+            text += f":{self.port}"
+        for name, value in self.params:
+            text += f";{name}" if value is None else f";{name}={value}"
+        return text
+
+
+def _split_hostport(hostport: str, original: str) -> tuple[str, int | None]:
+    if hostport.startswith("["):
+        close = hostport.find("]")
+        if close < 0:
+            raise ValueError(f"{original!r} has an unclosed IPv6 reference")
+        host = hostport[1:close]
+        rest = hostport[close + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{original!r} has text after its IPv6 host")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, _, port_text = hostport.partition(":")
+    if not host:
+        raise ValueError(f"{original!r} has no host")
+    port: int | None = None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{original!r} has a bad port {port_text!r}")
+        port = int(port_text)
+    return host.lower(), port
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """A ``From``/``To`` value: ``["display"] <uri>;params`` or ``uri;params``."""
+
+    uri: SipUri
+    params: tuple[tuple[str, str | None], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> NameAddr:
+        raw = text.strip()
+        open_at = raw.find("<")
+        if open_at >= 0:
+            close_at = raw.find(">", open_at)
+            if close_at < 0:
+                raise ValueError(f"{text!r} has an unclosed <")
+            uri = SipUri.parse(raw[open_at + 1 : close_at])
+            param_text = raw[close_at + 1 :]
+        else:
+            # addr-spec form: parameters after the URI belong to the header
+            # (RFC 3261 section 20.10), so split them off before parsing the URI.
+            uri_text, _, param_text = raw.partition(";")
+            uri = SipUri.parse(uri_text)
+        params: list[tuple[str, str | None]] = []
+        for chunk in param_text.split(";"):
+            chunk = chunk.strip()
+            if not chunk:
+                continue
+            name, eq, value = chunk.partition("=")
+            params.append((name.strip().lower(), value.strip() if eq else None))
+        return cls(uri, tuple(params))
+
+    @property
+    def tag(self) -> str | None:
+        for name, value in self.params:
+            if name == "tag":
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One ``Via`` value: ``SIP/2.0/UDP host[:port];params``."""
+
+    transport: str
+    host: str
+    port: int | None
+    params: tuple[tuple[str, str | None], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Via:
+        protocol, _, rest = text.strip().partition(" ")
+        pieces = protocol.split("/")
+        if len(pieces) != 3 or pieces[0].upper() != "SIP" or not pieces[2]:
+            raise ValueError(f"bad Via protocol {protocol[:30]!r}")
+        rest = rest.strip()
+        sent_by, _, param_text = rest.partition(";")
+        host, port = _split_hostport(sent_by.strip(), text)
+        params: list[tuple[str, str | None]] = []
+        for chunk in param_text.split(";"):
+            chunk = chunk.strip()
+            if not chunk:
+                continue
+            name, eq, value = chunk.partition("=")
+            params.append((name.strip().lower(), value.strip() if eq else None))
+        return cls(pieces[2].lower(), host, port, tuple(params))
+
+    def param(self, name: str) -> str | None:
+        for key, value in self.params:
+            if key == name:
+                return value if value is not None else ""
+        return None
+
+    @property
+    def branch(self) -> str | None:
+        return self.param("branch")
+
+
+def parse_cseq(value: str) -> tuple[int, str]:
+    """``CSeq: 10 KDMQ`` -> ``(10, "KDMQ")``; ``ValueError`` when malformed."""
+    number, _, method = value.strip().partition(" ")
+    method = method.strip()
+    if not number.isdigit() or not _is_token(method):
+        raise ValueError(f"bad CSeq {value[:40]!r}")
+    return int(number), method

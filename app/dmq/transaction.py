@@ -1,0 +1,336 @@
+"""RFC 3261 section 17 non-INVITE transactions, sans-IO.
+
+Client transaction (section 17.1.2), one per request we send::
+
+    TRYING --1xx--> PROCEEDING --final--> COMPLETED --Timer K--> TERMINATED
+       |  \\__________ final ___________/^
+       +-- Timer F or transport error: local 408 --> TERMINATED
+
+Over UDP, Timer E retransmits the request at T1, 2*T1, 4*T1, ... capped at T2 (T2 at
+once in PROCEEDING); over a reliable transport nothing is retransmitted and Timer K is 0.
+
+Server transaction (section 17.2.2), one per request we receive::
+
+    TRYING --final sent--> COMPLETED --Timer J--> TERMINATED
+
+A retransmission that arrives in TRYING (the peer has not answered yet) is absorbed; in
+COMPLETED it is answered with the cached final response. Either way it is **never
+delivered twice** to a peer, which is where we differ from Kamailio's DMQ, whose
+stateless replies make every UDP retransmission a new delivery.
+
+The layer sends through a ``transmit(data, endpoint)`` callable and schedules through a
+:class:`~app.dmq.timers.TimerQueue`; it has no clock of its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from app.dmq.sip import SipRequest, SipResponse, Via, parse_cseq
+from app.dmq.timers import TimerHandle, TimerQueue
+
+#: RFC 3261 section 8.1.1.7: branches of RFC 3261 elements start with this cookie.
+MAGIC_COOKIE = "z9hG4bK"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a message came from or goes to.
+
+    ``connection`` names an existing stream connection (opaque to the core, chosen by
+    the driver); a response to a request that came over a stream goes back on it
+    (RFC 3261 section 18.2.2).
+    """
+
+    transport: str
+    host: str
+    port: int
+    connection: int | None = None
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport != "udp"
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSettings:
+    """SIP timer values in seconds (RFC 3261 table 4)."""
+
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+    #: Timer F; ``None`` means 64*T1 as RFC 3261 says (Kamailio's fr_timer, 30 s).
+    timer_f: float | None = None
+
+    @property
+    def timer_f_value(self) -> float:
+        return self.timer_f if self.timer_f is not None else 64 * self.t1
+
+    @property
+    def timer_j_value(self) -> float:
+        return 64 * self.t1
+
+
+class ClientState(enum.Enum):
+    TRYING = "trying"
+    PROCEEDING = "proceeding"
+    COMPLETED = "completed"
+    TERMINATED = "terminated"
+
+
+class ServerState(enum.Enum):
+    TRYING = "trying"
+    COMPLETED = "completed"
+    TERMINATED = "terminated"
+
+
+@dataclass(frozen=True, slots=True)
+class FinalResult:
+    """How a client transaction ended: the final response, or a local failure."""
+
+    code: int
+    reason: str
+    response: SipResponse | None = None
+    #: True when no response came before Timer F (a local 408).
+    timed_out: bool = False
+    #: True when the transport could not deliver the request (connection refused...).
+    transport_error: bool = False
+
+    @property
+    def local(self) -> bool:
+        """A failure generated here, not an answer from the other node."""
+        return self.timed_out or self.transport_error
+
+
+ResultCallback = Callable[[FinalResult], None]
+Transmit = Callable[[bytes, Endpoint], None]
+
+
+@dataclass(slots=True, eq=False)
+class ClientTransaction:
+    branch: str
+    data: bytes
+    destination: Endpoint
+    on_result: ResultCallback
+    state: ClientState = ClientState.TRYING
+    interval: float = 0.0
+    retransmissions: int = 0
+    timer_e: TimerHandle | None = None
+    timer_f: TimerHandle | None = None
+
+
+@dataclass(slots=True, eq=False)
+class ServerTransaction:
+    key: tuple[str, ...]
+    request: SipRequest
+    source: Endpoint
+    state: ServerState = ServerState.TRYING
+    response: bytes | None = None
+    response_destination: Endpoint | None = None
+    timer_j: TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class TransactionStats:
+    """Counters a driver can export (Prometheus, logs)."""
+
+    retransmissions_sent: int = 0
+    timeouts: int = 0
+    transport_errors: int = 0
+    retransmissions_absorbed: int = 0
+    responses_resent: int = 0
+    stray_responses: int = 0
+    provisional_received: int = 0
+    by_key: dict[str, int] = field(default_factory=dict)
+
+
+def server_transaction_key(request: SipRequest, top_via: Via) -> tuple[str, ...]:
+    """Match retransmissions to a server transaction (RFC 3261 section 17.2.3).
+
+    RFC 3261 branches identify the transaction together with the sent-by and the
+    method; for older (RFC 2543) peers fall back to Call-ID, CSeq, From tag and Via.
+    """
+    branch = top_via.branch or ""
+    if branch.startswith(MAGIC_COOKIE):
+        return (branch, top_via.host, str(top_via.port or ""), request.method)
+    headers = request.headers
+    return (
+        "2543",
+        headers.get("call-id") or "",
+        headers.get("cseq") or "",
+        headers.get("from") or "",
+        headers.get("via") or "",
+    )
+
+
+class TransactionLayer:
+    """All live transactions of one node, keyed for matching."""
+
+    def __init__(self, timers: TimerQueue, settings: TimerSettings, transmit: Transmit):
+        self.timers = timers
+        self.settings = settings
+        self.transmit = transmit
+        self.clients: dict[str, ClientTransaction] = {}
+        self.servers: dict[tuple[str, ...], ServerTransaction] = {}
+        self.stats = TransactionStats()
+
+    # ------------------------------------------------------------------ client side
+
+    def send_request(
+        self,
+        branch: str,
+        data: bytes,
+        destination: Endpoint,
+        now: float,
+        on_result: ResultCallback,
+    ) -> ClientTransaction:
+        """Start a client transaction: send now, retransmit (UDP) until answered."""
+        ct = ClientTransaction(branch, data, destination, on_result)
+        self.clients[branch] = ct
+        if not destination.reliable:
+            ct.interval = self.settings.t1
+            ct.timer_e = self.timers.call_at(now + ct.interval, self._timer_e, ct)
+        ct.timer_f = self.timers.call_at(now + self.settings.timer_f_value, self._timer_f, ct)
+        self.transmit(data, destination)
+        return ct
+
+    def _timer_e(self, ct: ClientTransaction) -> None:
+        if ct.state not in (ClientState.TRYING, ClientState.PROCEEDING):
+            return
+        self.transmit(ct.data, ct.destination)
+        ct.retransmissions += 1
+        self.stats.retransmissions_sent += 1
+        now = ct.timer_e.deadline if ct.timer_e is not None else 0.0
+        if ct.state is ClientState.TRYING:
+            ct.interval = min(2 * ct.interval, self.settings.t2)
+        else:
+            ct.interval = self.settings.t2
+        ct.timer_e = self.timers.call_at(now + ct.interval, self._timer_e, ct)
+
+    def _timer_f(self, ct: ClientTransaction) -> None:
+        if ct.state not in (ClientState.TRYING, ClientState.PROCEEDING):
+            return
+        self.stats.timeouts += 1
+        self._terminate_client(ct)
+        ct.on_result(FinalResult(408, "Request Timeout", timed_out=True))
+
+    def _terminate_client(self, ct: ClientTransaction) -> None:
+        ct.state = ClientState.TERMINATED
+        for handle in (ct.timer_e, ct.timer_f):
+            if handle is not None:
+                handle.cancel()
+        ct.timer_e = ct.timer_f = None
+        if self.clients.get(ct.branch) is ct:
+            del self.clients[ct.branch]
+
+    def receive_response(self, response: SipResponse, top_via: Via, now: float) -> bool:
+        """Hand a response to its client transaction; False when none matches."""
+        ct = self.clients.get(top_via.branch or "")
+        if ct is None:
+            self.stats.stray_responses += 1
+            return False
+        try:
+            _, method = parse_cseq(response.headers.get("cseq") or "")
+        except ValueError:
+            method = ""
+        if method != "KDMQ" and method != _method_of(ct.data):
+            self.stats.stray_responses += 1
+            return False
+        if ct.state is ClientState.COMPLETED:
+            # Timer K absorbs retransmitted final responses.
+            return True
+        if response.code < 200:
+            self.stats.provisional_received += 1
+            if ct.state is ClientState.TRYING:
+                ct.state = ClientState.PROCEEDING
+            return True
+        # Final response: stop E and F; over UDP linger for Timer K (T4), over a
+        # reliable transport K is zero.
+        for handle in (ct.timer_e, ct.timer_f):
+            if handle is not None:
+                handle.cancel()
+        ct.timer_e = ct.timer_f = None
+        if ct.destination.reliable:
+            ct.state = ClientState.TERMINATED
+            del self.clients[ct.branch]
+        else:
+            ct.state = ClientState.COMPLETED
+            self.timers.call_at(now + self.settings.t4, self._timer_k, ct)
+        ct.on_result(FinalResult(response.code, response.reason, response))
+        return True
+
+    def _timer_k(self, ct: ClientTransaction) -> None:
+        ct.state = ClientState.TERMINATED
+        if self.clients.get(ct.branch) is ct:
+            del self.clients[ct.branch]
+
+    def transport_error(self, destination: Endpoint) -> int:
+        """The driver could not reach ``destination``: fail its pending requests.
+
+        RFC 3261 section 17.1.4 says a transport error ends the transaction at once
+        rather than waiting for Timer F.
+        """
+        failed = [
+            ct
+            for ct in self.clients.values()
+            if ct.state in (ClientState.TRYING, ClientState.PROCEEDING)
+            and ct.destination.transport == destination.transport
+            and ct.destination.host == destination.host
+            and ct.destination.port == destination.port
+        ]
+        for ct in failed:
+            self.stats.transport_errors += 1
+            self._terminate_client(ct)
+            ct.on_result(FinalResult(408, "Request Timeout", transport_error=True))
+        return len(failed)
+
+    # ------------------------------------------------------------------ server side
+
+    def receive_request(
+        self, request: SipRequest, top_via: Via, source: Endpoint
+    ) -> ServerTransaction | None:
+        """Open a server transaction for a new request.
+
+        Returns ``None`` for a retransmission, which this call has already dealt with
+        (absorbed, or answered again from the cached final response).
+        """
+        key = server_transaction_key(request, top_via)
+        st = self.servers.get(key)
+        if st is not None:
+            if st.state is ServerState.COMPLETED and st.response is not None:
+                self.stats.responses_resent += 1
+                self.transmit(st.response, st.response_destination or source)
+            else:
+                self.stats.retransmissions_absorbed += 1
+            return None
+        st = ServerTransaction(key, request, source)
+        self.servers[key] = st
+        return st
+
+    def respond(
+        self, st: ServerTransaction, data: bytes, destination: Endpoint, now: float
+    ) -> bool:
+        """Send the final response of a server transaction and keep it for Timer J."""
+        if st.state is not ServerState.TRYING:
+            return False
+        st.state = ServerState.COMPLETED
+        self.transmit(data, destination)
+        if destination.reliable:
+            st.state = ServerState.TERMINATED
+            self.servers.pop(st.key, None)
+        else:
+            st.response = data
+            st.response_destination = destination
+            st.timer_j = self.timers.call_at(now + self.settings.timer_j_value, self._timer_j, st)
+        return True
+
+    def _timer_j(self, st: ServerTransaction) -> None:
+        st.state = ServerState.TERMINATED
+        if self.servers.get(st.key) is st:
+            del self.servers[st.key]
+
+
+def _method_of(data: bytes) -> str:
+    return data[: data.find(b" ")].decode("ascii", "replace")
