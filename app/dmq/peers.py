@@ -47,7 +47,7 @@ class PeerReply:
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 699:
             raise ValueError(f"a peer reply needs a final status code (200-699), not {self.code}")
-        if any(ch in self.reason for ch in "\r\n"):
+        if "\r" in self.reason or "\n" in self.reason:
             raise ValueError("a reply reason must be a single line")
 
 

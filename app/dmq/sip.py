@@ -26,8 +26,10 @@ and become a 4xx reply or a counted drop; they never escape the node as exceptio
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 SIP_VERSION = "SIP/2.0"
 #: The largest UDP payload an IPv4 datagram can carry (65 535 - 8 - 20).
@@ -89,8 +91,11 @@ def display_name(name: str) -> str:
     return "-".join(part.capitalize() for part in name.split("-"))
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+
+
 def _is_token(text: str) -> bool:
-    return bool(text) and all(ch in _TOKEN_CHARS for ch in text)
+    return _TOKEN_RE.fullmatch(text) is not None
 
 
 class SipParseError(Exception):
@@ -112,13 +117,23 @@ class SipParseError(Exception):
 class Headers:
     """An ordered multi-map of SIP headers with case-insensitive, compact-aware names.
 
-    Names are stored in canonical lower-case long form; values keep their text.
+    Names are stored in canonical lower-case long form; values keep their text. The
+    first value of each name is indexed, because the node reads the same few headers
+    (Via, From, To, Call-ID, CSeq) of every message.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_first", "_items")
 
-    def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, items: list[tuple[str, str]] | None = None, first: dict[str, str] | None = None
+    ) -> None:
         self._items: list[tuple[str, str]] = items if items is not None else []
+        if first is None:
+            first = {}
+            for name, value in self._items:
+                if name not in first:
+                    first[name] = value
+        self._first = first
 
     @staticmethod
     def canonical(name: str) -> str:
@@ -127,18 +142,26 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of a header, or ``default``."""
-        key = self.canonical(name)
-        for item_name, value in self._items:
-            if item_name == key:
-                return value
-        return default
+        value = self._first.get(name)
+        if value is None:
+            value = self._first.get(self.canonical(name))
+        return default if value is None else value
 
     def get_all(self, name: str) -> list[str]:
         key = self.canonical(name)
         return [value for item_name, value in self._items if item_name == key]
 
+    def _reindex(self) -> None:
+        first: dict[str, str] = {}
+        for name, value in self._items:
+            if name not in first:
+                first[name] = value
+        self._first = first
+
     def add(self, name: str, value: str) -> None:
-        self._items.append((self.canonical(name), value))
+        key = self.canonical(name)
+        self._items.append((key, value))
+        self._first.setdefault(key, value)
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of a header with one value, keeping its position."""
@@ -155,10 +178,12 @@ class Headers:
         if not placed:
             out.append((key, value))
         self._items = out
+        self._reindex()
 
     def remove(self, name: str) -> None:
         key = self.canonical(name)
         self._items = [item for item in self._items if item[0] != key]
+        self._reindex()
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
@@ -170,13 +195,30 @@ class Headers:
         return len(self._items)
 
     def copy(self) -> Headers:
-        return Headers(list(self._items))
+        return Headers(list(self._items), dict(self._first))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Headers) and self._items == other._items
 
     def __repr__(self) -> str:
         return f"Headers({self._items!r})"
+
+
+#: Raw header names seen on the wire -> canonical name; names repeat from message to
+#: message, so validating and normalising each once saves most of the header work.
+_NAME_CACHE: dict[str, str] = {}
+_NAME_CACHE_LIMIT = 512
+
+
+def _canonical_name(raw: str) -> str | None:
+    """Canonical form of a raw header name, or None when it is not a token."""
+    name = raw.strip().lower()
+    if not _is_token(name):
+        return None
+    name = COMPACT_FORMS.get(name, name)
+    if len(_NAME_CACHE) < _NAME_CACHE_LIMIT:
+        _NAME_CACHE[raw] = name
+    return name
 
 
 def _serialize(start_line: str, headers: Headers, body: bytes) -> bytes:
@@ -298,7 +340,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
         message = _parse_request_line(start_line)
 
     items: list[tuple[str, str]] = []
-    content_length: str | None = None
+    first: dict[str, str] = {}
     for raw in lines[1:]:
         if raw[:1] in (" ", "\t"):
             # RFC 3261 section 7.3.1: a line starting with white space continues the
@@ -307,23 +349,30 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
                 raise _error(message, "header block starts with a continuation line")
             name, previous = items[-1]
             items[-1] = (name, f"{previous} {raw.strip()}")
+            if first.get(name) == previous:
+                first[name] = items[-1][1]
             continue
-        name, sep, value = raw.partition(":")
+        raw_name, sep, value = raw.partition(":")
         if not sep:
             raise _error(message, f"header line without a colon: {raw[:40]!r}")
-        name = name.strip().lower()
-        if not _is_token(name):
-            raise _error(message, f"bad header name {name[:40]!r}")
-        name = COMPACT_FORMS.get(name, name)
+        cached = _NAME_CACHE.get(raw_name)
+        if cached is None:
+            cached = _canonical_name(raw_name)
+            if cached is None:
+                raise _error(message, f"bad header name {raw_name.strip()[:40]!r}")
+        name = cached
         value = value.strip()
-        if name in _LIST_HEADERS:
+        if name in _LIST_HEADERS and "," in value:
             for part in _split_list_value(value):
                 items.append((name, part))
-        else:
-            if name == "content-length":
-                content_length = value
-            items.append((name, value))
-    message.headers = Headers(items)
+                if name not in first:
+                    first[name] = part
+            continue
+        items.append((name, value))
+        if name not in first:
+            first[name] = value
+    message.headers = Headers(items, first)
+    content_length = first.get("content-length")
 
     body = data[head_end + term_len :]
     if content_length is not None:
@@ -435,8 +484,7 @@ def _stream_content_length(head: bytes) -> int:
 # --------------------------------------------------------------------------- URIs
 
 
-@dataclass(frozen=True, slots=True)
-class SipUri:
+class SipUri(NamedTuple):
     """A ``sip:``/``sips:`` URI: ``sip:[user@]host[:port][;params]``.
 
     ``port`` is ``None`` when the URI names none; :attr:`effective_port` applies the
@@ -475,7 +523,7 @@ class SipUri:
                 name, eq, value = chunk.partition("=")
                 params.append((name.strip().lower(), value.strip() if eq else None))
         host, port = _split_hostport(hostport, text)
-        return cls(host=host, port=port, user=user, params=tuple(params), scheme=scheme)
+        return cls(host, port, user, tuple(params), scheme)
 
     def param(self, name: str) -> str | None:
         for key, value in self.params:
@@ -539,8 +587,7 @@ def _split_hostport(hostport: str, original: str) -> tuple[str, int | None]:
     return host.lower(), port
 
 
-@dataclass(frozen=True, slots=True)
-class NameAddr:
+class NameAddr(NamedTuple):
     """A ``From``/``To`` value: ``["display"] <uri>;params`` or ``uri;params``."""
 
     uri: SipUri
@@ -578,8 +625,7 @@ class NameAddr:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Via:
+class Via(NamedTuple):
     """One ``Via`` value: ``SIP/2.0/UDP host[:port];params``."""
 
     transport: str

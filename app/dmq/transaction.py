@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from app.dmq.sip import SipRequest, SipResponse, Via, parse_cseq
 from app.dmq.timers import TimerHandle, TimerQueue
@@ -35,8 +36,7 @@ from app.dmq.timers import TimerHandle, TimerQueue
 MAGIC_COOKIE = "z9hG4bK"
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """Where a message came from or goes to.
 
     ``connection`` names an existing stream connection (opaque to the core, chosen by
@@ -123,8 +123,11 @@ class ClientTransaction:
 
 @dataclass(slots=True, eq=False)
 class ServerTransaction:
+    """Kept for Timer J (32 s over UDP), so it holds only what a retransmission needs:
+    the request is let go once the final response is sent."""
+
     key: tuple[str, ...]
-    request: SipRequest
+    request: SipRequest | None
     source: Endpoint
     state: ServerState = ServerState.TRYING
     response: bytes | None = None
@@ -143,7 +146,6 @@ class TransactionStats:
     responses_resent: int = 0
     stray_responses: int = 0
     provisional_received: int = 0
-    by_key: dict[str, int] = field(default_factory=dict)
 
 
 def server_transaction_key(request: SipRequest, top_via: Via) -> tuple[str, ...]:
@@ -316,6 +318,7 @@ class TransactionLayer:
         if st.state is not ServerState.TRYING:
             return False
         st.state = ServerState.COMPLETED
+        st.request = None
         self.transmit(data, destination)
         if destination.reliable:
             st.state = ServerState.TERMINATED

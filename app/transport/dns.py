@@ -49,7 +49,7 @@ DEFAULT_SIPS_PORT = 5061
 """Port used for tls when neither the URI nor an SRV record gives one (RFC 3261)."""
 
 DEFAULT_TARGET_LIMIT = 30
-"""Most peers one notification address expands to, as in Kamailio's dmq ``multi_notify``.
+"""Most peers one notification address expands to in ``multi_notify`` mode.
 
 A misconfigured or hostile zone could otherwise make one node notify an unbounded number of
 addresses on start-up.
@@ -101,10 +101,10 @@ async def resolve_notification_targets(
     """Expand a notification address's host into the ``(address, port)`` peers to notify.
 
     ``host`` may be an IP literal (IPv6 with or without brackets), which is used as is without
-    any DNS traffic, since Kamailio does the same and a literal cannot mean several nodes.
+    any DNS traffic: a literal can only ever name one node.
 
-    Without ``multi_notify`` the name stands for one node: its first IPv4 address, else its
-    first IPv6 address, is returned with ``port`` (or the transport's default port).
+    Without ``multi_notify`` the name stands for one node: its lowest IPv4 address, else its
+    lowest IPv6 address, is returned with ``port`` (or the transport's default port).
 
     With ``multi_notify`` the name stands for a cluster:
 
@@ -145,7 +145,8 @@ async def resolve_notification_targets(
     errors: list[BaseException] = []
 
     if not multi_notify:
-        # A before AAAA, and AAAA only when there is no A, mirroring Kamailio's single lookup.
+        # A before AAAA, and AAAA only when there is no A: IPv4 is what DMQ peers listen on
+        # in most deployments, and one address is all a single-node address may yield.
         for family in (socket.AF_INET, socket.AF_INET6):
             found = await _addresses(host, family, resolver, errors)
             if found:
@@ -316,7 +317,9 @@ async def _addresses(
     except dns.exception.DNSException as exc:
         errors.append(exc)
         return []
-    return _unique(str(record.address) for record in answer if isinstance(record, A | AAAA))
+    return _sorted_addresses(
+        str(record.address) for record in answer if isinstance(record, A | AAAA)
+    )
 
 
 async def _system_addresses(
@@ -342,4 +345,14 @@ async def _system_addresses(
         if family == socket.AF_INET6 and ipaddress.IPv6Address(address).ipv4_mapped is not None:
             continue
         found.append(address)
-    return _unique(found)
+    return _sorted_addresses(found)
+
+
+def _sorted_addresses(addresses: Iterable[str]) -> list[str]:
+    """De-duplicate addresses of one family and put them in numeric order.
+
+    DNS servers rotate the records of an RRset on every answer, and ``getaddrinfo`` reorders by
+    local policy. Sorting makes the peer list, and which addresses survive the ``limit`` cap,
+    the same on every node and every restart; nothing is lost, because DMQ notifies all of them.
+    """
+    return sorted(set(addresses), key=ipaddress.ip_address)

@@ -1,0 +1,351 @@
+"""The ``dmq-gateway`` command.
+
+``dmq-gateway serve`` runs a DMQ node. Every option can also come from an environment
+variable ``DMQ_<NAME>`` (``--ping-interval`` -> ``DMQ_PING_INTERVAL``); repeatable
+options take several values there separated by commas or spaces. A bad value stops the
+command at start with one sentence naming the option and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_peer_id
+from app.dmq.errors import ConfigError
+from app.dmq.peers import PeerMessage, PeerReply
+from app.dmq.sip import SipUri
+from app.dmq.transaction import TimerSettings
+
+log = logging.getLogger("dmq")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """What ``serve`` was asked to run, validated."""
+
+    node: NodeConfig
+    peers: tuple[str, ...] = ()
+    log_level: str = "info"
+    log_format: str = "text"
+    drop_rate: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _env_name(option: str) -> str:
+    return "DMQ_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def _split_env(value: str) -> list[str]:
+    return [part for part in value.replace(",", " ").split() if part]
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+#: (flag, kind, default, help); kind is "str", "float", "int", "list" or "flag".
+SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
+    (
+        "--server-address",
+        "str",
+        "sip:127.0.0.1:5060",
+        "SIP URI this node listens on and announces, e.g. sip:10.0.0.5:5060;transport=tcp",
+    ),
+    (
+        "--notification-address",
+        "list",
+        [],
+        "SIP URI of a node to join the bus through (repeatable)",
+    ),
+    (
+        "--notification-channel",
+        "str",
+        "notification_peer",
+        "peer id that carries membership messages",
+    ),
+    (
+        "--multi-notify",
+        "flag",
+        False,
+        "resolve the first notification address by SRV, then A, then AAAA, and notify "
+        "every node found",
+    ),
+    ("--ping-interval", "float", 60.0, "seconds between pings of every node (at least 1)"),
+    (
+        "--peer",
+        "list",
+        [],
+        "register a peer at start; it answers 200 and logs what it receives (repeatable)",
+    ),
+    (
+        "--trusted",
+        "list",
+        [],
+        "network (CIDR) whose KDMQ requests are accepted (repeatable; default: loopback)",
+    ),
+    ("--t1", "float", 0.5, "SIP timer T1 in seconds (round-trip estimate)"),
+    ("--t2", "float", 4.0, "SIP timer T2 in seconds (longest retransmission interval)"),
+    ("--timer-f", "float", None, "SIP Timer F in seconds (request timeout; default 64*T1)"),
+    ("--max-tcp-message", "int", 1_048_576, "largest SIP message accepted on TCP, in bytes"),
+    ("--log-level", "str", "info", "debug, info, warning or error"),
+    ("--log-format", "str", "text", "text or json (one JSON object per line)"),
+    (
+        "--drop-rate",
+        "float",
+        0.0,
+        "fault injection for testing: drop this fraction of UDP datagrams in and out",
+    ),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one clear sentence, exit code 2
+        self.exit(2, f"dmq-gateway: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dmq-gateway", description="A Kamailio-compatible DMQ node.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = commands.add_parser(
+        "serve",
+        help="run a DMQ node",
+        description="Run a DMQ node. Each option can also be set with DMQ_<NAME>.",
+    )
+    for flag, kind, _default, text in SERVE_OPTIONS:
+        env = _env_name(flag)
+        help_text = f"{text} [env {env}]"
+        if kind == "flag":
+            serve.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif kind == "list":
+            serve.add_argument(flag, action="append", default=None, metavar="VALUE", help=help_text)
+        else:
+            serve.add_argument(flag, default=None, metavar=kind.upper(), help=help_text)
+    return parser
+
+
+def _raw_value(args: argparse.Namespace, flag: str, kind: str, default: Any) -> Any:
+    """The option's value: command line first, then the environment, then the default."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is not None:
+        return value
+    env = os.environ.get(_env_name(flag))
+    if env is None or env == "":
+        return default
+    if kind == "list":
+        return _split_env(env)
+    if kind == "flag":
+        return _truthy(env)
+    return env
+
+
+def _number(flag: str, raw: Any, kind: str) -> float | int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, int | float):
+        return raw
+    try:
+        return int(raw) if kind == "int" else float(raw)
+    except ValueError:
+        noun = "a whole number" if kind == "int" else "a number"
+        raise ConfigError(f"{flag} {raw!r}: must be {noun}") from None
+
+
+def _uri(flag: str, text: str) -> SipUri:
+    try:
+        return SipUri.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {text!r}: not a SIP URI ({exc})") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """Validate everything ``serve`` was given; raise ConfigError with one sentence."""
+    values: dict[str, Any] = {}
+    for flag, kind, default, _ in SERVE_OPTIONS:
+        raw = _raw_value(args, flag, kind, default)
+        if kind in ("float", "int"):
+            raw = _number(flag, raw, kind)
+        values[flag] = raw
+
+    server = _uri("--server-address", values["--server-address"])
+    notification = tuple(
+        _uri("--notification-address", text) for text in values["--notification-address"]
+    )
+    trusted: list[IPNetwork] = []
+    for text in values["--trusted"]:
+        try:
+            trusted.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"--trusted {text!r}: not a network in CIDR form") from None
+    if not trusted:
+        if not _is_loopback(server.host):
+            raise ConfigError(
+                f"--server-address {server} is not a loopback address, but only loopback "
+                "is trusted: pass --trusted CIDR (repeatable) for the networks of your DMQ "
+                "nodes"
+            )
+        trusted = list(LOOPBACK_NETWORKS)
+    for peer in values["--peer"]:
+        if not is_valid_peer_id(peer):
+            raise ConfigError(
+                f"--peer {peer!r}: a peer id is 1-128 letters, digits or - _ . ! ~ * ' ( )"
+            )
+        if peer == values["--notification-channel"]:
+            raise ConfigError(f"--peer {peer!r}: that is the notification channel")
+    log_level = str(values["--log-level"]).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level {log_level!r}: must be debug, info, warning or error")
+    log_format = str(values["--log-format"]).lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format {log_format!r}: must be text or json")
+    drop_rate = float(values["--drop-rate"])
+    if not 0.0 <= drop_rate < 1.0:
+        raise ConfigError(f"--drop-rate {drop_rate}: must be at least 0 and below 1")
+    node = NodeConfig(
+        server_address=server,
+        notification_addresses=notification,
+        notification_channel=values["--notification-channel"],
+        multi_notify=bool(values["--multi-notify"]),
+        ping_interval=float(values["--ping-interval"]),
+        timers=TimerSettings(
+            t1=float(values["--t1"]),
+            t2=float(values["--t2"]),
+            timer_f=values["--timer-f"],
+        ),
+        trusted=tuple(trusted),
+        max_stream_message=int(values["--max-tcp-message"]),
+    )
+    return ServeSettings(
+        node=node,
+        peers=tuple(values["--peer"]),
+        log_level=log_level,
+        log_format=log_format,
+        drop_rate=drop_rate,
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("peer", "sender", "call_id", "content_type", "bytes"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def logging_peer(peer_id: str) -> Callable[[PeerMessage], PeerReply]:
+    """The handler of a ``--peer``: log what arrives and answer an empty 200."""
+    peer_log = logging.getLogger(f"dmq.peer.{peer_id}")
+
+    def handler(message: PeerMessage) -> PeerReply:
+        if peer_log.isEnabledFor(logging.INFO):
+            peer_log.info(
+                "%s from %s (%s, %d bytes): %s",
+                peer_id,
+                message.sender,
+                message.content_type,
+                len(message.body),
+                message.body[:512].decode("utf-8", "replace"),
+                extra={
+                    "peer": peer_id,
+                    "sender": str(message.sender),
+                    "call_id": message.call_id,
+                    "content_type": message.content_type,
+                    "bytes": len(message.body),
+                },
+            )
+        return PeerReply()
+
+    return handler
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def serve(settings: ServeSettings) -> None:
+    """Run a node until SIGINT/SIGTERM, then leave the bus gracefully."""
+    from app.transport.server import DmqServer
+
+    server = DmqServer(settings.node, drop_rate=settings.drop_rate)
+    for peer_id in settings.peers:
+        server.register_peer(peer_id, logging_peer(peer_id), description="--peer")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"--server-address {settings.node.server_address}: cannot listen ({exc.strerror})"
+        ) from None
+    started = time.monotonic()
+    await stop.wait()
+    log.info("stopping after %.0f s", time.monotonic() - started)
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            settings = settings_from_args(args)
+            configure_logging(settings.log_level, settings.log_format)
+            with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+                runner.run(serve(settings))
+    except ConfigError as exc:
+        print(f"dmq-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""The asyncio driver: real UDP and TCP sockets around the sans-IO :class:`DmqNode`.
+
+The driver owns everything the core must not touch: sockets, the loop's clock, one
+loop timer, DNS, and the tasks of peer handlers that answer later. After every input
+it *flushes*: sends what the core queued, hands out its events, and re-arms the single
+timer at :meth:`DmqNode.get_timer` (the aioquic adapter shape). It runs on the default
+loop and on uvloop.
+
+UDP: one socket bound to the server address; requests and responses go out from it,
+so the source port other nodes see is the port we announce (Kamailio replies to the
+Via, which names it). TCP: a listening socket on the same port; outgoing requests use
+one connection per remote node, opened on demand and reused; a response goes back over
+the connection its request came on (RFC 3261 section 18.2.2). Each connection cuts its
+stream with :class:`~app.dmq.sip.StreamFramer`.
+
+``drop_rate`` drops that fraction of UDP datagrams, in and out, at the seam between
+socket and core: fault injection for tests of retransmission, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from app.dmq.config import NodeConfig
+from app.dmq.errors import ConfigError
+from app.dmq.events import NodeStatusChanged, SendCompleted, SendOperation
+from app.dmq.node import DmqNode
+from app.dmq.nodes import Node
+from app.dmq.peers import PeerMessage, PeerReply
+from app.dmq.sip import SipParseError, SipUri, StreamFramer
+from app.dmq.transaction import Endpoint
+from app.transport import dns
+
+log = logging.getLogger("dmq.transport")
+
+#: A peer handler as the driver accepts it: a reply now, or an awaitable of one.
+AsyncPeerHandler = Callable[[PeerMessage], PeerReply | Awaitable[PeerReply]]
+AsyncPeerInit = Callable[[], Awaitable[None] | None]
+StatusListener = Callable[[NodeStatusChanged], None]
+
+
+def _ip_literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+class _CachingResolver:
+    """Host name -> address for the core's node identities.
+
+    Names met at start (server and notification addresses) are resolved without
+    blocking the loop before the node starts; a name first met later, in another
+    node's list, is resolved on the spot (the core is synchronous) and cached.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict[str, str] = {}
+
+    def __call__(self, host: str) -> str:
+        literal = _ip_literal(host)
+        if literal is not None:
+            return literal
+        name = host.lower()
+        cached = self.cache.get(name)
+        if cached is not None:
+            return cached
+        try:
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_DGRAM)
+        except OSError:
+            log.warning("cannot resolve %s; it is known by name only", name)
+            return name
+        infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
+        address = str(infos[0][4][0])
+        self.cache[name] = address
+        return address
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DmqServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.server._datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the transaction's timers deal with it.
+        log.debug("UDP error: %s", exc)
+
+
+class _StreamProtocol(asyncio.Protocol):
+    """One TCP connection, inbound or outbound."""
+
+    def __init__(self, server: DmqServer, remote: tuple[str, int] | None = None) -> None:
+        self.server = server
+        self.id = server._next_connection_id()
+        self.framer = StreamFramer(server.config.max_stream_message)
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] = remote or ("", 0)
+        #: For outbound connections: the node address it was opened to.
+        self.remote = remote
+        self.pending: list[bytes] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer = (str(peername[0]), int(peername[1]))
+        self.server._connections[self.id] = self
+        for data in self.pending:
+            self.transport.write(data)
+        self.pending.clear()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None:
+            self.pending.append(data)
+        else:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.framer.feed(data)
+        except SipParseError as exc:
+            self.server.stream_errors += 1
+            log.warning("closing TCP connection from %s:%s: %s", *self.peer, exc.reason)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for message in messages:
+            self.server._stream_message(message, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server._connection_lost(self)
+
+
+class DmqServer:
+    """A DMQ node on the network. Use ``await start()`` and ``await stop()``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        drop_rate: float = 0.0,
+        seed: int | None = None,
+        dns_resolver: Any = None,
+    ) -> None:
+        if not 0.0 <= drop_rate < 1.0:
+            raise ConfigError(f"--drop-rate {drop_rate}: must be at least 0 and below 1")
+        self.config = config
+        self.resolver = _CachingResolver()
+        self.node = DmqNode(config, resolver=self.resolver)
+        self.drop_rate = drop_rate
+        self._drop_rng = random.Random(seed)
+        self._dns_resolver = dns_resolver
+        self.dropped_datagrams = 0
+        self.stream_errors = 0
+        self.status_listeners: list[StatusListener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp_server: asyncio.AbstractServer | None = None
+        self._connections: dict[int, _StreamProtocol] = {}
+        self._outbound: dict[tuple[str, int], _StreamProtocol] = {}
+        self._connection_ids = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._waiters: dict[int, asyncio.Future[SendOperation]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_at: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def local_uri(self) -> SipUri:
+        return self.node.nodes.local.uri
+
+    async def start(self) -> None:
+        """Bind the sockets, resolve the notification addresses, join the bus."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        local = self.config.server_address
+        bind_host = await self._resolve_start_host(local.host, "--server-address")
+        port = local.effective_port
+        self._udp, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=(bind_host, port)
+        )
+        self._tcp_server = await loop.create_server(
+            lambda: _StreamProtocol(self), bind_host, port, reuse_address=True
+        )
+        for address in await self._notification_targets():
+            self.node.add_notification_address(address)
+        self.started_at = loop.time()
+        self.node.start(loop.time())
+        self._flush()
+        log.info("DMQ node %s listening on %s:%d (udp, tcp)", local, bind_host, port)
+
+    async def _resolve_start_host(self, host: str, option: str) -> str:
+        literal = _ip_literal(host)
+        if literal is not None:
+            return literal
+        try:
+            addresses = await dns.resolve_host(host, resolver=self._dns_resolver)
+        except dns.DnsResolutionError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
+        self.resolver.cache[host.lower()] = addresses[0]
+        return addresses[0]
+
+    async def _notification_targets(self) -> list[SipUri]:
+        """Notification addresses as the node should hold them.
+
+        Without multi_notify each address is kept as written (its name resolved and
+        cached). With multi_notify the first address is expanded into one node per
+        SRV/A/AAAA answer, as Kamailio does.
+        """
+        targets: list[SipUri] = []
+        addresses = self.config.notification_addresses
+        if self.config.multi_notify and addresses:
+            first = addresses[0]
+            try:
+                found = await dns.resolve_notification_targets(
+                    first.host,
+                    first.port,
+                    first.transport,
+                    multi_notify=True,
+                    resolver=self._dns_resolver,
+                )
+            except dns.DnsResolutionError as exc:
+                log.warning("multi_notify: %s", exc)
+                return []
+            params = tuple(p for p in first.params if p[0] == "transport")
+            for host, port in found:
+                targets.append(SipUri(host, port, None, params, first.scheme))
+            return targets
+        for address in addresses:
+            if _ip_literal(address.host) is None:
+                try:
+                    resolved = await dns.resolve_host(address.host, resolver=self._dns_resolver)
+                except dns.DnsResolutionError as exc:
+                    log.warning("notification address %s: %s", address, exc)
+                    continue
+                self.resolver.cache[address.host.lower()] = resolved[0]
+            targets.append(address)
+        return targets
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Leave the bus gracefully (every active node is told), then close sockets."""
+        if self._loop is None:
+            return
+        loop = self._loop
+        operation = self.node.stop(loop.time())
+        waiter = self._waiter(operation)
+        self._flush()
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(waiter), timeout=min(grace, self.config.timers.timer_f_value)
+            )
+        except TimeoutError:
+            log.info("leave: not every node answered within %.1f s", grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        for connection in list(self._connections.values()):
+            if connection.transport is not None:
+                connection.transport.close()
+        if self._tcp_server is not None:
+            await self._tcp_server.wait_closed()
+        self._loop = None
+        log.info("DMQ node %s stopped", self.config.server_address)
+
+    # ------------------------------------------------------------------ peers and sends
+
+    def register_peer(
+        self,
+        peer_id: str,
+        handler: AsyncPeerHandler,
+        *,
+        init: AsyncPeerInit | None = None,
+        description: str = "",
+    ) -> None:
+        """Register a peer whose handler answers now or later (returns an awaitable)."""
+
+        def core_handler(message: PeerMessage) -> PeerReply | None:
+            result = handler(message)
+            if isinstance(result, PeerReply):
+                return result
+            self._spawn(self._await_reply(message.id, result))
+            return None
+
+        core_init: Callable[[], None] | None = None
+        if init is not None:
+            init_hook = init
+
+            def core_init() -> None:
+                outcome = init_hook()
+                if inspect.isawaitable(outcome):
+                    self._spawn(_log_failure(outcome, f"init hook of peer {peer_id}"))
+
+        self.node.register_peer(peer_id, core_handler, init=core_init, description=description)
+        self._flush()
+
+    def unregister_peer(self, peer_id: str) -> bool:
+        return self.node.unregister_peer(peer_id)
+
+    async def _await_reply(self, message_id: int, awaitable: Awaitable[PeerReply]) -> None:
+        try:
+            reply = await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("peer handler failed")
+            reply = PeerReply(500, "Server Internal Error")
+        if self._loop is None:
+            return
+        self.node.reply(message_id, reply, self._loop.time())
+        self._flush()
+
+    def broadcast_nowait(
+        self, peer_id: str, body: bytes, content_type: str | None
+    ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
+        """Start a broadcast; the future completes with every node's result."""
+        operation = self.node.broadcast(peer_id, body, content_type, self._now())
+        waiter = self._waiter(operation)
+        self._flush()
+        return operation, waiter
+
+    def send_nowait(
+        self, peer_id: str, body: bytes, content_type: str | None, node: SipUri
+    ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
+        operation = self.node.send(peer_id, body, content_type, node, self._now())
+        waiter = self._waiter(operation)
+        self._flush()
+        return operation, waiter
+
+    async def broadcast(self, peer_id: str, body: bytes, content_type: str | None) -> SendOperation:
+        """Send to every active node but us and wait for each one's final result."""
+        _, waiter = self.broadcast_nowait(peer_id, body, content_type)
+        return await waiter
+
+    async def send(
+        self, peer_id: str, body: bytes, content_type: str | None, node: SipUri
+    ) -> SendOperation:
+        """Send to one node of the list and wait for its final result."""
+        _, waiter = self.send_nowait(peer_id, body, content_type, node)
+        return await waiter
+
+    def add_node(self, uri: SipUri) -> Node:
+        node = self.node.add_node(uri, self._now())
+        self._flush()
+        return node
+
+    def remove_node(self, uri: SipUri) -> Node:
+        node = self.node.remove_node(uri, self._now())
+        self._flush()
+        return node
+
+    def _waiter(self, operation: SendOperation) -> asyncio.Future[SendOperation]:
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[SendOperation] = loop.create_future()
+        self._waiters[operation.id] = future
+        return future
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _now(self) -> float:
+        if self._loop is None:
+            raise RuntimeError("the DMQ server is not running (call start() first)")
+        return self._loop.time()
+
+    # ------------------------------------------------------------------ the seam
+
+    def _datagram_received(self, data: bytes, addr: tuple[Any, int]) -> None:
+        if self.drop_rate and self._drop_rng.random() < self.drop_rate:
+            self.dropped_datagrams += 1
+            return
+        loop = self._loop
+        if loop is None:
+            return
+        self.node.receive(data, Endpoint("udp", str(addr[0]), int(addr[1])), loop.time())
+        self._flush()
+
+    def _stream_message(self, data: bytes, connection: _StreamProtocol) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        source = Endpoint("tcp", connection.peer[0], connection.peer[1], connection.id)
+        self.node.receive(data, source, loop.time())
+        self._flush()
+
+    def _next_connection_id(self) -> int:
+        self._connection_ids += 1
+        return self._connection_ids
+
+    def _connection_lost(self, connection: _StreamProtocol) -> None:
+        self._connections.pop(connection.id, None)
+        if connection.remote is not None and self._outbound.get(connection.remote) is connection:
+            del self._outbound[connection.remote]
+
+    def _flush(self) -> None:
+        node = self.node
+        for data, destination in node.datagrams_to_send():
+            self._send(data, destination)
+        while (event := node.next_event()) is not None:
+            if isinstance(event, SendCompleted):
+                waiter = self._waiters.pop(event.operation.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(event.operation)
+            else:
+                for listener in self.status_listeners:
+                    try:
+                        listener(event)
+                    except Exception:
+                        log.exception("node status listener failed")
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.node.get_timer()
+        if deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= deadline:
+            return  # an earlier (or the same) wake-up is already armed
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self._loop
+        if loop is None:
+            return
+        self._timer_at = deadline
+        self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        loop = self._loop
+        armed = self._timer_at
+        self._timer = self._timer_at = None
+        if loop is None:
+            return
+        now = loop.time()
+        if armed is not None and now < armed:
+            now = armed  # the loop may wake a hair early; the core must see the deadline
+        self.node.handle_timer(now)
+        self._flush()
+
+    def _send(self, data: bytes, destination: Endpoint) -> None:
+        if destination.transport == "udp":
+            if self.drop_rate and self._drop_rng.random() < self.drop_rate:
+                self.dropped_datagrams += 1
+                return
+            if self._udp is not None:
+                self._udp.sendto(data, (destination.host, destination.port))
+            return
+        if destination.connection is not None:
+            connection = self._connections.get(destination.connection)
+            if connection is not None and not connection.closed:
+                connection.write(data)
+                return
+            log.info(
+                "connection %s to %s:%s is gone; response dropped",
+                destination.connection,
+                destination.host,
+                destination.port,
+            )
+            return
+        key = (destination.host, destination.port)
+        outbound = self._outbound.get(key)
+        if outbound is None or outbound.closed:
+            outbound = self._connect(key, destination)
+        outbound.write(data)
+
+    def _connect(self, key: tuple[str, int], destination: Endpoint) -> _StreamProtocol:
+        protocol = _StreamProtocol(self, key)
+        self._outbound[key] = protocol
+        loop = self._loop
+        assert loop is not None
+
+        async def connect() -> None:
+            try:
+                await loop.create_connection(lambda: protocol, key[0], key[1])
+            except OSError as exc:
+                log.info("TCP connect to %s:%s failed: %s", key[0], key[1], exc)
+                protocol.closed = True
+                if self._outbound.get(key) is protocol:
+                    del self._outbound[key]
+                if self._loop is not None:
+                    self.node.transport_error(destination, self._loop.time())
+                    self._flush()
+
+        self._spawn(connect())
+        return protocol
+
+
+async def _log_failure(awaitable: Awaitable[Any], what: str) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.exception("%s failed", what)
