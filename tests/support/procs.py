@@ -1,0 +1,192 @@
+"""Start, drive and stop :mod:`tests.support.node_process` nodes from a test."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Timers short enough for tests: retransmit from 50 ms, give up after 1 s.
+FAST_OPTIONS = ["--t1", "0.05", "--t2", "0.2", "--timer-f", "1.0"]
+
+
+def free_port() -> int:
+    """A port free on loopback for both UDP and TCP."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free loopback port")
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``condition`` every 20 ms until it is truthy; fail the test with ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class NodeProcess:
+    """One node process. ``uri`` is its server address."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        transport: str = "udp",
+        notify: list[str] | None = None,
+        peers: tuple[str, ...] = ("htable",),
+        ping_interval: float = 1.0,
+        extra: list[str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.port = port
+        self.transport = transport
+        self.uri = f"sip:127.0.0.1:{port}" + (
+            "" if transport == "udp" else f";transport={transport}"
+        )
+        args = [
+            sys.executable,
+            "-m",
+            "tests.support.node_process",
+            "--server-address",
+            self.uri,
+            "--ping-interval",
+            str(ping_interval),
+            "--log-level",
+            "info",
+            *FAST_OPTIONS,
+        ]
+        for address in notify or []:
+            args += ["--notification-address", address]
+        for peer in peers:
+            args += ["--peer", peer]
+        args += extra or []
+        self.args = args
+        self.log_path = log_path
+        self.messages: list[dict[str, Any]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.inits: list[str] = []
+        self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self.proc: subprocess.Popen[str] | None = None
+        self.ready = threading.Event()
+        self.stopped = threading.Event()
+
+    def start(self, timeout: float = 15.0) -> NodeProcess:
+        self.ready.clear()
+        self.stopped.clear()
+        stderr = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        if not self.ready.wait(timeout):
+            self.kill()
+            raise AssertionError(f"node {self.uri} did not become ready in {timeout} s")
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            event = item.get("event")
+            with self._lock:
+                if event == "message":
+                    self.messages.append(item)
+                elif event == "status":
+                    self.statuses.append(item)
+                elif event == "init":
+                    self.inits.append(item["peer"])
+                elif event == "ready":
+                    self.ready.set()
+                elif event == "stopped":
+                    self.stopped.set()
+                elif "id" in item and item["id"] in self._replies:
+                    self._replies[item["id"]].put(item)
+
+    def command(self, cmd: str, timeout: float = 30.0, **fields: Any) -> Any:
+        assert self.proc is not None and self.proc.stdin is not None
+        ident = next(self._ids)
+        box: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._replies[ident] = box
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "id": ident, **fields}) + "\n")
+        self.proc.stdin.flush()
+        try:
+            item = box.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"node {self.uri} did not answer {cmd!r}") from None
+        finally:
+            del self._replies[ident]
+        if "error" in item:
+            raise RuntimeError(item["error"])
+        return item["reply"]
+
+    def send_command_nowait(self, cmd: str, **fields: Any) -> int:
+        """Send a command without waiting; its answer is discarded."""
+        assert self.proc is not None and self.proc.stdin is not None
+        ident = next(self._ids)
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "id": ident, **fields}) + "\n")
+        self.proc.stdin.flush()
+        return ident
+
+    def nodes(self) -> dict[str, str]:
+        """Other nodes as {uri: status}."""
+        return {n["uri"]: n["status"] for n in self.command("nodes") if not n["local"]}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop: the node leaves the bus, then exits."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(AssertionError, BrokenPipeError, RuntimeError):
+            self.command("stop", timeout=timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the node vanishes without a word."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
