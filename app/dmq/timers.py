@@ -37,11 +37,13 @@ class TimerHandle:
 class TimerQueue:
     """A heap of :class:`TimerHandle` ordered by deadline, then by scheduling order."""
 
-    __slots__ = ("_counter", "_heap")
+    __slots__ = ("_counter", "_heap", "now")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, TimerHandle]] = []
         self._counter = itertools.count()
+        #: The ``now`` of the :meth:`run_due` in progress (or the last one).
+        self.now = 0.0
 
     def call_at(self, deadline: float, callback: Callable[..., None], *args: Any) -> TimerHandle:
         handle = TimerHandle(deadline, callback, args)
@@ -59,6 +61,7 @@ class TimerQueue:
         """Run every callback whose deadline is at or before ``now``; return how many."""
         heap = self._heap
         ran = 0
+        self.now = now
         while heap and heap[0][0] <= now:
             _, _, handle = heapq.heappop(heap)
             callback = handle.callback

@@ -192,6 +192,7 @@ class DmqServer:
         self._udp, _ = await loop.create_datagram_endpoint(
             lambda: _UdpProtocol(self), local_addr=(bind_host, port)
         )
+        _enlarge_buffers(self._udp)
         self._tcp_server = await loop.create_server(
             lambda: _StreamProtocol(self), bind_host, port, reuse_address=True
         )
@@ -504,6 +505,27 @@ class DmqServer:
 
         self._spawn(connect())
         return protocol
+
+
+#: Socket buffer size asked for; the kernel caps it at net.core.rmem_max/wmem_max.
+UDP_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+def _enlarge_buffers(transport: asyncio.BaseTransport) -> None:
+    """Give the UDP socket room for bursts.
+
+    With the default 208 KB a burst of a few hundred KDMQ requests (a sync, or many
+    senders at once) overflows the receive buffer while the loop is busy, and every
+    lost datagram costs a T1 retransmission. Kamailio sizes its buffers up the same way.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
+        except OSError as exc:
+            log.debug("cannot enlarge UDP buffer: %s", exc)
 
 
 async def _log_failure(awaitable: Awaitable[Any], what: str) -> None:
