@@ -14,11 +14,11 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_peer_id
@@ -36,6 +36,11 @@ class ServeSettings:
 
     node: NodeConfig
     peers: tuple[str, ...] = ()
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    api_tokens: tuple[str, ...] = ()
+    state_dir: Path | None = None
+    ws_queue_limit: int = 1000
     log_level: str = "info"
     log_format: str = "text"
     drop_rate: float = 0.0
@@ -98,6 +103,25 @@ SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--t2", "float", 4.0, "SIP timer T2 in seconds (longest retransmission interval)"),
     ("--timer-f", "float", None, "SIP Timer F in seconds (request timeout; default 64*T1)"),
     ("--max-tcp-message", "int", 1_048_576, "largest SIP message accepted on TCP, in bytes"),
+    ("--http", "str", "127.0.0.1:8000", "HOST:PORT of the HTTP and WebSocket API"),
+    (
+        "--api-token",
+        "list",
+        [],
+        "bearer token the API accepts (repeatable); required when --http is not loopback",
+    ),
+    (
+        "--state-dir",
+        "str",
+        None,
+        "directory for registered peers (default ~/.local/state/dmq-gateway/HOST_PORT)",
+    ),
+    (
+        "--ws-queue-limit",
+        "int",
+        1000,
+        "messages a WebSocket subscriber may fall behind before it is cut off (code 4008)",
+    ),
     ("--log-level", "str", "info", "debug, info, warning or error"),
     ("--log-format", "str", "text", "text or json (one JSON object per line)"),
     (
@@ -168,6 +192,14 @@ def _uri(flag: str, text: str) -> SipUri:
         raise ConfigError(f"{flag} {text!r}: not a SIP URI ({exc})") from None
 
 
+def _host_port(flag: str, text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} {text!r}: must be HOST:PORT, e.g. 127.0.0.1:8000")
+    return host, int(port)
+
+
 def _is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -234,9 +266,30 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         trusted=tuple(trusted),
         max_stream_message=int(values["--max-tcp-message"]),
     )
+    http_host, http_port = _host_port("--http", str(values["--http"]))
+    tokens = tuple(values["--api-token"])
+    if any(len(token) < 8 or not token.isprintable() or " " in token for token in tokens):
+        raise ConfigError("--api-token: a token must be at least 8 printable characters, no spaces")
+    if not tokens and not _is_loopback(http_host):
+        raise ConfigError(
+            f"--http {values['--http']} is reachable beyond this machine, but no --api-token "
+            "is set: pass --api-token (or DMQ_API_TOKEN), or bind the API to 127.0.0.1"
+        )
+    state_dir = values["--state-dir"]
+    if state_dir is None:
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        state_dir = base / "dmq-gateway" / f"{server.host}_{server.effective_port}"
+    queue_limit = int(values["--ws-queue-limit"])
+    if queue_limit < 1:
+        raise ConfigError(f"--ws-queue-limit {queue_limit}: must be at least 1")
     return ServeSettings(
         node=node,
         peers=tuple(values["--peer"]),
+        http_host=http_host,
+        http_port=http_port,
+        api_tokens=tokens,
+        state_dir=Path(state_dir),
+        ws_queue_limit=queue_limit,
         log_level=log_level,
         log_format=log_format,
         drop_rate=drop_rate,
@@ -308,26 +361,42 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def serve(settings: ServeSettings) -> None:
-    """Run a node until SIGINT/SIGTERM, then leave the bus gracefully."""
-    from app.transport.server import DmqServer
+    """Run the node and its HTTP API until SIGINT/SIGTERM, then leave the bus gracefully."""
+    import uvicorn
 
-    server = DmqServer(settings.node, drop_rate=settings.drop_rate)
-    for peer_id in settings.peers:
-        server.register_peer(peer_id, logging_peer(peer_id), description="--peer")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await server.start()
-    except OSError as exc:
-        raise ConfigError(
-            f"--server-address {settings.node.server_address}: cannot listen ({exc.strerror})"
-        ) from None
+    from app.api.app import GatewayConfig, create_app
+
+    app = create_app(
+        settings.node,
+        GatewayConfig(
+            api_tokens=settings.api_tokens,
+            state_dir=settings.state_dir,
+            queue_limit=settings.ws_queue_limit,
+            startup_peers=settings.peers,
+            drop_rate=settings.drop_rate,
+        ),
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        loop="none",
+        ws="websockets-sansio",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
     started = time.monotonic()
-    await stop.wait()
-    log.info("stopping after %.0f s", time.monotonic() - started)
-    await server.stop()
+    await server.serve()
+    if server.started:
+        log.info("stopped after %.0f s", time.monotonic() - started)
+    elif not server.should_exit:
+        raise ConfigError(
+            f"--http {settings.http_host}:{settings.http_port} or --server-address "
+            f"{settings.node.server_address}: could not start (see the log above)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -179,6 +179,14 @@ class DmqServer:
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    def loop_time(self) -> float:
+        """The clock the node runs on (the loop's monotonic time)."""
+        return self._now()
+
+    @property
     def local_uri(self) -> SipUri:
         return self.node.nodes.local.uri
 

@@ -1,0 +1,138 @@
+"""``GET /v1/peers/{peer_id}/subscribe``: a peer's messages over a WebSocket.
+
+Close codes (besides the standard ones):
+
+* 4004 - the peer is not registered (or was unregistered while subscribed);
+* 4008 - the client read too slowly and its send queue overflowed; the reason says
+  the offset to resume from with ``?since=``;
+* 1008 - before the handshake completes (HTTP 403): missing or wrong API token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from app.api.deps import token_ok
+from app.api.schemas import ReplyFrame
+from app.dmq.peers import PeerReply
+from app.gateway.hub import CLOSE_PEER_REMOVED, CLOSE_SLOW_CONSUMER, Hub, Subscriber
+
+router = APIRouter(tags=["subscribe"])
+log = logging.getLogger("dmq.gateway")
+
+
+def _bearer(websocket: WebSocket) -> str | None:
+    header = websocket.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer":
+            return value.strip()
+    return websocket.query_params.get("token")
+
+
+def _int_param(websocket: WebSocket, name: str) -> int | str | None:
+    raw = websocket.query_params.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        return f"{name} must be a non-negative integer offset, not {raw[:20]!r}"
+    return int(raw)
+
+
+@router.websocket("/v1/peers/{peer_id}/subscribe")
+async def subscribe(websocket: WebSocket, peer_id: str) -> None:
+    """Stream a peer's messages; ``?since=N&epoch=E`` replays what the client missed."""
+    hub: Hub = websocket.app.state.hub
+    if not token_ok(websocket.app.state.api_tokens, _bearer(websocket)):
+        await websocket.close(code=1008, reason="missing or wrong API token")
+        return
+    since = _int_param(websocket, "since")
+    epoch = websocket.query_params.get("epoch")
+    await websocket.accept()
+    if isinstance(since, str):
+        await websocket.close(code=1008, reason=since)
+        return
+    if peer_id not in hub.channels:
+        await websocket.close(code=CLOSE_PEER_REMOVED, reason=f"no peer {peer_id!r} is registered")
+        return
+    subscription = hub.subscribe(peer_id, since, epoch)
+    subscriber = subscription.subscriber
+    sender = asyncio.ensure_future(_send_frames(websocket, subscriber, subscription.gap))
+    receiver = asyncio.ensure_future(_receive_replies(websocket, hub, peer_id))
+    try:
+        _done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hub.unsubscribe(subscriber)
+        for task in (sender, receiver):
+            task.cancel()
+        for task in (sender, receiver):
+            with contextlib.suppress(BaseException):
+                await task
+    code, reason = (None, "")
+    if subscriber.overflowed:
+        code = CLOSE_SLOW_CONSUMER
+        reason = f"send queue overflow: resume with since={subscriber.sent_offset}"
+    elif peer_id not in hub.channels:
+        code, reason = CLOSE_PEER_REMOVED, f"peer {peer_id!r} was unregistered"
+    if code is not None:
+        with contextlib.suppress(Exception):
+            await websocket.close(code=code, reason=reason)
+
+
+async def _send_frames(
+    websocket: WebSocket, subscriber: Subscriber, gap: dict[str, object] | None
+) -> None:
+    send = websocket.send_text
+    if gap is not None:
+        await send(json.dumps(gap))
+    frames = subscriber.frames
+    wakeup = subscriber.wakeup
+    while True:
+        await wakeup.wait()
+        wakeup.clear()
+        while frames:
+            if subscriber.overflowed or subscriber.closed:
+                return
+            offset, frame = frames.popleft()
+            await send(frame)
+            subscriber.sent_offset = offset
+        if subscriber.overflowed or subscriber.closed:
+            return
+
+
+async def _receive_replies(websocket: WebSocket, hub: Hub, peer_id: str) -> None:
+    while True:
+        try:
+            text = await websocket.receive_text()
+        except (WebSocketDisconnect, RuntimeError, KeyError):
+            return
+        error = _handle_reply(hub, peer_id, text)
+        if error is not None:
+            await websocket.send_text(json.dumps({"type": "error", "error": error}))
+
+
+def _handle_reply(hub: Hub, peer_id: str, text: str) -> str | None:
+    try:
+        frame = ReplyFrame.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return f"not a reply frame: {where + ': ' if where else ''}{first.get('msg')}"
+    body = frame.body.encode()
+    if frame.encoding == "base64":
+        try:
+            body = base64.b64decode(frame.body, validate=True)
+        except (binascii.Error, ValueError):
+            return "body is not valid base64"
+    reply = PeerReply(frame.code, frame.reason, frame.content_type, body)
+    if not hub.reply(peer_id, frame.id, reply):
+        return f"no message {frame.id!r} is waiting for a reply (answered or timed out)"
+    return None

@@ -1,0 +1,165 @@
+"""Request and response models of API version 1, and the WebSocket frames.
+
+Request models are strict: a number must be a number (``false`` is not 0), unknown
+fields are refused, so a typo is a 422 that names it rather than a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.gateway.hub import ReplyMode
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem detail."""
+
+    type: str = Field("about:blank", description="URI reference identifying the problem type")
+    title: str = Field(description="short summary of the problem type")
+    status: int = Field(description="HTTP status code")
+    detail: str = Field(description="what was wrong with this request")
+    instance: str | None = Field(None, description="the request path")
+    errors: list[dict[str, object]] | None = Field(
+        None, description="for validation errors: each field and what is wrong with it"
+    )
+
+
+class Health(BaseModel):
+    node: str = Field(description="this node's SIP URI (its server address)")
+    status: Literal["active", "stopping"]
+    uptime: float = Field(description="seconds since the node started")
+    active_nodes: int = Field(description="other nodes of the bus this node holds as active")
+    version: str
+
+
+class NodeOut(BaseModel):
+    uri: str
+    host: str
+    port: int
+    transport: str
+    status: Literal["active", "not_active", "disabled"]
+    local: bool
+    last_reply: float | None = Field(
+        description="Unix time of the node's last reply to us, or null if it never replied"
+    )
+    failures: int = Field(description="consecutive pings it failed to answer")
+
+
+class NodeIn(StrictModel):
+    uri: Annotated[str, Field(min_length=5, max_length=512, examples=["sip:127.0.0.1:5062"])]
+
+
+class PeerIn(StrictModel):
+    description: Annotated[str, Field(max_length=1024)] = ""
+    reply: Literal["auto", "subscriber"] = Field(
+        "auto",
+        description="auto: the node answers 200 once the message is in the peer's history; "
+        "subscriber: a WebSocket subscriber's reply frame becomes the SIP reply",
+    )
+    reply_timeout: Annotated[float, Field(gt=0, le=30)] = Field(
+        5.0, description="seconds to wait for a subscriber's reply before answering 408"
+    )
+    history: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        1000, description="messages kept for subscribers that resume with ?since="
+    )
+
+
+class PeerOut(BaseModel):
+    peer_id: str
+    description: str
+    reply: ReplyMode
+    reply_timeout: float
+    history: int
+    epoch: str = Field(description="history epoch; offsets are comparable only within it")
+    offset: int = Field(description="offset of the latest message received (0: none yet)")
+    history_size: int = Field(description="messages held in history now")
+    subscribers: int
+    received: int = Field(description="messages received since the gateway started")
+    persistent: bool = Field(description="kept across restarts (false for --peer peers)")
+
+
+class NodeResultOut(BaseModel):
+    node: str
+    code: int | None = Field(description="final SIP status code, or null on timeout")
+    reason: str | None
+    content_type: str | None = None
+    body: str | None = Field(None, description="the reply body (base64 if not UTF-8)")
+    encoding: Literal["base64"] | None = None
+    timeout: bool = Field(description="no final answer in time (Timer F or ?timeout=)")
+
+
+class SendAccepted(BaseModel):
+    id: str = Field(description="message id")
+    peer: str
+    targets: int = Field(description="how many nodes the message is sent to")
+    nodes: list[str]
+
+
+class SendResults(BaseModel):
+    id: str
+    peer: str
+    targets: int
+    results: list[NodeResultOut]
+
+
+# ---------------------------------------------------------------- WebSocket frames
+
+
+class MessageFrame(BaseModel):
+    """Server -> client: one KDMQ message that arrived for the peer."""
+
+    type: Literal["message"]
+    offset: int
+    epoch: str
+    id: str
+    peer: str
+    from_: str = Field(alias="from")
+    content_type: str | None
+    body: str
+    encoding: Literal["base64"] | None = None
+
+
+class GapFrame(BaseModel):
+    """Server -> client, first frame of a resume: what the client missed is not held."""
+
+    type: Literal["gap"]
+    reason: str
+    epoch: str
+    client_epoch: str | None = None
+    from_: int | None = Field(alias="from")
+    to: int
+
+
+class SubscribedFrame(BaseModel):
+    """Server -> client, the first frame: where the live stream starts."""
+
+    type: Literal["subscribed"]
+    peer: str
+    epoch: str
+    offset: int = Field(description="offset of the latest message at subscription time")
+    reply: ReplyMode
+
+
+class ErrorFrame(BaseModel):
+    """Server -> client: a frame the client sent was not understood."""
+
+    type: Literal["error"]
+    error: str
+
+
+class ReplyFrame(StrictModel):
+    """Client -> server (subscriber mode): the SIP reply to message ``id``."""
+
+    type: Literal["reply"]
+    id: str
+    code: Annotated[int, Field(ge=200, le=699)] = 200
+    reason: Annotated[str, Field(max_length=128, pattern=r"^[^\r\n]*$")] = "OK"
+    content_type: Annotated[str, Field(max_length=256, pattern=r"^[^\r\n]*$")] | None = None
+    body: str = ""
+    encoding: Literal["base64"] | None = None

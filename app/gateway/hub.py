@@ -1,0 +1,368 @@
+"""The gateway's peers: history, subscribers and replies, on top of a DmqServer.
+
+Theory of operation
+-------------------
+Each registered peer is a :class:`PeerChannel`. A KDMQ request for it becomes a
+:class:`HistoryEntry` with the next *offset* of the channel's *epoch* (a random tag
+drawn when the channel is created in this process: offsets are only comparable within
+one epoch, which is how a client learns that a restart lost the history it knew).
+
+* ``reply: auto`` - the entry is stored, fanned out, and the node answers 200 at once.
+* ``reply: subscriber`` - with no subscriber the node answers 480 and stores nothing;
+  otherwise the entry is stored and fanned out, and the first subscriber that answers
+  with the entry's id decides the SIP reply; none in ``reply_timeout`` means 408.
+
+Fan-out serialises each message to its JSON text frame once and appends the same
+string to every subscriber's queue, so delivering to 1 000 clients costs 1 000 appends.
+A queue holds at most ``queue_limit`` frames: a subscriber that falls that far behind is
+cut off (close code :data:`CLOSE_SLOW_CONSUMER`), counted, and can resume with
+``since``. Nothing accepted is dropped silently: an entry is in the history (bounded by
+``history``), and a client that resumes past what is still held is told so with a
+``gap`` frame.
+
+Subscribing with ``since`` replays, from the history, every entry after that offset and
+then goes live; the replay and the registration happen in one synchronous step, so no
+message can fall between them or come twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from app.dmq.peers import PeerMessage, PeerReply
+from app.gateway.store import PeerStore
+from app.transport.server import DmqServer
+
+log = logging.getLogger("dmq.gateway")
+
+#: WebSocket close code for a subscriber whose send queue overflowed.
+CLOSE_SLOW_CONSUMER = 4008
+#: WebSocket close code when the peer is unregistered while subscribed.
+CLOSE_PEER_REMOVED = 4004
+#: Frames a subscriber may have queued before it is cut off.
+DEFAULT_QUEUE_LIMIT = 1000
+
+
+class ReplyMode(StrEnum):
+    AUTO = "auto"
+    SUBSCRIBER = "subscriber"
+
+
+@dataclass(slots=True)
+class PeerSettings:
+    """How a peer behaves; what ``PUT /v1/peers/{peer_id}`` sets and the store keeps."""
+
+    description: str = ""
+    reply: ReplyMode = ReplyMode.AUTO
+    #: Seconds to wait for a subscriber's reply (subscriber mode).
+    reply_timeout: float = 5.0
+    #: Messages kept for replay.
+    history: int = 1000
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reply"] = self.reply.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PeerSettings:
+        return cls(
+            description=str(data.get("description", "")),
+            reply=ReplyMode(data.get("reply", "auto")),
+            reply_timeout=float(data.get("reply_timeout", 5.0)),
+            history=int(data.get("history", 1000)),
+        )
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    offset: int
+    id: str
+    frame: str
+
+
+class Subscriber:
+    """One WebSocket client of a peer: a bounded queue of frames to send."""
+
+    __slots__ = ("channel", "closed", "frames", "limit", "overflowed", "sent_offset", "wakeup")
+
+    def __init__(self, channel: PeerChannel, limit: int) -> None:
+        self.channel = channel
+        #: (offset, JSON text frame) waiting to be sent.
+        self.frames: deque[tuple[int, str]] = deque()
+        self.limit = limit
+        self.wakeup = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+        #: Offset of the last message handed to the WebSocket (what to resume after).
+        self.sent_offset = 0
+
+    def push(self, frame: str, offset: int) -> None:
+        if self.overflowed or self.closed:
+            return
+        if len(self.frames) >= self.limit:
+            self.overflowed = True
+            self.frames.clear()
+            self.channel.overflows += 1
+            self.channel.hub.overflows += 1
+            log.warning(
+                "peer %s: a subscriber fell %d messages behind and is cut off",
+                self.channel.peer_id,
+                self.limit,
+            )
+        else:
+            self.frames.append((offset, frame))
+        self.wakeup.set()
+
+
+@dataclass(slots=True)
+class Subscription:
+    """What :meth:`Hub.subscribe` hands the WebSocket endpoint."""
+
+    subscriber: Subscriber
+    #: A ``gap`` frame to send first, when the client missed more than is held.
+    gap: dict[str, Any] | None
+    epoch: str
+    offset: int
+
+
+@dataclass(slots=True, eq=False)
+class PeerChannel:
+    peer_id: str
+    settings: PeerSettings
+    hub: Hub
+    epoch: str = field(default_factory=lambda: secrets.token_hex(4))
+    offset: int = 0
+    history: deque[HistoryEntry] = field(default_factory=deque)
+    subscribers: set[Subscriber] = field(default_factory=set)
+    waiting: dict[str, asyncio.Future[PeerReply]] = field(default_factory=dict)
+    received: int = 0
+    overflows: int = 0
+    registered_at: float = field(default_factory=time.time)
+    #: Registered with --peer at start rather than through the API: not persisted.
+    ephemeral: bool = False
+
+    def append(self, message: PeerMessage) -> HistoryEntry:
+        self.offset += 1
+        self.received += 1
+        offset = self.offset
+        message_id = f"{self.epoch}-{offset}"
+        frame: dict[str, Any] = {
+            "type": "message",
+            "offset": offset,
+            "epoch": self.epoch,
+            "id": message_id,
+            "peer": self.peer_id,
+            "from": str(message.sender),
+            "content_type": message.content_type,
+        }
+        try:
+            frame["body"] = message.body.decode("utf-8")
+        except UnicodeDecodeError:
+            frame["body"] = base64.b64encode(message.body).decode("ascii")
+            frame["encoding"] = "base64"
+        entry = HistoryEntry(offset, message_id, json.dumps(frame, separators=(",", ":")))
+        history = self.history
+        history.append(entry)
+        while len(history) > self.settings.history:
+            history.popleft()
+        for subscriber in self.subscribers:
+            subscriber.push(entry.frame, offset)
+        return entry
+
+
+class Hub:
+    """All peers of one gateway and the glue to the DMQ node."""
+
+    def __init__(
+        self,
+        server: DmqServer,
+        store: PeerStore | None = None,
+        *,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    ) -> None:
+        self.server = server
+        self.store = store
+        self.queue_limit = queue_limit
+        self.channels: dict[str, PeerChannel] = {}
+        self.overflows = 0
+        self.reply_timeouts = 0
+        #: Tags message ids of this process, so ids from before a restart never clash.
+        self.instance = secrets.token_hex(4)
+        self.listeners: list[Callable[[str, PeerMessage], None]] = []
+
+    # ------------------------------------------------------------------ registry
+
+    def load(self) -> int:
+        """Register every peer the store remembers; return how many."""
+        if self.store is None:
+            return 0
+        peers = self.store.load()
+        for peer_id, settings in peers.items():
+            self.register(peer_id, settings, persist=False)
+        return len(peers)
+
+    def register(
+        self,
+        peer_id: str,
+        settings: PeerSettings,
+        *,
+        persist: bool = True,
+        ephemeral: bool = False,
+    ) -> tuple[PeerChannel, bool]:
+        """Register or update a peer; return it and whether it is new.
+
+        Raises the core's ReservedPeerError for the notification channel and
+        ValueError for an invalid peer id.
+        """
+        channel = self.channels.get(peer_id)
+        created = channel is None
+        if channel is None:
+            channel = PeerChannel(peer_id, settings, self, ephemeral=ephemeral)
+            self.server.register_peer(
+                peer_id, self._handler(channel), description=settings.description
+            )
+            self.channels[peer_id] = channel
+        else:
+            channel.settings = settings
+            channel.ephemeral = channel.ephemeral and ephemeral
+            while len(channel.history) > settings.history:
+                channel.history.popleft()
+            self.server.node.peers[peer_id].description = settings.description
+        if persist and not channel.ephemeral:
+            self._save()
+        return channel, created
+
+    def unregister(self, peer_id: str) -> bool:
+        channel = self.channels.pop(peer_id, None)
+        if channel is None:
+            return False
+        self.server.unregister_peer(peer_id)
+        for subscriber in list(channel.subscribers):
+            subscriber.closed = True
+            subscriber.wakeup.set()
+        for waiter in channel.waiting.values():
+            if not waiter.done():
+                waiter.set_result(PeerReply(404, "User Not Found"))
+        self._save()
+        return True
+
+    def _save(self) -> None:
+        if self.store is not None:
+            self.store.save({p: c.settings for p, c in self.channels.items() if not c.ephemeral})
+
+    # ------------------------------------------------------------------ incoming
+
+    def _handler(
+        self, channel: PeerChannel
+    ) -> Callable[[PeerMessage], PeerReply | Awaitable[PeerReply]]:
+        def handler(message: PeerMessage) -> PeerReply | Awaitable[PeerReply]:
+            for listener in self.listeners:
+                listener(channel.peer_id, message)
+            if channel.settings.reply is ReplyMode.AUTO:
+                channel.append(message)
+                if not channel.subscribers and log.isEnabledFor(logging.INFO):
+                    log.info(
+                        "%s from %s (%s, %d bytes): %s",
+                        channel.peer_id,
+                        message.sender,
+                        message.content_type,
+                        len(message.body),
+                        message.body[:256].decode("utf-8", "replace"),
+                    )
+                return _OK
+            if not channel.subscribers:
+                return PeerReply(480, "Temporarily Unavailable")
+            entry = channel.append(message)
+            waiter: asyncio.Future[PeerReply] = asyncio.get_running_loop().create_future()
+            channel.waiting[entry.id] = waiter
+            return self._await_reply(channel, entry.id, waiter)
+
+        return handler
+
+    async def _await_reply(
+        self, channel: PeerChannel, message_id: str, waiter: asyncio.Future[PeerReply]
+    ) -> PeerReply:
+        try:
+            return await asyncio.wait_for(waiter, channel.settings.reply_timeout)
+        except TimeoutError:
+            self.reply_timeouts += 1
+            return PeerReply(408, "Request Timeout")
+        finally:
+            channel.waiting.pop(message_id, None)
+
+    def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> bool:
+        """A subscriber answered a message; False when nothing waits for that id."""
+        channel = self.channels.get(peer_id)
+        if channel is None:
+            return False
+        waiter = channel.waiting.get(message_id)
+        if waiter is None or waiter.done():
+            return False
+        waiter.set_result(reply)
+        return True
+
+    # ------------------------------------------------------------------ subscribers
+
+    def subscribe(self, peer_id: str, since: int | None, epoch: str | None) -> Subscription:
+        """Register a subscriber; queue what it missed first (no await: no gap)."""
+        channel = self.channels[peer_id]
+        subscriber = Subscriber(channel, self.queue_limit)
+        gap: dict[str, Any] | None = None
+        if since is not None:
+            history = channel.history
+            oldest = history[0].offset if history else channel.offset + 1
+            if epoch is not None and epoch != channel.epoch:
+                # Another epoch: the offsets the client knows mean nothing here.
+                gap = {
+                    "type": "gap",
+                    "reason": "epoch changed (the gateway restarted); history restarts",
+                    "epoch": channel.epoch,
+                    "client_epoch": epoch,
+                    "from": None,
+                    "to": oldest - 1,
+                }
+                start = 0
+            else:
+                start = since
+                if since + 1 < oldest:
+                    gap = {
+                        "type": "gap",
+                        "reason": "messages no longer held in the peer's history",
+                        "epoch": channel.epoch,
+                        "from": since + 1,
+                        "to": oldest - 1,
+                    }
+            # Replay does not count against the live queue limit.
+            subscriber.sent_offset = start
+            for entry in history:
+                if entry.offset > start:
+                    subscriber.frames.append((entry.offset, entry.frame))
+            subscriber.limit = self.queue_limit + len(subscriber.frames)
+            if subscriber.frames:
+                subscriber.wakeup.set()
+        else:
+            subscriber.sent_offset = channel.offset
+        channel.subscribers.add(subscriber)
+        return Subscription(subscriber, gap, channel.epoch, channel.offset)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        subscriber.closed = True
+        subscriber.channel.subscribers.discard(subscriber)
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(c.subscribers) for c in self.channels.values())
+
+
+_OK = PeerReply()
