@@ -101,6 +101,9 @@ REASONS = {
     513: "Message Too Large",
 }
 
+#: Entries kept in each parse cache before it is emptied and refilled.
+_URI_CACHE_LIMIT = 1024
+
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
 
@@ -165,6 +168,8 @@ class DmqNode:
         #: themselves.
         self._tombstones: dict[NodeKey, float] = {}
         self._trust_cache: dict[str, bool] = {}
+        self._uri_cache: dict[str, str | None] = {}
+        self._sender_cache: dict[str, SipUri] = {}
         self._from_cache: dict[str, str] = {}
         self._tag = f"{self.rng.getrandbits(64):016x}"
         local = self.nodes.local.uri
@@ -618,8 +623,12 @@ class DmqNode:
             top_via = Via.parse(vias[0]) if vias else None
         except ValueError:
             top_via = None
-        if top_via is None or not all(
-            headers.get(name) for name in ("from", "to", "call-id", "cseq")
+        if (
+            top_via is None
+            or not headers.get("from")
+            or not headers.get("to")
+            or not headers.get("call-id")
+            or not headers.get("cseq")
         ):
             if request.method != "ACK" and top_via is not None:
                 self._reject_malformed(
@@ -687,20 +696,23 @@ class DmqNode:
     ) -> None:
         headers = request.headers
         try:
-            request_uri = SipUri.parse(request.uri)
-            sender = NameAddr.parse(headers.get("from") or "").uri
+            peer_id = self._peer_id_of(request.uri)
+            sender = self._sender_of(headers.get("from") or "")
         except ValueError as exc:
             self._respond_error(st, request, destination, 400, str(exc), now)
             return
         max_forwards_text = headers.get("max-forwards")
         if max_forwards_text is None:
             max_forwards = 70
-        elif max_forwards_text.isdigit() and len(max_forwards_text) < 4:
+        elif (
+            max_forwards_text.isascii()  # "²".isdigit() is true, but int() refuses it
+            and max_forwards_text.isdigit()
+            and len(max_forwards_text) < 4
+        ):
             max_forwards = int(max_forwards_text)
         else:
             self._respond_error(st, request, destination, 400, "bad Max-Forwards", now)
             return
-        peer_id = request_uri.user
         if peer_id is None:
             self._respond_error(
                 st, request, destination, 404, "the Request-URI names no peer id", now
@@ -719,7 +731,7 @@ class DmqNode:
             peer_id=peer_id,
             body=request.body,
             content_type=headers.get("content-type"),
-            sender=node_uri(sender),
+            sender=sender,
             call_id=headers.get("call-id") or "",
             received_at=now,
             max_forwards=max_forwards,
@@ -751,6 +763,32 @@ class DmqNode:
             body=reply.body,
             peer_id=peer_id,
         )
+
+    def _peer_id_of(self, request_uri: str) -> str | None:
+        """The user part of a Request-URI (the peer id); cached, since a bus uses a
+        handful of Request-URIs over and over."""
+        cache = self._uri_cache
+        if request_uri in cache:
+            return cache[request_uri]
+        user = SipUri.parse(request_uri).user
+        if len(cache) >= _URI_CACHE_LIMIT:
+            cache.clear()
+        cache[request_uri] = user
+        return user
+
+    def _sender_of(self, from_value: str) -> SipUri:
+        """The sending node from a From header: its URI without user or tag (the tag
+        changes with every request, so the cache is keyed on what precedes it)."""
+        close = from_value.find(">")
+        key = from_value[: close + 1] if close >= 0 else from_value.partition(";")[0]
+        cache = self._sender_cache
+        sender = cache.get(key)
+        if sender is None:
+            sender = node_uri(NameAddr.parse(from_value).uri)
+            if len(cache) >= _URI_CACHE_LIMIT:
+                cache.clear()
+            cache[key] = sender
+        return sender
 
     def _respond_error(
         self,
@@ -795,6 +833,19 @@ class DmqNode:
         now: float,
     ) -> None:
         """A node sent us its list (join, propagation, ping or leave)."""
+        if self.stopped:
+            # We have left: a 200 would carry our list, which names us active, and the
+            # pinger would take us back. Kamailio ignores codes other than 200 and 408.
+            self._respond(
+                st,
+                request,
+                destination,
+                503,
+                "Service Unavailable",
+                now,
+                peer_id=self.config.notification_channel,
+            )
+            return
         parsed = parse_node_list(request.body)
         for error in parsed.errors:
             log.warning("node list from %s: bad line skipped: %s", sender, error)

@@ -84,11 +84,44 @@ class PeerSettings:
         )
 
 
-@dataclass(slots=True)
 class HistoryEntry:
-    offset: int
-    id: str
-    frame: str
+    """One message in a peer's history; its JSON frame is built on first use and
+    kept, so a message nobody is subscribed to costs no serialisation."""
+
+    __slots__ = ("_frame", "epoch", "id", "message", "offset", "peer_id")
+
+    def __init__(self, peer_id: str, epoch: str, offset: int, message: PeerMessage) -> None:
+        self.peer_id = peer_id
+        self.epoch = epoch
+        self.offset = offset
+        self.id = f"{epoch}-{offset}"
+        self.message = message
+        self._frame: str | None = None
+
+    @property
+    def frame(self) -> str:
+        frame = self._frame
+        if frame is None:
+            frame = self._frame = self._render()
+        return frame
+
+    def _render(self) -> str:
+        message = self.message
+        data: dict[str, Any] = {
+            "type": "message",
+            "offset": self.offset,
+            "epoch": self.epoch,
+            "id": self.id,
+            "peer": self.peer_id,
+            "from": str(message.sender),
+            "content_type": message.content_type,
+        }
+        try:
+            data["body"] = message.body.decode("utf-8")
+        except UnicodeDecodeError:
+            data["body"] = base64.b64encode(message.body).decode("ascii")
+            data["encoding"] = "base64"
+        return json.dumps(data, separators=(",", ":"))
 
 
 class Subscriber:
@@ -155,29 +188,15 @@ class PeerChannel:
     def append(self, message: PeerMessage) -> HistoryEntry:
         self.offset += 1
         self.received += 1
-        offset = self.offset
-        message_id = f"{self.epoch}-{offset}"
-        frame: dict[str, Any] = {
-            "type": "message",
-            "offset": offset,
-            "epoch": self.epoch,
-            "id": message_id,
-            "peer": self.peer_id,
-            "from": str(message.sender),
-            "content_type": message.content_type,
-        }
-        try:
-            frame["body"] = message.body.decode("utf-8")
-        except UnicodeDecodeError:
-            frame["body"] = base64.b64encode(message.body).decode("ascii")
-            frame["encoding"] = "base64"
-        entry = HistoryEntry(offset, message_id, json.dumps(frame, separators=(",", ":")))
+        entry = HistoryEntry(self.peer_id, self.epoch, self.offset, message)
         history = self.history
         history.append(entry)
         while len(history) > self.settings.history:
             history.popleft()
-        for subscriber in self.subscribers:
-            subscriber.push(entry.frame, offset)
+        if self.subscribers:
+            frame = entry.frame
+            for subscriber in self.subscribers:
+                subscriber.push(frame, entry.offset)
         return entry
 
 
