@@ -71,7 +71,13 @@ class TimerSettings:
 
     @property
     def timer_j_value(self) -> float:
-        return 64 * self.t1
+        """How long an answered request is remembered (RFC 3261: 64*T1 over UDP).
+
+        Never shorter than Timer F: a sender may retransmit until its Timer F fires,
+        and a retransmission that arrives after we forgot the request would be
+        delivered a second time.
+        """
+        return max(64 * self.t1, self.timer_f_value)
 
 
 class ClientState(enum.Enum):

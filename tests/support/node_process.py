@@ -1,13 +1,18 @@
 """A DMQ node in its own process, driven by a test over stdin/stdout.
 
-Run as ``python -m tests.support.node_process [serve options]``: it takes exactly the
-options of ``dmq-gateway serve`` (parsed by the same code), runs a real
+Run as ``python -m tests.support.node_process [--seed N] [serve options]``: it takes
+exactly the options of ``dmq-gateway serve`` (parsed by the same code), plus ``--seed``
+for the ``--drop-rate`` random generator, runs a real
 :class:`~app.transport.server.DmqServer` on real sockets, and speaks JSON lines:
 
 * stdin, one command per line: ``{"cmd": "nodes"}``, ``{"cmd": "broadcast", "peer":
   P, "body": TEXT, "content_type": CT}``, ``{"cmd": "send", ..., "node": URI}``,
   ``{"cmd": "stats"}``, ``{"cmd": "add_node", "uri": URI}``, ``{"cmd": "stop"}``
-  (graceful leave, then exit). Each command may carry an ``"id"``, echoed in the answer.
+  (graceful leave, then exit), and ``{"cmd": "send_many", "peer": P, "node": URI,
+  "count": N, "prefix": TEXT, "concurrency": C, "content_type": CT}``, which sends N
+  bodies ``f"{prefix}{i}"`` (i = 0..N-1) to one node, at most C at a time, and answers
+  with the final code of each (in order of i) and how long it took. Each command may
+  carry an ``"id"``, echoed in the answer.
 * stdout, one JSON object per line: ``{"event": "ready", ...}`` once listening,
   ``{"event": "message", ...}`` for every KDMQ request delivered to a ``--peer``,
   ``{"event": "status", ...}`` for every node status change, and ``{"reply": ...,
@@ -53,6 +58,27 @@ def operation_json(operation: SendOperation) -> dict[str, Any]:
     }
 
 
+async def send_many(server: DmqServer, command: dict[str, Any]) -> dict[str, Any]:
+    """Send ``count`` bodies to one node, at most ``concurrency`` in flight at once."""
+    loop = asyncio.get_running_loop()
+    peer = command["peer"]
+    node = SipUri.parse(command["node"])
+    prefix = command.get("prefix", "")
+    content_type = command.get("content_type")
+    count = int(command["count"])
+    slots = asyncio.Semaphore(int(command.get("concurrency", 50)))
+    codes: list[int] = [0] * count
+
+    async def one(index: int) -> None:
+        async with slots:
+            operation = await server.send(peer, f"{prefix}{index}".encode(), content_type, node)
+            codes[index] = operation.results[0].code if operation.results else 0
+
+    started = loop.time()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return {"codes": codes, "elapsed": loop.time() - started}
+
+
 def node_json(server: DmqServer) -> list[dict[str, Any]]:
     return [
         {
@@ -67,11 +93,27 @@ def node_json(server: DmqServer) -> list[dict[str, Any]]:
     ]
 
 
+def split_seed(argv: list[str]) -> tuple[int | None, list[str]]:
+    """Take the harness-only ``--seed N`` out of ``argv``; the rest is ``serve``'s."""
+    rest: list[str] = []
+    seed: int | None = None
+    items = iter(argv)
+    for arg in items:
+        if arg == "--seed":
+            seed = int(next(items))
+        elif arg.startswith("--seed="):
+            seed = int(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    return seed, rest
+
+
 async def main(argv: list[str]) -> None:
-    args = build_parser().parse_args(["serve", *argv])
+    seed, serve_argv = split_seed(argv)
+    args = build_parser().parse_args(["serve", *serve_argv])
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
-    server = DmqServer(settings.node, drop_rate=settings.drop_rate)
+    server = DmqServer(settings.node, drop_rate=settings.drop_rate, seed=seed)
 
     def recorder(peer_id: str) -> Any:
         def handler(message: PeerMessage) -> PeerReply:
@@ -139,6 +181,8 @@ async def main(argv: list[str]) -> None:
                     SipUri.parse(command["node"]),
                 )
                 reply = operation_json(operation)
+            elif cmd == "send_many":
+                reply = await send_many(server, command)
             elif cmd == "add_node":
                 server.add_node(SipUri.parse(command["uri"]))
                 reply = node_json(server)
@@ -152,6 +196,8 @@ async def main(argv: list[str]) -> None:
                     "retransmissions_absorbed": tx.retransmissions_absorbed,
                     "responses_resent": tx.responses_resent,
                     "timeouts": tx.timeouts,
+                    "transport_errors": tx.transport_errors,
+                    "stray_responses": tx.stray_responses,
                     "malformed_answered": stats.malformed_answered,
                     "malformed_dropped": stats.malformed_dropped,
                     "dropped_datagrams": server.dropped_datagrams,

@@ -65,6 +65,7 @@ class NodeProcess:
         ping_interval: float = 1.0,
         extra: list[str] | None = None,
         log_path: Path | None = None,
+        seed: int | None = None,
     ) -> None:
         self.port = port
         self.transport = transport
@@ -87,9 +88,13 @@ class NodeProcess:
             args += ["--notification-address", address]
         for peer in peers:
             args += ["--peer", peer]
+        if seed is not None:
+            args += ["--seed", str(seed)]
         args += extra or []
         self.args = args
         self.log_path = log_path
+        #: Every event below carries ``"at"``: ``time.monotonic()`` in the test process
+        #: when its line was read.
         self.messages: list[dict[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
         self.inits: list[str] = []
@@ -100,23 +105,40 @@ class NodeProcess:
         self.stopped = threading.Event()
 
     def start(self, timeout: float = 15.0) -> NodeProcess:
+        """Start the process and wait until it listens."""
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> NodeProcess:
+        """Start the process without waiting (see :meth:`wait_ready`)."""
         self.ready.clear()
         self.stopped.clear()
-        stderr = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            self.args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
+        with (
+            open(self.log_path, "a") if self.log_path else open(os.devnull, "w")
+        ) as stderr:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                self.args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        if not self.ready.wait(timeout):
-            self.kill()
-            raise AssertionError(f"node {self.uri} did not become ready in {timeout} s")
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> NodeProcess:
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.05):
+            if self.proc is not None and self.proc.poll() is not None:
+                self._close_stdin()
+                raise AssertionError(
+                    f"node {self.uri} exited with {self.proc.returncode} before it was ready"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"node {self.uri} did not become ready in {timeout} s")
         return self
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
@@ -127,6 +149,7 @@ class NodeProcess:
             except json.JSONDecodeError:
                 continue
             event = item.get("event")
+            item["at"] = time.monotonic()
             with self._lock:
                 if event == "message":
                     self.messages.append(item)
@@ -140,6 +163,7 @@ class NodeProcess:
                     self.stopped.set()
                 elif "id" in item and item["id"] in self._replies:
                     self._replies[item["id"]].put(item)
+        proc.stdout.close()
 
     def command(self, cmd: str, timeout: float = 30.0, **fields: Any) -> Any:
         assert self.proc is not None and self.proc.stdin is not None
@@ -180,12 +204,20 @@ class NodeProcess:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+        self._close_stdin()
 
     def kill(self) -> None:
         """SIGKILL: the node vanishes without a word."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        # stdout is closed by the reader thread at end of file.
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
 
     @property
     def alive(self) -> bool:
