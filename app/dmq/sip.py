@@ -294,6 +294,13 @@ def _split_list_value(value: str) -> list[str]:
 
 def _find_head_end(data: bytes) -> tuple[int, int]:
     """Where the header block ends and how long its terminator is, or (-1, 0)."""
+    first_lf = data.find(b"\n")
+    if first_lf > 0 and data[first_lf - 1] != 0x0D:
+        # LF-only line ends: the empty line is "\n\n", and a CRLF CRLF further on
+        # belongs to the body (searching for it first would cut the message there).
+        end = data.find(b"\n\n")
+        if end >= 0:
+            return end, 2
     end = data.find(b"\r\n\r\n")
     if end >= 0:
         return end, 4
@@ -334,24 +341,25 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
         raise SipParseError("stray CR or LF inside the headers")
     start_line = lines[0]
     message: SipMessage
+    version_error: SipParseError | None = None
     if start_line.startswith("SIP/"):
         message = _parse_status_line(start_line)
     else:
-        message = _parse_request_line(start_line)
+        try:
+            message = _parse_request_line(start_line)
+        except SipParseError as exc:
+            if exc.request is None:
+                raise
+            # A 505 reply copies Via, From, To, Call-ID and CSeq like any other
+            # (RFC 3261 section 8.2.6.2): read the headers before raising it.
+            message, version_error = exc.request, exc
 
+    header_lines = lines[1:]
+    if "\n " in head or "\n\t" in head:
+        header_lines = _unfold(message, header_lines)
     items: list[tuple[str, str]] = []
     first: dict[str, str] = {}
-    for raw in lines[1:]:
-        if raw[:1] in (" ", "\t"):
-            # RFC 3261 section 7.3.1: a line starting with white space continues the
-            # previous header (obsolete line folding).
-            if not items:
-                raise _error(message, "header block starts with a continuation line")
-            name, previous = items[-1]
-            items[-1] = (name, f"{previous} {raw.strip()}")
-            if first.get(name) == previous:
-                first[name] = items[-1][1]
-            continue
+    for raw in header_lines:
         raw_name, sep, value = raw.partition(":")
         if not sep:
             raise _error(message, f"header line without a colon: {raw[:40]!r}")
@@ -372,6 +380,8 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
         if name not in first:
             first[name] = value
     message.headers = Headers(items, first)
+    if version_error is not None:
+        raise version_error
     content_length = first.get("content-length")
 
     body = data[head_end + term_len :]
@@ -387,6 +397,25 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
         body = body[:length]
     message.body = body
     return message
+
+
+def _unfold(message: SipMessage, lines: list[str]) -> list[str]:
+    """Join continuation lines to the header line they continue.
+
+    RFC 3261 section 7.3.1: a line starting with white space continues the previous
+    header (obsolete line folding). Unfolding comes before anything reads a value, so
+    that a folded Via list is split as a whole (not only its last part) and a folded
+    Content-Length is read whole.
+    """
+    out: list[str] = []
+    for raw in lines:
+        if raw[:1] in (" ", "\t"):
+            if not out:
+                raise _error(message, "header block starts with a continuation line")
+            out[-1] = f"{out[-1]} {raw.strip()}"
+        else:
+            out.append(raw)
+    return out
 
 
 def _error(message: SipMessage, reason: str, status: int = 400) -> SipParseError:
@@ -415,7 +444,12 @@ def _parse_status_line(line: str) -> SipResponse:
     code_text, _, reason = rest.partition(" ")
     if version != SIP_VERSION:
         raise SipParseError(f"unsupported version {version[:20]!r}")
-    if len(code_text) != 3 or not code_text.isdigit() or not 100 <= int(code_text) <= 699:
+    # isascii: str.isdigit() is true for digits like "²" that int() refuses.
+    if (
+        len(code_text) != 3
+        or not (code_text.isascii() and code_text.isdigit())
+        or not 100 <= int(code_text) <= 699
+    ):
         raise SipParseError(f"bad status code {code_text[:20]!r}")
     return SipResponse(int(code_text), reason)
 
@@ -468,9 +502,16 @@ class StreamFramer:
 
 
 def _stream_content_length(head: bytes) -> int:
-    for raw in head.split(b"\n")[1:]:
-        name, sep, value = raw.partition(b":")
+    lines = head.split(b"\n")
+    for index in range(1, len(lines)):
+        name, sep, value = lines[index].partition(b":")
         if sep and name.strip().lower() in (b"content-length", b"l"):
+            # A folded value continues on the lines that start with white space, as
+            # parse_message reads it (RFC 3261 section 7.3.1).
+            for more in lines[index + 1 :]:
+                if more[:1] not in (b" ", b"\t"):
+                    break
+                value += b" " + more
             try:
                 length = int(value.strip())
             except ValueError:
