@@ -1,0 +1,829 @@
+"""KDMQ htable-set throughput: a real Kamailio node against ours, driven by sipp.
+
+Run from the repository root::
+
+    python -m bench.kdmq_throughput                      # both targets
+    python -m bench.kdmq_throughput --targets kamailio   # Kamailio only
+
+For every target and every in-flight level (and every repeat), a fresh target is
+started on a free loopback UDP port, sipp sends ``--requests`` KDMQ htable "set"
+requests (bench/scenarios/kdmq_htable_set.xml, one request per sipp call, each with
+its own key) keeping INFLIGHT requests outstanding, and the target is stopped.
+
+How sipp keeps INFLIGHT requests outstanding (``--sipp-mode``):
+
+* ``users`` (default): ``-users INFLIGHT -l INFLIGHT -m REQUESTS``. sipp opens
+  INFLIGHT calls at once and opens a new one the moment one completes (closed loop),
+  so the in-flight limit alone governs.
+* ``rate``: ``-r 1000000 -l INFLIGHT -m REQUESTS``, i.e. "a high rate capped by the
+  in-flight limit". Kept for comparison only: sipp opens rate-mode calls only when its
+  clock advances, and that clock is CLOCK_MONOTONIC_COARSE (4 ms steps on a 250 Hz
+  kernel), so this mode cannot exceed INFLIGHT calls per clock step: 16 000/s at 64
+  in flight, whatever the target. It measures sipp, not the target.
+
+What is measured, and how:
+
+* ``completed`` / ``failed``: sipp's SuccessfulCall / FailedCall counters (final line
+  of its ``-trace_stat`` file). A call completes on a 200; anything else, or no
+  answer after sipp's UDP retransmissions, fails it.
+* ``requests_per_s``: completed / (time from the first request sent to the last
+  200 received), both taken from sipp's per-call ``-trace_rtt`` records; sipp's
+  start-up and shut-down are not counted.
+* ``p50_ms`` / ``p99_ms`` (and ``mean_ms``, ``max_ms``): nearest-rank percentiles of
+  *every* call's response time from ``-trace_rtt`` (``-rtt_freq`` is chosen to divide
+  the request count, so every call is written). sipp timestamps with its event-loop
+  clock, which advances in coarse steps (4 ms on the 250 Hz kernel this was written
+  on; the step seen in each run is reported as ``sipp_clock_step_ms``): "0" means
+  "within one clock step", and sipp's own scheduling delay is included.
+* ``probe_p50_ms`` / ``probe_p99_ms``: because of that coarseness, a second, precise
+  measurement: while sipp runs, a probe thread in this process sends one extra htable
+  set at a time (one every 2 ms plus its own response time: a few hundred per second,
+  about 1 % of the load; each with a fresh key) from its own socket and times each 200
+  with ``time.perf_counter_ns``. These are sampled (a few hundred per run, so p99
+  rests on a handful of samples, and the probe thread itself competes for the CPUs)
+  but not quantised; ``probe_samples`` and ``probe_lost`` say how many.
+* sipp runs with ``-buff_size 4194304``: with the default 208 KB socket buffer sipp
+  itself drops 200s at 256 in flight and the run measures sipp's retransmission
+  timer (p99 about 500 ms) rather than the target. ``retransmissions`` and the
+  target socket's kernel drop counter (``target_udp_drops``) are reported so that
+  losses stay visible.
+* ``target_cpu_s`` / ``sipp_cpu_s``: CPU time used by the target's process group and
+  by sipp during the run, to tell a saturated target from a latency-bound one.
+
+With ``--repeats N`` each level is run N times on a fresh target; the reported
+figures are those of the median run by requests/s, every run is kept in ``runs``.
+
+Writes ``OUT/kdmq-throughput.json`` and ``OUT/kdmq-throughput.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tests.interop.kamailio import (
+    KamailioNode,
+    free_port,
+    kamailio_available,
+    kamailio_version,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIO = REPO / "bench" / "scenarios" / "kdmq_htable_set.xml"
+HOST = "127.0.0.1"
+SIPP_BUFFER = 4 * 1024 * 1024
+TARGET_LABELS = {"kamailio": "Kamailio", "ours": "dmq-gateway (ours)"}
+
+
+# ---------------------------------------------------------------------- targets
+
+
+class Target(Protocol):
+    """A DMQ node under test, listening on HOST:port (UDP)."""
+
+    port: int
+
+    def cpu_seconds(self) -> float: ...
+
+    def stop(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def after_run(self) -> dict[str, Any]: ...
+
+
+def _group_cpu_seconds(pgid: int) -> float:
+    """utime+stime of every live process in process group ``pgid`` (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2 :].split()
+        if len(rest) > 12 and int(rest[2]) == pgid:
+            total += int(rest[11]) + int(rest[12])
+    return total / tick
+
+
+def udp_drops(port: int) -> int | None:
+    """The kernel's drop counter of the UDP socket bound to HOST:port, if any."""
+    needle = f"{socket.inet_aton(HOST)[::-1].hex().upper()}:{port:04X}"
+    found = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+            cols = line.split()
+            if len(cols) >= 13 and cols[1] == needle:
+                found = (found or 0) + int(cols[12])
+    return found
+
+
+class KamailioTarget:
+    def __init__(self, workdir: Path, children: int) -> None:
+        self.port = free_port("udp")
+        self.node = KamailioNode(workdir, self.port, children=children)
+
+    def cpu_seconds(self) -> float:
+        return _group_cpu_seconds(self.node.pid)
+
+    def stop(self) -> None:
+        self.node.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": kamailio_version(),
+            "udp_children": self.node.children,
+            "dmq_workers": self.node.dmq_workers or 2,
+            "config": "tests/interop/kamailio.py (dmq + htable, ht=>size=8, -m 64 -M 8)",
+        }
+
+    def after_run(self) -> dict[str, Any]:
+        stats = self.node.kamcmd("htable.stats")
+        match = re.search(r"^\s*all:\s*(\d+)", stats, re.MULTILINE)
+        return {
+            "stored_items": int(match.group(1)) if match else None,
+            "k1": self.node.htable_get("ht", "k1"),
+        }
+
+
+OURS_COMMAND = (
+    "{python} -m app.cli serve --server-address sip:{host}:{port} --peer htable --log-level warning"
+)
+
+
+class OursTarget:
+    """Our node, as a subprocess in its own session; ``command`` is a template."""
+
+    def __init__(
+        self, workdir: Path, command: str = OURS_COMMAND, startup_timeout: float = 20.0
+    ) -> None:
+        self.port = free_port("udp")
+        self.log_path = workdir / "dmq-gateway.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.cmd = [
+            part.format(python=sys.executable, host=HOST, port=self.port)
+            for part in shlex.split(command)
+        ]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_answering(self.port, startup_timeout, self.proc, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def cpu_seconds(self) -> float:
+        return _group_cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def describe(self) -> dict[str, Any]:
+        return {"command": " ".join(self.cmd[1:]), "python": sys.version.split()[0]}
+
+    def after_run(self) -> dict[str, Any]:
+        return {}
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def wait_answering(
+    port: int,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Wait until HOST:port answers a KDMQ request (any SIP response will do).
+
+    The probe goes to the peer id ``bench-probe``, which no node serves, so it changes
+    no state (Kamailio answers 404).
+    """
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.settimeout(0.2)
+        local = sock.getsockname()[1]
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(
+                    f"target exited with code {proc.returncode} before answering on "
+                    f"{HOST}:{port}; log tail:\n{_log_tail(log_path) if log_path else ''}"
+                )
+            sock.sendto(
+                _kdmq("bench-probe", port, local, f"{uuid.uuid4().hex}@{HOST}"), (HOST, port)
+            )
+            try:
+                data = sock.recv(65535)
+                if data.startswith(b"SIP/2.0 "):
+                    return
+            except (TimeoutError, ConnectionRefusedError):
+                pass
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"nothing answered on udp {HOST}:{port} within {timeout:g} s; log tail:\n"
+                    f"{_log_tail(log_path) if log_path else ''}"
+                )
+            time.sleep(0.1)
+
+
+def _kdmq(peer: str, port: int, local_port: int, call_id: str, body: str = "") -> bytes:
+    """A KDMQ request to ``sip:PEER@HOST:port`` as a Kamailio node would send it."""
+    payload = body.encode()
+    lines = [
+        f"KDMQ sip:{peer}@{HOST}:{port} SIP/2.0",
+        f"Via: SIP/2.0/UDP {HOST}:{local_port};branch=z9hG4bK{uuid.uuid4().hex[:16]}",
+        f"From: <sip:{peer}@{HOST}:{local_port}>;tag={uuid.uuid4().hex[:8]}",
+        f"To: <sip:{peer}@{HOST}:{port}>",
+        f"Call-ID: {call_id}",
+        "CSeq: 10 KDMQ",
+        "Max-Forwards: 1",
+    ]
+    if payload:
+        lines.append("Content-Type: application/json")
+    lines.append(f"Content-Length: {len(payload)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+class LatencyProbe:
+    """Times single htable sets (one outstanding at a time) against HOST:port."""
+
+    def __init__(self, port: int, interval_s: float = 0.002, timeout_s: float = 1.0) -> None:
+        self.port = port
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.samples: list[tuple[float, float]] = []  # (monotonic send time, latency ms)
+        self.lost = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="latency-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((HOST, 0))
+            local = sock.getsockname()[1]
+            seq = 0
+            while not self._stop.is_set():
+                seq += 1
+                call_id = f"{uuid.uuid4().hex}@{HOST}"
+                msg = _kdmq(
+                    "htable",
+                    self.port,
+                    local,
+                    call_id,
+                    json.dumps(
+                        {
+                            "action": 2,
+                            "htname": "ht",
+                            "cname": f"probe{seq}",
+                            "type": 2,
+                            "strval": "v",
+                            "mode": 1,
+                        },
+                        separators=(",", ":"),
+                    ),
+                )
+                sent_at = time.monotonic()
+                t0 = time.perf_counter_ns()
+                sock.sendto(msg, (HOST, self.port))
+                deadline = t0 + int(self.timeout_s * 1e9)
+                needle = f"Call-ID: {call_id}".encode()
+                while True:
+                    left = (deadline - time.perf_counter_ns()) / 1e9
+                    if left <= 0:
+                        self.lost += 1
+                        break
+                    sock.settimeout(left)
+                    try:
+                        data = sock.recv(65535)
+                    except (TimeoutError, ConnectionRefusedError):
+                        continue
+                    if needle in data and data.startswith(b"SIP/2.0 200"):
+                        self.samples.append((sent_at, (time.perf_counter_ns() - t0) / 1e6))
+                        break
+                self._stop.wait(self.interval_s)
+
+    def latencies_between(self, start: float, end: float) -> list[float]:
+        return sorted(ms for at, ms in self.samples if start <= at and at + ms / 1000 <= end)
+
+
+# ------------------------------------------------------------------------- sipp
+
+
+@dataclass
+class RunResult:
+    requests: int
+    inflight: int
+    completed: int
+    failed: int
+    requests_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+    sipp_clock_step_ms: float | None
+    probe_p50_ms: float | None
+    probe_p99_ms: float | None
+    probe_samples: int
+    probe_lost: int
+    retransmissions: int | None
+    target_udp_drops: int | None
+    sipp_exit_code: int
+    sipp_wall_s: float
+    window_s: float
+    rtt_samples: int
+    sipp_cpu_s: float
+    target_cpu_s: float
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(pct / 100.0 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def rtt_freq_for(requests: int, cap: int = 1000) -> int:
+    """Largest divisor of ``requests`` not above ``cap``: sipp only writes full batches."""
+    for freq in range(min(cap, requests), 0, -1):
+        if requests % freq == 0:
+            return freq
+    return 1
+
+
+def parse_stat_csv(path: Path) -> dict[str, str]:
+    """Last line of sipp's ``-trace_stat`` file, keyed by the header's column names."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if len(lines) < 2:
+        return {}
+    names = lines[0].split(";")
+    values = lines[-1].split(";")
+    return dict(zip(names, values, strict=False))
+
+
+def parse_rtt_csv(path: Path) -> tuple[list[float], float, float | None]:
+    """From ``-trace_rtt``: response times (ms), first send to last 200 (s), clock step (ms)."""
+    rtts: list[float] = []
+    stamps: set[float] = set()
+    first_send = math.inf
+    last_recv = -math.inf
+    for line in path.read_text(errors="replace").splitlines()[1:]:
+        cols = line.split(";")
+        if len(cols) < 2:
+            continue
+        try:
+            done, rtt = float(cols[0]), float(cols[1])
+        except ValueError:
+            continue
+        rtts.append(rtt)
+        stamps.add(done)
+        first_send = min(first_send, done - rtt)
+        last_recv = max(last_recv, done)
+    window = (last_recv - first_send) / 1000.0 if rtts else 0.0
+    ordered = sorted(stamps)
+    steps = [b - a for a, b in itertools.pairwise(ordered) if b - a > 1e-6]
+    step = round(min(steps), 3) if steps else None
+    return rtts, window, step
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def run_sipp(
+    target: Target,
+    requests: int,
+    inflight: int,
+    workdir: Path,
+    probe: bool = True,
+    mode: str = "users",
+) -> RunResult:
+    sipp = shutil.which("sipp")
+    if sipp is None:
+        raise RuntimeError("sipp is not installed (apt-get install sip-tester)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    stat_file = workdir / "stat.csv"
+    timeout_s = max(30, requests // 1000)
+    cmd = [
+        sipp,
+        "-sf",
+        str(SCENARIO),
+        "-i",
+        HOST,
+        "-p",
+        str(free_port("udp")),
+        "-t",
+        "u1",
+        "-m",
+        str(requests),
+        "-l",
+        str(inflight),
+        *(
+            # closed loop: a new call the moment one completes (see the module docstring)
+            ["-users", str(inflight)]
+            if mode == "users"
+            else ["-r", "1000000", "-rp", "1000"]  # rate far above any target, capped by -l
+        ),
+        "-buff_size",
+        str(SIPP_BUFFER),
+        "-nostdin",
+        "-trace_stat",
+        "-stf",
+        str(stat_file),
+        "-fd",
+        "1",
+        "-trace_rtt",
+        "-rtt_freq",
+        str(rtt_freq_for(requests)),
+        "-timeout",
+        f"{timeout_s}s",
+        "-timeout_error",
+        f"{HOST}:{target.port}",
+    ]
+    cpu0 = target.cpu_seconds()
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    prober = LatencyProbe(target.port) if probe else None
+    started = time.monotonic()
+    if prober is not None:
+        prober.start()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout_s + 30, check=False
+        )
+    finally:
+        finished = time.monotonic()
+        if prober is not None:
+            prober.stop()
+    wall = finished - started
+    # probes from sipp's start-up (first 50 ms) or after it exited did not see the load
+    probed = prober.latencies_between(started + 0.05, finished) if prober else []
+    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1 = target.cpu_seconds()
+    (workdir / "sipp.out").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+
+    stats = parse_stat_csv(stat_file) if stat_file.exists() else {}
+    rtt_files = sorted(workdir.glob("*_rtt.csv"))
+    rtts, window, step = parse_rtt_csv(rtt_files[-1]) if rtt_files else ([], 0.0, None)
+    rtts.sort()
+    completed = _int(stats.get("SuccessfulCall(C)"))
+    failed = _int(stats.get("FailedCall(C)"))
+    if completed is None or failed is None:
+        raise RuntimeError(
+            f"sipp exited with {proc.returncode} and wrote no statistics; stderr:\n"
+            f"{proc.stderr[-2000:]}\nstdout tail:\n{proc.stdout[-2000:]}"
+        )
+    if window <= 0 or len(rtts) != completed:
+        window = wall  # fall back to wall time (includes sipp start-up) if the trace is short
+    return RunResult(
+        requests=requests,
+        inflight=inflight,
+        completed=completed,
+        failed=failed,
+        requests_per_s=round(completed / window, 1) if window > 0 else 0.0,
+        p50_ms=percentile(rtts, 50),
+        p99_ms=percentile(rtts, 99),
+        mean_ms=round(statistics.fmean(rtts), 3) if rtts else None,
+        max_ms=rtts[-1] if rtts else None,
+        sipp_clock_step_ms=step,
+        probe_p50_ms=_round(percentile(probed, 50)),
+        probe_p99_ms=_round(percentile(probed, 99)),
+        probe_samples=len(probed),
+        probe_lost=prober.lost if prober else 0,
+        retransmissions=_int(stats.get("Retransmissions(C)")),
+        target_udp_drops=udp_drops(target.port),
+        sipp_exit_code=proc.returncode,
+        sipp_wall_s=round(wall, 3),
+        window_s=round(window, 3),
+        rtt_samples=len(rtts),
+        sipp_cpu_s=round(
+            (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime), 3
+        ),
+        target_cpu_s=round(cpu1 - cpu0, 3),
+    )
+
+
+# ------------------------------------------------------------------------ driver
+
+
+def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
+    if name == "kamailio":
+        target: Target = KamailioTarget(workdir, children=args.kamailio_children)
+        try:
+            wait_answering(target.port, 15.0)
+        except BaseException:
+            target.stop()
+            raise
+        return target
+    if name == "ours":
+        return OursTarget(workdir, args.ours_command)
+    raise ValueError(f"unknown target {name!r}")
+
+
+def bench_level(
+    name: str, inflight: int, args: argparse.Namespace, scratch: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    runs: list[RunResult] = []
+    described: dict[str, Any] = {}
+    for rep in range(args.repeats):
+        workdir = scratch / f"{name}-{inflight}-{rep}"
+        target = start_target(name, workdir / "target", args)
+        try:
+            if not described:
+                described = target.describe()
+            result = run_sipp(
+                target,
+                args.requests,
+                inflight,
+                workdir / "sipp",
+                probe=not args.no_probe,
+                mode=args.sipp_mode,
+            )
+            result.checks = target.after_run()
+        finally:
+            target.stop()
+        runs.append(result)
+        print(
+            f"  {name:8s} inflight={inflight:<4d} run {rep + 1}/{args.repeats}: "
+            f"{result.completed} ok, {result.failed} failed, {result.requests_per_s:,.0f} req/s, "
+            f"p50/p99 {result.p50_ms}/{result.p99_ms} ms (sipp), "
+            f"{result.probe_p50_ms}/{result.probe_p99_ms} ms (probe), "
+            f"retrans {result.retransmissions}, target cpu {result.target_cpu_s}s, "
+            f"sipp cpu {result.sipp_cpu_s}s",
+            flush=True,
+        )
+    ranked = sorted(runs, key=lambda r: r.requests_per_s)
+    median = ranked[(len(ranked) - 1) // 2]
+    summary: dict[str, Any] = {
+        key: getattr(median, key)
+        for key in (
+            "requests",
+            "inflight",
+            "completed",
+            "failed",
+            "requests_per_s",
+            "p50_ms",
+            "p99_ms",
+            "probe_p50_ms",
+            "probe_p99_ms",
+        )
+    }
+    summary["failed_all_runs"] = sum(r.failed for r in runs)
+    summary["requests_per_s_all_runs"] = [r.requests_per_s for r in runs]
+    summary["runs"] = [asdict(r) for r in runs]
+    return summary, described
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    info["kamailio"] = kamailio_version() if kamailio_available() else None
+    sipp = shutil.which("sipp")
+    if sipp:
+        out = subprocess.run([sipp, "-v"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"SIPp v?(\S+)", out)
+        info["sipp"] = match.group(1).rstrip(".,") if match else out.strip()
+    else:
+        info["sipp"] = None
+    return info
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels: list[int] = report["inflight_levels"]
+    targets = [t for t in report["targets"] if report["targets"][t]["levels"]]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    width = 0.8 / max(1, len(targets))
+    colours = {"kamailio": "#4c72b0", "ours": "#dd8452"}
+    top = 0.0
+    for i, name in enumerate(targets):
+        per_level = report["targets"][name]["levels"]
+        values = [per_level.get(str(lv), {}).get("requests_per_s", 0.0) for lv in levels]
+        top = max([top, *values])
+        xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(levels))]
+        bars = ax.bar(
+            xs, values, width, label=report["targets"][name]["label"], color=colours.get(name)
+        )
+        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=8)
+    for j, lv in enumerate(levels):
+        ratio = report["ratio_ours_over_kamailio"].get(str(lv))
+        if ratio is not None:
+            ax.annotate(
+                f"ours/Kamailio = {ratio:.2f}x",
+                (j, top * 1.12),
+                ha="center",
+                fontsize=9,
+                fontweight="bold",
+            )
+    ax.set_xticks(range(len(levels)), [f"{lv} in flight" for lv in levels])
+    ax.set_ylabel("completed KDMQ htable sets per second")
+    ax.set_ylim(0, top * 1.25 if top else 1)
+    m = report["machine"]
+    ax.set_title(
+        f"KDMQ htable set throughput, UDP loopback, {report['requests']:,} requests per run\n"
+        f"{m.get('nproc')} CPUs, {m.get('kamailio') or 'Kamailio ?'}, sipp {m.get('sipp') or '?'}\n"
+        f"median of {report['repeats']} run(s), sipp mode {report['method']['sipp_mode']}",
+        fontsize=10,
+    )
+    if targets:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no successful runs", transform=ax.transAxes, ha="center")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kdmq_throughput",
+        description="KDMQ htable-set throughput of Kamailio and of our node, driven by sipp.",
+    )
+    parser.add_argument("--requests", type=int, default=40000, help="requests per run")
+    parser.add_argument(
+        "--inflight", default="64,256", help="comma-separated in-flight limits (sipp -l)"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--targets", default="kamailio,ours", help="comma-separated: kamailio, ours"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per target and level; the median is reported"
+    )
+    parser.add_argument(
+        "--kamailio-children", type=int, default=8, help="Kamailio UDP workers (its default: 8)"
+    )
+    parser.add_argument(
+        "--sipp-mode",
+        choices=("users", "rate"),
+        default="users",
+        help="how sipp keeps INFLIGHT requests outstanding (see the module docstring)",
+    )
+    parser.add_argument(
+        "--ours-command",
+        default=OURS_COMMAND,
+        help="command line of our node; {python}, {host} and {port} are substituted "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-probe", action="store_true", help="no precise latency probe next to sipp"
+    )
+    parser.add_argument("--keep-raw", action="store_true", help="keep sipp and target files")
+    args = parser.parse_args(argv)
+    args.inflight_levels = [int(x) for x in str(args.inflight).split(",") if x.strip()]
+    args.target_names = [t.strip() for t in str(args.targets).split(",") if t.strip()]
+    for name in args.target_names:
+        if name not in TARGET_LABELS:
+            parser.error(f"unknown target {name!r} (choose from {', '.join(TARGET_LABELS)})")
+    if args.requests < 1 or args.repeats < 1 or not args.inflight_levels:
+        parser.error("--requests, --repeats and --inflight must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not SCENARIO.exists():
+        print(f"missing scenario {SCENARIO}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="kdmq-bench-"))
+    report: dict[str, Any] = {
+        "benchmark": "kdmq-htable-set-throughput",
+        "requests": args.requests,
+        "inflight_levels": args.inflight_levels,
+        "repeats": args.repeats,
+        "method": {
+            "load": "sipp bench/scenarios/kdmq_htable_set.xml, UDP, one KDMQ per call, "
+            + (
+                "-users INFLIGHT -l INFLIGHT (closed loop)"
+                if args.sipp_mode == "users"
+                else "-r 1000000 -l INFLIGHT (rate mode: bounded by sipp's coarse clock)"
+            )
+            + ", -buff_size 4194304",
+            "sipp_mode": args.sipp_mode,
+            "requests_per_s": "completed / (first request sent .. last 200 received), "
+            "from sipp -trace_rtt",
+            "latency": "p50_ms/p99_ms: nearest-rank percentiles of every call's response "
+            "time from sipp -trace_rtt, quantised to sipp's clock step (sipp_clock_step_ms, "
+            "4 ms here; 0 = within one step); probe_p50_ms/probe_p99_ms: one extra htable "
+            "set at a time (~1 % of the load) timed with perf_counter_ns while sipp runs (sampled, "
+            "not quantised)",
+            "summary": "median run by requests_per_s; all runs under 'runs'",
+        },
+        "machine": machine_info(),
+        "targets": {},
+        "ratio_ours_over_kamailio": {},
+    }
+    errors = 0
+    try:
+        for name in args.target_names:
+            entry: dict[str, Any] = {"label": TARGET_LABELS[name], "levels": {}}
+            report["targets"][name] = entry
+            for inflight in args.inflight_levels:
+                try:
+                    summary, described = bench_level(name, inflight, args, scratch)
+                except Exception as exc:
+                    errors += 1
+                    entry.setdefault("errors", {})[str(inflight)] = str(exc)
+                    print(f"  {name} inflight={inflight}: FAILED: {exc}", file=sys.stderr)
+                    continue
+                entry["levels"][str(inflight)] = summary
+                entry.setdefault("target", described)
+        kam = report["targets"].get("kamailio", {}).get("levels", {})
+        ours = report["targets"].get("ours", {}).get("levels", {})
+        for inflight in args.inflight_levels:
+            k = kam.get(str(inflight), {}).get("requests_per_s")
+            o = ours.get(str(inflight), {}).get("requests_per_s")
+            report["ratio_ours_over_kamailio"][str(inflight)] = (
+                round(o / k, 3) if k and o is not None else None
+            )
+        json_path = args.out / "kdmq-throughput.json"
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        png_path = args.out / "kdmq-throughput.png"
+        plot(report, png_path)
+        print(f"wrote {json_path} and {png_path}")
+    finally:
+        if args.keep_raw:
+            print(f"raw files kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
