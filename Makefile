@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench openapi clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 ## test: lint, then the whole suite (interop tests need the kamailio package)
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## openapi: regenerate openapi/openapi.json and openapi/websocket.json from the code
+openapi: $(STAMP)
+	$(BIN)/python -m app.api.openapi_export
 
 ## bench: the KDMQ throughput benchmark, ours vs Kamailio (needs kamailio and sipp)
 bench: $(STAMP)

@@ -1,9 +1,12 @@
 """The ``dmq-gateway`` command.
 
-``dmq-gateway serve`` runs a DMQ node. Every option can also come from an environment
-variable ``DMQ_<NAME>`` (``--ping-interval`` -> ``DMQ_PING_INTERVAL``); repeatable
-options take several values there separated by commas or spaces. A bad value stops the
-command at start with one sentence naming the option and why.
+``dmq-gateway serve`` runs a DMQ node and its API; ``nodes``, ``peers``, ``broadcast``,
+``send`` and ``subscribe`` talk to a running one (see :mod:`app.client`).
+
+Every option of ``serve`` can also come from an environment variable ``DMQ_<NAME>``
+(``--ping-interval`` -> ``DMQ_PING_INTERVAL``); repeatable options take several values
+there separated by commas or spaces. A bad value stops the command at start with one
+sentence naming the option and why.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app import client
 from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_peer_id
 from app.dmq.errors import ConfigError
 from app.dmq.peers import PeerMessage, PeerReply
@@ -155,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
             serve.add_argument(flag, action="append", default=None, metavar="VALUE", help=help_text)
         else:
             serve.add_argument(flag, default=None, metavar=kind.upper(), help=help_text)
+    client.add_commands(commands)
     return parser
 
 
@@ -376,6 +382,10 @@ async def serve(settings: ServeSettings) -> None:
             drop_rate=settings.drop_rate,
         ),
     )
+    # Bind (or test) every port before anything starts, so that a port in use stops
+    # the gateway with one sentence instead of a traceback from inside the lifespan.
+    http_socket = _listen_socket(settings.http_host, settings.http_port, "--http")
+    _check_sip_ports(settings.node.server_address)
     config = uvicorn.Config(
         app,
         host=settings.http_host,
@@ -389,25 +399,59 @@ async def serve(settings: ServeSettings) -> None:
     )
     server = uvicorn.Server(config)
     started = time.monotonic()
-    await server.serve()
+    await server.serve(sockets=[http_socket])
     if server.started:
         log.info("stopped after %.0f s", time.monotonic() - started)
     elif not server.should_exit:
         raise ConfigError(
-            f"--http {settings.http_host}:{settings.http_port} or --server-address "
-            f"{settings.node.server_address}: could not start (see the log above)"
+            f"--server-address {settings.node.server_address}: the node could not start "
+            "(see the log above)"
         )
+
+
+def _listen_socket(host: str, port: int, flag: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"{flag} {host}:{port}: cannot listen ({exc.strerror})") from None
+    return sock
+
+
+def _check_sip_ports(address: SipUri) -> None:
+    """The node listens on UDP and TCP at its server address: both must be free."""
+    try:
+        host = socket.getaddrinfo(address.host, None)[0][4][0]
+    except OSError as exc:
+        raise ConfigError(f"--server-address {address}: cannot resolve ({exc})") from None
+    family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, address.effective_port))
+            except OSError as exc:
+                proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+                raise ConfigError(
+                    f"--server-address {address}: cannot listen on {proto} port "
+                    f"{address.effective_port} ({exc.strerror})"
+                ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "serve":
-            settings = settings_from_args(args)
-            configure_logging(settings.log_level, settings.log_format)
-            with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-                runner.run(serve(settings))
+        if args.command != "serve":
+            return client.run(args)
+        settings = settings_from_args(args)
+        configure_logging(settings.log_level, settings.log_format)
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            runner.run(serve(settings))
     except ConfigError as exc:
         print(f"dmq-gateway: error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
@@ -88,6 +89,13 @@ def create_app(node_config: NodeConfig, gateway: GatewayConfig | None = None) ->
     )
     app.state.api_tokens = gateway.api_tokens
     problems.install(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problems.document_problems(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     secured = [Depends(require_token)]
     for module in (health, nodes, peers):
         app.include_router(module.router, dependencies=secured)

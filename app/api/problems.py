@@ -25,6 +25,9 @@ TITLES = {
     503: "Service Unavailable",
 }
 
+#: Schemas FastAPI adds for its own 422 body, which this API never sends.
+_FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
 
 class ProblemError(Exception):
     """Raise from a route to answer with a problem document."""
@@ -96,3 +99,47 @@ def install(app: FastAPI) -> None:
             f"{where}: {first['msg']}" if where else str(first["msg"]),
             errors=errors,
         )
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make the OpenAPI document say what the handlers above really send.
+
+    Every error response (4xx, 5xx) is ``application/problem+json`` with the Problem
+    schema (FastAPI would document ``application/json``, and its own 422 body), and
+    every operation that declares a security requirement documents its 401.
+    """
+    from app.api.schemas import Problem  # schemas imports the hub; keep this module light
+
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault(
+        "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    problem_content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses: dict[str, Any] = operation.setdefault("responses", {})
+            if operation.get("security"):
+                responses.setdefault(
+                    "401",
+                    {
+                        "description": "missing or wrong API token",
+                        "headers": {
+                            "WWW-Authenticate": {
+                                "description": "always Bearer",
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    },
+                )
+            for code, response in responses.items():
+                if not (code.isdigit() and int(code) >= 400):
+                    continue
+                response["content"] = dict(problem_content)
+                if code == "422" and response.get("description") == "Validation Error":
+                    response["description"] = (
+                        "the request is not valid; errors says which field and why"
+                    )
+            operation["responses"] = dict(sorted(responses.items()))
+    for name in _FASTAPI_VALIDATION_SCHEMAS:
+        components.pop(name, None)
+    return schema

@@ -136,16 +136,6 @@ class GapFrame(BaseModel):
     to: int
 
 
-class SubscribedFrame(BaseModel):
-    """Server -> client, the first frame: where the live stream starts."""
-
-    type: Literal["subscribed"]
-    peer: str
-    epoch: str
-    offset: int = Field(description="offset of the latest message at subscription time")
-    reply: ReplyMode
-
-
 class ErrorFrame(BaseModel):
     """Server -> client: a frame the client sent was not understood."""
 

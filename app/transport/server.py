@@ -74,7 +74,7 @@ class _CachingResolver:
             return cached
         try:
             infos = socket.getaddrinfo(name, None, type=socket.SOCK_DGRAM)
-        except OSError:
+        except (OSError, UnicodeError):
             log.warning("cannot resolve %s; it is known by name only", name)
             return name
         infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
@@ -473,7 +473,12 @@ class DmqServer:
                 self.dropped_datagrams += 1
                 return
             if self._udp is not None:
-                self._udp.sendto(data, (destination.host, destination.port))
+                try:
+                    self._udp.sendto(data, (destination.host, destination.port))
+                except (OSError, ValueError) as exc:
+                    # An address the socket can't reach (another family, a name that
+                    # did not resolve): the transaction's timers report it as a timeout.
+                    log.info("cannot send to %s:%s: %s", destination.host, destination.port, exc)
             return
         if destination.connection is not None:
             connection = self._connections.get(destination.connection)

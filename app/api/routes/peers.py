@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.api.deps import HubDep
 from app.api.problems import ProblemError
-from app.api.routes.nodes import parse_node_uri
+from app.api.routes.nodes import UNREADABLE_BODY, resolve_node_uri
 from app.api.schemas import NodeResultOut, PeerIn, PeerOut, Problem, SendAccepted, SendResults
 from app.dmq.config import is_valid_peer_id
 from app.dmq.errors import (
@@ -31,6 +31,7 @@ PeerId = Annotated[
     Path(
         pattern=PEER_ID_PATTERN,
         description="the peer id: the user part of KDMQ Request-URIs (e.g. htable)",
+        examples=["htable"],
     ),
 ]
 
@@ -94,7 +95,12 @@ async def get_peer(peer_id: PeerId, hub: HubDep) -> PeerOut:
 @router.put(
     "/v1/peers/{peer_id}",
     operation_id="put_peer",
-    responses={200: {"description": "updated"}, 201: {"description": "registered"}, **RESERVED},
+    responses={
+        200: {"model": PeerOut, "description": "updated"},
+        201: {"model": PeerOut, "description": "registered"},
+        **UNREADABLE_BODY,
+        **RESERVED,
+    },
 )
 async def put_peer(peer_id: PeerId, body: PeerIn, hub: HubDep, response: Response) -> PeerOut:
     """Register a peer, or update it (idempotent). It survives a restart."""
@@ -174,13 +180,12 @@ async def _dispatch(
             f"a body of {len(body)} bytes is too large for one KDMQ message "
             f"(at most {limit} bytes on this transport)",
         )
+    target = None if node is None else await resolve_node_uri(hub, node)
     try:
-        if node is None:
+        if target is None:
             operation, waiter = server.broadcast_nowait(peer_id, body, content_type)
         else:
-            operation, waiter = server.send_nowait(
-                peer_id, body, content_type, parse_node_uri(node)
-            )
+            operation, waiter = server.send_nowait(peer_id, body, content_type, target)
     except UnknownNodeError as exc:
         raise ProblemError(404, str(exc)) from None
     except MessageTooLargeError as exc:
@@ -232,7 +237,9 @@ TimeoutQuery = Annotated[
 SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": SendResults, "description": "wait=true: one result per target node"},
     202: {"model": SendAccepted, "description": "wait=false: accepted, being sent"},
+    400: {"model": Problem, "description": "the Content-Type is not a single line"},
     413: {"model": Problem, "description": "the body is too large for the transport"},
+    503: {"model": Problem, "description": "the node is stopping"},
     **RESERVED,
 }
 
@@ -271,7 +278,15 @@ async def send(
     request: Request,
     response: Response,
     hub: HubDep,
-    node: Annotated[str, Query(min_length=5, max_length=512, description="the node's SIP URI")],
+    node: Annotated[
+        str,
+        Query(
+            min_length=5,
+            max_length=512,
+            description="the node's SIP URI",
+            examples=["sip:127.0.0.1:5062"],
+        ),
+    ],
     wait: WaitQuery = False,
     timeout: TimeoutQuery = None,
 ) -> SendAccepted | SendResults:

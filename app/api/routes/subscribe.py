@@ -5,7 +5,11 @@ Close codes (besides the standard ones):
 * 4004 - the peer is not registered (or was unregistered while subscribed);
 * 4008 - the client read too slowly and its send queue overflowed; the reason says
   the offset to resume from with ``?since=``;
-* 1008 - before the handshake completes (HTTP 403): missing or wrong API token.
+* 1008 - before the handshake completes (HTTP 403): missing or wrong API token; after
+  it: ``since`` is not a non-negative integer.
+
+:data:`CLOSE_CODES` and :data:`QUERY_PARAMETERS` say the same for
+``openapi/websocket.json`` (``make openapi``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,42 @@ from app.gateway.hub import CLOSE_PEER_REMOVED, CLOSE_SLOW_CONSUMER, Hub, Subscr
 router = APIRouter(tags=["subscribe"])
 log = logging.getLogger("dmq.gateway")
 
+PATH = "/v1/peers/{peer_id}/subscribe"
+#: WebSocket close code for a policy violation (bad token, bad query parameter).
+CLOSE_POLICY_VIOLATION = 1008
+
+#: The close codes this endpoint uses besides the standard ones, and what each means
+#: (openapi/websocket.json is generated from this table).
+CLOSE_CODES: dict[int, str] = {
+    CLOSE_PEER_REMOVED: "the peer is not registered (or was unregistered while subscribed)",
+    CLOSE_SLOW_CONSUMER: "the client read too slowly and its send queue overflowed; the "
+    "reason says the offset to resume from with ?since=",
+    CLOSE_POLICY_VIOLATION: "before the handshake completes, a missing or wrong API token "
+    "(the handshake is refused with HTTP 403); after it, a since that is not a "
+    "non-negative integer",
+}
+
+#: The query parameters the endpoint reads, as JSON schemas (for openapi/websocket.json).
+QUERY_PARAMETERS: dict[str, dict[str, object]] = {
+    "since": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 10**18 - 1,
+        "description": "replay every message of the peer's history after this offset, "
+        "then go live; without it the stream starts with the next message",
+    },
+    "epoch": {
+        "type": "string",
+        "description": "with since: the epoch the offset belongs to; another epoch than "
+        "the peer's (the gateway restarted) replays the whole history after a gap frame",
+    },
+    "token": {
+        "type": "string",
+        "description": "an API token, for clients that cannot send an "
+        "'Authorization: Bearer' header (browsers)",
+    },
+}
+
 
 def _bearer(websocket: WebSocket) -> str | None:
     header = websocket.headers.get("authorization")
@@ -47,18 +87,18 @@ def _int_param(websocket: WebSocket, name: str) -> int | str | None:
     return int(raw)
 
 
-@router.websocket("/v1/peers/{peer_id}/subscribe")
+@router.websocket(PATH)
 async def subscribe(websocket: WebSocket, peer_id: str) -> None:
     """Stream a peer's messages; ``?since=N&epoch=E`` replays what the client missed."""
     hub: Hub = websocket.app.state.hub
     if not token_ok(websocket.app.state.api_tokens, _bearer(websocket)):
-        await websocket.close(code=1008, reason="missing or wrong API token")
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason="missing or wrong API token")
         return
     since = _int_param(websocket, "since")
     epoch = websocket.query_params.get("epoch")
     await websocket.accept()
     if isinstance(since, str):
-        await websocket.close(code=1008, reason=since)
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=since)
         return
     if peer_id not in hub.channels:
         await websocket.close(code=CLOSE_PEER_REMOVED, reason=f"no peer {peer_id!r} is registered")

@@ -1,0 +1,508 @@
+"""The client commands of ``dmq-gateway``: talk to a running gateway's API.
+
+``nodes``, ``peers``, ``broadcast``, ``send`` and ``subscribe`` print readable tables
+and lines, or the API's JSON with ``--json``. The gateway is found with ``--url`` (env
+``DMQ_URL``, default ``http://127.0.0.1:8000``) and authenticated with ``--token`` (env
+``DMQ_API_TOKEN``). An error prints one line to stderr (the API's problem ``detail``)
+and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+import httpx
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.sync.client import connect
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_CONTENT_TYPE = "text/plain"
+#: Seconds to wait for an answer that needs no DMQ round trip.
+HTTP_TIMEOUT = 10.0
+#: Seconds added to the longest wait a ``--wait`` request may take on the gateway.
+WAIT_MARGIN = 10.0
+#: How long a ``--wait`` without ``--timeout`` may take at most: the gateway then waits
+#: Timer F + 1 (33 s by default), and never more than 300 s.
+DEFAULT_WAIT = 300.0
+
+
+class ClientError(Exception):
+    """One sentence for stderr; the command exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------- the parser
+
+
+def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add the client commands to ``dmq-gateway``'s subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("gateway")
+    group.add_argument(
+        "--url",
+        metavar="URL",
+        help=f"the gateway's API (default {DEFAULT_URL}) [env DMQ_URL]",
+    )
+    group.add_argument(
+        "--token", metavar="TOKEN", help="API token, if the gateway needs one [env DMQ_API_TOKEN]"
+    )
+    group.add_argument(
+        "--json", action="store_true", help="print the API's JSON instead of a table"
+    )
+
+    body = argparse.ArgumentParser(add_help=False)
+    source = body.add_argument_group("message body (default: standard input, if not a terminal)")
+    exclusive = source.add_mutually_exclusive_group()
+    exclusive.add_argument("--data", metavar="TEXT", help="the body, as text")
+    exclusive.add_argument("--file", metavar="PATH", help="read the body from a file (- = stdin)")
+    source.add_argument(
+        "--content-type",
+        metavar="CT",
+        default=DEFAULT_CONTENT_TYPE,
+        help=f"Content-Type of the KDMQ request (default {DEFAULT_CONTENT_TYPE})",
+    )
+    source.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for every node's reply and print them; exit 1 unless all answered 2xx",
+    )
+    source.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        help="with --wait: seconds to wait at most (default: the gateway's Timer F + 1)",
+    )
+
+    commands.add_parser(
+        "nodes",
+        parents=[common],
+        help="list the nodes of the bus (like kamcmd dmq.list_nodes)",
+        description="List the nodes of the bus as the gateway sees them, itself first.",
+    )
+    commands.add_parser(
+        "peers",
+        parents=[common],
+        help="list the peers registered on the gateway",
+        description="List the peers registered on the gateway.",
+    )
+    broadcast = commands.add_parser(
+        "broadcast",
+        parents=[common, body],
+        help="send a message to a peer on every active node",
+        description="Send a message to PEER on every active node but the gateway itself.",
+    )
+    broadcast.add_argument("peer", metavar="PEER", help="the peer id, e.g. htable")
+    send = commands.add_parser(
+        "send",
+        parents=[common, body],
+        help="send a message to a peer on one node",
+        description="Send a message to PEER on one NODE, whatever its status.",
+    )
+    send.add_argument("peer", metavar="PEER", help="the peer id, e.g. htable")
+    send.add_argument("node", metavar="NODE", help="the node's SIP URI, e.g. sip:10.0.0.6:5060")
+    subscribe = commands.add_parser(
+        "subscribe",
+        parents=[common],
+        help="print a peer's messages as they arrive",
+        description="Print each message that arrives for PEER, until Ctrl-C or --count messages.",
+    )
+    subscribe.add_argument("peer", metavar="PEER", help="the peer id, e.g. htable")
+    subscribe.add_argument(
+        "--since",
+        metavar="N",
+        type=_non_negative,
+        help="first replay the history after offset N",
+    )
+    subscribe.add_argument(
+        "--epoch", metavar="E", help="with --since: the epoch offset N belongs to"
+    )
+    subscribe.add_argument("--count", metavar="N", type=_positive, help="stop after N messages")
+
+
+def _non_negative(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+# ---------------------------------------------------------------------- running
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one client command; errors become one line on stderr and exit code 1."""
+    try:
+        return _COMMANDS[args.command](Gateway.from_args(args), args)
+    except ClientError as exc:
+        print(f"dmq-gateway: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+
+
+class Gateway:
+    """The gateway's API, over httpx."""
+
+    def __init__(self, url: str, token: str | None, *, as_json: bool = False) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ClientError(f"--url {url!r}: must be http://HOST:PORT or https://HOST:PORT")
+        self.url = url.rstrip("/")
+        self.token = token or None
+        self.as_json = as_json
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Gateway:
+        url = args.url or os.environ.get("DMQ_URL") or DEFAULT_URL
+        token = args.token
+        if not token:
+            # DMQ_API_TOKEN may list several tokens for serve; any one of them will do.
+            listed = os.environ.get("DMQ_API_TOKEN", "").replace(",", " ").split()
+            token = listed[0] if listed else None
+        return cls(url, token, as_json=args.json)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
+        read_timeout: float = HTTP_TIMEOUT,
+    ) -> httpx.Response:
+        headers = self.headers
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        timeout = httpx.Timeout(HTTP_TIMEOUT, read=read_timeout)
+        try:
+            response = httpx.request(
+                method,
+                self.url + path,
+                params=params,
+                content=content,
+                headers=headers,
+                timeout=timeout,
+            )
+        except httpx.ConnectError as exc:
+            raise ClientError(_cannot_connect(self.url, exc)) from None
+        except httpx.TimeoutException:
+            raise ClientError(f"the gateway at {self.url} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"talking to the gateway at {self.url}: {exc}") from None
+        if response.is_error:
+            raise ClientError(_problem_line(response))
+        return response
+
+
+def _cannot_connect(url: str, exc: Exception) -> str:
+    return (
+        f"cannot connect to the gateway at {url} ({_reason(exc)}): is `dmq-gateway serve` "
+        "running there, and is --url (DMQ_URL) right?"
+    )
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    if "refused" in text.lower():
+        return "connection refused"
+    return text.splitlines()[0]
+
+
+def _problem_line(response: httpx.Response) -> str:
+    """The problem's detail, or the status line when the body is not a problem."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        return f"{data['detail']} (HTTP {response.status_code})"
+    return f"HTTP {response.status_code} {response.reason_phrase}"
+
+
+def _peer_path(peer: str) -> str:
+    return "/v1/peers/" + quote(peer, safe="")
+
+
+def _print_json(data: Any, out: TextIO) -> None:
+    out.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns aligned on the widest cell; the header and rows as lines."""
+    materialised = [list(headers), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in materialised) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in materialised
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _when(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "never"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return f"{stamp} ({max(0.0, now - timestamp):.0f}s ago)"
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_nodes(gateway: Gateway, args: argparse.Namespace) -> int:
+    data = gateway.request("GET", "/v1/nodes").json()
+    if gateway.as_json:
+        _print_json(data, sys.stdout)
+        return 0
+    now = time.time()
+    rows = [
+        [
+            node["uri"],
+            node["status"],
+            "yes" if node["local"] else "no",
+            "-" if node["local"] else _when(node["last_reply"], now),
+            str(node["failures"]),
+        ]
+        for node in data
+    ]
+    sys.stdout.write(table(["URI", "STATUS", "LOCAL", "LAST REPLY", "FAILURES"], rows))
+    return 0
+
+
+def cmd_peers(gateway: Gateway, args: argparse.Namespace) -> int:
+    data = gateway.request("GET", "/v1/peers").json()
+    if gateway.as_json:
+        _print_json(data, sys.stdout)
+        return 0
+    if not data:
+        print("no peers registered")
+        return 0
+    rows = [
+        [
+            peer["peer_id"],
+            peer["reply"],
+            f"{peer['epoch']}:{peer['offset']}",
+            f"{peer['history_size']}/{peer['history']}",
+            str(peer["subscribers"]),
+            str(peer["received"]),
+            "yes" if peer["persistent"] else "no",
+            peer["description"],
+        ]
+        for peer in data
+    ]
+    headers = ["PEER", "REPLY", "EPOCH:OFFSET", "HISTORY", "SUBSCRIBERS", "RECEIVED"]
+    sys.stdout.write(table([*headers, "PERSISTENT", "DESCRIPTION"], rows))
+    return 0
+
+
+def _body(args: argparse.Namespace) -> bytes:
+    if args.data is not None:
+        data: str = args.data
+        return data.encode("utf-8")
+    if args.file is not None and args.file != "-":
+        try:
+            return Path(args.file).read_bytes()
+        except OSError as exc:
+            raise ClientError(f"--file {args.file}: {exc.strerror or exc}") from None
+    if args.file is None and sys.stdin.isatty():
+        return b""
+    return sys.stdin.buffer.read()
+
+
+def _dispatch(gateway: Gateway, args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
+    if args.timeout is not None and not args.wait:
+        raise ClientError("--timeout only applies with --wait", exit_code=2)
+    if args.timeout is not None and not 0 < args.timeout <= 300:
+        raise ClientError(f"--timeout {args.timeout:g}: must be above 0 and at most 300", 2)
+    if args.wait:
+        params["wait"] = "true"
+        if args.timeout is not None:
+            params["timeout"] = f"{args.timeout:g}"
+    wait_for = (args.timeout if args.timeout is not None else DEFAULT_WAIT) + WAIT_MARGIN
+    response = gateway.request(
+        "POST",
+        path,
+        params=params,
+        content=_body(args),
+        content_type=args.content_type,
+        read_timeout=wait_for if args.wait else HTTP_TIMEOUT,
+    )
+    data = response.json()
+    if gateway.as_json:
+        _print_json(data, sys.stdout)
+    if not args.wait:
+        if not gateway.as_json:
+            nodes = ", ".join(data["nodes"]) or "no node"
+            print(f"accepted {data['id']} for {data['peer']}: sending to {nodes}")
+        return 0
+    results = data["results"]
+    failed = [r for r in results if r["code"] is None or not 200 <= r["code"] < 300]
+    if not gateway.as_json:
+        if not results:
+            print(f"{data['id']} for {data['peer']}: no node to send to")
+        else:
+            rows = [
+                [
+                    r["node"],
+                    "timeout" if r["timeout"] else str(r["code"]),
+                    r["reason"] or "",
+                    _result_body(r),
+                ]
+                for r in results
+            ]
+            sys.stdout.write(table(["NODE", "CODE", "REASON", "BODY"], rows))
+    if failed:
+        print(
+            f"dmq-gateway: {len(failed)} of {len(results)} nodes did not answer 2xx",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _decoded_size(data: str) -> int:
+    try:
+        return len(base64.b64decode(data))
+    except ValueError:
+        return len(data) * 3 // 4
+
+
+def _result_body(result: dict[str, Any]) -> str:
+    body = result.get("body")
+    if not body:
+        return ""
+    if result.get("encoding") == "base64":
+        return f"<{_decoded_size(str(body))} bytes, base64>"
+    text = str(body).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def cmd_broadcast(gateway: Gateway, args: argparse.Namespace) -> int:
+    return _dispatch(gateway, args, _peer_path(args.peer) + "/broadcast", {})
+
+
+def cmd_send(gateway: Gateway, args: argparse.Namespace) -> int:
+    return _dispatch(gateway, args, _peer_path(args.peer) + "/send", {"node": args.node})
+
+
+def _websocket_url(gateway: Gateway, peer: str, query: dict[str, str]) -> str:
+    parts = urlsplit(gateway.url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    path = parts.path.rstrip("/") + _peer_path(peer) + "/subscribe"
+    return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
+
+
+def format_frame(frame: dict[str, Any]) -> str:
+    """A message frame as one readable line."""
+    body = str(frame.get("body", ""))
+    if frame.get("encoding") == "base64":
+        shown = f"<{_decoded_size(body)} bytes, base64: {body[:60]}>"
+    else:
+        shown = body.replace("\r", "\\r").replace("\n", "\\n")
+    content_type = frame.get("content_type") or "no content type"
+    return f"#{frame.get('offset')} from {frame.get('from')} ({content_type}): {shown}"
+
+
+def cmd_subscribe(gateway: Gateway, args: argparse.Namespace) -> int:
+    query: dict[str, str] = {}
+    if args.since is not None:
+        query["since"] = str(args.since)
+    if args.epoch is not None:
+        query["epoch"] = args.epoch
+    url = _websocket_url(gateway, args.peer, query)
+    received = 0
+    try:
+        with connect(
+            url, additional_headers=gateway.headers, open_timeout=HTTP_TIMEOUT, max_size=None
+        ) as websocket:
+            if not gateway.as_json:
+                print(
+                    f"connected to {gateway.url}, waiting for {args.peer} messages (Ctrl-C stops)",
+                    file=sys.stderr,
+                )
+            while args.count is None or received < args.count:
+                text = websocket.recv()
+                received += _show(text if isinstance(text, str) else text.decode(), gateway)
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status in (401, 403):
+            raise ClientError(
+                f"the gateway at {gateway.url} refused the subscription (HTTP {status}): "
+                "missing or wrong API token (--token or DMQ_API_TOKEN)"
+            ) from None
+        raise ClientError(
+            f"the gateway at {gateway.url} refused the subscription (HTTP {status})"
+        ) from None
+    except ConnectionClosed as exc:
+        return _closed(exc, args.peer)
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        raise ClientError(_cannot_connect(gateway.url, exc)) from None
+    return 0
+
+
+def _show(text: str, gateway: Gateway) -> int:
+    """Print one frame; 1 if it was a message, else 0."""
+    if gateway.as_json:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        return 0
+    kind = frame.get("type") if isinstance(frame, dict) else None
+    if gateway.as_json:
+        return 1 if kind == "message" else 0
+    if kind == "message":
+        sys.stdout.write(format_frame(frame) + "\n")
+        sys.stdout.flush()
+        return 1
+    if kind == "gap":
+        span = f"offsets {frame.get('from')}..{frame.get('to')}"
+        print(f"gap: {frame.get('reason')} ({span}, epoch {frame.get('epoch')})", file=sys.stderr)
+    elif kind == "error":
+        print(f"error from the gateway: {frame.get('error')}", file=sys.stderr)
+    return 0
+
+
+def _closed(exc: ConnectionClosed, peer: str) -> int:
+    close = exc.rcvd
+    if close is None:
+        raise ClientError("the connection to the gateway was lost")
+    code, reason = close.code, close.reason
+    if code == 4004:
+        raise ClientError(reason or f"no peer {peer!r} is registered")
+    if code == 4008:
+        raise ClientError(f"the gateway cut this subscriber off: {reason}")
+    raise ClientError(
+        f"the gateway closed the subscription ({code}{': ' + reason if reason else ''})"
+    )
+
+
+_COMMANDS: dict[str, Callable[[Gateway, argparse.Namespace], int]] = {
+    "nodes": cmd_nodes,
+    "peers": cmd_peers,
+    "broadcast": cmd_broadcast,
+    "send": cmd_send,
+    "subscribe": cmd_subscribe,
+}

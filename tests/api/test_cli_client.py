@@ -1,0 +1,244 @@
+"""The client commands (``dmq-gateway nodes``, ``peers``, ``broadcast``, ``send``,
+``subscribe``) against two real gateways on one bus: ``a`` has the peer, ``b`` sends."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app import cli
+from app.api.schemas import GapFrame, MessageFrame
+from tests.api.serve_process import ServeProcess, clean_env, dmq_gateway_command, free_port
+
+PEER = "htable"
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: ServeProcess
+    b: ServeProcess
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    workdir = tmp_path_factory.mktemp("cli")
+    a = ServeProcess(workdir, name="a")
+    b = ServeProcess(workdir, name="b", notify=[a.uri])
+    try:
+        a.start()
+        response = httpx.put(f"{a.url}/v1/peers/{PEER}", json={"description": "cli test"})
+        assert response.status_code == 201, response.text
+        b.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{b.url}/v1/health").json()["active_nodes"] < 1:
+            assert time.monotonic() < deadline, "b never saw a as active"
+            time.sleep(0.05)
+        yield Pair(a, b)
+    finally:
+        b.stop()
+        a.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_dmq_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DMQ_URL", "DMQ_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def client_process(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*dmq_gateway_command(), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+
+
+def test_nodes_table_and_json(pair: Pair, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "nodes", "--url", pair.b.url)
+    assert (code, err) == (0, "")
+    header, *rows = out.splitlines()
+    assert header.split() == ["URI", "STATUS", "LOCAL", "LAST", "REPLY", "FAILURES"]
+    assert rows[0].split()[:3] == [pair.b.uri, "active", "yes"]
+    assert rows[1].split()[:3] == [pair.a.uri, "active", "no"]
+    assert rows[1].endswith(" 0") and "ago)" in rows[1]
+    # Aligned: every column starts at the same place on every line.
+    assert len({line.index("active") for line in rows}) == 1
+    code, out, _ = run(capsys, "nodes", "--url", pair.b.url, "--json")
+    assert code == 0
+    assert [node["uri"] for node in json.loads(out)] == [pair.b.uri, pair.a.uri]
+
+
+def test_peers(
+    pair: Pair, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DMQ_URL", pair.a.url)
+    code, out, _ = run(capsys, "peers")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:2] == ["PEER", "REPLY"]
+    assert row.split()[:2] == [PEER, "auto"] and row.endswith("cli test")
+    code, out, _ = run(capsys, "peers", "--json")
+    assert [peer["peer_id"] for peer in json.loads(out)] == [PEER]
+    code, out, _ = run(capsys, "peers", "--url", pair.b.url)
+    assert (code, out) == (0, "no peers registered\n")
+
+
+def test_broadcast_reaches_a_subscriber(pair: Pair, capsys: pytest.CaptureFixture[str]) -> None:
+    subscriber = client_process("subscribe", PEER, "--url", pair.a.url, "--count", "2")
+    try:
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{pair.a.url}/v1/peers/{PEER}").json()["subscribers"] < 1:
+            assert subscriber.poll() is None, subscriber.communicate()
+            assert time.monotonic() < deadline, "the subscriber never subscribed"
+            time.sleep(0.05)
+        code, out, err = run(
+            capsys, "broadcast", PEER, "--url", pair.b.url, "--data", "k=v\nx", "--wait"
+        )
+        assert (code, err) == (0, ""), err
+        header, row = out.splitlines()
+        assert header.split() == ["NODE", "CODE", "REASON", "BODY"]
+        assert row.split() == [pair.a.uri, "200", "OK"]
+        code, out, err = run(capsys, "send", PEER, pair.a.uri, "--url", pair.b.url, "--data", "2")
+        assert code == 0, err
+        assert out.startswith("accepted ") and out.rstrip().endswith(f"sending to {pair.a.uri}")
+        stdout, stderr = subscriber.communicate(timeout=15)
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.wait(10)
+    assert subscriber.returncode == 0, stderr
+    first, second = stdout.splitlines()
+    assert first.startswith("#") and first.endswith(f" from {pair.b.uri} (text/plain): k=v\\nx")
+    assert second.endswith(f" from {pair.b.uri} (text/plain): 2")
+    assert int(second.split()[0][1:]) == int(first.split()[0][1:]) + 1
+
+
+def test_subscribe_json_replays_with_a_gap_frame(
+    pair: Pair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        capsys, "send", PEER, pair.a.uri, "--url", pair.b.url, "--data", "r", "--wait"
+    )
+    assert code == 0, err
+    offset = httpx.get(f"{pair.a.url}/v1/peers/{PEER}").json()["offset"]
+    assert offset >= 1
+    # Another epoch: the gateway says so with a gap frame, then replays its history.
+    code, out, err = run(
+        capsys,
+        "subscribe",
+        PEER,
+        "--url",
+        pair.a.url,
+        "--since",
+        "0",
+        "--epoch",
+        "elsewhere",
+        "--count",
+        str(offset),
+        "--json",
+    )
+    assert code == 0, err
+    gap, *messages = (json.loads(line) for line in out.splitlines())
+    assert GapFrame.model_validate(gap).client_epoch == "elsewhere"
+    frames = [MessageFrame.model_validate(message) for message in messages]
+    assert [frame.offset for frame in frames] == list(range(1, offset + 1))
+    assert frames[-1].body == "r" and frames[-1].from_ == pair.b.uri
+
+
+def test_failed_sends_exit_1(pair: Pair, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "broadcast", "nobody", "--url", pair.b.url, "--wait", "--data", "")
+    assert code == 1
+    assert out.splitlines()[1].split()[:2] == [pair.a.uri, "404"]
+    assert err == "dmq-gateway: 1 of 1 nodes did not answer 2xx\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["send", PEER, "sip:127.0.0.1:9", "--data", "x"], "sip:127.0.0.1:9 is not a node"),
+        (["send", PEER, "garbage", "--data", "x"], "uri: 'garbage' is not a sip: URI"),
+        (["broadcast", "notification_peer", "--data", "x"], "is the notification channel"),
+        (["broadcast", PEER, "--file", "/nonexistent/body"], "--file /nonexistent/body: "),
+    ],
+)
+def test_errors_are_one_line(
+    pair: Pair, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, *args, "--url", pair.b.url)
+    assert (code, out) == (1, "")
+    assert err.startswith("dmq-gateway: error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_subscribe_to_an_unknown_peer(pair: Pair, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "subscribe", "nobody", "--url", pair.a.url)
+    assert code == 1
+    assert err.splitlines()[-1] == "dmq-gateway: error: no peer 'nobody' is registered"
+
+
+@pytest.mark.parametrize("command", ["nodes", "peers", "subscribe x", "broadcast x --data y"])
+def test_connection_refused_names_the_url(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code, out, err = run(capsys, *command.split(), "--url", url)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"dmq-gateway: error: cannot connect to the gateway at {url} ")
+    assert "connection refused" in err and err.count("\n") == 1
+
+
+def test_body_from_stdin_and_file(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"\x00\xff binary")
+    for extra, stdin in ((["--file", str(body)], ""), ([], "from stdin")):
+        result = subprocess.run(
+            [
+                *dmq_gateway_command(),
+                *("send", PEER, pair.a.uri, "--url", pair.b.url, "--wait"),
+                *("--content-type", "application/octet-stream", *extra),
+            ],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=clean_env(),
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[1].split()[:3] == [pair.a.uri, "200", "OK"]
+    offset = httpx.get(f"{pair.a.url}/v1/peers/{PEER}").json()["offset"]
+    since = str(offset - 2)
+    args = ["subscribe", PEER, "--url", pair.a.url, "--since", since, "--count", "2", "--json"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    binary, text = (MessageFrame.model_validate_json(line) for line in out.splitlines())
+    assert (binary.encoding, base64.b64decode(binary.body)) == ("base64", b"\x00\xff binary")
+    assert (text.encoding, text.body) == (None, "from stdin")
+    assert text.content_type == "application/octet-stream"
+    code, out, err = run(capsys, *args[:-1])  # readable: binary bodies shown as base64
+    assert code == 0, err
+    assert out.splitlines()[0].endswith("<9 bytes, base64: AP8gYmluYXJ5>")
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "broadcast", PEER, "--timeout", "3")
+    assert code == 2 and "--timeout only applies with --wait" in err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["subscribe", PEER, "--count", "0"])
+    assert exited.value.code == 2
