@@ -127,7 +127,17 @@ class HistoryEntry:
 class Subscriber:
     """One WebSocket client of a peer: a bounded queue of frames to send."""
 
-    __slots__ = ("channel", "closed", "frames", "limit", "overflowed", "sent_offset", "wakeup")
+    __slots__ = (
+        "channel",
+        "closed",
+        "frames",
+        "limit",
+        "on_overflow",
+        "overflowed",
+        "replay_end",
+        "sent_offset",
+        "wakeup",
+    )
 
     def __init__(self, channel: PeerChannel, limit: int) -> None:
         self.channel = channel
@@ -139,11 +149,27 @@ class Subscriber:
         self.closed = False
         #: Offset of the last message handed to the WebSocket (what to resume after).
         self.sent_offset = 0
+        #: Offset of the last replayed frame (0: no replay). Replayed frames sit at the
+        #: front of ``frames`` with consecutive offsets, and do not count against ``limit``.
+        self.replay_end = 0
+        #: Called once when the queue overflows, so that the WebSocket endpoint can stop
+        #: a send that is stuck behind a full TCP buffer.
+        self.on_overflow: Callable[[], None] | None = None
+
+    def live_backlog(self) -> int:
+        """Frames waiting to be sent, not counting replayed ones still queued."""
+        frames = self.frames
+        backlog = len(frames)
+        if backlog and frames[0][0] <= self.replay_end:
+            backlog -= self.replay_end - frames[0][0] + 1
+        return backlog
 
     def push(self, frame: str, offset: int) -> None:
         if self.overflowed or self.closed:
             return
-        if len(self.frames) >= self.limit:
+        # (len(frames) first: it bounds the live backlog and is all a subscriber that
+        # did not resume needs.)
+        if len(self.frames) >= self.limit and self.live_backlog() >= self.limit:
             self.overflowed = True
             self.frames.clear()
             self.channel.overflows += 1
@@ -153,6 +179,8 @@ class Subscriber:
                 self.channel.peer_id,
                 self.limit,
             )
+            if self.on_overflow is not None:
+                self.on_overflow()
         else:
             self.frames.append((offset, frame))
         self.wakeup.set()
@@ -367,8 +395,8 @@ class Hub:
             for entry in history:
                 if entry.offset > start:
                     subscriber.frames.append((entry.offset, entry.frame))
-            subscriber.limit = self.queue_limit + len(subscriber.frames)
             if subscriber.frames:
+                subscriber.replay_end = subscriber.frames[-1][0]
                 subscriber.wakeup.set()
         else:
             subscriber.sent_offset = channel.offset

@@ -29,6 +29,9 @@ from app.api.schemas import ReplyFrame
 from app.dmq.peers import PeerReply
 from app.gateway.hub import CLOSE_PEER_REMOVED, CLOSE_SLOW_CONSUMER, Hub, Subscriber
 
+#: Seconds to wait for the close frame of a cut-off client to be queued.
+CLOSE_WAIT = 10.0
+
 router = APIRouter(tags=["subscribe"])
 log = logging.getLogger("dmq.gateway")
 
@@ -107,6 +110,13 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
     subscriber = subscription.subscriber
     sender = asyncio.ensure_future(_send_frames(websocket, subscriber, subscription.gap))
     receiver = asyncio.ensure_future(_receive_replies(websocket, hub, peer_id))
+    # A client that stops reading leaves the sender stuck in a send behind a full TCP
+    # buffer; on overflow, stop it at once so the subscriber is let go and counted.
+
+    def cut_off() -> None:
+        sender.cancel()
+
+    subscriber.on_overflow = cut_off
     try:
         _done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -123,8 +133,11 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
     elif peer_id not in hub.channels:
         code, reason = CLOSE_PEER_REMOVED, f"peer {peer_id!r} was unregistered"
     if code is not None:
+        # The close frame queues behind whatever the client has not read yet; if it
+        # can't even be queued in CLOSE_WAIT seconds, give up and let the server drop
+        # the connection when this handler returns.
         with contextlib.suppress(Exception):
-            await websocket.close(code=code, reason=reason)
+            await asyncio.wait_for(websocket.close(code=code, reason=reason), CLOSE_WAIT)
 
 
 async def _send_frames(

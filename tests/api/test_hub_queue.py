@@ -1,0 +1,57 @@
+"""The hub's per-subscriber queue limit, on a DmqServer that is never started."""
+
+from __future__ import annotations
+
+import itertools
+
+from app.dmq.config import NodeConfig
+from app.dmq.peers import PeerMessage
+from app.dmq.sip import SipUri
+from app.gateway.hub import Hub, PeerChannel, PeerSettings
+from app.transport.server import DmqServer
+
+SENDER = SipUri.parse("sip:127.0.0.1:5062")
+_ids = itertools.count(1)
+
+
+def hub_with_peer(queue_limit: int, history: int) -> tuple[Hub, PeerChannel]:
+    server = DmqServer(NodeConfig(server_address=SipUri.parse("sip:127.0.0.1:5060")))
+    hub = Hub(server, queue_limit=queue_limit)
+    channel, _ = hub.register("p", PeerSettings(history=history), persist=False)
+    return hub, channel
+
+
+def arrive(channel: PeerChannel, count: int) -> None:
+    for _ in range(count):
+        n = next(_ids)
+        channel.append(PeerMessage(n, "p", f"m{n}".encode(), "text/plain", SENDER, f"c{n}", 0.0, 1))
+
+
+def test_live_limit_is_reached_when_the_live_backlog_is_full() -> None:
+    hub, channel = hub_with_peer(queue_limit=5, history=100)
+    subscriber = hub.subscribe("p", None, None).subscriber
+    arrive(channel, 5)
+    assert not subscriber.overflowed
+    arrive(channel, 1)
+    assert subscriber.overflowed
+    assert (channel.overflows, hub.overflows) == (1, 1)
+
+
+def test_replay_does_not_count_and_does_not_raise_the_live_limit() -> None:
+    hub, channel = hub_with_peer(queue_limit=5, history=100)
+    arrive(channel, 20)
+    subscriber = hub.subscribe("p", 0, channel.epoch).subscriber
+    # The whole replay is queued and counts for nothing: 5 live messages fit on top.
+    assert len(subscriber.frames) == 20
+    arrive(channel, 5)
+    assert not subscriber.overflowed
+    # The client reads the replay, then part of the live messages...
+    for _ in range(22):
+        subscriber.frames.popleft()
+    assert len(subscriber.frames) == 3
+    # ...and stops: two more live messages fill its queue, the next one overflows it,
+    # as for any subscriber (not 20 messages later, as if the replay were still there).
+    arrive(channel, 2)
+    assert not subscriber.overflowed
+    arrive(channel, 1)
+    assert subscriber.overflowed
