@@ -114,8 +114,10 @@ class Gateway:
         notify: Sequence[Gateway | str] = (),
         ping_interval: float = 1.0,
         extra: Sequence[str] = (),
+        transport: str = "udp",
     ) -> None:
         self.name = name
+        self.transport = transport
         self.state_dir = workdir / f"{name}-state"
         self.log_path = workdir / f"{name}.log"
         self.notify = tuple(notify)
@@ -135,7 +137,8 @@ class Gateway:
 
     @property
     def uri(self) -> str:
-        return f"sip:127.0.0.1:{self.sip_port}"
+        suffix = "" if self.transport == "udp" else f";transport={self.transport}"
+        return f"sip:127.0.0.1:{self.sip_port}{suffix}"
 
     @property
     def url(self) -> str:

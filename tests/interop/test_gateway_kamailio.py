@@ -89,9 +89,9 @@ def bus(
 ) -> Iterator[Bus]:
     """A Kamailio node and a gateway joined through it, listing each other active."""
     k = kamailio_node(transport=transport, fr_timer_ms=K_FR_TIMER_MS)
-    gateway = Gateway("gateway", tmp_path, notify=[k.server_address], ping_interval=1.0)
-    if transport == "tcp":
-        gateway.uri = f"sip:{LOOPBACK}:{gateway.sip_port};transport=tcp"
+    gateway = Gateway(
+        "gateway", tmp_path, notify=[k.server_address], ping_interval=1.0, transport=transport
+    )
     with running([gateway]), dump_logs_on_failure(request, lambda: [gateway]):
         gateway.start()
         bus = Bus(k, gateway)
