@@ -582,12 +582,12 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
 
 
 def bench_level(
-    name: str, inflight: int, args: argparse.Namespace, scratch: Path
+    name: str, inflight: int, mode: str, args: argparse.Namespace, scratch: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     runs: list[RunResult] = []
     described: dict[str, Any] = {}
     for rep in range(args.repeats):
-        workdir = scratch / f"{name}-{inflight}-{rep}"
+        workdir = scratch / f"{mode}-{name}-{inflight}-{rep}"
         target = start_target(name, workdir / "target", args)
         try:
             if not described:
@@ -598,14 +598,14 @@ def bench_level(
                 inflight,
                 workdir / "sipp",
                 probe=not args.no_probe,
-                mode=args.sipp_mode,
+                mode=mode,
             )
             result.checks = target.after_run()
         finally:
             target.stop()
         runs.append(result)
         print(
-            f"  {name:8s} inflight={inflight:<4d} run {rep + 1}/{args.repeats}: "
+            f"  {mode:5s} {name:8s} inflight={inflight:<4d} run {rep + 1}/{args.repeats}: "
             f"{result.completed} ok, {result.failed} failed, {result.requests_per_s:,.0f} req/s, "
             f"p50/p99 {result.p50_ms}/{result.p99_ms} ms (sipp), "
             f"{result.probe_p50_ms}/{result.probe_p99_ms} ms (probe), "
@@ -658,6 +658,12 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+MODE_TITLES = {
+    "users": "closed loop (sipp -users N): the server's capacity",
+    "rate": "rate mode (sipp -r 1000000 -l N): bounded by sipp's 4 ms clock",
+}
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -665,45 +671,49 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     levels: list[int] = report["inflight_levels"]
-    targets = [t for t in report["targets"] if report["targets"][t]["levels"]]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    width = 0.8 / max(1, len(targets))
+    modes = list(report["modes"])
+    fig, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes), 5.8), dpi=110)
+    if len(modes) == 1:
+        axes = [axes]
     colours = {"kamailio": "#4c72b0", "ours": "#dd8452"}
-    top = 0.0
-    for i, name in enumerate(targets):
-        per_level = report["targets"][name]["levels"]
-        values = [per_level.get(str(lv), {}).get("requests_per_s", 0.0) for lv in levels]
-        top = max([top, *values])
-        xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(levels))]
-        bars = ax.bar(
-            xs, values, width, label=report["targets"][name]["label"], color=colours.get(name)
-        )
-        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=8)
-    for j, lv in enumerate(levels):
-        ratio = report["ratio_ours_over_kamailio"].get(str(lv))
-        if ratio is not None:
-            ax.annotate(
-                f"ours/Kamailio = {ratio:.2f}x",
-                (j, top * 1.12),
-                ha="center",
-                fontsize=9,
-                fontweight="bold",
+    for ax, mode in zip(axes, modes, strict=True):
+        data = report["modes"][mode]
+        targets = [t for t in data["targets"] if data["targets"][t]["levels"]]
+        width = 0.8 / max(1, len(targets))
+        top = 0.0
+        for i, name in enumerate(targets):
+            per_level = data["targets"][name]["levels"]
+            values = [per_level.get(str(lv), {}).get("requests_per_s", 0.0) for lv in levels]
+            top = max([top, *values])
+            xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(levels))]
+            bars = ax.bar(
+                xs, values, width, label=data["targets"][name]["label"], color=colours.get(name)
             )
-    ax.set_xticks(range(len(levels)), [f"{lv} in flight" for lv in levels])
-    ax.set_ylabel("completed KDMQ htable sets per second")
-    ax.set_ylim(0, top * 1.25 if top else 1)
+            ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=8)
+        for j, lv in enumerate(levels):
+            ratio = data["ratio_ours_over_kamailio"].get(str(lv))
+            if ratio is not None:
+                ax.annotate(
+                    f"ours/Kamailio = {ratio:.2f}x",
+                    (j, top * 1.12),
+                    ha="center",
+                    fontsize=9,
+                    fontweight="bold",
+                )
+        ax.set_xticks(range(len(levels)), [f"{lv} in flight" for lv in levels])
+        ax.set_ylabel("completed KDMQ htable sets per second")
+        ax.set_ylim(0, top * 1.25 if top else 1)
+        ax.set_title(MODE_TITLES.get(mode, mode), fontsize=10)
+        if targets:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
     m = report["machine"]
-    ax.set_title(
-        f"KDMQ htable set throughput, UDP loopback, {report['requests']:,} requests per run\n"
-        f"{m.get('nproc')} CPUs, {m.get('kamailio') or 'Kamailio ?'}, sipp {m.get('sipp') or '?'}\n"
-        f"median of {report['repeats']} run(s), sipp mode {report['method']['sipp_mode']}",
+    fig.suptitle(
+        f"KDMQ htable set throughput, UDP loopback, {report['requests']:,} requests per run, "
+        f"median of {report['repeats']} run(s)\n"
+        f"{m.get('nproc')} CPUs, {m.get('kamailio') or 'Kamailio ?'}, sipp {m.get('sipp') or '?'}",
         fontsize=10,
     )
-    if targets:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=9)
-    else:
-        ax.text(0.5, 0.5, "no successful runs", transform=ax.transAxes, ha="center")
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -730,9 +740,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sipp-mode",
-        choices=("users", "rate"),
-        default="users",
-        help="how sipp keeps INFLIGHT requests outstanding (see the module docstring)",
+        default="users,rate",
+        help="comma-separated: how sipp keeps INFLIGHT requests outstanding, users "
+        "(closed loop) and/or rate (see the module docstring)",
     )
     parser.add_argument(
         "--ours-command",
@@ -747,6 +757,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.inflight_levels = [int(x) for x in str(args.inflight).split(",") if x.strip()]
     args.target_names = [t.strip() for t in str(args.targets).split(",") if t.strip()]
+    args.modes = [m.strip() for m in str(args.sipp_mode).split(",") if m.strip()]
+    for mode in args.modes:
+        if mode not in ("users", "rate"):
+            parser.error(f"unknown --sipp-mode {mode!r} (choose from users, rate)")
     for name in args.target_names:
         if name not in TARGET_LABELS:
             parser.error(f"unknown target {name!r} (choose from {', '.join(TARGET_LABELS)})")
@@ -769,13 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": args.repeats,
         "method": {
             "load": "sipp bench/scenarios/kdmq_htable_set.xml, UDP, one KDMQ per call, "
-            + (
-                "-users INFLIGHT -l INFLIGHT (closed loop)"
-                if args.sipp_mode == "users"
-                else "-r 1000000 -l INFLIGHT (rate mode: bounded by sipp's coarse clock)"
-            )
-            + ", -buff_size 4194304",
-            "sipp_mode": args.sipp_mode,
+            "-buff_size 4194304; mode users: -users INFLIGHT -l INFLIGHT (closed loop: the "
+            "server's capacity); mode rate: -r 1000000 -l INFLIGHT (bounded by sipp's coarse "
+            "clock, at most INFLIGHT calls per 4 ms step)",
             "requests_per_s": "completed / (first request sent .. last 200 received), "
             "from sipp -trace_rtt",
             "latency": "p50_ms/p99_ms: nearest-rank percentiles of every call's response "
@@ -786,32 +796,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             "summary": "median run by requests_per_s; all runs under 'runs'",
         },
         "machine": machine_info(),
-        "targets": {},
-        "ratio_ours_over_kamailio": {},
+        "modes": {},
     }
     errors = 0
     try:
-        for name in args.target_names:
-            entry: dict[str, Any] = {"label": TARGET_LABELS[name], "levels": {}}
-            report["targets"][name] = entry
+        for mode in args.modes:
+            data: dict[str, Any] = {"targets": {}, "ratio_ours_over_kamailio": {}}
+            report["modes"][mode] = data
+            for name in args.target_names:
+                entry: dict[str, Any] = {"label": TARGET_LABELS[name], "levels": {}}
+                data["targets"][name] = entry
+                for inflight in args.inflight_levels:
+                    try:
+                        summary, described = bench_level(name, inflight, mode, args, scratch)
+                    except Exception as exc:
+                        errors += 1
+                        entry.setdefault("errors", {})[str(inflight)] = str(exc)
+                        print(
+                            f"  {mode} {name} inflight={inflight}: FAILED: {exc}", file=sys.stderr
+                        )
+                        continue
+                    entry["levels"][str(inflight)] = summary
+                    entry.setdefault("target", described)
+            kam = data["targets"].get("kamailio", {}).get("levels", {})
+            ours = data["targets"].get("ours", {}).get("levels", {})
             for inflight in args.inflight_levels:
-                try:
-                    summary, described = bench_level(name, inflight, args, scratch)
-                except Exception as exc:
-                    errors += 1
-                    entry.setdefault("errors", {})[str(inflight)] = str(exc)
-                    print(f"  {name} inflight={inflight}: FAILED: {exc}", file=sys.stderr)
-                    continue
-                entry["levels"][str(inflight)] = summary
-                entry.setdefault("target", described)
-        kam = report["targets"].get("kamailio", {}).get("levels", {})
-        ours = report["targets"].get("ours", {}).get("levels", {})
-        for inflight in args.inflight_levels:
-            k = kam.get(str(inflight), {}).get("requests_per_s")
-            o = ours.get(str(inflight), {}).get("requests_per_s")
-            report["ratio_ours_over_kamailio"][str(inflight)] = (
-                round(o / k, 3) if k and o is not None else None
-            )
+                k = kam.get(str(inflight), {}).get("requests_per_s")
+                o = ours.get(str(inflight), {}).get("requests_per_s")
+                data["ratio_ours_over_kamailio"][str(inflight)] = (
+                    round(o / k, 3) if k and o is not None else None
+                )
         json_path = args.out / "kdmq-throughput.json"
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         png_path = args.out / "kdmq-throughput.png"
