@@ -44,7 +44,9 @@ async def require_token(
         )
 
 
-def get_hub(request: Request) -> Hub:
+async def get_hub(request: Request) -> Hub:
+    # async on purpose: FastAPI runs a plain def dependency in a worker thread, and the
+    # thread hop cost more than the rest of a broadcast request.
     hub: Hub = request.app.state.hub
     return hub
 
