@@ -19,7 +19,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from app import cli
-from tests.api.serve_process import ServeProcess, clean_env, dmq_gateway_command, free_port
+from tests.api.serve_process import ServeProcess, clean_env, dmq_gateway_command
+from tests.support.ports import free_port
 
 TOKEN = "secret-token-1"
 PEER = "auth-test"

@@ -16,7 +16,8 @@ import pytest
 
 from app import cli
 from app.api.schemas import GapFrame, MessageFrame
-from tests.api.serve_process import ServeProcess, clean_env, dmq_gateway_command, free_port
+from tests.api.serve_process import ServeProcess, clean_env, dmq_gateway_command
+from tests.support.ports import free_port
 
 PEER = "htable"
 

@@ -29,7 +29,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from app.dmq.sip import MAX_UDP_MESSAGE
-from tests.api.gateway_procs import Gateway, dump_logs_on_failure, free_port, running, wait_for
+from tests.api.gateway_procs import Gateway, dump_logs_on_failure, running, wait_for
+from tests.support.ports import free_port
 
 #: B's --ws-queue-limit.
 QUEUE_LIMIT = 50

@@ -8,7 +8,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,21 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Timers short enough for tests: retransmit from 50 ms, give up after 1 s.
 FAST_OPTIONS = ["--t1", "0.05", "--t2", "0.2", "--timer-f", "1.0"]
-
-
-def free_port() -> int:
-    """A port free on loopback for both UDP and TCP."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free loopback port")
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.procs import NodeProcess, free_port, wait_until
+from tests.support.ports import free_port
+from tests.support.procs import NodeProcess, wait_until
 
 PING_INTERVAL = 1.0
 #: Timer F of FAST_OPTIONS.
