@@ -496,9 +496,7 @@ class DmqNode:
     ) -> None:
         headers = request.headers
         lines = [f"SIP/2.0 {code} {reason}"]
-        for name, value in headers:
-            if name == "via":
-                lines.append(f"Via: {value}")
+        lines.extend([f"Via: {value}" for value in headers.vias])
         lines.append(f"From: {headers.get('from') or ''}")
         to = headers.get("to") or ""
         if ";tag=" not in to.replace(" ", "").lower():
@@ -563,7 +561,7 @@ class DmqNode:
     def _reject_malformed(self, exc: SipParseError, source: Endpoint, now: float) -> None:
         request = exc.request
         if request is not None and request.method != "ACK" and self._answerable(request):
-            top_via = Via.parse(request.headers.get_all("via")[0])
+            top_via = Via.parse(request.headers.vias[0])
             self.stats.malformed_answered += 1
             log.info(
                 "malformed request from %s:%s answered %s: %s",
@@ -591,7 +589,7 @@ class DmqNode:
         """A response can be built only with a parseable top Via and the dialog
         headers to copy."""
         headers = request.headers
-        vias = headers.get_all("via")
+        vias = headers.vias
         if not vias:
             return False
         try:
@@ -618,7 +616,7 @@ class DmqNode:
 
     def _on_request(self, request: SipRequest, source: Endpoint, now: float) -> None:
         headers = request.headers
-        vias = headers.get_all("via")
+        vias = headers.vias
         try:
             top_via = Via.parse(vias[0]) if vias else None
         except ValueError:
@@ -811,7 +809,7 @@ class DmqNode:
         )
 
     def _on_response(self, response: SipResponse, now: float) -> None:
-        vias = response.headers.get_all("via")
+        vias = response.headers.vias
         try:
             top_via = Via.parse(vias[0]) if vias else None
         except ValueError:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from app.dmq.sip import SipUri
 
 
-@dataclass(frozen=True, slots=True)
-class PeerMessage:
-    """A KDMQ request delivered to a peer, exactly once."""
+class PeerMessage(NamedTuple):
+    """A KDMQ request delivered to a peer, exactly once.
+
+    A NamedTuple rather than a frozen dataclass: one is built for every request, and
+    a tuple is immutable at a fraction of the cost."""
 
     #: Handle for :meth:`DmqNode.reply` when the handler answers later.
     id: int

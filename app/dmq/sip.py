@@ -77,11 +77,6 @@ _DISPLAY_NAMES = {
     "www-authenticate": "WWW-Authenticate",
 }
 
-#: Headers whose value is a comma-separated list of values (section 7.3.1).
-_LIST_HEADERS = frozenset({"via"})
-
-_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
-
 
 def display_name(name: str) -> str:
     """The conventional spelling of a canonical (lower-case) header name."""
@@ -122,12 +117,18 @@ class Headers:
     (Via, From, To, Call-ID, CSeq) of every message.
     """
 
-    __slots__ = ("_first", "_items")
+    __slots__ = ("_first", "_items", "_vias")
 
     def __init__(
-        self, items: list[tuple[str, str]] | None = None, first: dict[str, str] | None = None
+        self,
+        items: list[tuple[str, str]] | None = None,
+        first: dict[str, str] | None = None,
+        vias: list[str] | None = None,
     ) -> None:
         self._items: list[tuple[str, str]] = items if items is not None else []
+        #: The Via values in order, when the parser collected them (read on every
+        #: request and copied into every response).
+        self._vias = vias
         if first is None:
             first = {}
             for name, value in self._items:
@@ -148,10 +149,20 @@ class Headers:
         return default if value is None else value
 
     def get_all(self, name: str) -> list[str]:
+        if name == "via" and self._vias is not None:
+            return list(self._vias)
         key = self.canonical(name)
         return [value for item_name, value in self._items if item_name == key]
 
+    @property
+    def vias(self) -> list[str]:
+        """Every Via value, top first (do not modify the list)."""
+        if self._vias is None:
+            self._vias = [value for item_name, value in self._items if item_name == "via"]
+        return self._vias
+
     def _reindex(self) -> None:
+        self._vias = None
         first: dict[str, str] = {}
         for name, value in self._items:
             if name not in first:
@@ -162,6 +173,8 @@ class Headers:
         key = self.canonical(name)
         self._items.append((key, value))
         self._first.setdefault(key, value)
+        if key == "via":
+            self._vias = None
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of a header with one value, keeping its position."""
@@ -359,6 +372,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
         header_lines = _unfold(message, header_lines)
     items: list[tuple[str, str]] = []
     first: dict[str, str] = {}
+    vias: list[str] = []
     for raw in header_lines:
         raw_name, sep, value = raw.partition(":")
         if not sep:
@@ -370,16 +384,18 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
                 raise _error(message, f"bad header name {raw_name.strip()[:40]!r}")
         name = cached
         value = value.strip()
-        if name in _LIST_HEADERS and "," in value:
-            for part in _split_list_value(value):
+        if name == "via":
+            parts = _split_list_value(value) if "," in value else [value]
+            for part in parts:
                 items.append((name, part))
-                if name not in first:
-                    first[name] = part
+                vias.append(part)
+            if name not in first and parts:
+                first[name] = parts[0]
             continue
         items.append((name, value))
         if name not in first:
             first[name] = value
-    message.headers = Headers(items, first)
+    message.headers = Headers(items, first, vias)
     if version_error is not None:
         raise version_error
     content_length = first.get("content-length")

@@ -185,6 +185,7 @@ class TransactionLayer:
         self.timers = timers
         self.settings = settings
         self.transmit = transmit
+        self._timer_j_seconds = settings.timer_j_value
         self.clients: dict[str, ClientTransaction] = {}
         #: Server transactions whose peer has not answered yet.
         self.servers: dict[str, ServerTransaction] = {}
@@ -343,7 +344,7 @@ class TransactionLayer:
         if destination.reliable:
             st.state = ServerState.TERMINATED
             return True
-        deadline = now + self.settings.timer_j_value
+        deadline = now + self._timer_j_seconds
         self.completed[st.key] = (data, destination, deadline)
         self._expiry.append((deadline, st.key))
         if self._sweeper is None:
