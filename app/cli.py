@@ -21,14 +21,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app import client
 from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_peer_id
 from app.dmq.errors import ConfigError
-from app.dmq.peers import PeerMessage, PeerReply
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
 
@@ -50,7 +49,6 @@ class ServeSettings:
     log_level: str = "info"
     log_format: str = "text"
     drop_rate: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _env_name(option: str) -> str:
@@ -338,32 +336,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def logging_peer(peer_id: str) -> Callable[[PeerMessage], PeerReply]:
-    """The handler of a ``--peer``: log what arrives and answer an empty 200."""
-    peer_log = logging.getLogger(f"dmq.peer.{peer_id}")
-
-    def handler(message: PeerMessage) -> PeerReply:
-        if peer_log.isEnabledFor(logging.INFO):
-            peer_log.info(
-                "%s from %s (%s, %d bytes): %s",
-                peer_id,
-                message.sender,
-                message.content_type,
-                len(message.body),
-                message.body[:512].decode("utf-8", "replace"),
-                extra={
-                    "peer": peer_id,
-                    "sender": str(message.sender),
-                    "call_id": message.call_id,
-                    "content_type": message.content_type,
-                    "bytes": len(message.body),
-                },
-            )
-        return PeerReply()
-
-    return handler
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
