@@ -12,16 +12,12 @@ sentence naming the option and why.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import json
 import logging
 import os
-import socket
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +26,9 @@ from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_pe
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
+from app.gateway.config import GatewayConfig
 
 log = logging.getLogger("dmq")
-
-
-@dataclass(frozen=True, slots=True)
-class ServeSettings:
-    """What ``serve`` was asked to run, validated."""
-
-    node: NodeConfig
-    peers: tuple[str, ...] = ()
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    api_tokens: tuple[str, ...] = ()
-    state_dir: Path | None = None
-    ws_queue_limit: int = 1000
-    ws_deflate: bool = False
-    log_level: str = "info"
-    log_format: str = "text"
-    drop_rate: float = 0.0
 
 
 def _env_name(option: str) -> str:
@@ -221,7 +201,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+def settings_from_args(args: argparse.Namespace) -> GatewayConfig:
     """Validate everything ``serve`` was given; raise ConfigError with one sentence."""
     values: dict[str, Any] = {}
     for flag, kind, default, _ in SERVE_OPTIONS:
@@ -294,14 +274,14 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     queue_limit = int(values["--ws-queue-limit"])
     if queue_limit < 1:
         raise ConfigError(f"--ws-queue-limit {queue_limit}: must be at least 1")
-    return ServeSettings(
+    return GatewayConfig(
         node=node,
-        peers=tuple(values["--peer"]),
+        startup_peers=tuple(values["--peer"]),
         http_host=http_host,
         http_port=http_port,
         api_tokens=tokens,
         state_dir=Path(state_dir),
-        ws_queue_limit=queue_limit,
+        queue_limit=queue_limit,
         ws_deflate=bool(values["--ws-deflate"]),
         log_level=log_level,
         log_format=log_format,
@@ -338,95 +318,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-async def serve(settings: ServeSettings) -> None:
-    """Run the node and its HTTP API until SIGINT/SIGTERM, then leave the bus gracefully."""
-    import uvicorn
-
-    from app.api.app import GatewayConfig, create_app
-    from app.api.routes.subscribe import SubscribeFastPath
-
-    app = create_app(
-        settings.node,
-        GatewayConfig(
-            api_tokens=settings.api_tokens,
-            state_dir=settings.state_dir,
-            queue_limit=settings.ws_queue_limit,
-            startup_peers=settings.peers,
-            drop_rate=settings.drop_rate,
-        ),
-    )
-    # Bind (or test) every port before anything starts, so that a port in use stops
-    # the gateway with one sentence instead of a traceback from inside the lifespan.
-    http_socket = _listen_socket(settings.http_host, settings.http_port, "--http")
-    _check_sip_ports(settings.node.server_address)
-    config = uvicorn.Config(
-        SubscribeFastPath(app),
-        host=settings.http_host,
-        port=settings.http_port,
-        loop="none",
-        ws="websockets-sansio",
-        # permessage-deflate keeps two zlib contexts per connection (about 45 KB) and
-        # costs a third of the CPU per delivered frame: off unless asked for.
-        ws_per_message_deflate=settings.ws_deflate,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=3,
-    )
-    server = uvicorn.Server(config)
-    started = time.monotonic()
-    await server.serve(sockets=[http_socket])
-    if server.started:
-        log.info("stopped after %.0f s", time.monotonic() - started)
-    elif not server.should_exit:
-        raise ConfigError(
-            f"--server-address {settings.node.server_address}: the node could not start "
-            "(see the log above)"
-        )
-
-
-def _listen_socket(host: str, port: int, flag: str) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"{flag} {host}:{port}: cannot listen ({exc.strerror})") from None
-    return sock
-
-
-def _check_sip_ports(address: SipUri) -> None:
-    """The node listens on UDP and TCP at its server address: both must be free."""
-    try:
-        host = socket.getaddrinfo(address.host, None)[0][4][0]
-    except OSError as exc:
-        raise ConfigError(f"--server-address {address}: cannot resolve ({exc})") from None
-    family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(family, kind) as probe:
-            if kind == socket.SOCK_STREAM:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, address.effective_port))
-            except OSError as exc:
-                proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
-                raise ConfigError(
-                    f"--server-address {address}: cannot listen on {proto} port "
-                    f"{address.effective_port} ({exc.strerror})"
-                ) from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -435,8 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return client.run(args)
         settings = settings_from_args(args)
         configure_logging(settings.log_level, settings.log_format)
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            runner.run(serve(settings))
+        from app.api import server  # uvicorn and FastAPI: only when serving
+
+        server.run(settings)
     except ConfigError as exc:
         print(f"dmq-gateway: error: {exc}", file=sys.stderr)
         return 2

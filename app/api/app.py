@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -15,8 +13,9 @@ from app import __version__
 from app.api import problems
 from app.api.deps import require_token
 from app.api.routes import health, metrics, nodes, peers, subscribe
-from app.dmq.config import NodeConfig
-from app.gateway.hub import DEFAULT_QUEUE_LIMIT, Hub, PeerSettings
+from app.gateway.config import GatewayConfig
+from app.gateway.hub import Hub
+from app.gateway.models import PeerSettings
 from app.gateway.store import PeerStore
 from app.transport.server import DmqServer
 
@@ -33,24 +32,9 @@ Errors are `application/problem+json` (RFC 9457).
 """
 
 
-@dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    """The gateway's own settings (the node's are in NodeConfig)."""
-
-    #: Bearer tokens accepted by the API; none means no authentication (loopback only).
-    api_tokens: tuple[str, ...] = ()
-    #: Where registered peers are kept; None keeps nothing across restarts.
-    state_dir: Path | None = None
-    #: Frames a WebSocket subscriber may have queued before it is cut off.
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    #: Peers registered at start (--peer): auto replies, not persisted.
-    startup_peers: tuple[str, ...] = ()
-    #: Fault injection for tests: fraction of UDP datagrams dropped.
-    drop_rate: float = 0.0
-
-
-def create_app(node_config: NodeConfig, gateway: GatewayConfig | None = None) -> FastAPI:
-    gateway = gateway or GatewayConfig()
+def create_app(gateway: GatewayConfig) -> FastAPI:
+    """The API around one gateway; its lifespan starts and stops the DMQ node."""
+    node_config = gateway.node
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

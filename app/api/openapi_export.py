@@ -25,11 +25,12 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from app import __version__
-from app.api.app import GatewayConfig, create_app
+from app.api.app import create_app
 from app.api.routes import subscribe
 from app.api.schemas import ErrorFrame, GapFrame, MessageFrame, ReplyFrame
 from app.dmq.config import NodeConfig
 from app.dmq.sip import SipUri
+from app.gateway.config import GatewayConfig
 
 #: Where the documents live: ``openapi/`` at the top of the repository.
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "openapi"
@@ -50,7 +51,7 @@ CHANNEL = "peerSubscribe"
 
 def _app_document() -> dict[str, Any]:
     node = NodeConfig(server_address=SipUri.parse("sip:127.0.0.1:5060"))
-    document: dict[str, Any] = create_app(node, GatewayConfig()).openapi()
+    document: dict[str, Any] = create_app(GatewayConfig(node=node)).openapi()
     return document
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.gateway.hub import ReplyMode
+from app.gateway.models import ReplyMode
 
 
 class StrictModel(BaseModel):

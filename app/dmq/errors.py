@@ -22,7 +22,23 @@ class DmqError(Exception):
 
 
 class ConfigError(DmqError, ValueError):
-    """A setting is invalid; the message names the option and says why."""
+    """A setting is invalid.
+
+    ``field`` names the setting as the code knows it (``ping_interval``, ``t1``) and
+    ``reason`` says why in one sentence; the command line turns the field into the
+    option a user typed (``--ping-interval``). Without a field, the message stands alone.
+    """
+
+    def __init__(self, reason: str, *, field: str | None = None, value: object = None):
+        self.reason = reason
+        self.field = field
+        self.value = value
+        if field is None:
+            super().__init__(reason)
+        elif value is None:
+            super().__init__(f"{field}: {reason}")
+        else:
+            super().__init__(f"{field} {value!r}: {reason}")
 
 
 class DmqUsageError(DmqError):

@@ -35,11 +35,12 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.dmq.peers import PeerMessage, PeerReply
+from app.gateway.config import DEFAULT_QUEUE_LIMIT
+from app.gateway.models import PeerSettings, ReplyMode
 from app.gateway.store import PeerStore
 from app.transport.server import DmqServer
 
@@ -49,39 +50,6 @@ log = logging.getLogger("dmq.gateway")
 CLOSE_SLOW_CONSUMER = 4008
 #: WebSocket close code when the peer is unregistered while subscribed.
 CLOSE_PEER_REMOVED = 4004
-#: Frames a subscriber may have queued before it is cut off.
-DEFAULT_QUEUE_LIMIT = 1000
-
-
-class ReplyMode(StrEnum):
-    AUTO = "auto"
-    SUBSCRIBER = "subscriber"
-
-
-@dataclass(slots=True)
-class PeerSettings:
-    """How a peer behaves; what ``PUT /v1/peers/{peer_id}`` sets and the store keeps."""
-
-    description: str = ""
-    reply: ReplyMode = ReplyMode.AUTO
-    #: Seconds to wait for a subscriber's reply (subscriber mode).
-    reply_timeout: float = 5.0
-    #: Messages kept for replay.
-    history: int = 1000
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["reply"] = self.reply.value
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PeerSettings:
-        return cls(
-            description=str(data.get("description", "")),
-            reply=ReplyMode(data.get("reply", "auto")),
-            reply_timeout=float(data.get("reply_timeout", 5.0)),
-            history=int(data.get("history", 1000)),
-        )
 
 
 class HistoryEntry:

@@ -11,10 +11,9 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from app.gateway.hub import PeerSettings
+from app.gateway.models import PeerSettings
 
 log = logging.getLogger("dmq.gateway")
 
@@ -25,8 +24,6 @@ class PeerStore:
         self.path = state_dir / "peers.json"
 
     def load(self) -> dict[str, PeerSettings]:
-        from app.gateway.hub import PeerSettings
-
         if not self.path.exists():
             return {}
         try:

@@ -7,7 +7,8 @@ import itertools
 from app.dmq.config import NodeConfig
 from app.dmq.peers import PeerMessage
 from app.dmq.sip import SipUri
-from app.gateway.hub import Hub, PeerChannel, PeerSettings
+from app.gateway.hub import Hub, PeerChannel
+from app.gateway.models import PeerSettings
 from app.transport.server import DmqServer
 
 SENDER = SipUri.parse("sip:127.0.0.1:5062")

@@ -29,7 +29,8 @@ import signal
 import sys
 from typing import Any
 
-from app.cli import _event_loop_factory, build_parser, configure_logging, settings_from_args
+from app.api.server import event_loop_factory
+from app.cli import build_parser, configure_logging, settings_from_args
 from app.dmq.events import NodeStatusChanged, SendOperation
 from app.dmq.peers import PeerMessage, PeerReply
 from app.dmq.sip import SipUri
@@ -137,7 +138,7 @@ async def main(argv: list[str]) -> None:
 
         return hook
 
-    for peer_id in settings.peers:
+    for peer_id in settings.startup_peers:
         server.register_peer(peer_id, recorder(peer_id), init=init_hook(peer_id))
 
     def on_status(event: NodeStatusChanged) -> None:
@@ -232,5 +233,5 @@ async def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(main(sys.argv[1:]))

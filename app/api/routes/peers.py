@@ -21,7 +21,8 @@ from app.dmq.errors import (
     UnknownNodeError,
 )
 from app.dmq.events import NodeResult, SendOperation
-from app.gateway.hub import Hub, PeerChannel, PeerSettings, ReplyMode
+from app.gateway.hub import Hub, PeerChannel
+from app.gateway.models import PeerSettings, ReplyMode
 
 router = APIRouter(tags=["peers"])
 

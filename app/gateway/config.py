@@ -1,0 +1,45 @@
+"""What one gateway process runs with: the node's settings and the gateway's own.
+
+:class:`GatewayConfig` is to the gateway what :class:`~app.dmq.config.NodeConfig` is to
+the core: validated values, no parsing. It is built from the command line and the
+``DMQ_*`` environment by the settings model, or directly by tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.dmq.config import NodeConfig
+
+#: Frames a WebSocket subscriber may have queued before it is cut off.
+DEFAULT_QUEUE_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Everything ``dmq-gateway serve`` runs with."""
+
+    #: The embedded DMQ node's settings.
+    node: NodeConfig
+    #: Bearer tokens accepted by the API; none means no authentication (loopback only).
+    api_tokens: tuple[str, ...] = ()
+    #: Answer ``GET /v1/health`` without a token (for load balancers' health checks).
+    public_health: bool = False
+    #: Where registered peers are kept; None keeps nothing across restarts.
+    state_dir: Path | None = None
+    #: Frames a WebSocket subscriber may have queued before it is cut off.
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+    #: Peers registered at start (--peer): auto replies, not persisted.
+    startup_peers: tuple[str, ...] = ()
+    #: Fault injection for tests: fraction of UDP datagrams dropped.
+    drop_rate: float = 0.0
+    #: Where the HTTP and WebSocket API listens.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    #: Offer permessage-deflate to WebSocket clients.
+    ws_deflate: bool = False
+    #: debug, info, warning or error.
+    log_level: str = "info"
+    #: text, or json for one JSON object per line.
+    log_format: str = "text"
