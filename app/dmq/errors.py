@@ -42,24 +42,61 @@ class ConfigError(DmqError, ValueError):
 
 
 class DmqUsageError(DmqError):
-    """The caller asked the node for something it cannot do."""
+    """The caller asked the node for something it cannot do.
+
+    ``status_hint`` is the HTTP status that fits when the request came from an API
+    client (the way h11 gives each protocol error a status hint); the core itself
+    never speaks HTTP.
+    """
+
+    status_hint = 400
 
 
 class UnknownNodeError(DmqUsageError, LookupError):
     """The node named is not in the node list."""
 
+    status_hint = 404
+
 
 class UnknownPeerError(DmqUsageError, LookupError):
     """No peer is registered under that peer id."""
+
+    status_hint = 404
+
+
+class InvalidPeerIdError(DmqUsageError):
+    """A peer id must be a SIP user name (1-128 unreserved characters)."""
+
+    status_hint = 422
 
 
 class ReservedPeerError(DmqUsageError):
     """The notification channel belongs to membership and can't be used as a peer."""
 
+    status_hint = 409
+
+
+class InvalidReplyTimeoutError(DmqUsageError):
+    """A peer's reply timeout the node cannot honour (not positive, or longer than
+    Timer F, after which the sender has given up)."""
+
+    status_hint = 422
+
+
+class ReplyNotPendingError(DmqUsageError):
+    """A reply for a message that no longer waits for one: already answered (a 408
+    after its reply timeout, a 404 when its peer was unregistered...) or never known."""
+
+    status_hint = 409
+
 
 class MessageTooLargeError(DmqUsageError):
     """The message would not fit the transport (a UDP datagram, or the TCP limit)."""
 
+    status_hint = 413
+
 
 class NodeStoppedError(DmqUsageError):
-    """The node has left the bus and sends nothing more."""
+    """The node has left the bus (or is leaving it) and sends nothing more."""
+
+    status_hint = 503
