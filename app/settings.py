@@ -1,0 +1,529 @@
+"""The options of ``dmq-gateway serve``, in one typed model.
+
+:class:`ServeSettings` is the single table of options: each field is one option, with
+its type, its default and its help text. The same model is fed by the command line
+(``--ping-interval``), the environment (``DMQ_PING_INTERVAL``) and the defaults, in
+that order of precedence; the command line parser is generated from it
+(:func:`add_arguments`), so an option is declared once. Repeatable options take
+several values in the environment, separated by commas or spaces.
+
+:meth:`ServeSettings.gateway_config` then checks what only makes sense together (a
+non-loopback address needs ``--trusted``, a peer can't be the notification channel...)
+and builds the :class:`~app.gateway.config.GatewayConfig` and its
+:class:`~app.dmq.config.NodeConfig`. Every problem is one :class:`ConfigError` sentence
+naming the option as the user gave it: ``--ping-interval 0.5: ...`` when it came from
+the command line, ``DMQ_PING_INTERVAL 0.5: ...`` when it came from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_peer_id
+from app.dmq.errors import ConfigError
+from app.dmq.sip import SipUri
+from app.dmq.transaction import TimerSettings
+from app.gateway.config import GatewayConfig
+
+ENV_PREFIX = "DMQ_"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How a setting looks on the command line, beyond its name and type."""
+
+    #: The placeholder in ``--help`` (``--t1 SECONDS``); none for on/off options.
+    metavar: str = ""
+    #: The default in words, where the value itself would not say it (``64*T1``).
+    default_text: str | None = None
+
+
+#: A repeatable option: the command line repeats it, the environment lists the values
+#: separated by commas or spaces (not JSON, hence NoDecode).
+Repeated = Annotated[list[str], NoDecode]
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+
+class ServeSettings(BaseSettings):
+    """Every option of ``dmq-gateway serve``; the field name is the option's name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        # An empty DMQ_X means "not set", as a shell's `DMQ_X= dmq-gateway serve` does.
+        env_ignore_empty=True,
+        # nan passes every `<` check; refuse it (and inf) where it is typed.
+        allow_inf_nan=False,
+        extra="forbid",
+    )
+
+    server_address: Annotated[
+        str,
+        Option("URI"),
+        Field(
+            description="SIP URI this node listens on (UDP and TCP) and announces; "
+            ";transport=tcp makes the bus use TCP to reach it; the port must be explicit",
+        ),
+    ] = "sip:127.0.0.1:5060"
+    notification_address: Annotated[
+        Repeated,
+        Option("URI"),
+        Field(description="SIP URI of a node to join the bus through (repeatable)"),
+    ] = []
+    notification_channel: Annotated[
+        str,
+        Option("NAME"),
+        Field(description="peer id that carries membership messages"),
+    ] = "notification_peer"
+    multi_notify: Annotated[
+        bool,
+        Option(),
+        Field(
+            description="resolve the first notification address by DNS SRV, then A, then "
+            "AAAA, and notify every node found",
+        ),
+    ] = False
+    ping_interval: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="seconds between pings of every node (at least 1)"),
+    ] = 60.0
+    peer: Annotated[
+        Repeated,
+        Option("NAME"),
+        Field(
+            description="register a peer at start; it answers 200 and logs what it "
+            "receives (repeatable)",
+        ),
+    ] = []
+    trusted: Annotated[
+        Repeated,
+        Option("CIDR", default_text="loopback"),
+        Field(
+            description="network whose KDMQ requests are accepted, others get 403 "
+            "(repeatable); required when --server-address is not loopback",
+        ),
+    ] = []
+    t1: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="SIP timer T1: the first UDP retransmission interval"),
+    ] = 0.5
+    t2: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="SIP timer T2: the longest UDP retransmission interval"),
+    ] = 4.0
+    timer_f: Annotated[
+        float | None,
+        Option("SECONDS", default_text="64*T1"),
+        Field(description="SIP Timer F: a request unanswered this long gets a local 408"),
+    ] = None
+    max_tcp_message: Annotated[
+        int,
+        Option("BYTES"),
+        Field(description="largest SIP message accepted on a TCP connection"),
+    ] = 1_048_576
+    http: Annotated[
+        str,
+        Option("HOST:PORT"),
+        Field(
+            description="where the HTTP and WebSocket API listens; not loopback needs --api-token",
+        ),
+    ] = "127.0.0.1:8000"
+    api_token: Annotated[
+        Repeated,
+        Option("TOKEN"),
+        Field(
+            description="bearer token the API accepts, at least 8 characters (repeatable); "
+            "WebSocket clients may pass it as ?token=",
+        ),
+    ] = []
+    public_health: Annotated[
+        bool,
+        Option(),
+        Field(
+            description="answer GET /v1/health without a token, for load balancers' health checks",
+        ),
+    ] = False
+    state_dir: Annotated[
+        Path | None,
+        Option("DIR", default_text="~/.local/state/dmq-gateway/HOST_PORT"),
+        Field(description="where registered peers are kept across restarts"),
+    ] = None
+    ws_queue_limit: Annotated[
+        int,
+        Option("N"),
+        Field(
+            description="messages a WebSocket subscriber may fall behind before it is cut "
+            "off with close code 4008",
+        ),
+    ] = 1000
+    ws_deflate: Annotated[
+        bool,
+        Option(),
+        Field(
+            description="offer permessage-deflate compression to WebSocket clients (about "
+            "45 KB more memory per connection)",
+        ),
+    ] = False
+    log_level: Annotated[
+        LogLevel,
+        Option("LEVEL"),
+        Field(description="debug, info, warning or error"),
+    ] = "info"
+    log_format: Annotated[
+        LogFormat,
+        Option("FORMAT"),
+        Field(description="text, or json for one JSON object per line"),
+    ] = "text"
+    drop_rate: Annotated[
+        float,
+        Option("FRACTION"),
+        Field(
+            description="fault injection for tests only: drop this fraction of UDP "
+            "datagrams, in and out",
+        ),
+    ] = 0.0
+
+    #: The fields given on the command line; the others came from DMQ_* or defaults.
+    _from_cli: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @field_validator("notification_address", "peer", "trusted", "api_token", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        """DMQ_PEER='a, b c' is three peers; the command line gives a list already."""
+        if isinstance(value, str):
+            return value.replace(",", " ").split()
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    # ------------------------------------------------------------------ naming
+
+    def label(self, name: str) -> str:
+        """The option as the user gave it: ``--t1`` or ``DMQ_T1`` (``--t1`` if unset)."""
+        if name in self._from_cli or env_name(name) not in os.environ:
+            return flag_name(name)
+        return env_name(name)
+
+    def describe(self, error: ConfigError) -> str:
+        """One sentence for ``error``, naming the option its field comes from.
+
+        A :class:`ConfigError` without a field already is that sentence. One with a
+        field names a setting of :class:`NodeConfig` or :class:`GatewayConfig`, which
+        becomes the option that sets it (``max_stream_message`` -> ``--max-tcp-message``);
+        a field no option sets (``t4``) is left as the core named it.
+        """
+        if error.field is None:
+            return str(error)
+        option = CONFIG_FIELDS.get(error.field)
+        if option is None:
+            return str(error)
+        label = self.label(option)
+        if error.value is None:
+            return f"{label}: {error.reason}"
+        return f"{label} {_shown(error.value)}: {error.reason}"
+
+    # ------------------------------------------------------------------ building
+
+    def gateway_config(self) -> GatewayConfig:
+        """Check the options together and build the gateway's and the node's config."""
+        server = self._uri("server_address", self.server_address)
+        notification = tuple(
+            self._uri("notification_address", t) for t in self.notification_address
+        )
+        trusted = self._trusted(server)
+        for peer in self.peer:
+            if not is_valid_peer_id(peer):
+                raise ConfigError(
+                    f"{self.label('peer')} {peer!r}: a peer id is 1-128 letters, digits or "
+                    "- _ . ! ~ * ' ( )"
+                )
+            if peer == self.notification_channel:
+                raise ConfigError(
+                    f"{self.label('peer')} {peer!r}: that is the notification channel "
+                    f"({self.label('notification_channel')})"
+                )
+        # Checked here, one option at a time, so that the sentence names the option
+        # given rather than every timer at once.
+        for name in ("t1", "t2"):
+            value: float = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(
+                    f"{self.label(name)} {_shown(value)}: must be a positive number of seconds"
+                )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(
+                f"{self.label('drop_rate')} {_shown(self.drop_rate)}: must be at least 0 "
+                "and below 1"
+            )
+        if self.ws_queue_limit < 1:
+            raise ConfigError(
+                f"{self.label('ws_queue_limit')} {self.ws_queue_limit}: must be at least 1"
+            )
+        http_host, http_port = self._host_port()
+        tokens = tuple(self.api_token)
+        if any(len(token) < 8 or not token.isprintable() or " " in token for token in tokens):
+            # The token itself is a secret: not repeated in the message.
+            raise ConfigError(
+                f"{self.label('api_token')}: a token must be at least 8 printable "
+                "characters, no spaces"
+            )
+        if not tokens and not _is_loopback(http_host):
+            raise ConfigError(
+                f"{self.label('http')} {self.http} is reachable beyond this machine, but no "
+                "--api-token is set: pass --api-token (or DMQ_API_TOKEN), or bind the API "
+                "to 127.0.0.1"
+            )
+        try:
+            node = NodeConfig(
+                server_address=server,
+                notification_addresses=notification,
+                notification_channel=self.notification_channel,
+                multi_notify=self.multi_notify,
+                ping_interval=self.ping_interval,
+                timers=TimerSettings(t1=self.t1, t2=self.t2, timer_f=self.timer_f),
+                trusted=trusted,
+                max_stream_message=self.max_tcp_message,
+            )
+        except ConfigError as exc:
+            raise ConfigError(self.describe(exc)) from None
+        return GatewayConfig(
+            node=node,
+            api_tokens=tokens,
+            public_health=self.public_health,
+            state_dir=self.state_dir or _default_state_dir(server),
+            queue_limit=self.ws_queue_limit,
+            startup_peers=tuple(self.peer),
+            drop_rate=self.drop_rate,
+            http_host=http_host,
+            http_port=http_port,
+            ws_deflate=self.ws_deflate,
+            log_level=self.log_level,
+            log_format=self.log_format,
+        )
+
+    def _uri(self, name: str, text: str) -> SipUri:
+        try:
+            return SipUri.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{self.label(name)} {text!r}: not a SIP URI ({exc})") from None
+
+    def _trusted(self, server: SipUri) -> tuple[IPNetwork, ...]:
+        networks: list[IPNetwork] = []
+        for text in self.trusted:
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"{self.label('trusted')} {text!r}: not a network in CIDR form, "
+                    "e.g. 10.0.0.0/24"
+                ) from None
+        if networks:
+            return tuple(networks)
+        if not _is_loopback(server.host):
+            raise ConfigError(
+                f"{self.label('server_address')} {server} is not a loopback address, but "
+                "only loopback is trusted: pass --trusted CIDR (repeatable) for the networks "
+                "of your DMQ nodes"
+            )
+        return LOOPBACK_NETWORKS
+
+    def _host_port(self) -> tuple[str, int]:
+        host, sep, port = self.http.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"{self.label('http')} {self.http!r}: must be HOST:PORT, e.g. 127.0.0.1:8000"
+            )
+        return host, int(port)
+
+
+#: The settings of NodeConfig and GatewayConfig (as ConfigError names them) and the
+#: option that sets each.
+CONFIG_FIELDS: dict[str, str] = {
+    "server_address": "server_address",
+    "notification_addresses": "notification_address",
+    "notification_channel": "notification_channel",
+    "multi_notify": "multi_notify",
+    "ping_interval": "ping_interval",
+    "t1": "t1",
+    "t2": "t2",
+    "timer_f": "timer_f",
+    "trusted": "trusted",
+    "max_stream_message": "max_tcp_message",
+    "drop_rate": "drop_rate",
+    "api_tokens": "api_token",
+    "public_health": "public_health",
+    "state_dir": "state_dir",
+    "queue_limit": "ws_queue_limit",
+    "startup_peers": "peer",
+    "http_host": "http",
+    "http_port": "http",
+    "ws_deflate": "ws_deflate",
+    "log_level": "log_level",
+    "log_format": "log_format",
+}
+
+
+def flag_name(name: str) -> str:
+    """``ping_interval`` -> ``--ping-interval``."""
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """``ping_interval`` -> ``DMQ_PING_INTERVAL``."""
+    return ENV_PREFIX + name.upper()
+
+
+def _shown(value: object) -> str:
+    """A value as it reads in a sentence: strings quoted, numbers as typed."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_state_dir(server: SipUri) -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "dmq-gateway" / f"{server.host}_{server.effective_port}"
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def load(cli: Mapping[str, Any]) -> ServeSettings:
+    """The settings: ``cli`` (options given on the command line), then ``DMQ_*``, then
+    the defaults. A value of the wrong type raises one ConfigError sentence."""
+    try:
+        settings = ServeSettings(**cli)
+    except ValidationError as exc:
+        raise ConfigError(_type_error(exc, cli)) from None
+    settings._from_cli = frozenset(cli)
+    return settings
+
+
+def _type_error(exc: ValidationError, cli: Mapping[str, Any]) -> str:
+    """The first problem pydantic found, as one sentence naming the option."""
+    error = exc.errors()[0]
+    name = str(error["loc"][0]) if error["loc"] else ""
+    if name in cli or name not in ServeSettings.model_fields:
+        label = flag_name(name)
+    else:
+        label = env_name(name)
+    kind = error["type"]
+    if kind in ("float_parsing", "float_type"):
+        reason = "must be a number"
+    elif kind in ("int_parsing", "int_type", "int_from_float"):
+        reason = "must be a whole number"
+    elif kind == "finite_number":
+        reason = "must be a finite number"
+    elif kind in ("bool_parsing", "bool_type"):
+        reason = "must be true or false (1, yes, on or 0, no, off)"
+    elif kind == "literal_error":
+        expected = str(error.get("ctx", {}).get("expected", "")).replace("'", "")
+        reason = f"must be {expected}"
+    elif kind == "extra_forbidden":
+        return f"{label}: no such option"
+    else:
+        message = str(error["msg"])
+        reason = message[:1].lower() + message[1:]
+    return f"{label} {_shown(error.get('input'))}: {reason}"
+
+
+# ---------------------------------------------------------------------- the parser
+
+
+def _option(field: FieldInfo) -> Option:
+    for item in field.metadata:
+        if isinstance(item, Option):
+            return item
+    return Option()
+
+
+def _default_text(field: FieldInfo, option: Option) -> str:
+    if option.default_text is not None:
+        return option.default_text
+    default = field.get_default()
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None or default == []:
+        return "none"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default)
+
+
+def _is_list(field: FieldInfo) -> bool:
+    return isinstance(field.get_default(), list)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One command line option per field of :class:`ServeSettings`.
+
+    Every option defaults to None, so that :func:`from_namespace` can tell what was
+    typed from what was not (and let the environment decide the rest).
+    """
+    for name, field in ServeSettings.model_fields.items():
+        option = _option(field)
+        text = (
+            f"{field.description} (default: {_default_text(field, option)}) [env {env_name(name)}]"
+        ).replace("%", "%%")
+        if field.annotation is bool:
+            parser.add_argument(
+                flag_name(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+        elif _is_list(field):
+            parser.add_argument(
+                flag_name(name),
+                dest=name,
+                action="append",
+                default=None,
+                metavar=option.metavar,
+                help=text,
+            )
+        else:
+            parser.add_argument(
+                flag_name(name), dest=name, default=None, metavar=option.metavar, help=text
+            )
+
+
+def from_namespace(args: argparse.Namespace) -> ServeSettings:
+    """The settings from a parsed ``serve`` command line, the environment and defaults."""
+    given = {
+        name: getattr(args, name)
+        for name in ServeSettings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return load(given)
