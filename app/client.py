@@ -13,9 +13,12 @@ import argparse
 import base64
 import json
 import os
+import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -25,7 +28,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import connect
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-DEFAULT_CONTENT_TYPE = "text/plain"
 #: Seconds to wait for an answer that needs no DMQ round trip.
 HTTP_TIMEOUT = 10.0
 #: Seconds added to the longest wait a ``--wait`` request may take on the gateway.
@@ -38,10 +40,12 @@ DEFAULT_WAIT = 300.0
 class ClientError(Exception):
     """One sentence for stderr; the command exits with ``exit_code``."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, *, note: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+        #: A line printed after the error: what to do next (how to resume).
+        self.note = note
 
 
 # ---------------------------------------------------------------------- the parser
@@ -54,13 +58,18 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     group.add_argument(
         "--url",
         metavar="URL",
-        help=f"the gateway's API (default {DEFAULT_URL}) [env DMQ_URL]",
+        help=f"the gateway's API (default: {DEFAULT_URL}) [env DMQ_URL]",
     )
     group.add_argument(
-        "--token", metavar="TOKEN", help="API token, if the gateway needs one [env DMQ_API_TOKEN]"
+        "--token",
+        metavar="TOKEN",
+        help="API token, if the gateway needs one (default: the first token of "
+        "DMQ_API_TOKEN, else none) [env DMQ_API_TOKEN]",
     )
     group.add_argument(
-        "--json", action="store_true", help="print the API's JSON instead of a table"
+        "--json",
+        action="store_true",
+        help="print the API's JSON instead of a table (default: off)",
     )
 
     body = argparse.ArgumentParser(add_help=False)
@@ -71,13 +80,15 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     source.add_argument(
         "--content-type",
         metavar="CT",
-        default=DEFAULT_CONTENT_TYPE,
-        help=f"Content-Type of the KDMQ request (default {DEFAULT_CONTENT_TYPE})",
+        help="Content-Type of the KDMQ request (default: application/json if the body "
+        "parses as JSON, text/plain; charset=utf-8 if it is other UTF-8 text, "
+        "application/octet-stream otherwise; never a form encoding)",
     )
     source.add_argument(
         "--wait",
         action="store_true",
-        help="wait for every node's reply and print them; exit 1 unless all answered 2xx",
+        help="wait for every node's reply and print them; exit 1 unless all answered 2xx "
+        "(default: off, print what the gateway accepted)",
     )
     source.add_argument(
         "--timeout",
@@ -98,18 +109,25 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="list the peers registered on the gateway",
         description="List the peers registered on the gateway.",
     )
+    body_rule = (
+        " The body goes out byte for byte. Without --content-type it is sent as "
+        "application/json when it parses as JSON (Kamailio's htable, usrloc and dialog "
+        "replication speak JSON), as text/plain; charset=utf-8 when it is other UTF-8 "
+        "text, and as application/octet-stream otherwise."
+    )
     broadcast = commands.add_parser(
         "broadcast",
         parents=[common, body],
         help="send a message to a peer on every active node",
-        description="Send a message to PEER on every active node but the gateway itself.",
+        description="Send a message to PEER on every active node but the gateway itself."
+        + body_rule,
     )
     broadcast.add_argument("peer", metavar="PEER", help="the peer id, e.g. htable")
     send = commands.add_parser(
         "send",
         parents=[common, body],
         help="send a message to a peer on one node",
-        description="Send a message to PEER on one NODE, whatever its status.",
+        description="Send a message to PEER on one NODE, whatever its status." + body_rule,
     )
     send.add_argument("peer", metavar="PEER", help="the peer id, e.g. htable")
     send.add_argument("node", metavar="NODE", help="the node's SIP URI, e.g. sip:10.0.0.6:5060")
@@ -117,19 +135,32 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "subscribe",
         parents=[common],
         help="print a peer's messages as they arrive",
-        description="Print each message that arrives for PEER, until Ctrl-C or --count messages.",
+        description="Print each message that arrives for PEER, with its offset, until "
+        "Ctrl-C, --count messages or the gateway closes the subscription. When it ends, "
+        "the command that resumes where it stopped is printed to standard error "
+        "(--since N --epoch E).",
     )
     subscribe.add_argument("peer", metavar="PEER", help="the peer id, e.g. htable")
     subscribe.add_argument(
         "--since",
         metavar="N",
         type=_non_negative,
-        help="first replay the history after offset N",
+        help="first replay the history after offset N (default: none, only what arrives "
+        "from now on)",
     )
     subscribe.add_argument(
-        "--epoch", metavar="E", help="with --since: the epoch offset N belongs to"
+        "--epoch",
+        metavar="E",
+        help="with --since: the epoch offset N belongs to; if the gateway has restarted "
+        "since, a gap frame says so and the whole history is replayed (default: none, "
+        "the current epoch)",
     )
-    subscribe.add_argument("--count", metavar="N", type=_positive, help="stop after N messages")
+    subscribe.add_argument(
+        "--count",
+        metavar="N",
+        type=_positive,
+        help="stop after N messages (default: no limit)",
+    )
 
 
 def _non_negative(text: str) -> int:
@@ -154,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         return _COMMANDS[args.command](Gateway.from_args(args), args)
     except ClientError as exc:
         print(f"dmq-gateway: error: {exc.message}", file=sys.stderr)
+        if exc.note:
+            print(exc.note, file=sys.stderr)
         return exc.exit_code
 
 
@@ -330,6 +363,24 @@ def _body(args: argparse.Namespace) -> bytes:
     return sys.stdin.buffer.read()
 
 
+def guess_content_type(body: bytes) -> str:
+    """The Content-Type of a body given without one.
+
+    JSON is what Kamailio's modules replicate (htable, usrloc, dialog), so a body that
+    parses as JSON is ``application/json``; other text is plain text in UTF-8, and
+    anything else is bytes. Never a form encoding: KDMQ bodies are not forms.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    try:
+        json.loads(text)
+    except ValueError:
+        return "text/plain; charset=utf-8"
+    return "application/json"
+
+
 def _dispatch(gateway: Gateway, args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
     if args.timeout is not None and not args.wait:
         raise ClientError("--timeout only applies with --wait", exit_code=2)
@@ -340,12 +391,13 @@ def _dispatch(gateway: Gateway, args: argparse.Namespace, path: str, params: dic
         if args.timeout is not None:
             params["timeout"] = f"{args.timeout:g}"
     wait_for = (args.timeout if args.timeout is not None else DEFAULT_WAIT) + WAIT_MARGIN
+    body = _body(args)
     response = gateway.request(
         "POST",
         path,
         params=params,
-        content=_body(args),
-        content_type=args.content_type,
+        content=body,
+        content_type=args.content_type or guess_content_type(body),
         read_timeout=wait_for if args.wait else HTTP_TIMEOUT,
     )
     data = response.json()
@@ -424,13 +476,51 @@ def format_frame(frame: dict[str, Any]) -> str:
     return f"#{frame.get('offset')} from {frame.get('from')} ({content_type}): {shown}"
 
 
+@dataclass
+class Position:
+    """Where a subscription stands: all a resume needs.
+
+    ``offset`` is the last offset received (or, before any message, the one frames
+    follow from); ``epoch`` the history that offset belongs to. Both come from the
+    ``subscribed`` frame when the gateway sends one, and from every message frame.
+    """
+
+    peer: str
+    epoch: str | None = None
+    offset: int | None = None
+    #: The header line was printed (from the subscribed frame or the first message).
+    announced: bool = False
+    #: Any frame arrived: the gateway accepted the subscription.
+    confirmed: bool = False
+
+    def resume_command(self, gateway: Gateway, as_json: bool) -> str | None:
+        """The exact command that picks up after the last message received."""
+        if self.offset is None:
+            return None
+        words = ["dmq-gateway", "subscribe", self.peer, "--since", str(self.offset)]
+        if self.epoch is not None:
+            words += ["--epoch", self.epoch]
+        if gateway.url != DEFAULT_URL:
+            words += ["--url", gateway.url]
+        if as_json:
+            words.append("--json")
+        return "to resume: " + shlex.join(words)
+
+
 def cmd_subscribe(gateway: Gateway, args: argparse.Namespace) -> int:
+    if args.epoch is not None and args.since is None:
+        raise ClientError(
+            f"--epoch {args.epoch} needs --since N: an epoch only says which history the "
+            "offset N belongs to",
+            exit_code=2,
+        )
     query: dict[str, str] = {}
     if args.since is not None:
         query["since"] = str(args.since)
     if args.epoch is not None:
         query["epoch"] = args.epoch
     url = _websocket_url(gateway, args.peer, query)
+    position = Position(args.peer, epoch=args.epoch, offset=args.since)
     received = 0
     try:
         with connect(
@@ -441,9 +531,16 @@ def cmd_subscribe(gateway: Gateway, args: argparse.Namespace) -> int:
                     f"connected to {gateway.url}, waiting for {args.peer} messages (Ctrl-C stops)",
                     file=sys.stderr,
                 )
-            while args.count is None or received < args.count:
-                text = websocket.recv()
-                received += _show(text if isinstance(text, str) else text.decode(), gateway)
+            try:
+                while args.count is None or received < args.count:
+                    text = websocket.recv()
+                    frame = text if isinstance(text, str) else text.decode()
+                    received += _show(frame, gateway, position)
+            except KeyboardInterrupt:
+                _print_resume(position, gateway)
+                return 130
+            except ConnectionClosed as exc:
+                raise _closed(exc, position, gateway) from None
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status in (401, 403):
@@ -454,15 +551,20 @@ def cmd_subscribe(gateway: Gateway, args: argparse.Namespace) -> int:
         raise ClientError(
             f"the gateway at {gateway.url} refused the subscription (HTTP {status})"
         ) from None
-    except ConnectionClosed as exc:
-        return _closed(exc, args.peer)
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         raise ClientError(_cannot_connect(gateway.url, exc)) from None
+    _print_resume(position, gateway)
     return 0
 
 
-def _show(text: str, gateway: Gateway) -> int:
-    """Print one frame; 1 if it was a message, else 0."""
+def _print_resume(position: Position, gateway: Gateway) -> None:
+    command = position.resume_command(gateway, gateway.as_json)
+    if command is not None:
+        print(command, file=sys.stderr)
+
+
+def _show(text: str, gateway: Gateway, position: Position) -> int:
+    """Print one frame and follow the position; 1 if it was a message, else 0."""
     if gateway.as_json:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
@@ -470,32 +572,89 @@ def _show(text: str, gateway: Gateway) -> int:
         frame = json.loads(text)
     except ValueError:
         return 0
-    kind = frame.get("type") if isinstance(frame, dict) else None
-    if gateway.as_json:
-        return 1 if kind == "message" else 0
-    if kind == "message":
-        sys.stdout.write(format_frame(frame) + "\n")
-        sys.stdout.flush()
-        return 1
-    if kind == "gap":
-        span = f"offsets {frame.get('from')}..{frame.get('to')}"
-        print(f"gap: {frame.get('reason')} ({span}, epoch {frame.get('epoch')})", file=sys.stderr)
+    if not isinstance(frame, dict):
+        return 0
+    position.confirmed = True
+    kind = frame.get("type")
+    lines: list[str] = []
+    if kind == "subscribed":
+        position.epoch = str(frame.get("epoch"))
+        since, latest = frame.get("since"), frame.get("offset")
+        if isinstance(since, int):
+            position.offset = since
+        header = f"subscribed to {position.peer}, epoch {position.epoch}, from offset {since}"
+        if isinstance(since, int) and isinstance(latest, int) and latest > since:
+            header += f", replaying up to offset {latest}"
+        lines.append(header)
+        position.announced = True
+    elif kind == "message":
+        epoch = str(frame.get("epoch"))
+        if not position.announced or epoch != position.epoch:
+            # No subscribed frame (an older gateway): the first message tells the epoch.
+            lines.append(f"subscribed to {position.peer}, epoch {epoch}")
+            position.announced = True
+        position.epoch = epoch
+        offset = frame.get("offset")
+        if isinstance(offset, int):
+            position.offset = offset
+        lines.append(format_frame(frame))
+    elif kind == "gap":
+        lines.append(format_gap(frame))
+        if frame.get("from") is None:
+            # Another epoch: the offsets asked for mean nothing, the replay starts over.
+            position.epoch = str(frame.get("epoch"))
+            position.offset = 0
     elif kind == "error":
         print(f"error from the gateway: {frame.get('error')}", file=sys.stderr)
-    return 0
+    if not gateway.as_json and lines:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+    return 1 if kind == "message" else 0
 
 
-def _closed(exc: ConnectionClosed, peer: str) -> int:
+def format_gap(frame: dict[str, Any]) -> str:
+    """A gap frame as one readable line: what was lost, and why."""
+    reason, epoch, to = frame.get("reason"), frame.get("epoch"), frame.get("to")
+    if frame.get("from") is None:
+        lost = f"; offsets 1..{to} are no longer held" if isinstance(to, int) and to >= 1 else ""
+        return (
+            f"gap: {reason} (epoch {frame.get('client_epoch')} is gone, this is epoch "
+            f"{epoch}{lost})"
+        )
+    return f"gap: {reason} (offsets {frame.get('from')}..{to} of epoch {epoch} are lost)"
+
+
+#: Close codes that mean the gateway itself went away (stopping or restarting).
+_GATEWAY_STOPPED = {1001: "going away", 1012: "service restart"}
+
+
+def _closed(exc: ConnectionClosed, position: Position, gateway: Gateway) -> ClientError:
+    """The subscription ended from the other side: why, and how to resume."""
     close = exc.rcvd
-    if close is None:
-        raise ClientError("the connection to the gateway was lost")
-    code, reason = close.code, close.reason
+    code, reason = (close.code, close.reason) if close is not None else (None, "")
+    if code == 4008 and position.offset is None:
+        # The gateway says where to resume (since=N) even if we never saw a message.
+        found = re.search(r"since=(\d+)", reason)
+        if found:
+            position.offset = int(found.group(1))
+    if code == 4004 and not position.confirmed:
+        # Never subscribed: there is nothing to resume.
+        return ClientError(reason or f"no peer {position.peer!r} is registered")
+    note = position.resume_command(gateway, gateway.as_json)
+    if code is None:
+        return ClientError("the connection to the gateway was lost", note=note)
     if code == 4004:
-        raise ClientError(reason or f"no peer {peer!r} is registered")
+        return ClientError(reason or f"peer {position.peer!r} was unregistered", note=note)
     if code == 4008:
-        raise ClientError(f"the gateway cut this subscriber off: {reason}")
-    raise ClientError(
-        f"the gateway closed the subscription ({code}{': ' + reason if reason else ''})"
+        return ClientError(f"the gateway cut this subscriber off: {reason}", note=note)
+    if code in _GATEWAY_STOPPED:
+        return ClientError(
+            f"the gateway at {gateway.url} stopped ({code}, {reason or _GATEWAY_STOPPED[code]})",
+            note=note,
+        )
+    return ClientError(
+        f"the gateway closed the subscription ({code}{': ' + reason if reason else ''})",
+        note=note,
     )
 
 

@@ -397,7 +397,7 @@ def _shown(value: object) -> str:
         return repr(value)
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, tuple | list):
+    if isinstance(value, tuple | list) and not isinstance(value, SipUri):
         return ", ".join(str(item) for item in value)
     return str(value)
 

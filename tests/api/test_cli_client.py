@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import queue
+import shlex
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -125,10 +131,35 @@ def test_broadcast_reaches_a_subscriber(pair: Pair, capsys: pytest.CaptureFixtur
             subscriber.kill()
             subscriber.wait(10)
     assert subscriber.returncode == 0, stderr
-    first, second = stdout.splitlines()
-    assert first.startswith("#") and first.endswith(f" from {pair.b.uri} (text/plain): k=v\\nx")
-    assert second.endswith(f" from {pair.b.uri} (text/plain): 2")
-    assert int(second.split()[0][1:]) == int(first.split()[0][1:]) + 1
+    header, first, second = stdout.splitlines()
+    epoch = peer_state(pair.a)["epoch"]
+    # With or without the gateway's subscribed frame, the epoch heads the output.
+    assert header.startswith(f"subscribed to {PEER}, epoch {epoch}")
+    # No --content-type: text that is not JSON goes as UTF-8 text, JSON as JSON.
+    assert first.startswith("#")
+    assert first.endswith(f" from {pair.b.uri} (text/plain; charset=utf-8): k=v\\nx")
+    assert second.endswith(f" from {pair.b.uri} (application/json): 2")
+    last = int(second.split()[0][1:])
+    assert last == int(first.split()[0][1:]) + 1
+    assert stderr.splitlines()[-1] == (
+        f"to resume: dmq-gateway subscribe {PEER} --since {last} --epoch {epoch} --url {pair.a.url}"
+    )
+
+
+def peer_state(gateway: ServeProcess, peer: str = PEER) -> dict[str, Any]:
+    state: dict[str, Any] = httpx.get(f"{gateway.url}/v1/peers/{peer}").json()
+    return state
+
+
+def frames_of(out: str) -> list[dict[str, Any]]:
+    """The frames of ``subscribe --json``, checking the subscribed frame if it is there
+    (the gateway sends it first on every subscription; an older one does not)."""
+    frames = [json.loads(line) for line in out.splitlines()]
+    if frames and frames[0]["type"] == "subscribed":
+        subscribed = frames.pop(0)
+        assert set(subscribed) >= {"peer", "epoch", "offset", "since"}
+        assert all(frame["type"] != "subscribed" for frame in frames)
+    return frames
 
 
 def test_subscribe_json_replays_with_a_gap_frame(
@@ -156,7 +187,7 @@ def test_subscribe_json_replays_with_a_gap_frame(
         "--json",
     )
     assert code == 0, err
-    gap, *messages = (json.loads(line) for line in out.splitlines())
+    gap, *messages = frames_of(out)
     assert GapFrame.model_validate(gap).client_epoch == "elsewhere"
     frames = [MessageFrame.model_validate(message) for message in messages]
     assert [frame.offset for frame in frames] == list(range(1, offset + 1))
@@ -228,13 +259,15 @@ def test_body_from_stdin_and_file(
     args = ["subscribe", PEER, "--url", pair.a.url, "--since", since, "--count", "2", "--json"]
     code, out, err = run(capsys, *args)
     assert code == 0, err
-    binary, text = (MessageFrame.model_validate_json(line) for line in out.splitlines())
+    binary, text = (MessageFrame.model_validate(frame) for frame in frames_of(out))
     assert (binary.encoding, base64.b64decode(binary.body)) == ("base64", b"\x00\xff binary")
     assert (text.encoding, text.body) == (None, "from stdin")
     assert text.content_type == "application/octet-stream"
     code, out, err = run(capsys, *args[:-1])  # readable: binary bodies shown as base64
     assert code == 0, err
-    assert out.splitlines()[0].endswith("<9 bytes, base64: AP8gYmluYXJ5>")
+    header, binary_line, _ = out.splitlines()
+    assert header.startswith(f"subscribed to {PEER}, epoch {text.epoch}")
+    assert binary_line.endswith("<9 bytes, base64: AP8gYmluYXJ5>")
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -243,3 +276,169 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["subscribe", PEER, "--count", "0"])
     assert exited.value.code == 2
+    assert "'0' is not a whole number >= 1" in capsys.readouterr().err
+    code, out, err = run(capsys, "subscribe", PEER, "--epoch", "3f2a")
+    assert (code, out) == (2, "")
+    assert err == (
+        "dmq-gateway: error: --epoch 3f2a needs --since N: an epoch only says which history "
+        "the offset N belongs to\n"
+    )
+
+
+# ---------------------------------------------------------------------- resuming
+
+
+class StdoutLines:
+    """A client process's standard output, one line at a time, each within a deadline."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        self.lines: queue.Queue[str] = queue.Queue()
+        stream = process.stdout
+        threading.Thread(
+            target=lambda: [self.lines.put(line) for line in stream], daemon=True
+        ).start()
+
+    def next(self, timeout: float = 15.0) -> str:
+        try:
+            return self.lines.get(timeout=timeout).rstrip("\n")
+        except queue.Empty:
+            raise AssertionError(f"no line on stdout within {timeout} s") from None
+
+
+def resume_words(err: str) -> list[str]:
+    """The command ``subscribe`` printed last to resume, as words without the program."""
+    last = err.splitlines()[-1]
+    assert last.startswith("to resume: dmq-gateway subscribe "), err
+    return shlex.split(last.removeprefix("to resume: "))[1:]
+
+
+def send_to_a(pair: Pair, capsys: pytest.CaptureFixture[str], body: str, peer: str = PEER) -> None:
+    code, _, err = run(
+        capsys, "send", peer, pair.a.uri, "--url", pair.b.url, "--data", body, "--wait"
+    )
+    assert code == 0, err
+
+
+def test_the_resume_command_picks_up_after_the_last_message(
+    pair: Pair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for body in ("one", "two", "three"):
+        send_to_a(pair, capsys, body)
+    state = peer_state(pair.a)
+    offset, epoch = state["offset"], state["epoch"]
+    since = str(offset - 3)
+    code, out, err = run(
+        capsys, "subscribe", PEER, "--url", pair.a.url, "--since", since, "--count", "1"
+    )
+    assert code == 0, err
+    header, line = out.splitlines()
+    assert header.startswith(f"subscribed to {PEER}, epoch {epoch}")
+    assert line.startswith(f"#{offset - 2} from ") and line.endswith(": one")
+    words = resume_words(err)
+    assert words == [
+        *("subscribe", PEER, "--since", str(offset - 2)),
+        *("--epoch", epoch, "--url", pair.a.url),
+    ]
+    # The printed command, run as printed: the next message, no gap, no duplicate.
+    code, out, err = run(capsys, *words, "--count", "2", "--json")
+    assert code == 0, err
+    frames = frames_of(out)
+    assert [frame["type"] for frame in frames] == ["message", "message"]
+    assert [(f["offset"], f["body"]) for f in frames] == [(offset - 1, "two"), (offset, "three")]
+    assert resume_words(err) == [
+        *("subscribe", PEER, "--since", str(offset), "--epoch", epoch),
+        *("--url", pair.a.url, "--json"),
+    ]
+
+
+def test_ctrl_c_prints_the_resume_command(pair: Pair, capsys: pytest.CaptureFixture[str]) -> None:
+    send_to_a(pair, capsys, "before ctrl-c")
+    state = peer_state(pair.a)
+    since = str(state["offset"] - 1)
+    subscriber = client_process("subscribe", PEER, "--url", pair.a.url, "--since", since)
+    try:
+        lines = StdoutLines(subscriber)
+        assert lines.next().startswith(f"subscribed to {PEER}, epoch {state['epoch']}")
+        assert lines.next().endswith(": before ctrl-c")
+        os.kill(subscriber.pid, signal.SIGINT)
+        assert subscriber.wait(15) == 130
+        assert subscriber.stderr is not None
+        err = subscriber.stderr.read()
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.wait(10)
+    assert "Traceback" not in err
+    assert resume_words(err) == [
+        *("subscribe", PEER, "--since", str(state["offset"]), "--epoch", state["epoch"]),
+        *("--url", pair.a.url),
+    ]
+
+
+def test_unregistering_the_peer_ends_the_subscription_with_a_resume_command(
+    pair: Pair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    peer = "short-lived"
+    assert httpx.put(f"{pair.a.url}/v1/peers/{peer}", json={}).status_code == 201
+    send_to_a(pair, capsys, "last words", peer=peer)
+    subscriber = client_process("subscribe", peer, "--url", pair.a.url, "--since", "0")
+    try:
+        lines = StdoutLines(subscriber)
+        epoch = peer_state(pair.a, peer)["epoch"]
+        assert lines.next().startswith(f"subscribed to {peer}, epoch {epoch}")
+        assert lines.next() == f"#1 from {pair.b.uri} (text/plain; charset=utf-8): last words"
+        assert httpx.delete(f"{pair.a.url}/v1/peers/{peer}").status_code == 204
+        assert subscriber.wait(15) == 1
+        assert subscriber.stderr is not None
+        err = subscriber.stderr.read()
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.wait(10)
+    assert err.splitlines()[-2] == f"dmq-gateway: error: peer {peer!r} was unregistered"
+    assert resume_words(err) == [
+        *("subscribe", peer, "--since", "1", "--epoch", epoch, "--url", pair.a.url)
+    ]
+
+
+def test_a_stopping_gateway_ends_the_subscription_with_a_resume_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its own two gateways: this one stops the gateway the client subscribed to."""
+    c = ServeProcess(tmp_path, name="c")
+    d = ServeProcess(tmp_path, name="d", notify=[c.uri])
+    subscriber: subprocess.Popen[str] | None = None
+    try:
+        c.start()
+        assert httpx.put(f"{c.url}/v1/peers/{PEER}", json={}).status_code == 201
+        d.start()
+        subscriber = client_process("subscribe", PEER, "--url", c.url, "--json")
+        deadline = time.monotonic() + 10
+        while peer_state(c)["subscribers"] < 1:
+            assert time.monotonic() < deadline, "the subscriber never subscribed"
+            time.sleep(0.05)
+        epoch = peer_state(c)["epoch"]
+        lines = StdoutLines(subscriber)
+        code, _, err = run(capsys, "send", PEER, c.uri, "--url", d.url, "--data", "{}", "--wait")
+        assert code == 0, err
+        frame = json.loads(lines.next())
+        if frame["type"] == "subscribed":
+            assert (frame["epoch"], frame["since"]) == (epoch, 0)
+            frame = json.loads(lines.next())
+        assert (frame["type"], frame["offset"], frame["body"]) == ("message", 1, "{}")
+        assert frame["content_type"] == "application/json"
+        c.stop()
+        assert subscriber.wait(15) == 1
+        assert subscriber.stderr is not None
+        err = subscriber.stderr.read()
+    finally:
+        if subscriber is not None and subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.wait(10)
+        d.stop()
+        c.stop()
+    assert err.splitlines()[-2].startswith(f"dmq-gateway: error: the gateway at {c.url} stopped (")
+    assert resume_words(err) == [
+        *("subscribe", PEER, "--since", "1", "--epoch", epoch, "--url", c.url, "--json")
+    ]
