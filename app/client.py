@@ -4,7 +4,12 @@
 and lines, or the API's JSON with ``--json``. The gateway is found with ``--url`` (env
 ``DMQ_URL``, default ``http://127.0.0.1:8000``) and authenticated with ``--token`` (env
 ``DMQ_API_TOKEN``). An error prints one line to stderr (the API's problem ``detail``)
-and exits 1.
+and exits 1; a usage error exits 2.
+
+``subscribe`` tracks the epoch and the last offset it received, and however the
+subscription ends (Ctrl-C, ``--count``, the gateway closing it) prints to stderr the
+exact ``subscribe PEER --since N --epoch E`` command that resumes with no gap and no
+duplicate.
 """
 
 from __future__ import annotations
@@ -535,12 +540,12 @@ def cmd_subscribe(gateway: Gateway, args: argparse.Namespace) -> int:
                 while args.count is None or received < args.count:
                     text = websocket.recv()
                     frame = text if isinstance(text, str) else text.decode()
-                    received += _show(frame, gateway, position)
+                    received += show_frame(frame, gateway, position)
             except KeyboardInterrupt:
                 _print_resume(position, gateway)
                 return 130
             except ConnectionClosed as exc:
-                raise _closed(exc, position, gateway) from None
+                raise close_error(exc, position, gateway) from None
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status in (401, 403):
@@ -563,7 +568,7 @@ def _print_resume(position: Position, gateway: Gateway) -> None:
         print(command, file=sys.stderr)
 
 
-def _show(text: str, gateway: Gateway, position: Position) -> int:
+def show_frame(text: str, gateway: Gateway, position: Position) -> int:
     """Print one frame and follow the position; 1 if it was a message, else 0."""
     if gateway.as_json:
         sys.stdout.write(text + "\n")
@@ -628,7 +633,7 @@ def format_gap(frame: dict[str, Any]) -> str:
 _GATEWAY_STOPPED = {1001: "going away", 1012: "service restart"}
 
 
-def _closed(exc: ConnectionClosed, position: Position, gateway: Gateway) -> ClientError:
+def close_error(exc: ConnectionClosed, position: Position, gateway: Gateway) -> ClientError:
     """The subscription ended from the other side: why, and how to resume."""
     close = exc.rcvd
     code, reason = (close.code, close.reason) if close is not None else (None, "")
