@@ -6,12 +6,8 @@ import os
 
 import pytest
 
-from tests.interop.kamailio import (
-    KamailioNodeFactory,
-    Transport,
-    parse_kamcmd_output,
-    wait_until,
-)
+from harness.kamailio import KamailioNodeFactory, Transport, parse_kamcmd_output
+from harness.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
