@@ -7,11 +7,11 @@ address, server and notification address, ctl socket in the node's work dir. It 
 ``kamailio`` in the foreground as a child process in its own session and talks to it
 with ``kamcmd``. Everything listens on 127.0.0.1 only.
 
-Typical use::
+Typical use (``free_port`` from :mod:`harness.ports`, ``wait_until`` from
+:mod:`harness.waiting`)::
 
     a = KamailioNode(tmp_path / "a", free_port())
     b = KamailioNode(tmp_path / "b", free_port(), notification_addresses=[a.server_address])
-    # (free_port from harness.ports, wait_until from harness.waiting)
     with a, b:
         wait_until(lambda: len(b.active_peers()) == 1, 10, "b sees a")
         a.htable_sets("ht", "greeting", "hello")

@@ -1,4 +1,4 @@
-"""Fixtures for interop tests against real Kamailio nodes (see kamailio.py)."""
+"""Fixtures for interop tests against real Kamailio nodes (see harness/kamailio.py)."""
 
 from __future__ import annotations
 
