@@ -1,26 +1,42 @@
 # Everything a fresh machine with Python 3.11+ and make needs: `make run`, `make test`.
+# `make help` lists the targets.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What running needs (the package alone), and what the tests and benchmarks add.
+RUN_STAMP := $(VENV)/.run-installed
 STAMP := $(VENV)/.installed
+DEMO := .demo
+LINTED := app harness tests bench
 
-.PHONY: run test lint bench openapi clean
+.DEFAULT_GOAL := help
+.PHONY: help run test lint bench bench-kdmq bench-e2e bench-fanout openapi demo demo-stop clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $(STAMP)
 
-## run: a DMQ node on sip:127.0.0.1:5060 (a bus of one) on defaults
-run: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+## help: list the targets
+help:
+	@sed -n 's/^## \([^:]*\): \(.*\)/\1\t\2/p' $(MAKEFILE_LIST) | expand -t 16
+
+## run: a DMQ node on sip:127.0.0.1:5060 (a bus of one), API on :8000; ARGS='...' adds options
+run: $(RUN_STAMP)
 	$(BIN)/dmq-gateway serve $(ARGS)
 
-## lint: ruff (lint + format check) and mypy --strict
+## lint: ruff (lint + format check), mypy --strict on app and harness
 lint: $(STAMP)
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
-	$(BIN)/mypy app
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy app harness
 
 ## test: lint, then the whole suite (interop tests need the kamailio package)
 test: lint
@@ -30,9 +46,58 @@ test: lint
 openapi: $(STAMP)
 	$(BIN)/python -m app.api.openapi_export
 
-## bench: the KDMQ throughput benchmark, ours vs Kamailio (needs kamailio and sipp)
-bench: $(STAMP)
-	$(BIN)/python -m bench.kdmq_throughput
+## bench: every benchmark, one after the other; results in bench/results/
+bench: bench-kdmq bench-e2e bench-fanout
 
+## bench-kdmq: KDMQ throughput, ours vs Kamailio (needs kamailio and sipp)
+bench-kdmq: $(STAMP)
+	$(BIN)/python -m bench.kdmq_throughput $(BENCH_ARGS)
+
+## bench-e2e: HTTP POST on one gateway to a WebSocket subscriber on another
+bench-e2e: $(STAMP)
+	$(BIN)/python -m bench.gateway_e2e $(BENCH_ARGS)
+
+## bench-fanout: WebSocket fan-out, the gateway vs a bare websockets server
+bench-fanout: $(STAMP)
+	$(BIN)/python -m bench.ws_fanout $(BENCH_ARGS)
+
+# Exits 0 when GET /v1/health answers 200 on every port given (a readiness probe).
+export HEALTHY := import sys, urllib.request as r; [r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1) for p in sys.argv[1:]]
+
+## demo: two gateways on one bus in the background (SIP 5070/5072, HTTP 8070/8072, .demo/)
+demo: $(RUN_STAMP)
+	@mkdir -p $(DEMO)
+	@for name in a b; do \
+	    if [ -f $(DEMO)/$$name.pid ] && kill -0 "$$(cat $(DEMO)/$$name.pid)" 2>/dev/null; then \
+	        echo "demo gateway $$name is already running (pid $$(cat $(DEMO)/$$name.pid)); make demo-stop"; \
+	        exit 1; \
+	    fi; \
+	done
+	$(BIN)/dmq-gateway serve --server-address sip:127.0.0.1:5070 --http 127.0.0.1:8070 \
+	    --state-dir $(DEMO)/a >$(DEMO)/a.log 2>&1 & echo $$! >$(DEMO)/a.pid
+	$(BIN)/dmq-gateway serve --server-address sip:127.0.0.1:5072 --http 127.0.0.1:8072 \
+	    --state-dir $(DEMO)/b --notification-address sip:127.0.0.1:5070 \
+	    >$(DEMO)/b.log 2>&1 & echo $$! >$(DEMO)/b.pid
+	@for i in $$(seq 100); do \
+	    $(BIN)/python -c "$$HEALTHY" 8070 8072 2>/dev/null && exit 0; sleep 0.2; \
+	 done; echo "the demo gateways did not answer in 20 s: see $(DEMO)/a.log, $(DEMO)/b.log"; exit 1
+	@echo "gateway A: sip:127.0.0.1:5070 http://127.0.0.1:8070 (log $(DEMO)/a.log, pid $$(cat $(DEMO)/a.pid))"
+	@echo "gateway B: sip:127.0.0.1:5072 http://127.0.0.1:8072 (log $(DEMO)/b.log, pid $$(cat $(DEMO)/b.pid))"
+	@echo "stop both with: make demo-stop"
+
+## demo-stop: stop the demo gateways by their pids (each leaves the bus gracefully)
+demo-stop:
+	@for name in b a; do \
+	    pidfile=$(DEMO)/$$name.pid; \
+	    [ -f $$pidfile ] || continue; \
+	    pid=$$(cat $$pidfile); \
+	    if kill -TERM "$$pid" 2>/dev/null; then \
+	        for i in $$(seq 50); do kill -0 "$$pid" 2>/dev/null || break; sleep 0.2; done; \
+	        echo "stopped demo gateway $$name (pid $$pid)"; \
+	    fi; \
+	    rm -f $$pidfile; \
+	done
+
+## clean: remove the virtualenv, caches and the demo's state
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache .hypothesis

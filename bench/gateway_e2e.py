@@ -5,7 +5,7 @@ Run from the repository root::
     python -m bench.gateway_e2e                 # the full run (defaults below)
     python -m bench.gateway_e2e --light-count 300 --steps 500,1000 --step-seconds 2  # a check
 
-Set-up: two gateways run as subprocesses of this script (``python -m app.cli serve``,
+Set-up: two gateways run as subprocesses of this script (``dmq-gateway serve``,
 ``--log-level warning``, each with a fresh ``--state-dir``); B joins the bus through A
 (``--notification-address``). A peer ``bench`` (``reply: auto``, history 100) is
 registered on B with ``PUT /v1/peers/bench``, and this process holds ONE WebSocket
@@ -40,7 +40,7 @@ What is measured, and how:
   the offered rate; the highest passing step is ``highest_sustained_rate``. Steps stop
   after the first failure unless ``--keep-going``.
 * per phase: CPU seconds and % of one core used by A, B, this process (the subscriber)
-  and the senders (/proc/PID/stat, os.times), ``cpu_saturated`` naming what ran at
+  and the senders (psutil, os.times), ``cpu_saturated`` naming what ran at
   >= 85 % of its capacity (a gateway or the subscriber: one core; the senders: one core
   each; ``machine``: all our processes together against every core; ``contended``:
   the machine's CPU pressure, some task waiting for a CPU, at >= 25 %), the POSTs' own
@@ -58,17 +58,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,24 +75,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-PEER = "bench"
-PACKAGES = (
-    "dmq-gateway",
-    "fastapi",
-    "starlette",
-    "uvicorn",
-    "websockets",
-    "uvloop",
-    "httptools",
-    "httpx",
-    "h11",
-    "pydantic",
-    "matplotlib",
+from bench.common import (
+    RESULTS,
+    bench_gateway,
+    cpu_pressure,
+    machine_info,
+    peer_info,
+    percentile,
+    process_cpu_seconds,
+    process_rss_kb,
+    register_peer,
+    rnd,
+    run_async,
+    self_cpu_seconds,
+    udp_drops,
+    wait_joined,
 )
+from harness.gateway import Gateway
+
+PEER = "bench"
 
 # httpcore 1.0 runs `import sniffio` on every request to tell asyncio from trio; without
 # sniffio installed each of those failed imports scans sys.path again (several stat calls,
@@ -104,292 +101,6 @@ PACKAGES = (
 # at once, with the same outcome (asyncio).
 if importlib.util.find_spec("sniffio") is None:
     sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
-
-# --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A port free on loopback for both UDP and TCP (SIP listens on both)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free loopback port")
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of one process, from /proc/PID/stat."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def proc_rss_kb(pid: int) -> int | None:
-    """VmRSS of one process in KB, from /proc/PID/status."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def self_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
-def udp_drops(port: int) -> int | None:
-    """Kernel drop counter of the UDP socket bound to 127.0.0.1:port (/proc/net/udp)."""
-    try:
-        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split()
-        if len(parts) > 12 and parts[1].endswith(f":{port:04X}"):
-            return int(parts[-1])
-    return None
-
-
-def cpu_pressure() -> float | None:
-    """The machine's CPU pressure: % of the last 10 s some runnable task waited for a CPU."""
-    try:
-        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    for part in first.split():
-        if part.startswith("avg10="):
-            return float(part[6:])
-    return None
-
-
-def percentile(sorted_values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def rnd(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def machine_info() -> dict[str, Any]:
-    """Where and with what a run was made."""
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": list(os.getloadavg()),
-        "cpu_pressure_at_start": cpu_pressure(),
-        "clock": time.get_clock_info("perf_counter").implementation,
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError, ValueError):
-        info["memory_total_kb"] = int(Path("/proc/meminfo").read_text().split()[1])
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    info["packages"] = versions
-    info["git_commit"] = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", "app")
-    info["git_app_modified"] = None if status is None else bool(status)
-    return info
-
-
-def event_loop_factory() -> Any:
-    """uvloop's loop factory when uvloop is installed, else None (the default loop)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def run_async(coro: Any) -> Any:
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(coro)
-
-
-class Gateway:
-    """One ``python -m app.cli serve`` subprocess on loopback, stopped by its pid."""
-
-    def __init__(
-        self,
-        name: str,
-        workdir: Path,
-        *,
-        notify: Gateway | None = None,
-        queue_limit: int | None = None,
-        log_level: str = "warning",
-        extra: Sequence[str] = (),
-    ) -> None:
-        self.name = name
-        self.sip_port = free_port()
-        self.http_port = free_port()
-        self.state_dir = workdir / f"state-{name}"
-        self.log_path = workdir / f"gateway-{name}.log"
-        self.args = [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "serve",
-            "--server-address",
-            f"sip:127.0.0.1:{self.sip_port}",
-            "--http",
-            f"127.0.0.1:{self.http_port}",
-            "--state-dir",
-            str(self.state_dir),
-            "--log-level",
-            log_level,
-        ]
-        if notify is not None:
-            self.args += ["--notification-address", notify.sip_uri]
-        if queue_limit is not None:
-            self.args += ["--ws-queue-limit", str(queue_limit)]
-        self.args += list(extra)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def sip_uri(self) -> str:
-        return f"sip:127.0.0.1:{self.sip_port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def ws_url(self, peer: str) -> str:
-        return f"ws://127.0.0.1:{self.http_port}/v1/peers/{peer}/subscribe"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.args,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a ^C reaches us only; we stop it by pid
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"gateway {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if (
-                    httpx.get(
-                        self.base_url + "/v1/health", timeout=1.0, trust_env=False
-                    ).status_code
-                    == 200
-                ):
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway {self.name} not answering:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def health(self) -> dict[str, Any]:
-        response = httpx.get(self.base_url + "/v1/health", timeout=5.0, trust_env=False)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def register_peer(self, peer: str, history: int = 100) -> None:
-        response = httpx.put(
-            f"{self.base_url}/v1/peers/{peer}",
-            json={"reply": "auto", "history": history, "description": "benchmark"},
-            timeout=5.0,
-            trust_env=False,
-        )
-        if response.status_code not in (200, 201):
-            raise RuntimeError(f"PUT peer {peer} on {self.name}: {response.status_code}")
-
-    def peer_info(self, peer: str) -> dict[str, Any]:
-        response = httpx.get(f"{self.base_url}/v1/peers/{peer}", timeout=5.0, trust_env=False)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def cpu_seconds(self) -> float | None:
-        return proc_cpu_seconds(self.pid)
-
-    def rss_kb(self) -> int | None:
-        return proc_rss_kb(self.pid)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> int | None:
-        """SIGTERM (a graceful leave), then SIGKILL after 10 s; return the exit code."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return None if proc is None else proc.returncode
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            return proc.wait(timeout=10)
-
-
-def wait_joined(gateways: Sequence[Gateway], others: int, timeout: float = 20.0) -> None:
-    """Until every gateway holds ``others`` other nodes as active."""
-    deadline = time.monotonic() + timeout
-    while True:
-        counts = [g.health()["active_nodes"] for g in gateways]
-        if all(c >= others for c in counts):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"bus not formed after {timeout} s: active nodes {counts}")
-        time.sleep(0.1)
-
 
 # --------------------------------------------------------------------------- the run
 
@@ -732,7 +443,7 @@ class Senders:
     def cpu_seconds(self) -> float | None:
         if not self.procs:
             return None
-        values = [proc_cpu_seconds(pid) for pid in self.pids]
+        values = [process_cpu_seconds(pid) for pid in self.pids]
         return None if any(v is None for v in values) else sum(v or 0.0 for v in values)
 
     async def offer(self, first: int, count: int, rate: float) -> SendStats:
@@ -797,8 +508,8 @@ class Bench:
     def cpu_now(self) -> dict[str, float | None]:
         assert self.senders is not None
         return {
-            "A": self.a.cpu_seconds(),
-            "B": self.b.cpu_seconds(),
+            "A": process_cpu_seconds(self.a.pid),
+            "B": process_cpu_seconds(self.b.pid),
             "bench": self_cpu_seconds(),
             "senders": self.senders.cpu_seconds(),
         }
@@ -882,13 +593,15 @@ class Bench:
         from websockets.asyncio.client import connect
 
         args = self.args
-        self.senders = Senders(args, f"{self.a.base_url}/v1/peers/{PEER}/broadcast")
+        self.senders = Senders(args, f"{self.a.url}/v1/peers/{PEER}/broadcast")
         report: dict[str, Any] = {
             "websockets_client": importlib.metadata.version("websockets"),
             "sender_pids": self.senders.pids,
         }
         try:
-            ws = await connect(self.b.ws_url(PEER), max_queue=1024, open_timeout=10)
+            ws = await connect(
+                f"{self.b.ws_url}/v1/peers/{PEER}/subscribe", max_queue=1024, open_timeout=10
+            )
             self.sub.extensions = (
                 ws.response.headers.get("Sec-WebSocket-Extensions") if ws.response else None
             )
@@ -1142,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "keep_going": args.keep_going,
         },
         "method": {
-            "topology": "gateway A and gateway B as subprocesses (python -m app.cli serve, "
+            "topology": "gateway A and gateway B as subprocesses (dmq-gateway serve, "
             "--log-level warning), B joined through A, KDMQ over UDP on loopback; peer "
             f"{PEER!r} (reply auto) on B; one WebSocket subscriber on B in this process",
             "load": "raw HTTP/1.1 client POST /v1/peers/bench/broadcast on A, keep-alive, "
@@ -1158,21 +871,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateways: list[Gateway] = []
     code = 0
     try:
-        a = Gateway("A", workdir)
+        a = bench_gateway("A", workdir)
         gateways.append(a)
         a.start()
-        b = Gateway("B", workdir, notify=a, queue_limit=args.ws_queue_limit)
+        b = bench_gateway("B", workdir, notify=[a], queue_limit=args.ws_queue_limit)
         gateways.append(b)
         b.start()
         wait_joined([a, b], 1)
-        b.register_peer(PEER, history=100)
+        register_peer(b, PEER, history=100)
         report["gateways"] = {
-            g.name: {"sip": g.sip_uri, "http": g.base_url, "args": g.args[2:]} for g in gateways
+            g.name: {"sip": g.uri, "http": g.url, "args": g.args[1:]} for g in gateways
         }
-        log(f"A {a.sip_uri} {a.base_url}; B {b.sip_uri} {b.base_url}; subscriber on B")
+        log(f"A {a.uri} {a.url}; B {b.uri} {b.url}; subscriber on B")
         report.update(run_async(Bench(args, a, b).run()))
-        report["peer_on_b"] = b.peer_info(PEER)
-        report["rss_kb"] = {g.name: g.rss_kb() for g in gateways}
+        report["peer_on_b"] = peer_info(b, PEER)
+        report["rss_kb"] = {g.name: process_rss_kb(g.pid) for g in gateways}
     except Exception as exc:
         code = 1
         report["error"] = f"{type(exc).__name__}: {exc}"

@@ -60,17 +60,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import itertools
 import json
 import math
-import os
-import platform
 import re
 import resource
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -84,12 +80,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tests.interop.kamailio import (
-    KamailioNode,
-    free_port,
-    kamailio_available,
-    kamailio_version,
-)
+from bench.common import bench_gateway, group_cpu_seconds, percentile, udp_drops
+from bench.common import machine_info as common_machine_info
+from harness.kamailio import KamailioNode, kamailio_available, kamailio_version
+from harness.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = REPO / "bench" / "scenarios" / "kdmq_htable_set.xml"
@@ -115,42 +109,13 @@ class Target(Protocol):
     def after_run(self) -> dict[str, Any]: ...
 
 
-def _group_cpu_seconds(pgid: int) -> float:
-    """utime+stime of every live process in process group ``pgid`` (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2 :].split()
-        if len(rest) > 12 and int(rest[2]) == pgid:
-            total += int(rest[11]) + int(rest[12])
-    return total / tick
-
-
-def udp_drops(port: int) -> int | None:
-    """The kernel's drop counter of the UDP socket bound to HOST:port, if any."""
-    needle = f"{socket.inet_aton(HOST)[::-1].hex().upper()}:{port:04X}"
-    found = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
-            cols = line.split()
-            if len(cols) >= 13 and cols[1] == needle:
-                found = (found or 0) + int(cols[12])
-    return found
-
-
 class KamailioTarget:
     def __init__(self, workdir: Path, children: int) -> None:
-        self.port = free_port("udp")
+        self.port = free_port()
         self.node = KamailioNode(workdir, self.port, children=children)
 
     def cpu_seconds(self) -> float:
-        return _group_cpu_seconds(self.node.pid)
+        return group_cpu_seconds(self.node.pid)
 
     def stop(self) -> None:
         self.node.stop()
@@ -160,7 +125,7 @@ class KamailioTarget:
             "version": kamailio_version(),
             "udp_children": self.node.children,
             "dmq_workers": self.node.dmq_workers or 2,
-            "config": "tests/interop/kamailio.py (dmq + htable, ht=>size=8, -m 64 -M 8)",
+            "config": "examples/kamailio/kamailio.cfg (dmq + htable, ht=>size=8, -m 64 -M 8)",
         }
 
     def after_run(self) -> dict[str, Any]:
@@ -172,56 +137,26 @@ class KamailioTarget:
         }
 
 
-OURS_COMMAND = (
-    "{python} -m app.cli serve --server-address sip:{host}:{port} --peer htable --log-level warning"
-)
+#: Options of ``dmq-gateway serve`` besides its addresses and state directory.
+OURS_OPTIONS = "--peer htable"
 
 
 class OursTarget:
-    """Our node, as a subprocess in its own session; ``command`` is a template."""
+    """Our node (:func:`bench.common.bench_gateway`), started in a session of its own."""
 
-    def __init__(
-        self, workdir: Path, command: str = OURS_COMMAND, startup_timeout: float = 20.0
-    ) -> None:
-        self.port = free_port("udp")
-        self.log_path = workdir / "dmq-gateway.log"
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.cmd = [
-            part.format(python=sys.executable, host=HOST, port=self.port)
-            for part in shlex.split(command)
-        ]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.cmd,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            wait_answering(self.port, startup_timeout, self.proc, self.log_path)
-        except BaseException:
-            self.stop()
-            raise
+    def __init__(self, workdir: Path, options: str = OURS_OPTIONS) -> None:
+        self.gateway = bench_gateway("ours", workdir, extra=shlex.split(options))
+        self.gateway.start()
+        self.port = self.gateway.sip_port
 
     def cpu_seconds(self) -> float:
-        return _group_cpu_seconds(self.proc.pid)
+        return group_cpu_seconds(self.gateway.pid)
 
     def stop(self) -> None:
-        if self.proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        self.gateway.stop()
 
     def describe(self) -> dict[str, Any]:
-        return {"command": " ".join(self.cmd[1:]), "python": sys.version.split()[0]}
+        return {"command": " ".join(self.gateway.args[1:]), "python": sys.version.split()[0]}
 
     def after_run(self) -> dict[str, Any]:
         return {}
@@ -388,14 +323,6 @@ class RunResult:
     checks: dict[str, Any] = field(default_factory=dict)
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile of already sorted values."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(pct / 100.0 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def rtt_freq_for(requests: int, cap: int = 1000) -> int:
     """Largest divisor of ``requests`` not above ``cap``: sipp only writes full batches."""
     for freq in range(min(cap, requests), 0, -1):
@@ -473,7 +400,7 @@ def run_sipp(
         "-i",
         HOST,
         "-p",
-        str(free_port("udp")),
+        str(free_port()),
         "-t",
         "u1",
         "-m",
@@ -577,7 +504,7 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
             raise
         return target
     if name == "ours":
-        return OursTarget(workdir, args.ours_command)
+        return OursTarget(workdir, args.ours_options)
     raise ValueError(f"unknown target {name!r}")
 
 
@@ -636,17 +563,8 @@ def bench_level(
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+    """The common description, plus the versions of Kamailio and sipp."""
+    info = common_machine_info()
     info["kamailio"] = kamailio_version() if kamailio_available() else None
     sipp = shutil.which("sipp")
     if sipp:
@@ -745,10 +663,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(closed loop) and/or rate (see the module docstring)",
     )
     parser.add_argument(
-        "--ours-command",
-        default=OURS_COMMAND,
-        help="command line of our node; {python}, {host} and {port} are substituted "
-        "(default: %(default)s)",
+        "--ours-options",
+        default=OURS_OPTIONS,
+        help="options of our node's dmq-gateway serve, besides its addresses and state "
+        "directory (default: %(default)s)",
     )
     parser.add_argument(
         "--no-probe", action="store_true", help="no precise latency probe next to sipp"

@@ -8,7 +8,7 @@ Run from the repository root::
 
 Two servers are measured in the same run, each in its own process:
 
-* ``gateway``: ``python -m app.cli serve`` (gateway A, ``--log-level warning``) with a
+* ``gateway``: ``dmq-gateway serve`` (gateway A, ``--log-level warning``) with a
   peer ``fanout`` (``reply: auto``, registered with ``PUT /v1/peers/fanout``); the
   subscribers connect to ``/v1/peers/fanout/subscribe``.
 * ``bare``: ``websockets.asyncio.server.serve`` on uvloop when installed, with
@@ -52,12 +52,12 @@ What is measured, and how:
   ``cpu_ratio_bare_over_gateway`` = bare's / gateway's.
 * memory per idle connection: on a fresh server, after a warm-up (a few connections and
   messages, then closed) and ``--settle`` seconds, VmRSS of the server process
-  (/proc/PID/status) is read, ``--idle-connections`` subscriptions are opened and left
+  (psutil) is read, ``--idle-connections`` subscriptions are opened and left
   idle, the server is checked to hold them all, and after ``--settle`` seconds VmRSS is
   read again: (after - before) / connections, in KB (of 1024 bytes, as VmRSS). The
   reference is Centrifugo's ~27-30 KB per connection; the target is below it.
 * CPU: seconds and % of one core used by the server and by the client processes during
-  each level (from /proc/PID/stat), and the machine's CPU pressure (/proc/pressure/cpu),
+  each level (from psutil), and the machine's CPU pressure (/proc/pressure/cpu),
   so that a client-bound or contended run shows as such.
 
 Writes ``OUT/ws-fanout.json`` and ``OUT/ws-fanout.png`` (OUT defaults to bench/results).
@@ -85,18 +85,21 @@ from typing import Any
 
 import httpx
 
-from bench.gateway_e2e import (
+from bench.common import (
     RESULTS,
-    Gateway,
+    bench_gateway,
     cpu_pressure,
     machine_info,
-    offer,
-    proc_cpu_seconds,
-    proc_rss_kb,
+    peer_info,
+    process_cpu_seconds,
+    process_rss_kb,
+    register_peer,
     rnd,
     run_async,
     wait_joined,
 )
+from bench.gateway_e2e import offer
+from harness.gateway import Gateway
 
 PEER = "fanout"
 CENTRIFUGO_KB = 27.0
@@ -214,7 +217,7 @@ class DmqInjector:
     """POST /v1/peers/PEER/broadcast on gateway B, as fast as ``window`` POSTs in flight allow."""
 
     def __init__(self, b: Gateway, body_size: int) -> None:
-        self.url = f"{b.base_url}/v1/peers/{PEER}/broadcast"
+        self.url = f"{b.url}/v1/peers/{PEER}/broadcast"
         self.body_size = body_size
         self.sent = 0
 
@@ -395,13 +398,15 @@ class GatewayServer:
         # The gateway offers permessage-deflate only with --ws-deflate (off by default);
         # in the deflate mode it is turned on so that both servers compress alike.
         extra = ["--ws-deflate"] if compression == "deflate" else []
-        self.a = Gateway("A", workdir, queue_limit=max(1000, args.messages + 100), extra=extra)
+        self.a = bench_gateway(
+            "A", workdir, queue_limit=max(1000, args.messages + 100), extra=extra
+        )
         self.b: Gateway | None = None
         self.a.start()
         try:
-            self.a.register_peer(PEER, history=args.history)
+            register_peer(self.a, PEER, history=args.history)
             if args.inject == "dmq":
-                self.b = Gateway("B", workdir, notify=self.a)
+                self.b = bench_gateway("B", workdir, notify=[self.a])
                 self.b.start()
                 wait_joined([self.a, self.b], 1)
         except Exception:
@@ -415,16 +420,16 @@ class GatewayServer:
 
     @property
     def url(self) -> str:
-        return self.a.ws_url(PEER)
+        return f"{self.a.ws_url}/v1/peers/{PEER}/subscribe"
 
     def subscribers(self) -> int:
-        return int(self.a.peer_info(PEER)["subscribers"])
+        return int(peer_info(self.a, PEER)["subscribers"])
 
     def describe(self) -> dict[str, Any]:
         return {
-            "server": "python -m app.cli serve (uvicorn, websockets-sansio, uvloop if installed)",
-            "args": self.a.args[2:],
-            "b_args": self.b.args[2:] if self.b else None,
+            "server": "dmq-gateway serve (uvicorn, websockets-sansio, uvloop if installed)",
+            "args": self.a.args[1:],
+            "b_args": self.b.args[1:] if self.b else None,
         }
 
     def stop(self) -> None:
@@ -604,7 +609,7 @@ class Clients:
         return [p.pid for p in self.procs if p.pid is not None]
 
     def cpu_seconds(self) -> float:
-        return sum(proc_cpu_seconds(pid) or 0.0 for pid in self.pids)
+        return sum(process_cpu_seconds(pid) or 0.0 for pid in self.pids)
 
     def arm(self, target: int, timeout: float, idle: float) -> None:
         for conn in self.conns:
@@ -667,12 +672,12 @@ def measure_memory(
     finally:
         warm.close()
     time.sleep(args.settle)
-    before = proc_rss_kb(server.pid)
+    before = process_rss_kb(server.pid)
     clients = Clients(server.url, args.idle_connections, args.client_procs, compression, args)
     try:
         held = wait_subscribers(server, clients.connected)
         time.sleep(args.settle)
-        after = proc_rss_kb(server.pid)
+        after = process_rss_kb(server.pid)
     finally:
         clients.close()
     per = None
@@ -698,12 +703,12 @@ def measure_level(
         held = wait_subscribers(server, clients.connected)
         time.sleep(min(args.settle, 1.0))
         clients.arm(args.messages, args.level_timeout, args.idle_timeout)
-        cpu0 = (proc_cpu_seconds(server.pid), clients.cpu_seconds())
+        cpu0 = (process_cpu_seconds(server.pid), clients.cpu_seconds())
         wall0 = time.perf_counter()
         injected = injector.inject(args.messages, args.window)
         reports = clients.results(args.level_timeout)
         wall1 = time.perf_counter()
-        cpu1 = (proc_cpu_seconds(server.pid), clients.cpu_seconds())
+        cpu1 = (process_cpu_seconds(server.pid), clients.cpu_seconds())
         pressure = cpu_pressure()
     finally:
         clients.close()
@@ -799,7 +804,7 @@ def run_mode(compression: str, args: argparse.Namespace, workdir: Path) -> dict[
             else:
                 injectors[kind] = UdpInjector(server.udp_port, PEER, args.body_size)
                 entry["injection"] = "udp: KDMQ requests from this process, counted 200s"
-            entry["rss_at_start_kb"] = proc_rss_kb(server.pid)
+            entry["rss_at_start_kb"] = process_rss_kb(server.pid)
             samples[kind] = {level: [] for level in args.level_list}
         if args.idle_connections:
             for kind, server in list(servers.items()):
@@ -833,7 +838,7 @@ def run_mode(compression: str, args: argparse.Namespace, workdir: Path) -> dict[
                         f"{result['clients_cpu_pct']}"
                     )
         for kind, server in servers.items():
-            run["targets"][kind]["rss_at_end_kb"] = proc_rss_kb(server.pid)
+            run["targets"][kind]["rss_at_end_kb"] = process_rss_kb(server.pid)
     finally:
         for injector in injectors.values():
             injector.close()

@@ -19,16 +19,16 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from app import cli
-from tests.api.serve_process import ServeProcess, clean_env, dmq_gateway_command
-from tests.support.ports import free_port
+from harness.gateway import Gateway, clean_env, gateway_command
+from harness.ports import free_port
 
 TOKEN = "secret-token-1"
 PEER = "auth-test"
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    served = ServeProcess(tmp_path_factory.mktemp("auth"), tokens=[TOKEN]).start()
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    served = Gateway("auth", tmp_path_factory.mktemp("auth"), tokens=[TOKEN]).start()
     try:
         response = httpx.put(
             f"{served.url}/v1/peers/{PEER}", json={}, headers=served.headers, timeout=5
@@ -54,39 +54,39 @@ def assert_unauthorized(response: httpx.Response) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/health", "/v1/nodes", "/v1/peers", "/metrics"])
-def test_missing_token_is_401_problem(gateway: ServeProcess, path: str) -> None:
+def test_missing_token_is_401_problem(gateway: Gateway, path: str) -> None:
     assert_unauthorized(httpx.get(gateway.url + path, timeout=5))
 
 
-def test_wrong_token_is_401(gateway: ServeProcess) -> None:
+def test_wrong_token_is_401(gateway: Gateway) -> None:
     assert_unauthorized(httpx.get(f"{gateway.url}/v1/nodes", headers=bearer("wrong-token-1")))
     # A right token under another scheme is no bearer token either.
     response = httpx.get(f"{gateway.url}/v1/nodes", headers={"Authorization": f"Basic {TOKEN}"})
     assert_unauthorized(response)
 
 
-def test_writes_need_the_token_too(gateway: ServeProcess) -> None:
+def test_writes_need_the_token_too(gateway: Gateway) -> None:
     assert_unauthorized(httpx.put(f"{gateway.url}/v1/peers/other", json={}))
     assert_unauthorized(httpx.post(f"{gateway.url}/v1/peers/{PEER}/broadcast", content=b"x"))
     assert_unauthorized(httpx.delete(f"{gateway.url}/v1/peers/{PEER}"))
     assert httpx.get(f"{gateway.url}/v1/peers/other", headers=bearer(TOKEN)).status_code == 404
 
 
-def test_right_token_is_200(gateway: ServeProcess) -> None:
+def test_right_token_is_200(gateway: Gateway) -> None:
     response = httpx.get(f"{gateway.url}/v1/health", headers=bearer(TOKEN), timeout=5)
     assert response.status_code == 200
     assert response.json()["node"] == gateway.uri
     assert httpx.get(f"{gateway.url}/v1/nodes", headers=bearer(TOKEN)).status_code == 200
 
 
-def subscribers(gateway: ServeProcess) -> int:
+def subscribers(gateway: Gateway) -> int:
     response = httpx.get(f"{gateway.url}/v1/peers/{PEER}", headers=bearer(TOKEN), timeout=5)
     assert response.status_code == 200
     count: int = response.json()["subscribers"]
     return count
 
 
-def assert_subscribed(gateway: ServeProcess, websocket: ClientConnection) -> None:
+def assert_subscribed(gateway: Gateway, websocket: ClientConnection) -> None:
     """The handshake succeeded and the gateway counts this client as a subscriber."""
     deadline = time.monotonic() + 5
     while subscribers(gateway) < 1:
@@ -96,7 +96,7 @@ def assert_subscribed(gateway: ServeProcess, websocket: ClientConnection) -> Non
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-1"])
-def test_websocket_without_the_token_is_refused(gateway: ServeProcess, token: str | None) -> None:
+def test_websocket_without_the_token_is_refused(gateway: Gateway, token: str | None) -> None:
     url = f"{gateway.ws_url}/v1/peers/{PEER}/subscribe"
     if token is not None:
         url += f"?token={token}"
@@ -105,20 +105,20 @@ def test_websocket_without_the_token_is_refused(gateway: ServeProcess, token: st
     assert refused.value.response.status_code == 403
 
 
-def test_websocket_with_query_token(gateway: ServeProcess) -> None:
+def test_websocket_with_query_token(gateway: Gateway) -> None:
     url = f"{gateway.ws_url}/v1/peers/{PEER}/subscribe?token={TOKEN}"
     with connect(url, open_timeout=5) as websocket:
         assert_subscribed(gateway, websocket)
 
 
-def test_websocket_with_bearer_header(gateway: ServeProcess) -> None:
+def test_websocket_with_bearer_header(gateway: Gateway) -> None:
     url = f"{gateway.ws_url}/v1/peers/{PEER}/subscribe"
     with connect(url, additional_headers=bearer(TOKEN), open_timeout=5) as websocket:
         assert_subscribed(gateway, websocket)
 
 
 def test_cli_client_sends_the_token(
-    gateway: ServeProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("DMQ_API_TOKEN", raising=False)
     assert cli.main(["nodes", "--url", gateway.url]) == 1
@@ -136,7 +136,7 @@ def test_cli_client_sends_the_token(
 
 
 def run_serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [*dmq_gateway_command(), "serve", "--state-dir", str(tmp_path / "state"), *args]
+    command = [*gateway_command(), "serve", "--state-dir", str(tmp_path / "state"), *args]
     return subprocess.run(
         command,
         capture_output=True,

@@ -22,23 +22,23 @@ import pytest
 
 from app import cli
 from app.api.schemas import GapFrame, MessageFrame
-from tests.api.serve_process import ServeProcess, clean_env, dmq_gateway_command
-from tests.support.ports import free_port
+from harness.gateway import Gateway, clean_env, gateway_command
+from harness.ports import free_port
 
 PEER = "htable"
 
 
 @dataclass(frozen=True)
 class Pair:
-    a: ServeProcess
-    b: ServeProcess
+    a: Gateway
+    b: Gateway
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     workdir = tmp_path_factory.mktemp("cli")
-    a = ServeProcess(workdir, name="a")
-    b = ServeProcess(workdir, name="b", notify=[a.uri])
+    a = Gateway("a", workdir)
+    b = Gateway("b", workdir, notify=[a])
     try:
         a.start()
         response = httpx.put(f"{a.url}/v1/peers/{PEER}", json={"description": "cli test"})
@@ -68,7 +68,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 def client_process(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*dmq_gateway_command(), *args],
+        [*gateway_command(), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -242,7 +242,7 @@ def test_body_from_stdin_and_file(
     for extra, stdin in ((["--file", str(body)], ""), ([], "from stdin")):
         result = subprocess.run(
             [
-                *dmq_gateway_command(),
+                *gateway_command(),
                 *("send", PEER, pair.a.uri, "--url", pair.b.url, "--wait"),
                 *("--content-type", "application/octet-stream", *extra),
             ],

@@ -29,8 +29,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from app.dmq.sip import MAX_UDP_MESSAGE
-from tests.api.gateway_procs import Gateway, dump_logs_on_failure, running, wait_for
-from tests.support.ports import free_port
+from harness.gateway import Gateway
+from harness.ports import free_port
+from harness.waiting import wait_until
+from tests.api.gateway_procs import dump_logs_on_failure, running
 
 #: B's --ws-queue-limit.
 QUEUE_LIMIT = 50
@@ -61,7 +63,7 @@ class Cluster:
 
     def wait_bus(self, timeout: float = 15.0) -> None:
         try:
-            wait_for(self.bus_complete, timeout, "A, B and C to hold each other as active")
+            wait_until(self.bus_complete, timeout, "A, B and C to hold each other as active")
         except AssertionError as exc:
             logs = "\n".join(f"--- {g.name}:\n{g.log_tail()}" for g in (self.a, self.b, self.c))
             raise AssertionError(f"{exc}; their logs end:\n{logs}") from None

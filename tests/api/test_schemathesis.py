@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.dmq.sip import SipUri
-from tests.api.serve_process import ServeProcess
+from harness.gateway import Gateway
 
 OPENAPI_JSON = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 PEERS = ("htable", "alpha")
@@ -60,15 +60,15 @@ schema = schemathesis.openapi.from_path(OPENAPI_JSON, config=CONFIG)
 
 @dataclass(frozen=True)
 class Bus:
-    under_test: ServeProcess
-    other: ServeProcess
+    under_test: Gateway
+    other: Gateway
 
 
 @pytest.fixture(scope="module")
 def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
     workdir = tmp_path_factory.mktemp("schemathesis")
-    under_test = ServeProcess(workdir, name="under-test")
-    other = ServeProcess(workdir, name="other", notify=[under_test.uri])
+    under_test = Gateway("under-test", workdir)
+    other = Gateway("other", workdir, notify=[under_test])
     try:
         under_test.start()
         other.start()
@@ -80,7 +80,7 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
         under_test.stop()
 
 
-def ensure_peers(gateway: ServeProcess) -> None:
+def ensure_peers(gateway: Gateway) -> None:
     for peer in PEERS:
         response = httpx.put(f"{gateway.url}/v1/peers/{peer}", json={}, timeout=5)
         assert response.status_code in (200, 201), response.text

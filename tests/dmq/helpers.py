@@ -23,16 +23,34 @@ FAST_TIMERS = TimerSettings(t1=0.5, t2=4.0, t4=5.0)
 
 
 def vectors_dir() -> Path:
-    """Kamailio's captured messages: ``$DMQ_VECTORS_DIR``, or the shared directory next
-    to the repository."""
+    """Kamailio's captured messages: ``$DMQ_VECTORS_DIR``, or ``tests/dmq/vectors``.
+
+    The captures live in the repository, byte-exact (``.gitattributes`` keeps git from
+    touching their CRLF line ends), so a fresh clone tests the codec against them.
+    """
     override = os.environ.get("DMQ_VECTORS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).parents[3] / "shared/dmq-protocol/vectors"
+    return Path(__file__).parent / "vectors"
 
 
-VECTOR_FILES = sorted(vectors_dir().glob("*.sip"))
-VECTORS = {path.name: path.read_bytes() for path in VECTOR_FILES}
+def load_vectors(directory: Path) -> dict[str, bytes]:
+    """Every ``*.sip`` capture in ``directory`` by file name, in name order.
+
+    An empty set is an error, not an empty result: the tests parametrized over the
+    vectors would otherwise vanish from the run instead of failing.
+    """
+    files = sorted(directory.glob("*.sip"))
+    if not files:
+        raise RuntimeError(
+            f"no Kamailio vectors (*.sip) in {directory}: "
+            "restore tests/dmq/vectors or point DMQ_VECTORS_DIR at a directory of captures"
+        )
+    return {path.name: path.read_bytes() for path in files}
+
+
+VECTORS = load_vectors(vectors_dir())
+VECTOR_FILES = [vectors_dir() / name for name in VECTORS]
 
 #: Bytes that matter to the parser, for insertion into otherwise valid messages.
 INTERESTING = [

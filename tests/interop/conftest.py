@@ -1,4 +1,4 @@
-"""Fixtures for interop tests against real Kamailio nodes (see kamailio.py)."""
+"""Fixtures for interop tests against real Kamailio nodes (see harness/kamailio.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.kamailio import (
+from harness.kamailio import (
     KamailioNode,
     KamailioNodeFactory,
     Transport,
-    free_port,
     kamailio_available,
     stop_all,
 )
+from harness.ports import free_port
 
 KAMAILIO_MISSING = "kamailio is not installed (apt-get install kamailio)"
 
@@ -59,7 +59,7 @@ def kamailio_node(kamailio_required: None, tmp_path: Path) -> Iterator[KamailioN
     ) -> KamailioNode:
         node = KamailioNode(
             tmp_path / f"kamailio-{len(nodes)}",
-            port if port is not None else free_port(transport),
+            port if port is not None else free_port(),
             transport=transport,
             notification_addresses=notification_addresses,
             ping_interval=ping_interval,

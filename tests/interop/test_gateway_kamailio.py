@@ -17,8 +17,10 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests.api.gateway_procs import Gateway, dump_logs_on_failure, running
-from tests.interop.kamailio import KamailioNode, KamailioNodeFactory, Transport, wait_until
+from harness.gateway import Gateway
+from harness.kamailio import KamailioNode, KamailioNodeFactory, Transport
+from harness.waiting import wait_until
+from tests.api.gateway_procs import dump_logs_on_failure, running
 
 pytestmark = [
     pytest.mark.interop,

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
-from tests.interop.kamailio import (
+from harness.kamailio import (
+    EXAMPLE_CONFIG,
+    KAMAILIO,
     KamailioNodeFactory,
     Transport,
+    _binary,
     parse_kamcmd_output,
-    wait_until,
 )
+from harness.waiting import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -87,3 +91,20 @@ def test_parse_kamcmd_output_handles_nested_structs_and_arrays() -> None:
         {"host": "127.0.0.1", "item": {"name": "x"}},
         "plain",
     ]
+
+
+@pytest.mark.usefixtures("kamailio_required")
+def test_the_example_configuration_is_valid_as_shipped() -> None:
+    """``kamailio -c`` accepts examples/kamailio/kamailio.cfg with its own defaults,
+    as a user starts it (the tests run it with -A defines)."""
+    result = subprocess.run(
+        [_binary(KAMAILIO), "-c", "-f", str(EXAMPLE_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "config file ok" in output
+    assert "]:5060" in output.partition("Listening on")[2], output

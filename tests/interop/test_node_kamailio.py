@@ -2,7 +2,7 @@
 
 Kamailio runs with its shortest timers (``ping_interval`` 5 s, its minimum, and tm's
 ``fr_timer`` 2 s); our node runs in its own process (:mod:`tests.support.procs`) with
-a 1 s ping interval and FAST_OPTIONS. Every wait is on a condition, never a bare sleep.
+a 1 s ping interval and FAST_TIMERS. Every wait is on a condition, never a bare sleep.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.interop.kamailio import (
-    KamailioNode,
-    KamailioNodeFactory,
-    Transport,
-    free_port,
-    wait_until,
-)
+from harness.kamailio import KamailioNode, KamailioNodeFactory, Transport
+from harness.ports import free_port
+from harness.waiting import wait_until
 from tests.support.procs import NodeProcess
 
 pytestmark = [
@@ -54,7 +50,7 @@ def our_node(tmp_path: Path) -> Iterator[OurNodeFactory]:
 
     def make(transport: Transport, notify: Sequence[str] = ()) -> NodeProcess:
         node = NodeProcess(
-            free_port("tcp"),  # our node listens on UDP and TCP whatever its transport
+            free_port(),  # our node listens on UDP and TCP whatever its transport
             transport=transport,
             notify=list(notify),
             peers=("htable",),

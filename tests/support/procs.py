@@ -12,26 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness.gateway import FAST_TIMERS
+
 ROOT = Path(__file__).resolve().parents[2]
-
-#: Timers short enough for tests: retransmit from 50 ms, give up after 1 s.
-FAST_OPTIONS = ["--t1", "0.05", "--t2", "0.2", "--timer-f", "1.0"]
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` every 20 ms until it is truthy; fail the test with ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class NodeProcess:
@@ -66,7 +52,7 @@ class NodeProcess:
             str(ping_interval),
             "--log-level",
             "info",
-            *FAST_OPTIONS,
+            *FAST_TIMERS,
         ]
         for address in notify or []:
             args += ["--notification-address", address]

@@ -5,7 +5,7 @@ sockets) driven over JSON lines by :class:`~tests.support.procs.NodeProcess`. B 
 join through A. Every test runs once per transport; over TCP every server address (and
 so every notification address) carries ``;transport=tcp``.
 
-Timers are the harness's FAST_OPTIONS (T1 50 ms, T2 200 ms, Timer F 1 s) with pings
+Timers are the harness's FAST_TIMERS (T1 50 ms, T2 200 ms, Timer F 1 s) with pings
 every second, unless a test says otherwise. Nothing sleeps blindly: every wait is a
 ``wait_until`` on something the nodes report.
 """
@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.ports import free_port
-from tests.support.procs import NodeProcess, wait_until
+from harness.ports import free_port
+from harness.waiting import wait_until
+from tests.support.procs import NodeProcess
 
 PING_INTERVAL = 1.0
-#: Timer F of FAST_OPTIONS.
+#: Timer F of FAST_TIMERS.
 TIMER_F = 1.0
 #: Room for the event loops, the pipes and a busy 2-core machine on top of the
 #: protocol's own bound.
@@ -203,7 +204,7 @@ def test_broadcast_reaches_each_node_once_and_send_only_its_node(cluster: Cluste
 SENDS = 1000
 #: Timer F = 64*T1 = Timer J (3.2 s), as RFC 3261 has it, and T2 100 ms. With 20 %
 #: loss at each of the four sockets a request and its answer get through in one try
-#: with probability 0.8**4 = 0.41; FAST_OPTIONS (Timer F 1 s, 7 tries) leave about 2.5 %
+#: with probability 0.8**4 = 0.41; FAST_TIMERS (Timer F 1 s, 7 tries) leave about 2.5 %
 #: of the sends without an answer (a local 408), which is what Timer F is for, not
 #: what this test is about. A Timer F longer than Timer J would let a late
 #: retransmission reach a server that has forgotten the transaction: a duplicate.

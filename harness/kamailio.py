@@ -1,11 +1,14 @@
 """Run real Kamailio DMQ nodes on loopback, for interop tests and benchmarks.
 
-A :class:`KamailioNode` writes a minimal Kamailio configuration (dmq + htable
-replicated over DMQ, ctl with binrpc on a unix socket in the node's work dir),
-starts ``kamailio`` in the foreground as a child process in its own session, and
-talks to it with ``kamcmd``.  Everything listens on 127.0.0.1 only.
+A :class:`KamailioNode` runs ``examples/kamailio/kamailio.cfg`` (dmq + htable "ht"
+replicated over DMQ), the very file a user starts from, with its settings given as
+``-A NAME=VALUE`` defines on the command line (the file's documented way): listen
+address, server and notification address, ctl socket in the node's work dir. It starts
+``kamailio`` in the foreground as a child process in its own session and talks to it
+with ``kamcmd``. Everything listens on 127.0.0.1 only.
 
-Typical use::
+Typical use (``free_port`` from :mod:`harness.ports`, ``wait_until`` from
+:mod:`harness.waiting`)::
 
     a = KamailioNode(tmp_path / "a", free_port())
     b = KamailioNode(tmp_path / "b", free_port(), notification_addresses=[a.server_address])
@@ -22,15 +25,16 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypedDict
+
+import psutil
 
 __all__ = [
     "DmqNodeInfo",
@@ -39,12 +43,10 @@ __all__ = [
     "KamailioNodeFactory",
     "KamcmdError",
     "Transport",
-    "free_port",
     "kamailio_available",
     "kamailio_version",
     "parse_kamcmd_output",
     "stop_all",
-    "wait_until",
 ]
 
 Transport = Literal["udp", "tcp"]
@@ -54,8 +56,11 @@ KAMCMD = "kamcmd"
 LOOPBACK = "127.0.0.1"
 DEFAULT_TABLE = "ht"
 
-# Where distribution packages put the modules. If none of these exists, mpath is not
-# set and Kamailio uses its compiled-in module path.
+#: The configuration every node runs: the example users start from.
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "kamailio" / "kamailio.cfg"
+
+# Where distribution packages put the modules. If none of these exists, no -L is
+# given and Kamailio uses its compiled-in module path.
 _DEBIAN_MODULE_DIRS = (
     Path("/usr/lib/x86_64-linux-gnu/kamailio/modules"),
     Path("/usr/lib/aarch64-linux-gnu/kamailio/modules"),
@@ -132,52 +137,6 @@ def kamailio_version() -> str:
         if line.startswith("version:"):
             return line.removeprefix("version:").strip()
     return out.strip().splitlines()[0] if out.strip() else "unknown"
-
-
-_handed_out: set[int] = set()
-_handed_out_lock = threading.Lock()
-
-
-def free_port(transport: str = "udp") -> int:
-    """A port that is currently free on 127.0.0.1.
-
-    ``transport="udp"`` checks UDP only; ``"tcp"`` checks TCP *and* UDP, because a
-    Kamailio node with a TCP server address listens on both. Ports already handed
-    out by this process are not handed out again, so several can be taken before
-    any of them is bound. (Another process may still grab a port in between: that
-    race is inherent to the approach.)
-    """
-    if transport not in ("udp", "tcp"):
-        raise ValueError(f"transport must be 'udp' or 'tcp', not {transport!r}")
-    kinds = (socket.SOCK_DGRAM,) if transport == "udp" else (socket.SOCK_STREAM, socket.SOCK_DGRAM)
-    for _ in range(200):
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(socket.socket(socket.AF_INET, kinds[0]))
-            first.bind((LOOPBACK, 0))
-            port: int = first.getsockname()[1]
-            try:
-                for kind in kinds[1:]:
-                    other = stack.enter_context(socket.socket(socket.AF_INET, kind))
-                    other.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        with _handed_out_lock:
-            if port in _handed_out:
-                continue
-            _handed_out.add(port)
-        return port
-    raise KamailioError(f"could not find a free {transport} port on {LOOPBACK}")
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``cond`` every 50 ms until it is true; AssertionError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # A parsed kamcmd value: scalars stay strings, structs become dicts, arrays lists.
@@ -294,7 +253,6 @@ class KamailioNode:
         children: int = 8,
         dmq_workers: int | None = None,
         log_level: int = 2,
-        extra_config: str = "",
         startup_timeout: float = 15.0,
         autostart: bool = True,
     ) -> None:
@@ -302,6 +260,8 @@ class KamailioNode:
             raise ValueError(f"transport must be 'udp' or 'tcp', not {transport!r}")
         if ping_interval < 5:
             raise ValueError("Kamailio's minimum ping_interval is 5 s")
+        if len(notification_addresses) > 1:
+            raise ValueError("Kamailio 5.6 takes one notification address")
         self.workdir = Path(workdir).resolve()
         self.port = port
         self.transport: Transport = transport
@@ -312,11 +272,9 @@ class KamailioNode:
         self.children = children
         self.dmq_workers = dmq_workers
         self.log_level = log_level
-        self.extra_config = extra_config
         self.startup_timeout = startup_timeout
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cfg_path = self.workdir / "kamailio.cfg"
         self.log_path = self.workdir / "kamailio.log"
         self._sock_tmpdir: Path | None = None
         sock = self.workdir / "ctl.sock"
@@ -357,109 +315,49 @@ class KamailioNode:
 
     # ------------------------------------------------------------------- config
 
-    def config_text(self) -> str:
-        """The Kamailio configuration this node runs with."""
-        listen = [f"listen=udp:{LOOPBACK}:{self.port}"]
-        if self.transport == "tcp":
-            listen.append(f"listen=tcp:{LOOPBACK}:{self.port}")
-        mpath = next((d for d in _DEBIAN_MODULE_DIRS if d.is_dir()), None)
-        lines = [
-            "#!KAMAILIO",
-            f"# generated by tests/interop/kamailio.py for {self.server_address}",
-            f"debug={self.log_level}",
-            "log_stderror=yes",
-            f"children={self.children}",
-            "auto_aliases=no",
-            "dns=no",
-            "rev_dns=no",
-            "dns_try_ipv6=no",
-            "use_dns_cache=no",
-            "sip_warning=no",
-            "disable_tcp=" + ("no" if self.transport == "tcp" else "yes"),
+    def defines(self) -> list[str]:
+        """The ``-A NAME=VALUE`` defines that set up :data:`EXAMPLE_CONFIG` for this node."""
+        listen = f"{LOOPBACK}:{self.port}"
+        defines = [
+            f"LISTEN=udp:{listen}",
+            f'SERVER_ADDRESS="{self.server_address}"',
+            f'CTL_SOCKET="unixs:{self.ctl_socket}"',
+            f"PING_INTERVAL={self.ping_interval}",
+            f"FR_TIMER={self.fr_timer_ms}",
+            f"CHILDREN={self.children}",
+            f"DEBUG_LEVEL={self.log_level}",
         ]
         if self.transport == "tcp":
-            lines.append(f"tcp_children={max(2, self.children // 2)}")
-        lines += listen
-        if mpath is not None:
-            lines.append(f'mpath="{mpath}/"')
-        lines += [
-            "",
-            'loadmodule "tm.so"',
-            'loadmodule "sl.so"',
-            'loadmodule "pv.so"',
-            'loadmodule "kex.so"',
-            'loadmodule "textops.so"',
-            'loadmodule "ctl.so"',
-            'loadmodule "jsonrpcs.so"',
-            'loadmodule "dmq.so"',  # must be loaded before htable
-            'loadmodule "htable.so"',
-            "",
-            f'modparam("ctl", "binrpc", "unixs:{self.ctl_socket}")',
-            'modparam("jsonrpcs", "transport", 2)',
-            f'modparam("jsonrpcs", "fifo_name", "{self.workdir / "rpc.fifo"}")',
-            f'modparam("tm", "fr_timer", {self.fr_timer_ms})',
-            f'modparam("dmq", "server_address", "{self.server_address}")',
-        ]
-        lines += [
-            f'modparam("dmq", "notification_address", "{addr}")'
-            for addr in self.notification_addresses
-        ]
-        lines.append(f'modparam("dmq", "ping_interval", {self.ping_interval})')
-        if self.multi_notify is not None:
-            lines.append(f'modparam("dmq", "multi_notify", {int(self.multi_notify)})')
+            defines += ["WITH_TCP", f"LISTEN_TCP=tcp:{listen}"]
+        if self.notification_addresses:
+            defines.append(f'NOTIFICATION_ADDRESS="{self.notification_addresses[0]}"')
+        else:
+            defines.append("SEED_NODE")
         if self.dmq_workers is not None:
-            lines.append(f'modparam("dmq", "num_workers", {self.dmq_workers})')
-        lines += [
-            'modparam("htable", "enable_dmq", 1)',
-            'modparam("htable", "dmq_init_sync", 1)',
-            f'modparam("htable", "htable", "{DEFAULT_TABLE}=>size=8;autoexpire=0;dmqreplicate=1;")',
-            "",
-            self.extra_config,
-            "",
-            "request_route {",
-            '\tif (is_method("KDMQ")) {',
-            "\t\tdmq_handle_message();",
-            "\t\texit;",
-            "\t}",
-            '\tif (is_method("ACK")) {',
-            "\t\texit;",
-            "\t}",
-            '\tif (is_method("OPTIONS")) {',
-            '\t\tsl_send_reply("200", "OK");',
-            "\t\texit;",
-            "\t}",
-            '\tappend_to_reply("Allow: KDMQ, OPTIONS\\r\\n");',
-            '\tsl_send_reply("405", "Method Not Allowed");',
-            "\texit;",
-            "}",
-            "",
-        ]
-        return "\n".join(lines)
+            defines.append(f"DMQ_WORKERS={self.dmq_workers}")
+        if self.multi_notify:
+            defines.append("MULTI_NOTIFY")
+        return defines
+
+    def command(self) -> list[str]:
+        """The kamailio command line: foreground, logging to stderr, 64 MB shared memory."""
+        cmd = [_binary(KAMAILIO), "-DD", "-E", "-f", str(EXAMPLE_CONFIG)]
+        module_dir = next((d for d in _DEBIAN_MODULE_DIRS if d.is_dir()), None)
+        if module_dir is not None:
+            cmd += ["-L", str(module_dir)]
+        for define in self.defines():
+            cmd += ["-A", define]
+        return [*cmd, "-w", str(self.workdir), "-Y", str(self.workdir), "-m", "64", "-M", "8"]
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Write the config, start Kamailio and wait until its ctl socket answers."""
+        """Start Kamailio on the example configuration; wait until its ctl socket answers."""
         if self._proc is not None:
             raise KamailioError(f"{self!r} was already started")
-        self.cfg_path.write_text(self.config_text())
         with contextlib.suppress(FileNotFoundError):
             self.ctl_socket.unlink()
-        cmd = [
-            _binary(KAMAILIO),
-            "-DD",
-            "-E",
-            "-f",
-            str(self.cfg_path),
-            "-w",
-            str(self.workdir),
-            "-Y",
-            str(self.workdir),
-            "-m",
-            "64",
-            "-M",
-            "8",
-        ]
+        cmd = self.command()
         with open(self.log_path, "ab") as log:
             log.write(f"# {' '.join(cmd)}\n".encode())
             log.flush()
@@ -706,24 +604,18 @@ def _wait_exited_no_reap(pid: int, timeout: float) -> bool:
 def _group_members(pgid: int, exclude: int) -> list[int]:
     """Live (non-zombie) processes of process group ``pgid`` other than ``exclude``."""
     members: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == exclude:
-            continue
+    for proc in psutil.process_iter(["pid", "status"]):
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            if proc.pid == exclude or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (psutil.Error, ProcessLookupError, PermissionError):
             continue
-        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
-        rest = stat[stat.rfind(")") + 2 :].split()
-        if len(rest) >= 3 and rest[0] != "Z" and int(rest[2]) == pgid:
-            members.append(int(entry.name))
     return members
 
 
 def _wait_group_gone(pgid: int, exclude: int, timeout: float) -> None:
-    if not Path("/proc/self/stat").exists():  # not Linux: best effort only
-        time.sleep(0.2)
-        return
     deadline = time.monotonic() + timeout
     while _group_members(pgid, exclude):
         if time.monotonic() >= deadline:
