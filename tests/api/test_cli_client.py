@@ -146,7 +146,7 @@ def test_broadcast_reaches_a_subscriber(pair: Pair, capsys: pytest.CaptureFixtur
     )
 
 
-def peer_state(gateway: ServeProcess, peer: str = PEER) -> dict[str, Any]:
+def peer_state(gateway: Gateway, peer: str = PEER) -> dict[str, Any]:
     state: dict[str, Any] = httpx.get(f"{gateway.url}/v1/peers/{peer}").json()
     return state
 
@@ -406,8 +406,8 @@ def test_a_stopping_gateway_ends_the_subscription_with_a_resume_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Its own two gateways: this one stops the gateway the client subscribed to."""
-    c = ServeProcess(tmp_path, name="c")
-    d = ServeProcess(tmp_path, name="d", notify=[c.uri])
+    c = Gateway("c", tmp_path)
+    d = Gateway("d", tmp_path, notify=[c])
     subscriber: subprocess.Popen[str] | None = None
     try:
         c.start()
