@@ -43,9 +43,6 @@ class NodeConfig:
     trusted: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     #: Largest message accepted on a TCP stream.
     max_stream_message: int = DEFAULT_MAX_STREAM_MESSAGE
-    #: Seconds a peer may take to answer a request before the node answers 408 itself;
-    #: ``None`` means Timer F, after which the sender has given up anyway.
-    peer_reply_timeout: float | None = None
     #: Sent as ``User-Agent`` on requests and ``Server`` on responses.
     user_agent: str = "dmq-gateway/0.1"
 
@@ -82,12 +79,6 @@ class NodeConfig:
             raise ConfigError(
                 f"--max-tcp-message {self.max_stream_message}: must be at least 1024 bytes"
             )
-
-    @property
-    def reply_timeout(self) -> float:
-        if self.peer_reply_timeout is not None:
-            return self.peer_reply_timeout
-        return self.timers.timer_f_value
 
 
 _USER_CHARS = frozenset(

@@ -55,4 +55,13 @@ class SendCompleted:
     operation: SendOperation
 
 
-Event = NodeStatusChanged | SendCompleted
+@dataclass(frozen=True, slots=True)
+class PeerReplyTimedOut:
+    """A message whose handler deferred its answer got none within the peer's
+    ``reply_timeout``; the node has answered it 408 and will refuse a late reply."""
+
+    message_id: int
+    peer_id: str
+
+
+Event = NodeStatusChanged | SendCompleted | PeerReplyTimedOut

@@ -32,21 +32,26 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from app.dmq.config import NodeConfig, is_valid_peer_id
 from app.dmq.errors import (
+    InvalidPeerIdError,
+    InvalidReplyTimeoutError,
     MessageTooLargeError,
     NodeStoppedError,
+    ReplyNotPendingError,
     ReservedPeerError,
     UnknownNodeError,
+    UnknownPeerError,
 )
 from app.dmq.events import (
     Event,
     NodeResult,
     NodeStatusChanged,
+    PeerReplyTimedOut,
     SendCompleted,
     SendOperation,
 )
@@ -107,6 +112,11 @@ _URI_CACHE_LIMIT = 1024
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
 
+#: Deferred messages whose fate is remembered after they were answered, so that a late
+#: :meth:`DmqNode.reply` can be told what happened (a 408, a 404...) rather than only
+#: "not pending". At 10 000 messages per second this covers the last second.
+FINISHED_RECORD_LIMIT = 10_000
+
 
 @dataclass(slots=True)
 class NodeStats:
@@ -122,7 +132,8 @@ class NodeStats:
     malformed_dropped: int = 0
     #: Requests refused because the source is not trusted.
     forbidden: int = 0
-    #: Deferred peer replies that never came and were answered 408 by the node.
+    #: Deferred peer replies that did not come within the peer's reply_timeout and
+    #: were answered 408 by the node (each also emits :class:`PeerReplyTimedOut`).
     reply_timeouts: int = 0
 
 
@@ -135,6 +146,8 @@ class _Pending:
     peer_id: str
     destination: Endpoint
     deadline: TimerHandle
+    #: The seconds ``deadline`` was armed for, to explain a 408 later.
+    reply_timeout: float
 
 
 class DmqNode:
@@ -159,6 +172,8 @@ class DmqNode:
         self._outbox: list[tuple[bytes, Endpoint]] = []
         self._events: deque[Event] = deque()
         self._pending: dict[int, _Pending] = {}
+        #: message id -> how a deferred message was answered (bounded, oldest first).
+        self._finished: OrderedDict[int, str] = OrderedDict()
         self._ids = 0
         #: The driver's clock at the latest input; timer callbacks read it.
         self._clock = 0.0
@@ -206,22 +221,19 @@ class DmqNode:
         *,
         init: PeerInit | None = None,
         description: str = "",
+        reply_timeout: float | None = None,
     ) -> Peer:
         """Register (or replace) the handler of a peer id.
 
-        If the bus is already up, the new peer's init hook runs at once: it would
-        otherwise never run, since the node has already reached its peer nodes.
+        ``reply_timeout`` bounds how long a message the handler deferred (returned
+        ``None`` for) waits for :meth:`reply`; ``None`` means Timer F. If the bus is
+        already up, the new peer's init hook runs at once: it would otherwise never
+        run, since the node has already reached its peer nodes.
         """
-        if peer_id == self.config.notification_channel:
-            raise ReservedPeerError(
-                f"{peer_id!r} is the notification channel and carries membership only"
-            )
-        if not is_valid_peer_id(peer_id):
-            raise ValueError(
-                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
-            )
+        self._check_peer_id(peer_id)
+        self._check_reply_timeout(reply_timeout)
         previous = self.peers.get(peer_id)
-        peer = Peer(peer_id, handler, init, description)
+        peer = Peer(peer_id, handler, init, description, reply_timeout)
         if previous is not None:
             peer.init_done = previous.init_done
         self.peers[peer_id] = peer
@@ -229,8 +241,66 @@ class DmqNode:
             self._run_init(peer)
         return peer
 
-    def unregister_peer(self, peer_id: str) -> bool:
-        return self.peers.pop(peer_id, None) is not None
+    def update_peer(
+        self,
+        peer_id: str,
+        *,
+        description: str | None = None,
+        reply_timeout: float | None = None,
+    ) -> Peer:
+        """Change a registered peer's description or reply timeout (``None`` leaves a
+        setting as it is). Messages already waiting keep the deadline they were given."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise UnknownPeerError(f"no peer is registered as {peer_id!r}")
+        self._check_reply_timeout(reply_timeout)
+        if description is not None:
+            peer.description = description
+        if reply_timeout is not None:
+            peer.reply_timeout = reply_timeout
+        return peer
+
+    def unregister_peer(self, peer_id: str, now: float) -> Peer:
+        """Remove a peer; the messages still waiting for its answer are answered 404
+        User Not Found now, as a request for an unknown peer would be, rather than
+        being left to time out."""
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            raise UnknownPeerError(f"no peer is registered as {peer_id!r}")
+        waiting = [mid for mid, pending in self._pending.items() if pending.peer_id == peer_id]
+        for message_id in waiting:
+            self._finish(
+                message_id,
+                PeerReply(404, "User Not Found"),
+                now,
+                f"answered 404 User Not Found when peer {peer_id} was unregistered",
+            )
+        return peer
+
+    def _check_peer_id(self, peer_id: str) -> None:
+        if peer_id == self.config.notification_channel:
+            raise ReservedPeerError(
+                f"{peer_id!r} is the notification channel and carries membership only"
+            )
+        if not is_valid_peer_id(peer_id):
+            raise InvalidPeerIdError(
+                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
+            )
+
+    def _check_reply_timeout(self, reply_timeout: float | None) -> None:
+        if reply_timeout is None:
+            return
+        if not reply_timeout > 0:  # also refuses NaN
+            raise InvalidReplyTimeoutError(
+                f"reply_timeout {reply_timeout!r} must be a positive number of seconds"
+            )
+        timer_f = self.config.timers.timer_f_value
+        if reply_timeout > timer_f:
+            raise InvalidReplyTimeoutError(
+                f"reply_timeout {reply_timeout:g} s is longer than Timer F ({timer_f:g} s): "
+                "the sending node gives up at its Timer F, so a longer wait cannot be "
+                "honoured"
+            )
 
     def _run_init(self, peer: Peer) -> None:
         peer.init_done = True
@@ -282,7 +352,12 @@ class DmqNode:
             self._ping_timer.cancel()
             self._ping_timer = None
         for pending_id in list(self._pending):
-            self.reply(pending_id, PeerReply(503, "Service Unavailable"), now)
+            self._finish(
+                pending_id,
+                PeerReply(503, "Service Unavailable"),
+                now,
+                "answered 503 Service Unavailable when the node stopped",
+            )
         targets = self.nodes.active_others() if not self.stopped else []
         self.stopped = True
         return self._operation(
@@ -337,7 +412,7 @@ class DmqNode:
                 f"{peer_id!r} is the notification channel and carries membership only"
             )
         if not is_valid_peer_id(peer_id):
-            raise ValueError(
+            raise InvalidPeerIdError(
                 f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
             )
         limit = self.max_body_size
@@ -455,13 +530,29 @@ class DmqNode:
 
     # ------------------------------------------------------------------ replies
 
-    def reply(self, message_id: int, reply: PeerReply, now: float) -> bool:
-        """Answer a message whose handler returned ``None``; False if it was already
-        answered (or timed out)."""
-        pending = self._pending.pop(message_id, None)
-        if pending is None:
-            return False
+    def reply(self, message_id: int, reply: PeerReply, now: float) -> None:
+        """Answer a message whose handler returned ``None``.
+
+        Raises :class:`ReplyNotPendingError` when the message no longer waits, with a
+        sentence saying what became of it (answered 408 after the peer's reply_timeout,
+        404 when its peer was unregistered, 503 when the node stopped, or already
+        answered by an earlier reply).
+        """
+        if message_id not in self._pending:
+            outcome = self._finished.get(message_id)
+            if outcome is None:
+                raise ReplyNotPendingError(f"no message {message_id} is waiting for a reply")
+            raise ReplyNotPendingError(f"message {message_id} was already {outcome}")
+        self._finish(message_id, reply, now, f"answered {reply.code} {reply.reason} by a reply")
+
+    def _finish(self, message_id: int, reply: PeerReply, now: float, outcome: str) -> None:
+        """Send the final answer of a deferred message and remember how it ended."""
+        pending = self._pending.pop(message_id)
         pending.deadline.cancel()
+        finished = self._finished
+        finished[message_id] = outcome
+        if len(finished) > FINISHED_RECORD_LIMIT:
+            finished.popitem(last=False)
         self._respond(
             pending.st,
             pending.request,
@@ -473,12 +564,20 @@ class DmqNode:
             body=reply.body,
             peer_id=pending.peer_id,
         )
-        return True
 
     def _reply_timeout(self, message_id: int) -> None:
-        if message_id in self._pending:
-            self.stats.reply_timeouts += 1
-            self.reply(message_id, PeerReply(408, "Request Timeout"), self._clock)
+        pending = self._pending.get(message_id)
+        if pending is None:
+            return
+        self.stats.reply_timeouts += 1
+        self._finish(
+            message_id,
+            PeerReply(408, "Request Timeout"),
+            self._clock,
+            "answered 408 Request Timeout: no reply within the peer's reply_timeout "
+            f"of {pending.reply_timeout:g} s",
+        )
+        self._events.append(PeerReplyTimedOut(message_id, pending.peer_id))
 
     def _respond(
         self,
@@ -740,14 +839,16 @@ class DmqNode:
             log.exception("handler of peer %s failed", peer_id)
             reply = PeerReply(500, "Server Internal Error")
         if reply is None:
+            timeout = peer.reply_timeout
+            if timeout is None:
+                timeout = self.config.timers.timer_f_value
             self._pending[message.id] = _Pending(
                 st,
                 request,
                 peer_id,
                 destination,
-                self.timers.call_at(
-                    now + self.config.reply_timeout, self._reply_timeout, message.id
-                ),
+                self.timers.call_at(now + timeout, self._reply_timeout, message.id),
+                timeout,
             )
             return
         self._respond(

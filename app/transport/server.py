@@ -1,7 +1,9 @@
 """The asyncio driver: real UDP and TCP sockets around the sans-IO :class:`DmqNode`.
 
 The driver owns everything the core must not touch: sockets, the loop's clock, one
-loop timer, DNS, and the tasks of peer handlers that answer later. After every input
+loop timer and DNS. Peer handlers are the core's own synchronous handlers: one that
+answers later returns ``None`` and calls :meth:`DmqServer.reply` when it can, and the
+core alone times it out (the peer's ``reply_timeout``). After every input
 it *flushes*: sends what the core queued, hands out its events, and re-arms the single
 timer at :meth:`DmqNode.get_timer` (the aioquic adapter shape). It runs on the default
 loop and on uvloop.
@@ -20,7 +22,6 @@ socket and core: fault injection for tests of retransmission, nothing else.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import logging
 import random
@@ -29,21 +30,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from app.dmq.config import NodeConfig
-from app.dmq.errors import ConfigError
-from app.dmq.events import NodeStatusChanged, SendCompleted, SendOperation
+from app.dmq.errors import ConfigError, NodeStoppedError
+from app.dmq.events import Event, SendCompleted, SendOperation
 from app.dmq.node import DmqNode
 from app.dmq.nodes import Node
-from app.dmq.peers import PeerMessage, PeerReply
+from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerReply
 from app.dmq.sip import SipParseError, SipUri, StreamFramer
 from app.dmq.transaction import Endpoint
 from app.transport import dns
 
 log = logging.getLogger("dmq.transport")
 
-#: A peer handler as the driver accepts it: a reply now, or an awaitable of one.
-AsyncPeerHandler = Callable[[PeerMessage], PeerReply | Awaitable[PeerReply]]
-AsyncPeerInit = Callable[[], Awaitable[None] | None]
-StatusListener = Callable[[NodeStatusChanged], None]
+#: Called with every event of the core but :class:`SendCompleted` (which completes
+#: the future of its broadcast or send): node status changes, peer reply timeouts.
+EventListener = Callable[[Event], None]
 
 
 def _ip_literal(host: str) -> str | None:
@@ -163,7 +163,7 @@ class DmqServer:
         self._dns_resolver = dns_resolver
         self.dropped_datagrams = 0
         self.stream_errors = 0
-        self.status_listeners: list[StatusListener] = []
+        self.event_listeners: list[EventListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
@@ -174,6 +174,8 @@ class DmqServer:
         self._timer_at: float | None = None
         self._waiters: dict[int, asyncio.Future[SendOperation]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Set when stop() begins: no new broadcast or send is accepted from then on.
+        self._stopping = False
         self.started_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -264,6 +266,14 @@ class DmqServer:
         if self._loop is None:
             return
         loop = self._loop
+        self._stopping = True
+        # Whoever waits on a broadcast or send (an HTTP request) learns now that the
+        # node is going, rather than after the leave and the sends' Timer F.
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for future in waiters:
+            if not future.done():
+                future.set_exception(NodeStoppedError("the DMQ node stopped"))
         operation = self.node.stop(loop.time())
         waiter = self._waiter(operation)
         self._flush()
@@ -295,53 +305,62 @@ class DmqServer:
     def register_peer(
         self,
         peer_id: str,
-        handler: AsyncPeerHandler,
+        handler: PeerHandler,
         *,
-        init: AsyncPeerInit | None = None,
+        init: PeerInit | None = None,
         description: str = "",
-    ) -> None:
-        """Register a peer whose handler answers now or later (returns an awaitable)."""
+        reply_timeout: float | None = None,
+    ) -> Peer:
+        """Register (or replace) a peer; see :meth:`DmqNode.register_peer`.
 
-        def core_handler(message: PeerMessage) -> PeerReply | None:
-            result = handler(message)
-            if isinstance(result, PeerReply):
-                return result
-            self._spawn(self._await_reply(message.id, result))
-            return None
-
-        core_init: Callable[[], None] | None = None
-        if init is not None:
-            init_hook = init
-
-            def core_init() -> None:
-                outcome = init_hook()
-                if inspect.isawaitable(outcome):
-                    self._spawn(_log_failure(outcome, f"init hook of peer {peer_id}"))
-
-        self.node.register_peer(peer_id, core_handler, init=core_init, description=description)
+        A handler that cannot answer at once returns ``None`` and later calls
+        :meth:`reply`; the node answers 408 itself after ``reply_timeout`` (``None``:
+        Timer F) and emits :class:`~app.dmq.events.PeerReplyTimedOut`.
+        """
+        peer = self.node.register_peer(
+            peer_id, handler, init=init, description=description, reply_timeout=reply_timeout
+        )
         self._flush()
+        return peer
 
-    def unregister_peer(self, peer_id: str) -> bool:
-        return self.node.unregister_peer(peer_id)
+    def update_peer(
+        self,
+        peer_id: str,
+        *,
+        description: str | None = None,
+        reply_timeout: float | None = None,
+    ) -> Peer:
+        """Change a peer's description or reply timeout; see :meth:`DmqNode.update_peer`."""
+        return self.node.update_peer(peer_id, description=description, reply_timeout=reply_timeout)
 
-    async def _await_reply(self, message_id: int, awaitable: Awaitable[PeerReply]) -> None:
-        try:
-            reply = await awaitable
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("peer handler failed")
-            reply = PeerReply(500, "Server Internal Error")
+    def unregister_peer(self, peer_id: str) -> Peer:
+        """Remove a peer; messages still waiting for its answer are answered 404."""
+        # Before start and after stop nothing can be waiting (stop answered it 503), so
+        # the instant given to the core is then never used.
+        now = self._loop.time() if self._loop is not None else 0.0
+        peer = self.node.unregister_peer(peer_id, now)
+        if self._loop is not None:
+            self._flush()
+        return peer
+
+    def reply(self, message_id: int, reply: PeerReply) -> None:
+        """Answer a message whose handler returned ``None``.
+
+        Raises :class:`~app.dmq.errors.ReplyNotPendingError` (saying what became of the
+        message) when it no longer waits, and :class:`NodeStoppedError` when the node
+        is not running.
+        """
         if self._loop is None:
-            return
+            raise NodeStoppedError("the DMQ node is not running")
         self.node.reply(message_id, reply, self._loop.time())
         self._flush()
 
     def broadcast_nowait(
         self, peer_id: str, body: bytes, content_type: str | None
     ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
-        """Start a broadcast; the future completes with every node's result."""
-        operation = self.node.broadcast(peer_id, body, content_type, self._now())
+        """Start a broadcast; the future completes with every node's result, or with
+        :class:`NodeStoppedError` if the node stops first."""
+        operation = self.node.broadcast(peer_id, body, content_type, self._send_clock())
         waiter = self._waiter(operation)
         self._flush()
         return operation, waiter
@@ -349,7 +368,7 @@ class DmqServer:
     def send_nowait(
         self, peer_id: str, body: bytes, content_type: str | None, node: SipUri
     ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
-        operation = self.node.send(peer_id, body, content_type, node, self._now())
+        operation = self.node.send(peer_id, body, content_type, node, self._send_clock())
         waiter = self._waiter(operation)
         self._flush()
         return operation, waiter
@@ -386,6 +405,12 @@ class DmqServer:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _send_clock(self) -> float:
+        """The clock for a new broadcast or send, which is refused once stop() began."""
+        if self._stopping or self._loop is None:
+            raise NodeStoppedError("the DMQ node is not running (stopped or not started)")
+        return self._loop.time()
 
     def _now(self) -> float:
         if self._loop is None:
@@ -431,11 +456,11 @@ class DmqServer:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event.operation)
             else:
-                for listener in self.status_listeners:
+                for listener in self.event_listeners:
                     try:
                         listener(event)
                     except Exception:
-                        log.exception("node status listener failed")
+                        log.exception("node event listener failed")
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -539,10 +564,3 @@ def _enlarge_buffers(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
         except OSError as exc:
             log.debug("cannot enlarge UDP buffer: %s", exc)
-
-
-async def _log_failure(awaitable: Awaitable[Any], what: str) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("%s failed", what)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from app.dmq.config import NodeConfig
+from app.dmq.errors import ReplyNotPendingError
 from app.dmq.events import SendCompleted
 from app.dmq.node import DmqNode
 from app.dmq.peers import PeerMessage, PeerReply
@@ -356,10 +357,9 @@ def node_with(
         server_address=NODE_URI,
         notification_addresses=(PEER_NODE,),
         timers=timers or TimerSettings(),
-        peer_reply_timeout=reply_timeout,
     )
     node = DmqNode(config)
-    node.register_peer("htable", handler)  # type: ignore[arg-type]
+    node.register_peer("htable", handler, reply_timeout=reply_timeout)  # type: ignore[arg-type]
     return node
 
 
@@ -402,7 +402,7 @@ def test_node_delivers_a_retransmitted_request_to_its_peer_exactly_once() -> Non
     node.receive(REQUEST, SOURCE, 0.5)  # the sender's Timer E
     assert node.datagrams_to_send() == []
     assert len(handler.messages) == 1
-    assert node.reply(handler.messages[0].id, PeerReply(202, "Accepted DMQ"), 1.0) is True
+    node.reply(handler.messages[0].id, PeerReply(202, "Accepted DMQ"), 1.0)
     [(first, _)] = node.datagrams_to_send()
     node.receive(REQUEST, SOURCE, 1.5)
     node.receive(REQUEST, SOURCE, 3.5)
@@ -419,12 +419,13 @@ def test_node_deferred_reply_carries_code_reason_and_body() -> None:
     node.receive(REQUEST, SOURCE, 0.0)
     message_id = handler.messages[0].id
     reply = PeerReply(202, "Accepted DMQ", "application/json", b'{"ok":1}')
-    assert node.reply(message_id, reply, 0.3) is True
+    node.reply(message_id, reply, 0.3)
     [(response, to)] = responses(node)
     assert to == SOURCE
     assert (response.code, response.reason, response.body) == (202, "Accepted DMQ", b'{"ok":1}')
     assert response.headers.get("content-type") == "application/json"
-    assert node.reply(message_id, PeerReply(), 0.4) is False
+    with pytest.raises(ReplyNotPendingError, match="already answered 202 Accepted DMQ"):
+        node.reply(message_id, PeerReply(), 0.4)
     assert node.datagrams_to_send() == []
 
 
@@ -454,11 +455,12 @@ def test_node_answers_408_when_a_deferred_reply_never_comes() -> None:
     assert isinstance(response, SipResponse)
     assert (at, response.code, response.reason, to) == (32.0, 408, "Request Timeout", SOURCE)
     assert node.stats.reply_timeouts == 1
-    assert node.reply(handler.messages[0].id, PeerReply(), 33.0) is False
+    with pytest.raises(ReplyNotPendingError, match="reply_timeout of 32 s"):
+        node.reply(handler.messages[0].id, PeerReply(), 33.0)
     assert node.datagrams_to_send() == []
 
 
-def test_node_reply_timeout_setting_overrides_timer_f() -> None:
+def test_node_peer_reply_timeout_overrides_timer_f() -> None:
     handler = Deferred()
     node = node_with(handler, reply_timeout=5.0)
     node.receive(REQUEST, SOURCE, 0.0)
