@@ -18,6 +18,10 @@ Three kinds of output, which the driver collects after every input:
 
 Peer handlers (:mod:`app.dmq.peers`) are plain callables run inside :meth:`receive`.
 
+The node has no clock: time enters only as the ``now`` of an input, and reaches timer
+and transaction callbacks as their ``now`` argument, so a callback can never act on a
+stale instant kept from an earlier input.
+
 Membership follows Kamailio's ``notification_peer`` (protocol notes, section 4): join
 with Max-Forwards 2, answer a notification with our list and pass a changed list one
 hop on, ping every node every ``ping_interval``, a node is disabled on its first
@@ -175,8 +179,6 @@ class DmqNode:
         #: message id -> how a deferred message was answered (bounded, oldest first).
         self._finished: OrderedDict[int, str] = OrderedDict()
         self._ids = 0
-        #: The driver's clock at the latest input; timer callbacks read it.
-        self._clock = 0.0
         self._ping_timer: TimerHandle | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
@@ -326,7 +328,7 @@ class DmqNode:
         for address in self.config.notification_addresses:
             self.add_notification_address(address)
         self._join(now)
-        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping)
 
     def add_notification_address(self, uri: SipUri) -> Node | None:
         """Add a node to join through (already resolved by the driver, if need be).
@@ -456,12 +458,12 @@ class DmqNode:
 
     def _operation_result(
         self, operation: SendOperation, node: Node
-    ) -> Callable[[FinalResult], None]:
+    ) -> Callable[[FinalResult, float], None]:
         uri = node.uri
         membership = operation.peer_id == self.config.notification_channel
         key = node.key
 
-        def on_result(result: FinalResult) -> None:
+        def on_result(result: FinalResult, now: float) -> None:
             response = result.response
             operation.results.append(
                 NodeResult(
@@ -475,7 +477,7 @@ class DmqNode:
                 )
             )
             if membership:
-                self._on_notification_result(key, result, self._clock)
+                self._on_notification_result(key, result, now)
             if operation.done:
                 self._events.append(SendCompleted(operation))
 
@@ -489,7 +491,7 @@ class DmqNode:
         content_type: str | None,
         max_forwards: int,
         now: float,
-        on_result: Callable[[FinalResult], None],
+        on_result: Callable[[FinalResult, float], None],
     ) -> None:
         rng = self.rng
         branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
@@ -511,13 +513,12 @@ class DmqNode:
             lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-        self._clock = now
         destination = Endpoint(node.transport, node.resolved_ip, node.port)
         stats = self.stats.sent
 
-        def counted(result: FinalResult) -> None:
+        def counted(result: FinalResult, now: float) -> None:
             stats[(peer_id, result.code)] += 1
-            on_result(result)
+            on_result(result, now)
 
         self.transactions.send_request(branch, data, destination, now, counted)
 
@@ -565,7 +566,7 @@ class DmqNode:
             peer_id=pending.peer_id,
         )
 
-    def _reply_timeout(self, message_id: int) -> None:
+    def _reply_timeout(self, now: float, message_id: int) -> None:
         pending = self._pending.get(message_id)
         if pending is None:
             return
@@ -573,7 +574,7 @@ class DmqNode:
         self._finish(
             message_id,
             PeerReply(408, "Request Timeout"),
-            self._clock,
+            now,
             "answered 408 Request Timeout: no reply within the peer's reply_timeout "
             f"of {pending.reply_timeout:g} s",
         )
@@ -636,17 +637,14 @@ class DmqNode:
         self._outbox.append((data, destination))
 
     def handle_timer(self, now: float) -> None:
-        self._clock = now
         self.timers.run_due(now)
 
     def transport_error(self, destination: Endpoint, now: float) -> None:
         """The driver could not deliver to ``destination`` (e.g. TCP connect refused)."""
-        self._clock = now
-        self.transactions.transport_error(destination)
+        self.transactions.transport_error(destination, now)
 
     def receive(self, data: bytes, source: Endpoint, now: float) -> None:
         """Handle one whole SIP message. Never raises for anything the sender did."""
-        self._clock = now
         try:
             message = parse_message(data, max_size=max(self._max_message, MAX_UDP_MESSAGE))
         except SipParseError as exc:
@@ -1049,9 +1047,9 @@ class DmqNode:
                 self._notification_callback(key),
             )
 
-    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult], None]:
-        def on_result(result: FinalResult) -> None:
-            self._on_notification_result(key, result, self._clock)
+    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult, float], None]:
+        def on_result(result: FinalResult, now: float) -> None:
+            self._on_notification_result(key, result, now)
 
         return on_result
 
@@ -1093,11 +1091,10 @@ class DmqNode:
         if targets:
             self._notify(targets, self.nodes.join_body(), 2, now)
 
-    def _ping(self, scheduled: float) -> None:
-        now = self._clock
+    def _ping(self, now: float) -> None:
         if self.stopped:
             return
-        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping)
         if not self.nodes.others():
             # Alone: go back to the notification addresses (they may have been
             # removed after missing pings while they were down).
@@ -1111,7 +1108,6 @@ class DmqNode:
 
     def add_node(self, uri: SipUri, now: float) -> Node:
         """Add a node by hand and notify it (Kamailio master's ``dmq.add``)."""
-        self._clock = now
         if self.nodes.is_local(uri):
             raise ValueError(f"{uri} is this node itself")
         self._tombstones.pop(self.nodes.key_of(uri), None)
