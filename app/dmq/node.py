@@ -8,13 +8,20 @@ Three kinds of input, each with the current time ``now`` from the driver's clock
   message) and where it came from;
 * :meth:`DmqNode.handle_timer` - the deadline from :meth:`get_timer` has passed;
 * calls: :meth:`start`, :meth:`broadcast`, :meth:`send`, :meth:`reply`,
-  :meth:`add_node`, :meth:`remove_node`, :meth:`stop`.
+  :meth:`add_node`, :meth:`remove_node`, :meth:`host_resolved`, :meth:`stop`.
 
 Three kinds of output, which the driver collects after every input:
 
 * :meth:`datagrams_to_send` - ``(bytes, Endpoint)`` pairs;
 * :meth:`get_timer` - the one deadline to arm;
-* :meth:`next_event` - :mod:`app.dmq.events` (status changes, finished sends).
+* :meth:`next_event` - :mod:`app.dmq.events` (status changes, finished sends, reply
+  timeouts, host names to look up).
+
+DNS never happens inside the node. Its resolver answers from what is already known;
+a host name it does not know yet (a node list naming ``sip:kamailio2.example:5060``)
+is held by name and handed out as :class:`HostLookupNeeded`; the driver resolves it
+however it likes (asynchronously, with a timeout and a negative cache) and calls
+:meth:`host_resolved`, upon which the node identifies its nodes again, by address.
 
 Peer handlers (:mod:`app.dmq.peers`) are plain callables run inside :meth:`receive`.
 
@@ -53,6 +60,7 @@ from app.dmq.errors import (
 )
 from app.dmq.events import (
     Event,
+    HostLookupNeeded,
     NodeResult,
     NodeStatusChanged,
     PeerReplyTimedOut,
@@ -168,13 +176,18 @@ class DmqNode:
         self.rng = rng or random.Random()
         self.timers = TimerQueue()
         self.transactions = TransactionLayer(self.timers, config.timers, self._transmit)
-        self.nodes = NodeList(config.server_address, resolver)
+        self._outbox: list[tuple[bytes, Endpoint]] = []
+        self._events: deque[Event] = deque()
+        self._resolver = resolver
+        #: Host name -> address, as told by :meth:`host_resolved`.
+        self._addresses: dict[str, str] = {}
+        #: Host names asked for (HostLookupNeeded) and not answered yet.
+        self._lookups: set[str] = set()
+        self.nodes = NodeList(config.server_address, self._resolve, self._lookup_needed)
         self.peers: dict[str, Peer] = {}
         self.stats = NodeStats(Counter(), Counter())
         self.started = False
         self.stopped = False
-        self._outbox: list[tuple[bytes, Endpoint]] = []
-        self._events: deque[Event] = deque()
         self._pending: dict[int, _Pending] = {}
         #: message id -> how a deferred message was answered (bounded, oldest first).
         self._finished: OrderedDict[int, str] = OrderedDict()
@@ -1103,6 +1116,37 @@ class DmqNode:
             self._join(now)
             return
         self._notify(self.nodes.others(), self._list_body(), 1, now)
+
+    # ------------------------------------------------------------------ names
+
+    def _resolve(self, host: str) -> str | None:
+        known = self._addresses.get(host.lower()) if self._addresses else None
+        return known if known is not None else self._resolver(host)
+
+    def _lookup_needed(self, name: str) -> None:
+        if name not in self._lookups:
+            self._lookups.add(name)
+            self._events.append(HostLookupNeeded(name))
+
+    def host_resolved(self, host: str, address: str | None, now: float) -> None:
+        """The driver looked ``host`` up: ``address``, or ``None`` if it failed.
+
+        Nodes held by that name are identified by the address from now on; one that
+        turns out to be a node already held (or ourselves) is dropped as a duplicate.
+        On failure the name goes on standing for its nodes, and the node asks again
+        the next time its resolver does not know the name.
+        """
+        name = host.lower()
+        self._lookups.discard(name)
+        if address is None:
+            return
+        self._addresses[name] = address
+        for dropped, kept in self.nodes.rekey(name):
+            self._emit_status(dropped, dropped.status, None, f"the same node as {kept.uri}")
+        for key in [key for key in self._tombstones if key[0] == name]:
+            until = self._tombstones.pop(key)
+            if until > now:
+                self._tombstones[(address, key[1], key[2])] = until
 
     # ------------------------------------------------------------------ operator
 
