@@ -43,10 +43,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig, is_valid_peer_id
 from app.dmq.errors import (
     InvalidPeerIdError,
@@ -118,8 +119,12 @@ REASONS = {
     513: "Message Too Large",
 }
 
-#: Entries kept in each parse cache before it is emptied and refilled.
-_URI_CACHE_LIMIT = 1024
+#: Entries kept by each cache of the hot path (source hosts, Request-URIs, From URIs,
+#: peer ids). A bus uses a handful of each; the bound is for the keys others choose.
+CACHE_SIZE = 1024
+
+#: What a cache answers for a key it does not hold, where ``None`` is a value.
+_MISSING = object()
 
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
@@ -179,8 +184,9 @@ class DmqNode:
         self._outbox: list[tuple[bytes, Endpoint]] = []
         self._events: deque[Event] = deque()
         self._resolver = resolver
-        #: Host name -> address, as told by :meth:`host_resolved`.
-        self._addresses: dict[str, str] = {}
+        #: Host name -> address, as told by :meth:`host_resolved` (names come from
+        #: other nodes' lists, hence the bound).
+        self._addresses: BoundedCache[str, str] = BoundedCache(CACHE_SIZE)
         #: Host names asked for (HostLookupNeeded) and not answered yet.
         self._lookups: set[str] = set()
         self.nodes = NodeList(config.server_address, self._resolve, self._lookup_needed)
@@ -190,17 +196,17 @@ class DmqNode:
         self.stopped = False
         self._pending: dict[int, _Pending] = {}
         #: message id -> how a deferred message was answered (bounded, oldest first).
-        self._finished: OrderedDict[int, str] = OrderedDict()
+        self._finished: BoundedCache[int, str] = BoundedCache(FINISHED_RECORD_LIMIT)
         self._ids = 0
         self._ping_timer: TimerHandle | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
         #: themselves.
         self._tombstones: dict[NodeKey, float] = {}
-        self._trust_cache: dict[str, bool] = {}
-        self._uri_cache: dict[str, str | None] = {}
-        self._sender_cache: dict[str, SipUri] = {}
-        self._from_cache: dict[str, str] = {}
+        self._trust_cache: BoundedCache[str, bool] = BoundedCache(CACHE_SIZE)
+        self._uri_cache: BoundedCache[str, str | None] = BoundedCache(CACHE_SIZE)
+        self._sender_cache: BoundedCache[str, SipUri] = BoundedCache(CACHE_SIZE)
+        self._from_cache: BoundedCache[str, str] = BoundedCache(CACHE_SIZE)
         self._tag = f"{self.rng.getrandbits(64):016x}"
         local = self.nodes.local.uri
         self._local_hostport = (
@@ -538,8 +544,9 @@ class DmqNode:
     def _from_uri(self, peer_id: str) -> str:
         cached = self._from_cache.get(peer_id)
         if cached is None:
-            cached = str(self.config.server_address.with_user(peer_id))
-            self._from_cache[peer_id] = cached
+            cached = self._from_cache.put(
+                peer_id, str(self.config.server_address.with_user(peer_id))
+            )
         return cached
 
     # ------------------------------------------------------------------ replies
@@ -563,10 +570,7 @@ class DmqNode:
         """Send the final answer of a deferred message and remember how it ended."""
         pending = self._pending.pop(message_id)
         pending.deadline.cancel()
-        finished = self._finished
-        finished[message_id] = outcome
-        if len(finished) > FINISHED_RECORD_LIMIT:
-            finished.popitem(last=False)
+        self._finished.put(message_id, outcome)
         self._respond(
             pending.st,
             pending.request,
@@ -719,9 +723,7 @@ class DmqNode:
                 if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                     address = address.ipv4_mapped
                 cached = any(address in network for network in self.config.trusted)
-            if len(self._trust_cache) > 4096:
-                self._trust_cache.clear()
-            self._trust_cache[host] = cached
+            self._trust_cache.put(host, cached)
         return cached
 
     def _on_request(self, request: SipRequest, source: Endpoint, now: float) -> None:
@@ -877,27 +879,19 @@ class DmqNode:
     def _peer_id_of(self, request_uri: str) -> str | None:
         """The user part of a Request-URI (the peer id); cached, since a bus uses a
         handful of Request-URIs over and over."""
-        cache = self._uri_cache
-        if request_uri in cache:
-            return cache[request_uri]
-        user = SipUri.parse(request_uri).user
-        if len(cache) >= _URI_CACHE_LIMIT:
-            cache.clear()
-        cache[request_uri] = user
-        return user
+        user = self._uri_cache.get(request_uri, _MISSING)
+        if user is _MISSING:
+            return self._uri_cache.put(request_uri, SipUri.parse(request_uri).user)
+        return user  # type: ignore[return-value]
 
     def _sender_of(self, from_value: str) -> SipUri:
         """The sending node from a From header: its URI without user or tag (the tag
         changes with every request, so the cache is keyed on what precedes it)."""
         close = from_value.find(">")
         key = from_value[: close + 1] if close >= 0 else from_value.partition(";")[0]
-        cache = self._sender_cache
-        sender = cache.get(key)
+        sender = self._sender_cache.get(key)
         if sender is None:
-            sender = node_uri(NameAddr.parse(from_value).uri)
-            if len(cache) >= _URI_CACHE_LIMIT:
-                cache.clear()
-            cache[key] = sender
+            sender = self._sender_cache.put(key, node_uri(NameAddr.parse(from_value).uri))
         return sender
 
     def _respond_error(
@@ -1140,7 +1134,7 @@ class DmqNode:
         self._lookups.discard(name)
         if address is None:
             return
-        self._addresses[name] = address
+        self._addresses.put(name, address)
         for dropped, kept in self.nodes.rekey(name):
             self._emit_status(dropped, dropped.status, None, f"the same node as {kept.uri}")
         for key in [key for key in self._tombstones if key[0] == name]:

@@ -38,6 +38,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
 from app.dmq.errors import ConfigError, NodeStoppedError
 from app.dmq.events import Event, HostLookupNeeded, SendCompleted, SendOperation
@@ -54,6 +55,8 @@ log = logging.getLogger("dmq.transport")
 DNS_TIMEOUT = 5.0
 #: Seconds a failed look-up is remembered (the name is not asked about meanwhile).
 DNS_NEGATIVE_TTL = 30.0
+#: Host names (and destination hosts) whose address or failure is remembered.
+NAME_CACHE_SIZE = 4096
 
 #: Called with every event of the core but :class:`SendCompleted` (which completes
 #: the future of its broadcast or send): node status changes, peer reply timeouts.
@@ -79,9 +82,10 @@ class _HostCache:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self.addresses: dict[str, str] = {}
+        # Bounded: the names come from other nodes' lists.
+        self.addresses: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
         #: name -> loop time until which its failure is remembered.
-        self.failed: dict[str, float] = {}
+        self.failed: BoundedCache[str, float] = BoundedCache(NAME_CACHE_SIZE)
 
     def __call__(self, host: str) -> str | None:
         literal = _ip_literal(host)
@@ -184,7 +188,7 @@ class DmqServer:
         #: Look-ups in progress, by lower-case name.
         self._lookups: dict[str, asyncio.Task[str]] = {}
         #: Destination host (as the core names it) -> address for the socket.
-        self._send_addresses: dict[str, str] = {}
+        self._send_addresses: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
         self.drop_rate = drop_rate
         self._drop_rng = random.Random(seed)
         self._dns_resolver = dns_resolver
@@ -249,7 +253,7 @@ class DmqServer:
             addresses = await dns.resolve_host(host, resolver=self._dns_resolver)
         except dns.DnsResolutionError as exc:
             raise ConfigError(f"{option}: {exc}") from None
-        self.resolver.addresses[host.lower()] = addresses[0]
+        self.resolver.addresses.put(host.lower(), addresses[0])
         return addresses[0]
 
     async def _notification_targets(self) -> list[SipUri]:
@@ -285,7 +289,7 @@ class DmqServer:
                 except dns.DnsResolutionError as exc:
                     log.warning("notification address %s: %s", address, exc)
                     continue
-                self.resolver.addresses[address.host.lower()] = resolved[0]
+                self.resolver.addresses.put(address.host.lower(), resolved[0])
             targets.append(address)
         return targets
 
@@ -464,7 +468,7 @@ class DmqServer:
         except Exception as exc:
             # Anything at all (a name too long for DNS, one IDNA refuses, a dead
             # server): the node goes on knowing it by name, and the loop goes on.
-            self.resolver.failed[name] = self._clock() + self.dns_negative_ttl
+            self.resolver.failed.put(name, self._clock() + self.dns_negative_ttl)
             log.warning(
                 "cannot resolve %r (%s); nodes so named are known by name only",
                 name,
@@ -475,7 +479,7 @@ class DmqServer:
                 raise
             raise dns.DnsResolutionError(name) from exc
         address = addresses[0]
-        self.resolver.addresses[name] = address
+        self.resolver.addresses.put(name, address)
         self.resolver.failed.pop(name, None)
         self._host_resolved(name, address)
         return address
@@ -599,9 +603,7 @@ class DmqServer:
         if address is None:
             address = _ip_literal(host) or self.resolver.addresses.get(host)
             if address is not None:
-                if len(self._send_addresses) >= 4096:
-                    self._send_addresses.clear()
-                self._send_addresses[host] = address
+                self._send_addresses.put(host, address)
         return address
 
     def _send(self, data: bytes, destination: Endpoint) -> None:
