@@ -175,8 +175,8 @@ class DmqServer:
         dns_timeout: float = DNS_TIMEOUT,
         dns_negative_ttl: float = DNS_NEGATIVE_TTL,
     ) -> None:
-        if not 0.0 <= drop_rate < 1.0:
-            raise ConfigError(f"--drop-rate {drop_rate}: must be at least 0 and below 1")
+        if not 0.0 <= drop_rate < 1.0:  # also refuses NaN
+            raise ConfigError("must be at least 0 and below 1", field="drop_rate", value=drop_rate)
         self.config = config
         self._loop: asyncio.AbstractEventLoop | None = None
         self.resolver = _HostCache(self._clock)
@@ -227,7 +227,7 @@ class DmqServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         local = self.config.server_address
-        bind_host = await self._resolve_start_host(local.host, "--server-address")
+        bind_host = await self._resolve_start_host(local.host, "server_address")
         port = local.effective_port
         self._udp, _ = await loop.create_datagram_endpoint(
             lambda: _UdpProtocol(self), local_addr=(bind_host, port)
@@ -245,14 +245,14 @@ class DmqServer:
         self._flush()
         log.info("DMQ node %s listening on %s:%d (udp, tcp)", local, bind_host, port)
 
-    async def _resolve_start_host(self, host: str, option: str) -> str:
+    async def _resolve_start_host(self, host: str, field: str) -> str:
         literal = _ip_literal(host)
         if literal is not None:
             return literal
         try:
             addresses = await dns.resolve_host(host, resolver=self._dns_resolver)
         except dns.DnsResolutionError as exc:
-            raise ConfigError(f"{option}: {exc}") from None
+            raise ConfigError(str(exc), field=field, value=host) from None
         self.resolver.addresses.put(host.lower(), addresses[0])
         return addresses[0]
 

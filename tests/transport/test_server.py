@@ -13,13 +13,19 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.dmq.config import NodeConfig
-from app.dmq.errors import NodeStoppedError, ReplyNotPendingError, UnknownPeerError
+from app.dmq.errors import (
+    ConfigError,
+    NodeStoppedError,
+    ReplyNotPendingError,
+    UnknownPeerError,
+)
 from app.dmq.events import Event, NodeStatusChanged, PeerReplyTimedOut
 from app.dmq.peers import PeerMessage, PeerReply
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
 from app.transport.server import DmqServer
 from tests.support.ports import free_port
+from tests.transport.dns_server import DnsTestServer
 
 TIMERS = TimerSettings(t1=0.05, t2=0.2, timer_f=1.0)
 
@@ -158,3 +164,26 @@ async def test_stop_fails_waiting_sends_at_once_and_refuses_new_ones() -> None:
         server.broadcast_nowait("rpc", b"x", None)
     with pytest.raises(NodeStoppedError):
         server.reply(1, PeerReply())
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, float("nan")])
+def test_a_bad_drop_rate_names_its_field(rate: float) -> None:
+    with pytest.raises(ConfigError) as caught:
+        DmqServer(config(5060), drop_rate=rate)
+    assert caught.value.field == "drop_rate"
+    assert str(caught.value) == f"drop_rate {rate!r}: must be at least 0 and below 1"
+
+
+async def test_a_server_address_that_does_not_resolve_names_its_field() -> None:
+    async with DnsTestServer({"other.test": {"A": ["127.0.0.1"]}}) as dns_server:
+        server = DmqServer(
+            NodeConfig(server_address=SipUri.parse("sip:nowhere.test:5060")),
+            dns_resolver=dns_server.resolver(),
+        )
+        with pytest.raises(ConfigError) as caught:
+            await server.start()
+    assert caught.value.field == "server_address"
+    assert str(caught.value) == (
+        "server_address 'nowhere.test': "
+        "DNS resolution of 'nowhere.test' returned no usable address."
+    )
