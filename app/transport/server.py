@@ -36,6 +36,7 @@ import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from app.dmq.cache import BoundedCache
@@ -68,6 +69,17 @@ def _ip_literal(host: str) -> str | None:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return None
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """The driver's own counters, next to the core's (``node.stats``) and the
+    transactions' (``node.transactions.stats``), for metrics and tests."""
+
+    #: UDP datagrams dropped on purpose (``drop_rate``), in and out.
+    dropped_datagrams: int = 0
+    #: TCP connections closed because their stream could not be framed as SIP.
+    stream_errors: int = 0
 
 
 class _HostCache:
@@ -149,7 +161,7 @@ class _StreamProtocol(asyncio.Protocol):
         try:
             messages = self.framer.feed(data)
         except SipParseError as exc:
-            self.server.stream_errors += 1
+            self.server.stats.stream_errors += 1
             log.warning("closing TCP connection from %s:%s: %s", *self.peer, exc.reason)
             if self.transport is not None:
                 self.transport.close()
@@ -192,8 +204,7 @@ class DmqServer:
         self.drop_rate = drop_rate
         self._drop_rng = random.Random(seed)
         self._dns_resolver = dns_resolver
-        self.dropped_datagrams = 0
-        self.stream_errors = 0
+        self.stats = TransportStats()
         self.event_listeners: list[EventListener] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
@@ -519,7 +530,7 @@ class DmqServer:
 
     def _datagram_received(self, data: bytes, addr: tuple[Any, int]) -> None:
         if self.drop_rate and self._drop_rng.random() < self.drop_rate:
-            self.dropped_datagrams += 1
+            self.stats.dropped_datagrams += 1
             return
         loop = self._loop
         if loop is None:
@@ -609,7 +620,7 @@ class DmqServer:
     def _send(self, data: bytes, destination: Endpoint) -> None:
         if destination.transport == "udp":
             if self.drop_rate and self._drop_rng.random() < self.drop_rate:
-                self.dropped_datagrams += 1
+                self.stats.dropped_datagrams += 1
                 return
             address = self._address_of(destination.host)
             if address is None:

@@ -203,7 +203,7 @@ async def main(argv: list[str]) -> None:
                     "stray_responses": tx.stray_responses,
                     "malformed_answered": stats.malformed_answered,
                     "malformed_dropped": stats.malformed_dropped,
-                    "dropped_datagrams": server.dropped_datagrams,
+                    "dropped_datagrams": server.stats.dropped_datagrams,
                 }
             elif cmd == "stop":
                 stopping.set()

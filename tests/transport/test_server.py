@@ -187,3 +187,20 @@ async def test_a_server_address_that_does_not_resolve_names_its_field() -> None:
         "server_address 'nowhere.test': "
         "DNS resolution of 'nowhere.test' returned no usable address."
     )
+
+
+async def test_a_tcp_stream_that_cannot_be_framed_is_closed_and_counted() -> None:
+    server = DmqServer(config(free_port()))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.local_uri.port)
+        # A message announced larger than the node accepts on a stream: the stream
+        # cannot be resynchronised after it.
+        writer.write(b"KDMQ sip:htable@127.0.0.1 SIP/2.0\r\nContent-Length: 2000000\r\n\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the node
+        writer.close()
+        assert server.stats.stream_errors == 1
+        assert server.stats.dropped_datagrams == 0
+    finally:
+        await server.stop(grace=0.1)
