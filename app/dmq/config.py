@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 
 from app.dmq.errors import ConfigError
@@ -43,51 +44,68 @@ class NodeConfig:
     trusted: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     #: Largest message accepted on a TCP stream.
     max_stream_message: int = DEFAULT_MAX_STREAM_MESSAGE
-    #: Seconds a peer may take to answer a request before the node answers 408 itself;
-    #: ``None`` means Timer F, after which the sender has given up anyway.
-    peer_reply_timeout: float | None = None
     #: Sent as ``User-Agent`` on requests and ``Server`` on responses.
     user_agent: str = "dmq-gateway/0.1"
 
     def __post_init__(self) -> None:
-        if self.server_address.transport not in SUPPORTED_TRANSPORTS:
+        """Refuse a bad setting with a :class:`ConfigError` that names the field (its
+        name here, not a command-line option: the command line maps one to the other)
+        and says in one sentence what is wrong with it."""
+        server = self.server_address
+        if server.transport not in SUPPORTED_TRANSPORTS:
             raise ConfigError(
-                f"--server-address {self.server_address}: transport must be udp or tcp"
+                "the transport must be udp or tcp", field="server_address", value=str(server)
             )
-        if self.server_address.port is None:
+        if server.port is None:
             raise ConfigError(
-                f"--server-address {self.server_address}: give the port explicitly, "
-                "because other nodes match us by the exact host:port we announce"
+                "give the port explicitly, because other nodes match us by the exact "
+                "host:port we announce",
+                field="server_address",
+                value=str(server),
             )
-        if self.server_address.user:
-            raise ConfigError(f"--server-address {self.server_address}: must have no user part")
+        if server.user:
+            raise ConfigError(
+                "a node address has no user part", field="server_address", value=str(server)
+            )
         for address in self.notification_addresses:
             if address.transport not in SUPPORTED_TRANSPORTS:
-                raise ConfigError(f"--notification-address {address}: transport must be udp or tcp")
+                raise ConfigError(
+                    "the transport must be udp or tcp",
+                    field="notification_addresses",
+                    value=str(address),
+                )
         if not self.notification_channel or not _is_user(self.notification_channel):
             raise ConfigError(
-                f"--notification-channel {self.notification_channel!r}: must be a "
-                "non-empty SIP user name (letters, digits, - _ . ! ~ * ' ( ))"
+                "must be a non-empty SIP user name (letters, digits, - _ . ! ~ * ' ( ))",
+                field="notification_channel",
+                value=self.notification_channel,
             )
-        if self.ping_interval < 1:
-            raise ConfigError(f"--ping-interval {self.ping_interval}: must be at least 1 second")
+        if not self.ping_interval >= 1:  # also refuses NaN
+            raise ConfigError(
+                "must be at least 1 second", field="ping_interval", value=self.ping_interval
+            )
         t = self.timers
-        if t.t1 <= 0 or t.t2 <= 0 or t.t4 <= 0:
-            raise ConfigError("--t1, --t2 and --t4 must be positive numbers of seconds")
+        for name, seconds in (("t1", t.t1), ("t2", t.t2), ("t4", t.t4)):
+            if not (seconds > 0 and math.isfinite(seconds)):
+                raise ConfigError(
+                    "must be a positive, finite number of seconds", field=name, value=seconds
+                )
         if t.t2 < t.t1:
-            raise ConfigError(f"--t2 {t.t2}: must not be smaller than --t1 {t.t1}")
-        if t.timer_f is not None and t.timer_f <= 0:
-            raise ConfigError(f"--timer-f {t.timer_f}: must be a positive number of seconds")
+            raise ConfigError(
+                f"must not be smaller than t1 ({t.t1:g} s), the first retransmission interval",
+                field="t2",
+                value=t.t2,
+            )
+        if t.timer_f is not None and not (t.timer_f > 0 and math.isfinite(t.timer_f)):
+            raise ConfigError(
+                "must be a positive, finite number of seconds", field="timer_f", value=t.timer_f
+            )
         if self.max_stream_message < 1024:
             raise ConfigError(
-                f"--max-tcp-message {self.max_stream_message}: must be at least 1024 bytes"
+                "must be at least 1024 bytes",
+                field="max_stream_message",
+                value=self.max_stream_message,
             )
-
-    @property
-    def reply_timeout(self) -> float:
-        if self.peer_reply_timeout is not None:
-            return self.peer_reply_timeout
-        return self.timers.timer_f_value
 
 
 _USER_CHARS = frozenset(

@@ -55,4 +55,23 @@ class SendCompleted:
     operation: SendOperation
 
 
-Event = NodeStatusChanged | SendCompleted
+@dataclass(frozen=True, slots=True)
+class PeerReplyTimedOut:
+    """A message whose handler deferred its answer got none within the peer's
+    ``reply_timeout``; the node has answered it 408 and will refuse a late reply."""
+
+    message_id: int
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostLookupNeeded:
+    """The node met a host name (in a node list, say) whose address its resolver does
+    not know yet. It holds the node by name meanwhile; the driver looks the name up
+    without blocking and answers with :meth:`~app.dmq.node.DmqNode.host_resolved`
+    (with ``None`` when the look-up failed). Asked once per name until answered."""
+
+    host: str
+
+
+Event = NodeStatusChanged | SendCompleted | PeerReplyTimedOut | HostLookupNeeded

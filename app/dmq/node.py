@@ -8,15 +8,26 @@ Three kinds of input, each with the current time ``now`` from the driver's clock
   message) and where it came from;
 * :meth:`DmqNode.handle_timer` - the deadline from :meth:`get_timer` has passed;
 * calls: :meth:`start`, :meth:`broadcast`, :meth:`send`, :meth:`reply`,
-  :meth:`add_node`, :meth:`remove_node`, :meth:`stop`.
+  :meth:`add_node`, :meth:`remove_node`, :meth:`host_resolved`, :meth:`stop`.
 
 Three kinds of output, which the driver collects after every input:
 
 * :meth:`datagrams_to_send` - ``(bytes, Endpoint)`` pairs;
 * :meth:`get_timer` - the one deadline to arm;
-* :meth:`next_event` - :mod:`app.dmq.events` (status changes, finished sends).
+* :meth:`next_event` - :mod:`app.dmq.events` (status changes, finished sends, reply
+  timeouts, host names to look up).
+
+DNS never happens inside the node. Its resolver answers from what is already known;
+a host name it does not know yet (a node list naming ``sip:kamailio2.example:5060``)
+is held by name and handed out as :class:`HostLookupNeeded`; the driver resolves it
+however it likes (asynchronously, with a timeout and a negative cache) and calls
+:meth:`host_resolved`, upon which the node identifies its nodes again, by address.
 
 Peer handlers (:mod:`app.dmq.peers`) are plain callables run inside :meth:`receive`.
+
+The node has no clock: time enters only as the ``now`` of an input, and reaches timer
+and transaction callbacks as their ``now`` argument, so a callback can never act on a
+stale instant kept from an earlier input.
 
 Membership follows Kamailio's ``notification_peer`` (protocol notes, section 4): join
 with Max-Forwards 2, answer a notification with our list and pass a changed list one
@@ -36,17 +47,24 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig, is_valid_peer_id
 from app.dmq.errors import (
+    InvalidPeerIdError,
+    InvalidReplyTimeoutError,
     MessageTooLargeError,
     NodeStoppedError,
+    ReplyNotPendingError,
     ReservedPeerError,
     UnknownNodeError,
+    UnknownPeerError,
 )
 from app.dmq.events import (
     Event,
+    HostLookupNeeded,
     NodeResult,
     NodeStatusChanged,
+    PeerReplyTimedOut,
     SendCompleted,
     SendOperation,
 )
@@ -101,11 +119,20 @@ REASONS = {
     513: "Message Too Large",
 }
 
-#: Entries kept in each parse cache before it is emptied and refilled.
-_URI_CACHE_LIMIT = 1024
+#: Entries kept by each cache of the hot path (source hosts, Request-URIs, From URIs,
+#: peer ids). A bus uses a handful of each; the bound is for the keys others choose.
+CACHE_SIZE = 1024
+
+#: What a cache answers for a key it does not hold, where ``None`` is a value.
+_MISSING = object()
 
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
+
+#: Deferred messages whose fate is remembered after they were answered, so that a late
+#: :meth:`DmqNode.reply` can be told what happened (a 408, a 404...) rather than only
+#: "not pending". At 10 000 messages per second this covers the last second.
+FINISHED_RECORD_LIMIT = 10_000
 
 
 @dataclass(slots=True)
@@ -122,7 +149,8 @@ class NodeStats:
     malformed_dropped: int = 0
     #: Requests refused because the source is not trusted.
     forbidden: int = 0
-    #: Deferred peer replies that never came and were answered 408 by the node.
+    #: Deferred peer replies that did not come within the peer's reply_timeout and
+    #: were answered 408 by the node (each also emits :class:`PeerReplyTimedOut`).
     reply_timeouts: int = 0
 
 
@@ -135,6 +163,8 @@ class _Pending:
     peer_id: str
     destination: Endpoint
     deadline: TimerHandle
+    #: The seconds ``deadline`` was armed for, to explain a 408 later.
+    reply_timeout: float
 
 
 class DmqNode:
@@ -151,26 +181,32 @@ class DmqNode:
         self.rng = rng or random.Random()
         self.timers = TimerQueue()
         self.transactions = TransactionLayer(self.timers, config.timers, self._transmit)
-        self.nodes = NodeList(config.server_address, resolver)
+        self._outbox: list[tuple[bytes, Endpoint]] = []
+        self._events: deque[Event] = deque()
+        self._resolver = resolver
+        #: Host name -> address, as told by :meth:`host_resolved` (names come from
+        #: other nodes' lists, hence the bound).
+        self._addresses: BoundedCache[str, str] = BoundedCache(CACHE_SIZE)
+        #: Host names asked for (HostLookupNeeded) and not answered yet.
+        self._lookups: set[str] = set()
+        self.nodes = NodeList(config.server_address, self._resolve, self._lookup_needed)
         self.peers: dict[str, Peer] = {}
         self.stats = NodeStats(Counter(), Counter())
         self.started = False
         self.stopped = False
-        self._outbox: list[tuple[bytes, Endpoint]] = []
-        self._events: deque[Event] = deque()
         self._pending: dict[int, _Pending] = {}
+        #: message id -> how a deferred message was answered (bounded, oldest first).
+        self._finished: BoundedCache[int, str] = BoundedCache(FINISHED_RECORD_LIMIT)
         self._ids = 0
-        #: The driver's clock at the latest input; timer callbacks read it.
-        self._clock = 0.0
         self._ping_timer: TimerHandle | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
         #: themselves.
         self._tombstones: dict[NodeKey, float] = {}
-        self._trust_cache: dict[str, bool] = {}
-        self._uri_cache: dict[str, str | None] = {}
-        self._sender_cache: dict[str, SipUri] = {}
-        self._from_cache: dict[str, str] = {}
+        self._trust_cache: BoundedCache[str, bool] = BoundedCache(CACHE_SIZE)
+        self._uri_cache: BoundedCache[str, str | None] = BoundedCache(CACHE_SIZE)
+        self._sender_cache: BoundedCache[str, SipUri] = BoundedCache(CACHE_SIZE)
+        self._from_cache: BoundedCache[str, str] = BoundedCache(CACHE_SIZE)
         self._tag = f"{self.rng.getrandbits(64):016x}"
         local = self.nodes.local.uri
         self._local_hostport = (
@@ -206,22 +242,19 @@ class DmqNode:
         *,
         init: PeerInit | None = None,
         description: str = "",
+        reply_timeout: float | None = None,
     ) -> Peer:
         """Register (or replace) the handler of a peer id.
 
-        If the bus is already up, the new peer's init hook runs at once: it would
-        otherwise never run, since the node has already reached its peer nodes.
+        ``reply_timeout`` bounds how long a message the handler deferred (returned
+        ``None`` for) waits for :meth:`reply`; ``None`` means Timer F. If the bus is
+        already up, the new peer's init hook runs at once: it would otherwise never
+        run, since the node has already reached its peer nodes.
         """
-        if peer_id == self.config.notification_channel:
-            raise ReservedPeerError(
-                f"{peer_id!r} is the notification channel and carries membership only"
-            )
-        if not is_valid_peer_id(peer_id):
-            raise ValueError(
-                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
-            )
+        self._check_peer_id(peer_id)
+        self._check_reply_timeout(reply_timeout)
         previous = self.peers.get(peer_id)
-        peer = Peer(peer_id, handler, init, description)
+        peer = Peer(peer_id, handler, init, description, reply_timeout)
         if previous is not None:
             peer.init_done = previous.init_done
         self.peers[peer_id] = peer
@@ -229,8 +262,66 @@ class DmqNode:
             self._run_init(peer)
         return peer
 
-    def unregister_peer(self, peer_id: str) -> bool:
-        return self.peers.pop(peer_id, None) is not None
+    def update_peer(
+        self,
+        peer_id: str,
+        *,
+        description: str | None = None,
+        reply_timeout: float | None = None,
+    ) -> Peer:
+        """Change a registered peer's description or reply timeout (``None`` leaves a
+        setting as it is). Messages already waiting keep the deadline they were given."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise UnknownPeerError(f"no peer is registered as {peer_id!r}")
+        self._check_reply_timeout(reply_timeout)
+        if description is not None:
+            peer.description = description
+        if reply_timeout is not None:
+            peer.reply_timeout = reply_timeout
+        return peer
+
+    def unregister_peer(self, peer_id: str, now: float) -> Peer:
+        """Remove a peer; the messages still waiting for its answer are answered 404
+        User Not Found now, as a request for an unknown peer would be, rather than
+        being left to time out."""
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            raise UnknownPeerError(f"no peer is registered as {peer_id!r}")
+        waiting = [mid for mid, pending in self._pending.items() if pending.peer_id == peer_id]
+        for message_id in waiting:
+            self._finish(
+                message_id,
+                PeerReply(404, "User Not Found"),
+                now,
+                f"answered 404 User Not Found when peer {peer_id} was unregistered",
+            )
+        return peer
+
+    def _check_peer_id(self, peer_id: str) -> None:
+        if peer_id == self.config.notification_channel:
+            raise ReservedPeerError(
+                f"{peer_id!r} is the notification channel and carries membership only"
+            )
+        if not is_valid_peer_id(peer_id):
+            raise InvalidPeerIdError(
+                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
+            )
+
+    def _check_reply_timeout(self, reply_timeout: float | None) -> None:
+        if reply_timeout is None:
+            return
+        if not reply_timeout > 0:  # also refuses NaN
+            raise InvalidReplyTimeoutError(
+                f"reply_timeout {reply_timeout!r} must be a positive number of seconds"
+            )
+        timer_f = self.config.timers.timer_f_value
+        if reply_timeout > timer_f:
+            raise InvalidReplyTimeoutError(
+                f"reply_timeout {reply_timeout:g} s is longer than Timer F ({timer_f:g} s): "
+                "the sending node gives up at its Timer F, so a longer wait cannot be "
+                "honoured"
+            )
 
     def _run_init(self, peer: Peer) -> None:
         peer.init_done = True
@@ -256,7 +347,7 @@ class DmqNode:
         for address in self.config.notification_addresses:
             self.add_notification_address(address)
         self._join(now)
-        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping)
 
     def add_notification_address(self, uri: SipUri) -> Node | None:
         """Add a node to join through (already resolved by the driver, if need be).
@@ -282,7 +373,12 @@ class DmqNode:
             self._ping_timer.cancel()
             self._ping_timer = None
         for pending_id in list(self._pending):
-            self.reply(pending_id, PeerReply(503, "Service Unavailable"), now)
+            self._finish(
+                pending_id,
+                PeerReply(503, "Service Unavailable"),
+                now,
+                "answered 503 Service Unavailable when the node stopped",
+            )
         targets = self.nodes.active_others() if not self.stopped else []
         self.stopped = True
         return self._operation(
@@ -337,7 +433,7 @@ class DmqNode:
                 f"{peer_id!r} is the notification channel and carries membership only"
             )
         if not is_valid_peer_id(peer_id):
-            raise ValueError(
+            raise InvalidPeerIdError(
                 f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
             )
         limit = self.max_body_size
@@ -381,12 +477,12 @@ class DmqNode:
 
     def _operation_result(
         self, operation: SendOperation, node: Node
-    ) -> Callable[[FinalResult], None]:
+    ) -> Callable[[FinalResult, float], None]:
         uri = node.uri
         membership = operation.peer_id == self.config.notification_channel
         key = node.key
 
-        def on_result(result: FinalResult) -> None:
+        def on_result(result: FinalResult, now: float) -> None:
             response = result.response
             operation.results.append(
                 NodeResult(
@@ -400,7 +496,7 @@ class DmqNode:
                 )
             )
             if membership:
-                self._on_notification_result(key, result, self._clock)
+                self._on_notification_result(key, result, now)
             if operation.done:
                 self._events.append(SendCompleted(operation))
 
@@ -414,7 +510,7 @@ class DmqNode:
         content_type: str | None,
         max_forwards: int,
         now: float,
-        on_result: Callable[[FinalResult], None],
+        on_result: Callable[[FinalResult, float], None],
     ) -> None:
         rng = self.rng
         branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
@@ -436,32 +532,45 @@ class DmqNode:
             lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-        self._clock = now
         destination = Endpoint(node.transport, node.resolved_ip, node.port)
         stats = self.stats.sent
 
-        def counted(result: FinalResult) -> None:
+        def counted(result: FinalResult, now: float) -> None:
             stats[(peer_id, result.code)] += 1
-            on_result(result)
+            on_result(result, now)
 
         self.transactions.send_request(branch, data, destination, now, counted)
 
     def _from_uri(self, peer_id: str) -> str:
         cached = self._from_cache.get(peer_id)
         if cached is None:
-            cached = str(self.config.server_address.with_user(peer_id))
-            self._from_cache[peer_id] = cached
+            cached = self._from_cache.put(
+                peer_id, str(self.config.server_address.with_user(peer_id))
+            )
         return cached
 
     # ------------------------------------------------------------------ replies
 
-    def reply(self, message_id: int, reply: PeerReply, now: float) -> bool:
-        """Answer a message whose handler returned ``None``; False if it was already
-        answered (or timed out)."""
-        pending = self._pending.pop(message_id, None)
-        if pending is None:
-            return False
+    def reply(self, message_id: int, reply: PeerReply, now: float) -> None:
+        """Answer a message whose handler returned ``None``.
+
+        Raises :class:`ReplyNotPendingError` when the message no longer waits, with a
+        sentence saying what became of it (answered 408 after the peer's reply_timeout,
+        404 when its peer was unregistered, 503 when the node stopped, or already
+        answered by an earlier reply).
+        """
+        if message_id not in self._pending:
+            outcome = self._finished.get(message_id)
+            if outcome is None:
+                raise ReplyNotPendingError(f"no message {message_id} is waiting for a reply")
+            raise ReplyNotPendingError(f"message {message_id} was already {outcome}")
+        self._finish(message_id, reply, now, f"answered {reply.code} {reply.reason} by a reply")
+
+    def _finish(self, message_id: int, reply: PeerReply, now: float, outcome: str) -> None:
+        """Send the final answer of a deferred message and remember how it ended."""
+        pending = self._pending.pop(message_id)
         pending.deadline.cancel()
+        self._finished.put(message_id, outcome)
         self._respond(
             pending.st,
             pending.request,
@@ -473,12 +582,20 @@ class DmqNode:
             body=reply.body,
             peer_id=pending.peer_id,
         )
-        return True
 
-    def _reply_timeout(self, message_id: int) -> None:
-        if message_id in self._pending:
-            self.stats.reply_timeouts += 1
-            self.reply(message_id, PeerReply(408, "Request Timeout"), self._clock)
+    def _reply_timeout(self, now: float, message_id: int) -> None:
+        pending = self._pending.get(message_id)
+        if pending is None:
+            return
+        self.stats.reply_timeouts += 1
+        self._finish(
+            message_id,
+            PeerReply(408, "Request Timeout"),
+            now,
+            "answered 408 Request Timeout: no reply within the peer's reply_timeout "
+            f"of {pending.reply_timeout:g} s",
+        )
+        self._events.append(PeerReplyTimedOut(message_id, pending.peer_id))
 
     def _respond(
         self,
@@ -537,17 +654,14 @@ class DmqNode:
         self._outbox.append((data, destination))
 
     def handle_timer(self, now: float) -> None:
-        self._clock = now
         self.timers.run_due(now)
 
     def transport_error(self, destination: Endpoint, now: float) -> None:
         """The driver could not deliver to ``destination`` (e.g. TCP connect refused)."""
-        self._clock = now
-        self.transactions.transport_error(destination)
+        self.transactions.transport_error(destination, now)
 
     def receive(self, data: bytes, source: Endpoint, now: float) -> None:
         """Handle one whole SIP message. Never raises for anything the sender did."""
-        self._clock = now
         try:
             message = parse_message(data, max_size=max(self._max_message, MAX_UDP_MESSAGE))
         except SipParseError as exc:
@@ -609,9 +723,7 @@ class DmqNode:
                 if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                     address = address.ipv4_mapped
                 cached = any(address in network for network in self.config.trusted)
-            if len(self._trust_cache) > 4096:
-                self._trust_cache.clear()
-            self._trust_cache[host] = cached
+            self._trust_cache.put(host, cached)
         return cached
 
     def _on_request(self, request: SipRequest, source: Endpoint, now: float) -> None:
@@ -740,14 +852,16 @@ class DmqNode:
             log.exception("handler of peer %s failed", peer_id)
             reply = PeerReply(500, "Server Internal Error")
         if reply is None:
+            timeout = peer.reply_timeout
+            if timeout is None:
+                timeout = self.config.timers.timer_f_value
             self._pending[message.id] = _Pending(
                 st,
                 request,
                 peer_id,
                 destination,
-                self.timers.call_at(
-                    now + self.config.reply_timeout, self._reply_timeout, message.id
-                ),
+                self.timers.call_at(now + timeout, self._reply_timeout, message.id),
+                timeout,
             )
             return
         self._respond(
@@ -765,27 +879,19 @@ class DmqNode:
     def _peer_id_of(self, request_uri: str) -> str | None:
         """The user part of a Request-URI (the peer id); cached, since a bus uses a
         handful of Request-URIs over and over."""
-        cache = self._uri_cache
-        if request_uri in cache:
-            return cache[request_uri]
-        user = SipUri.parse(request_uri).user
-        if len(cache) >= _URI_CACHE_LIMIT:
-            cache.clear()
-        cache[request_uri] = user
-        return user
+        user = self._uri_cache.get(request_uri, _MISSING)
+        if user is _MISSING:
+            return self._uri_cache.put(request_uri, SipUri.parse(request_uri).user)
+        return user  # type: ignore[return-value]
 
     def _sender_of(self, from_value: str) -> SipUri:
         """The sending node from a From header: its URI without user or tag (the tag
         changes with every request, so the cache is keyed on what precedes it)."""
         close = from_value.find(">")
         key = from_value[: close + 1] if close >= 0 else from_value.partition(";")[0]
-        cache = self._sender_cache
-        sender = cache.get(key)
+        sender = self._sender_cache.get(key)
         if sender is None:
-            sender = node_uri(NameAddr.parse(from_value).uri)
-            if len(cache) >= _URI_CACHE_LIMIT:
-                cache.clear()
-            cache[key] = sender
+            sender = self._sender_cache.put(key, node_uri(NameAddr.parse(from_value).uri))
         return sender
 
     def _respond_error(
@@ -948,9 +1054,9 @@ class DmqNode:
                 self._notification_callback(key),
             )
 
-    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult], None]:
-        def on_result(result: FinalResult) -> None:
-            self._on_notification_result(key, result, self._clock)
+    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult, float], None]:
+        def on_result(result: FinalResult, now: float) -> None:
+            self._on_notification_result(key, result, now)
 
         return on_result
 
@@ -992,11 +1098,10 @@ class DmqNode:
         if targets:
             self._notify(targets, self.nodes.join_body(), 2, now)
 
-    def _ping(self, scheduled: float) -> None:
-        now = self._clock
+    def _ping(self, now: float) -> None:
         if self.stopped:
             return
-        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping)
         if not self.nodes.others():
             # Alone: go back to the notification addresses (they may have been
             # removed after missing pings while they were down).
@@ -1006,11 +1111,41 @@ class DmqNode:
             return
         self._notify(self.nodes.others(), self._list_body(), 1, now)
 
+    # ------------------------------------------------------------------ names
+
+    def _resolve(self, host: str) -> str | None:
+        known = self._addresses.get(host.lower()) if self._addresses else None
+        return known if known is not None else self._resolver(host)
+
+    def _lookup_needed(self, name: str) -> None:
+        if name not in self._lookups:
+            self._lookups.add(name)
+            self._events.append(HostLookupNeeded(name))
+
+    def host_resolved(self, host: str, address: str | None, now: float) -> None:
+        """The driver looked ``host`` up: ``address``, or ``None`` if it failed.
+
+        Nodes held by that name are identified by the address from now on; one that
+        turns out to be a node already held (or ourselves) is dropped as a duplicate.
+        On failure the name goes on standing for its nodes, and the node asks again
+        the next time its resolver does not know the name.
+        """
+        name = host.lower()
+        self._lookups.discard(name)
+        if address is None:
+            return
+        self._addresses.put(name, address)
+        for dropped, kept in self.nodes.rekey(name):
+            self._emit_status(dropped, dropped.status, None, f"the same node as {kept.uri}")
+        for key in [key for key in self._tombstones if key[0] == name]:
+            until = self._tombstones.pop(key)
+            if until > now:
+                self._tombstones[(address, key[1], key[2])] = until
+
     # ------------------------------------------------------------------ operator
 
     def add_node(self, uri: SipUri, now: float) -> Node:
         """Add a node by hand and notify it (Kamailio master's ``dmq.add``)."""
-        self._clock = now
         if self.nodes.is_local(uri):
             raise ValueError(f"{uri} is this node itself")
         self._tombstones.pop(self.nodes.key_of(uri), None)

@@ -5,7 +5,9 @@ the Request-URI), a handler for requests that arrive for it, and an optional *in
 hook run once when the node first reaches an active peer node (htable uses it to ask
 for a full sync). The handler answers with a :class:`PeerReply` at once, or returns
 ``None`` and answers later through :meth:`app.dmq.node.DmqNode.reply`, which is how a
-driver lets a handler await something (a WebSocket client's answer).
+driver lets a handler wait for something (a WebSocket client's answer). The node alone
+decides how long "later" may be: the peer's ``reply_timeout``, after which it answers
+408 and refuses the late reply, so there is one timeout and one place that enforces it.
 """
 
 from __future__ import annotations
@@ -64,4 +66,8 @@ class Peer:
     handler: PeerHandler
     init: PeerInit | None = None
     description: str = ""
+    #: Seconds the handler may take to answer a message it deferred (returned
+    #: ``None`` for) before the node answers 408 itself; ``None`` means Timer F, after
+    #: which the sending node has given up anyway.
+    reply_timeout: float | None = None
     init_done: bool = False

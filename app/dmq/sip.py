@@ -605,10 +605,6 @@ class SipUri(NamedTuple):
     def with_user(self, user: str | None) -> SipUri:
         return SipUri(self.host, self.port, user, self.params, self.scheme)
 
-    def without_params(self, *names: str) -> SipUri:
-        kept = tuple(p for p in self.params if p[0] not in names)
-        return SipUri(self.host, self.port, self.user, kept, self.scheme)
-
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         text = f"{self.scheme}:"

@@ -34,10 +34,12 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.dmq.errors import NodeStoppedError, ReplyNotPendingError
+from app.dmq.events import Event, PeerReplyTimedOut
 from app.dmq.peers import PeerMessage, PeerReply
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
 from app.gateway.models import PeerSettings, ReplyMode
@@ -174,7 +176,8 @@ class PeerChannel:
     offset: int = 0
     history: deque[HistoryEntry] = field(default_factory=deque)
     subscribers: set[Subscriber] = field(default_factory=set)
-    waiting: dict[str, asyncio.Future[PeerReply]] = field(default_factory=dict)
+    #: entry id -> the node's message id, for messages waiting for a subscriber's reply.
+    waiting: dict[str, int] = field(default_factory=dict)
     received: int = 0
     overflows: int = 0
     registered_at: float = field(default_factory=time.time)
@@ -211,10 +214,27 @@ class Hub:
         self.queue_limit = queue_limit
         self.channels: dict[str, PeerChannel] = {}
         self.overflows = 0
-        self.reply_timeouts = 0
         #: Tags message ids of this process, so ids from before a restart never clash.
         self.instance = secrets.token_hex(4)
         self.listeners: list[Callable[[str, PeerMessage], None]] = []
+        server.event_listeners.append(self._on_event)
+
+    @property
+    def reply_timeouts(self) -> int:
+        """Subscriber replies that did not come in time: the node times them out."""
+        return self.server.node.stats.reply_timeouts
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, PeerReplyTimedOut):
+            channel = self.channels.get(event.peer_id)
+            if channel is not None:
+                for entry_id, message_id in list(channel.waiting.items()):
+                    if message_id == event.message_id:
+                        del channel.waiting[entry_id]
+
+    def _reply_timeout(self, settings: PeerSettings) -> float:
+        # The node refuses a wait longer than Timer F (the sender gives up then).
+        return min(settings.reply_timeout, self.server.config.timers.timer_f_value)
 
     # ------------------------------------------------------------------ registry
 
@@ -245,7 +265,10 @@ class Hub:
         if channel is None:
             channel = PeerChannel(peer_id, settings, self, ephemeral=ephemeral)
             self.server.register_peer(
-                peer_id, self._handler(channel), description=settings.description
+                peer_id,
+                self._handler(channel),
+                description=settings.description,
+                reply_timeout=self._reply_timeout(settings),
             )
             self.channels[peer_id] = channel
         else:
@@ -253,7 +276,11 @@ class Hub:
             channel.ephemeral = channel.ephemeral and ephemeral
             while len(channel.history) > settings.history:
                 channel.history.popleft()
-            self.server.node.peers[peer_id].description = settings.description
+            self.server.update_peer(
+                peer_id,
+                description=settings.description,
+                reply_timeout=self._reply_timeout(settings),
+            )
         if persist and not channel.ephemeral:
             self._save()
         return channel, created
@@ -262,13 +289,11 @@ class Hub:
         channel = self.channels.pop(peer_id, None)
         if channel is None:
             return False
-        self.server.unregister_peer(peer_id)
+        self.server.unregister_peer(peer_id)  # answers its waiting messages 404
+        channel.waiting.clear()
         for subscriber in list(channel.subscribers):
             subscriber.closed = True
             subscriber.wakeup.set()
-        for waiter in channel.waiting.values():
-            if not waiter.done():
-                waiter.set_result(PeerReply(404, "User Not Found"))
         self._save()
         return True
 
@@ -278,10 +303,8 @@ class Hub:
 
     # ------------------------------------------------------------------ incoming
 
-    def _handler(
-        self, channel: PeerChannel
-    ) -> Callable[[PeerMessage], PeerReply | Awaitable[PeerReply]]:
-        def handler(message: PeerMessage) -> PeerReply | Awaitable[PeerReply]:
+    def _handler(self, channel: PeerChannel) -> Callable[[PeerMessage], PeerReply | None]:
+        def handler(message: PeerMessage) -> PeerReply | None:
             for listener in self.listeners:
                 listener(channel.peer_id, message)
             if channel.settings.reply is ReplyMode.AUTO:
@@ -299,32 +322,23 @@ class Hub:
             if not channel.subscribers:
                 return PeerReply(480, "Temporarily Unavailable")
             entry = channel.append(message)
-            waiter: asyncio.Future[PeerReply] = asyncio.get_running_loop().create_future()
-            channel.waiting[entry.id] = waiter
-            return self._await_reply(channel, entry.id, waiter)
+            channel.waiting[entry.id] = message.id
+            return None  # the node waits for Hub.reply, or answers 408 itself
 
         return handler
-
-    async def _await_reply(
-        self, channel: PeerChannel, message_id: str, waiter: asyncio.Future[PeerReply]
-    ) -> PeerReply:
-        try:
-            return await asyncio.wait_for(waiter, channel.settings.reply_timeout)
-        except TimeoutError:
-            self.reply_timeouts += 1
-            return PeerReply(408, "Request Timeout")
-        finally:
-            channel.waiting.pop(message_id, None)
 
     def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> bool:
         """A subscriber answered a message; False when nothing waits for that id."""
         channel = self.channels.get(peer_id)
         if channel is None:
             return False
-        waiter = channel.waiting.get(message_id)
-        if waiter is None or waiter.done():
+        node_message_id = channel.waiting.pop(message_id, None)
+        if node_message_id is None:
             return False
-        waiter.set_result(reply)
+        try:
+            self.server.reply(node_message_id, reply)
+        except (ReplyNotPendingError, NodeStoppedError):
+            return False
         return True
 
     # ------------------------------------------------------------------ subscribers

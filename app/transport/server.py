@@ -1,7 +1,9 @@
 """The asyncio driver: real UDP and TCP sockets around the sans-IO :class:`DmqNode`.
 
 The driver owns everything the core must not touch: sockets, the loop's clock, one
-loop timer, DNS, and the tasks of peer handlers that answer later. After every input
+loop timer and DNS. Peer handlers are the core's own synchronous handlers: one that
+answers later returns ``None`` and calls :meth:`DmqServer.reply` when it can, and the
+core alone times it out (the peer's ``reply_timeout``). After every input
 it *flushes*: sends what the core queued, hands out its events, and re-arms the single
 timer at :meth:`DmqNode.get_timer` (the aioquic adapter shape). It runs on the default
 loop and on uvloop.
@@ -13,6 +15,15 @@ one connection per remote node, opened on demand and reused; a response goes bac
 the connection its request came on (RFC 3261 section 18.2.2). Each connection cuts its
 stream with :class:`~app.dmq.sip.StreamFramer`.
 
+DNS never runs on the loop's thread or holds up a message. Names in the configuration
+are resolved before the node starts. A name first met later (in another node's list)
+is unknown to the core's resolver (:class:`_HostCache`, memory only), so the core
+holds that node by name and emits HostLookupNeeded; the driver resolves the name in a
+task (dnspython's async resolver, or ``loop.getaddrinfo``), bounded by ``dns_timeout``,
+remembers a failure for ``dns_negative_ttl``, and reports back through
+``DmqNode.host_resolved``. Until then, datagrams for that node are not sent (a socket
+given a name would resolve it synchronously); Timer E sends them again.
+
 ``drop_rate`` drops that fraction of UDP datagrams, in and out, at the seam between
 socket and core: fault injection for tests of retransmission, nothing else.
 """
@@ -20,30 +31,37 @@ socket and core: fault injection for tests of retransmission, nothing else.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
+from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
-from app.dmq.errors import ConfigError
-from app.dmq.events import NodeStatusChanged, SendCompleted, SendOperation
+from app.dmq.errors import ConfigError, NodeStoppedError
+from app.dmq.events import Event, HostLookupNeeded, SendCompleted, SendOperation
 from app.dmq.node import DmqNode
 from app.dmq.nodes import Node
-from app.dmq.peers import PeerMessage, PeerReply
+from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerReply
 from app.dmq.sip import SipParseError, SipUri, StreamFramer
 from app.dmq.transaction import Endpoint
 from app.transport import dns
 
 log = logging.getLogger("dmq.transport")
 
-#: A peer handler as the driver accepts it: a reply now, or an awaitable of one.
-AsyncPeerHandler = Callable[[PeerMessage], PeerReply | Awaitable[PeerReply]]
-AsyncPeerInit = Callable[[], Awaitable[None] | None]
-StatusListener = Callable[[NodeStatusChanged], None]
+#: Seconds a host name look-up may take before it counts as failed.
+DNS_TIMEOUT = 5.0
+#: Seconds a failed look-up is remembered (the name is not asked about meanwhile).
+DNS_NEGATIVE_TTL = 30.0
+#: Host names (and destination hosts) whose address or failure is remembered.
+NAME_CACHE_SIZE = 4096
+
+#: Called with every event of the core but :class:`SendCompleted` (which completes
+#: the future of its broadcast or send): node status changes, peer reply timeouts.
+EventListener = Callable[[Event], None]
 
 
 def _ip_literal(host: str) -> str | None:
@@ -53,34 +71,48 @@ def _ip_literal(host: str) -> str | None:
         return None
 
 
-class _CachingResolver:
-    """Host name -> address for the core's node identities.
+@dataclass(slots=True)
+class TransportStats:
+    """The driver's own counters, next to the core's (``node.stats``) and the
+    transactions' (``node.transactions.stats``), for metrics and tests."""
 
-    Names met at start (server and notification addresses) are resolved without
-    blocking the loop before the node starts; a name first met later, in another
-    node's list, is resolved on the spot (the core is synchronous) and cached.
+    #: UDP datagrams dropped on purpose (``drop_rate``), in and out.
+    dropped_datagrams: int = 0
+    #: TCP connections closed because their stream could not be framed as SIP.
+    stream_errors: int = 0
+
+
+class _HostCache:
+    """Host name -> address, the resolver the core reads; never waits, never blocks.
+
+    It answers from memory only: the address once a look-up succeeded; the name itself
+    while a failed look-up is remembered (the negative cache, so that a name that does
+    not resolve, met in every ping's node list, is not asked about again and again);
+    ``None`` otherwise, upon which the core emits HostLookupNeeded and the driver
+    resolves the name in a task.
     """
 
-    def __init__(self) -> None:
-        self.cache: dict[str, str] = {}
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        # Bounded: the names come from other nodes' lists.
+        self.addresses: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
+        #: name -> loop time until which its failure is remembered.
+        self.failed: BoundedCache[str, float] = BoundedCache(NAME_CACHE_SIZE)
 
-    def __call__(self, host: str) -> str:
+    def __call__(self, host: str) -> str | None:
         literal = _ip_literal(host)
         if literal is not None:
             return literal
         name = host.lower()
-        cached = self.cache.get(name)
-        if cached is not None:
-            return cached
-        try:
-            infos = socket.getaddrinfo(name, None, type=socket.SOCK_DGRAM)
-        except (OSError, UnicodeError):
-            log.warning("cannot resolve %s; it is known by name only", name)
-            return name
-        infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
-        address = str(infos[0][4][0])
-        self.cache[name] = address
-        return address
+        address = self.addresses.get(name)
+        if address is not None:
+            return address
+        until = self.failed.get(name)
+        if until is not None:
+            if until > self._clock():
+                return name
+            del self.failed[name]
+        return None
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -129,7 +161,7 @@ class _StreamProtocol(asyncio.Protocol):
         try:
             messages = self.framer.feed(data)
         except SipParseError as exc:
-            self.server.stream_errors += 1
+            self.server.stats.stream_errors += 1
             log.warning("closing TCP connection from %s:%s: %s", *self.peer, exc.reason)
             if self.transport is not None:
                 self.transport.close()
@@ -152,19 +184,28 @@ class DmqServer:
         drop_rate: float = 0.0,
         seed: int | None = None,
         dns_resolver: Any = None,
+        dns_timeout: float = DNS_TIMEOUT,
+        dns_negative_ttl: float = DNS_NEGATIVE_TTL,
     ) -> None:
-        if not 0.0 <= drop_rate < 1.0:
-            raise ConfigError(f"--drop-rate {drop_rate}: must be at least 0 and below 1")
+        if not 0.0 <= drop_rate < 1.0:  # also refuses NaN
+            raise ConfigError("must be at least 0 and below 1", field="drop_rate", value=drop_rate)
         self.config = config
-        self.resolver = _CachingResolver()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.resolver = _HostCache(self._clock)
         self.node = DmqNode(config, resolver=self.resolver)
+        #: Seconds one host name look-up may take before it counts as failed.
+        self.dns_timeout = dns_timeout
+        #: Seconds a failed look-up is remembered before the name is asked about again.
+        self.dns_negative_ttl = dns_negative_ttl
+        #: Look-ups in progress, by lower-case name.
+        self._lookups: dict[str, asyncio.Task[str]] = {}
+        #: Destination host (as the core names it) -> address for the socket.
+        self._send_addresses: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
         self.drop_rate = drop_rate
         self._drop_rng = random.Random(seed)
         self._dns_resolver = dns_resolver
-        self.dropped_datagrams = 0
-        self.stream_errors = 0
-        self.status_listeners: list[StatusListener] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = TransportStats()
+        self.event_listeners: list[EventListener] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._connections: dict[int, _StreamProtocol] = {}
@@ -174,6 +215,8 @@ class DmqServer:
         self._timer_at: float | None = None
         self._waiters: dict[int, asyncio.Future[SendOperation]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Set when stop() begins: no new broadcast or send is accepted from then on.
+        self._stopping = False
         self.started_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -195,7 +238,7 @@ class DmqServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         local = self.config.server_address
-        bind_host = await self._resolve_start_host(local.host, "--server-address")
+        bind_host = await self._resolve_start_host(local.host, "server_address")
         port = local.effective_port
         self._udp, _ = await loop.create_datagram_endpoint(
             lambda: _UdpProtocol(self), local_addr=(bind_host, port)
@@ -206,20 +249,22 @@ class DmqServer:
         )
         for address in await self._notification_targets():
             self.node.add_notification_address(address)
+        if _ip_literal(local.host) is None:
+            self.node.host_resolved(local.host, bind_host, loop.time())
         self.started_at = loop.time()
         self.node.start(loop.time())
         self._flush()
         log.info("DMQ node %s listening on %s:%d (udp, tcp)", local, bind_host, port)
 
-    async def _resolve_start_host(self, host: str, option: str) -> str:
+    async def _resolve_start_host(self, host: str, field: str) -> str:
         literal = _ip_literal(host)
         if literal is not None:
             return literal
         try:
             addresses = await dns.resolve_host(host, resolver=self._dns_resolver)
         except dns.DnsResolutionError as exc:
-            raise ConfigError(f"{option}: {exc}") from None
-        self.resolver.cache[host.lower()] = addresses[0]
+            raise ConfigError(str(exc), field=field, value=host) from None
+        self.resolver.addresses.put(host.lower(), addresses[0])
         return addresses[0]
 
     async def _notification_targets(self) -> list[SipUri]:
@@ -255,7 +300,7 @@ class DmqServer:
                 except dns.DnsResolutionError as exc:
                     log.warning("notification address %s: %s", address, exc)
                     continue
-                self.resolver.cache[address.host.lower()] = resolved[0]
+                self.resolver.addresses.put(address.host.lower(), resolved[0])
             targets.append(address)
         return targets
 
@@ -264,6 +309,14 @@ class DmqServer:
         if self._loop is None:
             return
         loop = self._loop
+        self._stopping = True
+        # Whoever waits on a broadcast or send (an HTTP request) learns now that the
+        # node is going, rather than after the leave and the sends' Timer F.
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for future in waiters:
+            if not future.done():
+                future.set_exception(NodeStoppedError("the DMQ node stopped"))
         operation = self.node.stop(loop.time())
         waiter = self._waiter(operation)
         self._flush()
@@ -273,7 +326,7 @@ class DmqServer:
             )
         except TimeoutError:
             log.info("leave: not every node answered within %.1f s", grace)
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._lookups.values()]:
             task.cancel()
         if self._timer is not None:
             self._timer.cancel()
@@ -295,53 +348,62 @@ class DmqServer:
     def register_peer(
         self,
         peer_id: str,
-        handler: AsyncPeerHandler,
+        handler: PeerHandler,
         *,
-        init: AsyncPeerInit | None = None,
+        init: PeerInit | None = None,
         description: str = "",
-    ) -> None:
-        """Register a peer whose handler answers now or later (returns an awaitable)."""
+        reply_timeout: float | None = None,
+    ) -> Peer:
+        """Register (or replace) a peer; see :meth:`DmqNode.register_peer`.
 
-        def core_handler(message: PeerMessage) -> PeerReply | None:
-            result = handler(message)
-            if isinstance(result, PeerReply):
-                return result
-            self._spawn(self._await_reply(message.id, result))
-            return None
-
-        core_init: Callable[[], None] | None = None
-        if init is not None:
-            init_hook = init
-
-            def core_init() -> None:
-                outcome = init_hook()
-                if inspect.isawaitable(outcome):
-                    self._spawn(_log_failure(outcome, f"init hook of peer {peer_id}"))
-
-        self.node.register_peer(peer_id, core_handler, init=core_init, description=description)
+        A handler that cannot answer at once returns ``None`` and later calls
+        :meth:`reply`; the node answers 408 itself after ``reply_timeout`` (``None``:
+        Timer F) and emits :class:`~app.dmq.events.PeerReplyTimedOut`.
+        """
+        peer = self.node.register_peer(
+            peer_id, handler, init=init, description=description, reply_timeout=reply_timeout
+        )
         self._flush()
+        return peer
 
-    def unregister_peer(self, peer_id: str) -> bool:
-        return self.node.unregister_peer(peer_id)
+    def update_peer(
+        self,
+        peer_id: str,
+        *,
+        description: str | None = None,
+        reply_timeout: float | None = None,
+    ) -> Peer:
+        """Change a peer's description or reply timeout; see :meth:`DmqNode.update_peer`."""
+        return self.node.update_peer(peer_id, description=description, reply_timeout=reply_timeout)
 
-    async def _await_reply(self, message_id: int, awaitable: Awaitable[PeerReply]) -> None:
-        try:
-            reply = await awaitable
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("peer handler failed")
-            reply = PeerReply(500, "Server Internal Error")
+    def unregister_peer(self, peer_id: str) -> Peer:
+        """Remove a peer; messages still waiting for its answer are answered 404."""
+        # Before start and after stop nothing can be waiting (stop answered it 503), so
+        # the instant given to the core is then never used.
+        now = self._loop.time() if self._loop is not None else 0.0
+        peer = self.node.unregister_peer(peer_id, now)
+        if self._loop is not None:
+            self._flush()
+        return peer
+
+    def reply(self, message_id: int, reply: PeerReply) -> None:
+        """Answer a message whose handler returned ``None``.
+
+        Raises :class:`~app.dmq.errors.ReplyNotPendingError` (saying what became of the
+        message) when it no longer waits, and :class:`NodeStoppedError` when the node
+        is not running.
+        """
         if self._loop is None:
-            return
+            raise NodeStoppedError("the DMQ node is not running")
         self.node.reply(message_id, reply, self._loop.time())
         self._flush()
 
     def broadcast_nowait(
         self, peer_id: str, body: bytes, content_type: str | None
     ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
-        """Start a broadcast; the future completes with every node's result."""
-        operation = self.node.broadcast(peer_id, body, content_type, self._now())
+        """Start a broadcast; the future completes with every node's result, or with
+        :class:`NodeStoppedError` if the node stops first."""
+        operation = self.node.broadcast(peer_id, body, content_type, self._send_clock())
         waiter = self._waiter(operation)
         self._flush()
         return operation, waiter
@@ -349,7 +411,7 @@ class DmqServer:
     def send_nowait(
         self, peer_id: str, body: bytes, content_type: str | None, node: SipUri
     ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
-        operation = self.node.send(peer_id, body, content_type, node, self._now())
+        operation = self.node.send(peer_id, body, content_type, node, self._send_clock())
         waiter = self._waiter(operation)
         self._flush()
         return operation, waiter
@@ -376,6 +438,72 @@ class DmqServer:
         self._flush()
         return node
 
+    # ------------------------------------------------------------------ names
+
+    async def resolve_node(self, uri: SipUri) -> str:
+        """The address of a node URI's host, looked up now (whatever the negative cache
+        says) and kept for the core, which then identifies nodes so named by it.
+
+        Raises :class:`app.transport.dns.DnsResolutionError` when the name gives no
+        address within ``dns_timeout`` (or cannot be a DNS name at all).
+        """
+        literal = _ip_literal(uri.host)
+        if literal is not None:
+            return literal
+        name = uri.host.lower()
+        known = self.resolver.addresses.get(name)
+        if known is not None:
+            return known
+        # Shielded: a caller that gives up must not cancel a look-up others share.
+        return await asyncio.shield(self._lookup(name))
+
+    def _lookup(self, name: str) -> asyncio.Task[str]:
+        task = self._lookups.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._resolve_name(name))
+            self._lookups[name] = task
+            task.add_done_callback(self._lookup_done)
+        return task
+
+    def _lookup_done(self, task: asyncio.Task[str]) -> None:
+        for name, running in list(self._lookups.items()):
+            if running is task:
+                del self._lookups[name]
+        if not task.cancelled():
+            task.exception()  # reported through the core and the log already
+
+    async def _resolve_name(self, name: str) -> str:
+        try:
+            async with asyncio.timeout(self.dns_timeout):
+                addresses = await dns.resolve_host(name, resolver=self._dns_resolver)
+        except Exception as exc:
+            # Anything at all (a name too long for DNS, one IDNA refuses, a dead
+            # server): the node goes on knowing it by name, and the loop goes on.
+            self.resolver.failed.put(name, self._clock() + self.dns_negative_ttl)
+            log.warning(
+                "cannot resolve %r (%s); nodes so named are known by name only",
+                name,
+                exc if str(exc) else type(exc).__name__,
+            )
+            self._host_resolved(name, None)
+            if isinstance(exc, dns.DnsResolutionError):
+                raise
+            raise dns.DnsResolutionError(name) from exc
+        address = addresses[0]
+        self.resolver.addresses.put(name, address)
+        self.resolver.failed.pop(name, None)
+        self._host_resolved(name, address)
+        return address
+
+    def _host_resolved(self, name: str, address: str | None) -> None:
+        if self._loop is None:
+            return
+        self.node.host_resolved(name, address, self._loop.time())
+        self._flush()
+
+    def _clock(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
     def _waiter(self, operation: SendOperation) -> asyncio.Future[SendOperation]:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[SendOperation] = loop.create_future()
@@ -387,6 +515,12 @@ class DmqServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _send_clock(self) -> float:
+        """The clock for a new broadcast or send, which is refused once stop() began."""
+        if self._stopping or self._loop is None:
+            raise NodeStoppedError("the DMQ node is not running (stopped or not started)")
+        return self._loop.time()
+
     def _now(self) -> float:
         if self._loop is None:
             raise RuntimeError("the DMQ server is not running (call start() first)")
@@ -396,7 +530,7 @@ class DmqServer:
 
     def _datagram_received(self, data: bytes, addr: tuple[Any, int]) -> None:
         if self.drop_rate and self._drop_rng.random() < self.drop_rate:
-            self.dropped_datagrams += 1
+            self.stats.dropped_datagrams += 1
             return
         loop = self._loop
         if loop is None:
@@ -430,12 +564,18 @@ class DmqServer:
                 waiter = self._waiters.pop(event.operation.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event.operation)
+            elif isinstance(event, HostLookupNeeded):
+                known = self.resolver.addresses.get(event.host)
+                if known is not None:
+                    node.host_resolved(event.host, known, self._clock())
+                elif self._loop is not None:
+                    self._lookup(event.host)
             else:
-                for listener in self.status_listeners:
+                for listener in self.event_listeners:
                     try:
                         listener(event)
                     except Exception:
-                        log.exception("node status listener failed")
+                        log.exception("node event listener failed")
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -467,14 +607,30 @@ class DmqServer:
         self.node.handle_timer(now)
         self._flush()
 
+    def _address_of(self, host: str) -> str | None:
+        """The address to hand a socket for ``host``: itself for an address (the
+        usual case, remembered), the looked-up address for a name, else ``None``."""
+        address = self._send_addresses.get(host)
+        if address is None:
+            address = _ip_literal(host) or self.resolver.addresses.get(host)
+            if address is not None:
+                self._send_addresses.put(host, address)
+        return address
+
     def _send(self, data: bytes, destination: Endpoint) -> None:
         if destination.transport == "udp":
             if self.drop_rate and self._drop_rng.random() < self.drop_rate:
-                self.dropped_datagrams += 1
+                self.stats.dropped_datagrams += 1
+                return
+            address = self._address_of(destination.host)
+            if address is None:
+                # A node known by name whose look-up has not succeeded: a socket given
+                # the name would resolve it, blocking the loop. Timer E sends again.
+                log.debug("%s is not resolved yet; datagram not sent", destination.host)
                 return
             if self._udp is not None:
                 try:
-                    self._udp.sendto(data, (destination.host, destination.port))
+                    self._udp.sendto(data, (address, destination.port))
                 except (OSError, ValueError) as exc:
                     # An address the socket can't reach (another family, a name that
                     # did not resolve): the transaction's timers report it as a timeout.
@@ -492,7 +648,7 @@ class DmqServer:
                 destination.port,
             )
             return
-        key = (destination.host, destination.port)
+        key = (self._address_of(destination.host) or destination.host, destination.port)
         outbound = self._outbound.get(key)
         if outbound is None or outbound.closed:
             outbound = self._connect(key, destination)
@@ -506,8 +662,9 @@ class DmqServer:
 
         async def connect() -> None:
             try:
+                # A host still named is resolved by the loop, in its executor.
                 await loop.create_connection(lambda: protocol, key[0], key[1])
-            except OSError as exc:
+            except Exception as exc:
                 log.info("TCP connect to %s:%s failed: %s", key[0], key[1], exc)
                 protocol.closed = True
                 if self._outbound.get(key) is protocol:
@@ -539,10 +696,3 @@ def _enlarge_buffers(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
         except OSError as exc:
             log.debug("cannot enlarge UDP buffer: %s", exc)
-
-
-async def _log_failure(awaitable: Awaitable[Any], what: str) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("%s failed", what)

@@ -10,7 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.dmq.config import NodeConfig
-from app.dmq.errors import MessageTooLargeError, ReservedPeerError, UnknownNodeError
+from app.dmq.errors import (
+    InvalidPeerIdError,
+    MessageTooLargeError,
+    ReservedPeerError,
+    UnknownNodeError,
+)
 from app.dmq.events import NodeStatusChanged
 from app.dmq.node import DmqNode
 from app.dmq.nodes import NodeStatus, parse_node_list
@@ -154,7 +159,7 @@ def test_notification_channel_cannot_be_registered_as_a_peer() -> None:
 @pytest.mark.parametrize("peer_id", ["", "has space", "a@b", "x" * 129])
 def test_invalid_peer_id_cannot_be_registered(peer_id: str) -> None:
     node, _ = make_node()
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidPeerIdError, match="must be 1-128 letters"):
         node.register_peer(peer_id, Recorder())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from app.dmq.config import NodeConfig
+from app.dmq.errors import ReplyNotPendingError
 from app.dmq.events import SendCompleted
 from app.dmq.node import DmqNode
 from app.dmq.peers import PeerMessage, PeerReply
@@ -42,8 +43,9 @@ class Harness:
     def _transmit(self, data: bytes, destination: Endpoint) -> None:
         self.wire.append((self.now, data, destination))
 
-    def on_result(self, result: FinalResult) -> None:
-        self.results.append((self.now, result))
+    def on_result(self, result: FinalResult, now: float) -> None:
+        # The instant comes with the result: the layer keeps no clock to read.
+        self.results.append((now, result))
 
     def advance_to(self, end: float) -> None:
         """Fire every timer due up to ``end`` at its own instant, in order."""
@@ -86,6 +88,29 @@ def response_to(branch: str, code: int, method: str = "KDMQ") -> SipResponse:
     reasons = {100: "Trying", 200: "OK", 404: "User Not Found", 500: "Server Internal Error"}
     headers = Headers([("via", via(branch)), ("cseq", f"10 {method}")])
     return SipResponse(code, reasons.get(code, "Whatever"), headers)
+
+
+# --------------------------------------------------------------------------- timers
+
+
+def test_a_timer_callback_is_given_the_now_that_fires_it() -> None:
+    timers = TimerQueue()
+    calls: list[tuple[float, str]] = []
+    timers.call_at(1.0, lambda now, tag: calls.append((now, tag)), "first")
+    timers.call_at(2.0, lambda now, tag: calls.append((now, tag)), "second")
+    assert timers.run_due(0.999) == 0
+    # A driver that wakes late hands its real time, not the deadline, to the callback.
+    assert timers.run_due(2.5) == 2
+    assert calls == [(2.5, "first"), (2.5, "second")]
+    assert timers.next_deadline() is None
+
+
+def test_a_late_timer_e_counts_the_next_interval_from_when_it_ran() -> None:
+    h = Harness(TimerSettings(t1=0.5, t2=4.0))
+    h.send()
+    h.now = 0.7  # the loop woke 0.2 s after Timer E's deadline
+    h.timers.run_due(0.7)
+    assert h.timers.next_deadline() == 1.7  # 0.7 + 2*T1
 
 
 # --------------------------------------------------------------------------- client
@@ -238,7 +263,7 @@ def test_transport_error_ends_pending_client_transactions_at_once() -> None:
     h.send(TCP_PEER, branch="z9hG4bKb")
     h.send(Endpoint("tcp", "127.0.0.1", 5099), branch="z9hG4bKother")
     h.advance_to(1.0)
-    assert h.layer.transport_error(TCP_PEER) == 2
+    assert h.layer.transport_error(TCP_PEER, h.now) == 2
     assert [(at, r.code, r.transport_error, r.timed_out) for at, r in h.results] == [
         (1.0, 408, True, False),
         (1.0, 408, True, False),
@@ -253,7 +278,7 @@ def test_transport_error_also_stops_udp_retransmissions() -> None:
     h = Harness()
     h.send()
     h.advance_to(0.7)
-    h.layer.transport_error(UDP_PEER)
+    h.layer.transport_error(UDP_PEER, h.now)
     h.advance_to(100.0)
     assert h.instants() == [0.0, 0.5]
     assert [(r.code, r.transport_error) for _, r in h.results] == [(408, True)]
@@ -356,10 +381,9 @@ def node_with(
         server_address=NODE_URI,
         notification_addresses=(PEER_NODE,),
         timers=timers or TimerSettings(),
-        peer_reply_timeout=reply_timeout,
     )
     node = DmqNode(config)
-    node.register_peer("htable", handler)  # type: ignore[arg-type]
+    node.register_peer("htable", handler, reply_timeout=reply_timeout)  # type: ignore[arg-type]
     return node
 
 
@@ -402,7 +426,7 @@ def test_node_delivers_a_retransmitted_request_to_its_peer_exactly_once() -> Non
     node.receive(REQUEST, SOURCE, 0.5)  # the sender's Timer E
     assert node.datagrams_to_send() == []
     assert len(handler.messages) == 1
-    assert node.reply(handler.messages[0].id, PeerReply(202, "Accepted DMQ"), 1.0) is True
+    node.reply(handler.messages[0].id, PeerReply(202, "Accepted DMQ"), 1.0)
     [(first, _)] = node.datagrams_to_send()
     node.receive(REQUEST, SOURCE, 1.5)
     node.receive(REQUEST, SOURCE, 3.5)
@@ -419,12 +443,13 @@ def test_node_deferred_reply_carries_code_reason_and_body() -> None:
     node.receive(REQUEST, SOURCE, 0.0)
     message_id = handler.messages[0].id
     reply = PeerReply(202, "Accepted DMQ", "application/json", b'{"ok":1}')
-    assert node.reply(message_id, reply, 0.3) is True
+    node.reply(message_id, reply, 0.3)
     [(response, to)] = responses(node)
     assert to == SOURCE
     assert (response.code, response.reason, response.body) == (202, "Accepted DMQ", b'{"ok":1}')
     assert response.headers.get("content-type") == "application/json"
-    assert node.reply(message_id, PeerReply(), 0.4) is False
+    with pytest.raises(ReplyNotPendingError, match="already answered 202 Accepted DMQ"):
+        node.reply(message_id, PeerReply(), 0.4)
     assert node.datagrams_to_send() == []
 
 
@@ -454,11 +479,12 @@ def test_node_answers_408_when_a_deferred_reply_never_comes() -> None:
     assert isinstance(response, SipResponse)
     assert (at, response.code, response.reason, to) == (32.0, 408, "Request Timeout", SOURCE)
     assert node.stats.reply_timeouts == 1
-    assert node.reply(handler.messages[0].id, PeerReply(), 33.0) is False
+    with pytest.raises(ReplyNotPendingError, match="reply_timeout of 32 s"):
+        node.reply(handler.messages[0].id, PeerReply(), 33.0)
     assert node.datagrams_to_send() == []
 
 
-def test_node_reply_timeout_setting_overrides_timer_f() -> None:
+def test_node_peer_reply_timeout_overrides_timer_f() -> None:
     handler = Deferred()
     node = node_with(handler, reply_timeout=5.0)
     node.receive(REQUEST, SOURCE, 0.0)

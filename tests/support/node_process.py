@@ -31,7 +31,7 @@ from typing import Any
 
 from app.api.server import event_loop_factory
 from app.cli import build_parser, configure_logging, settings_from_args
-from app.dmq.events import NodeStatusChanged, SendOperation
+from app.dmq.events import Event, NodeStatusChanged, SendOperation
 from app.dmq.peers import PeerMessage, PeerReply
 from app.dmq.sip import SipUri
 from app.transport.server import DmqServer
@@ -141,7 +141,9 @@ async def main(argv: list[str]) -> None:
     for peer_id in settings.startup_peers:
         server.register_peer(peer_id, recorder(peer_id), init=init_hook(peer_id))
 
-    def on_status(event: NodeStatusChanged) -> None:
+    def on_status(event: Event) -> None:
+        if not isinstance(event, NodeStatusChanged):
+            return
         emit(
             {
                 "event": "status",
@@ -152,7 +154,7 @@ async def main(argv: list[str]) -> None:
             }
         )
 
-    server.status_listeners.append(on_status)
+    server.event_listeners.append(on_status)
     await server.start()
     emit({"event": "ready", "uri": str(server.local_uri)})
 
@@ -201,7 +203,7 @@ async def main(argv: list[str]) -> None:
                     "stray_responses": tx.stray_responses,
                     "malformed_answered": stats.malformed_answered,
                     "malformed_dropped": stats.malformed_dropped,
-                    "dropped_datagrams": server.dropped_datagrams,
+                    "dropped_datagrams": server.stats.dropped_datagrams,
                 }
             elif cmd == "stop":
                 stopping.set()

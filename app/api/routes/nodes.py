@@ -88,14 +88,13 @@ async def resolve_node_uri(hub: Hub, text: str, *, must_resolve: bool = False) -
     address = uri.host
     if _ip(uri.host) is None:
         try:
-            address = (await dns.resolve_host(uri.host))[0]
-        except (dns.DnsResolutionError, ValueError):
+            address = await hub.server.resolve_node(uri)
+        except dns.DnsResolutionError:
             if must_resolve:
                 raise ProblemError(
                     422, f"uri: {uri.host!r} does not resolve to an address"
                 ) from None
             return uri
-        hub.server.resolver.cache[uri.host.lower()] = address
     if must_resolve:
         local, target = _ip(hub.server.node.nodes.local.resolved_ip), _ip(address)
         if local is not None and target is not None and local.version != target.version:
