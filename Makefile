@@ -20,9 +20,10 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# The extras include the package: a venv set up for the tests can run it too.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $@
+	touch $@ $(RUN_STAMP)
 
 ## help: list the targets
 help:
@@ -61,33 +62,39 @@ bench-e2e: $(STAMP)
 bench-fanout: $(STAMP)
 	$(BIN)/python -m bench.ws_fanout $(BENCH_ARGS)
 
-# Exits 0 when GET /v1/health answers 200 on every port given (a readiness probe).
-export HEALTHY := import sys, urllib.request as r; [r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1) for p in sys.argv[1:]]
+# Exits 0 when every gateway whose HTTP port is given sees all the others active.
+export JOINED := import json, sys, urllib.request as r; ports = sys.argv[1:]; sys.exit(any(json.load(r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1))["active_nodes"] < len(ports) - 1 for p in ports))
 
-## demo: two gateways on one bus in the background (SIP 5070/5072, HTTP 8070/8072, .demo/)
+## demo: three gateways on one bus in the background (SIP 5070-5074, HTTP 8070-8072, .demo/)
 demo: $(RUN_STAMP)
 	@mkdir -p $(DEMO)
-	@for name in a b; do \
+	@for name in a b c; do \
 	    if [ -f $(DEMO)/$$name.pid ] && kill -0 "$$(cat $(DEMO)/$$name.pid)" 2>/dev/null; then \
 	        echo "demo gateway $$name is already running (pid $$(cat $(DEMO)/$$name.pid)); make demo-stop"; \
 	        exit 1; \
 	    fi; \
 	done
-	$(BIN)/dmq-gateway serve --server-address sip:127.0.0.1:5070 --http 127.0.0.1:8070 \
-	    --state-dir $(DEMO)/a >$(DEMO)/a.log 2>&1 & echo $$! >$(DEMO)/a.pid
-	$(BIN)/dmq-gateway serve --server-address sip:127.0.0.1:5072 --http 127.0.0.1:8072 \
-	    --state-dir $(DEMO)/b --notification-address sip:127.0.0.1:5070 \
+	@# Each registers peer 'demo' (--peer: answers 200 and keeps a history to subscribe to).
+	@$(BIN)/dmq-gateway serve --server-address sip:127.0.0.1:5070 --http 127.0.0.1:8070 \
+	    --state-dir $(DEMO)/a --peer demo --ping-interval 5 >$(DEMO)/a.log 2>&1 & echo $$! >$(DEMO)/a.pid
+	@$(BIN)/dmq-gateway serve --server-address sip:127.0.0.1:5072 --http 127.0.0.1:8071 \
+	    --state-dir $(DEMO)/b --peer demo --ping-interval 5 --notification-address sip:127.0.0.1:5070 \
 	    >$(DEMO)/b.log 2>&1 & echo $$! >$(DEMO)/b.pid
+	@$(BIN)/dmq-gateway serve --server-address sip:127.0.0.1:5074 --http 127.0.0.1:8072 \
+	    --state-dir $(DEMO)/c --peer demo --ping-interval 5 --notification-address sip:127.0.0.1:5070 \
+	    >$(DEMO)/c.log 2>&1 & echo $$! >$(DEMO)/c.pid
 	@for i in $$(seq 100); do \
-	    $(BIN)/python -c "$$HEALTHY" 8070 8072 2>/dev/null && exit 0; sleep 0.2; \
-	 done; echo "the demo gateways did not answer in 20 s: see $(DEMO)/a.log, $(DEMO)/b.log"; exit 1
+	    $(BIN)/python -c "$$JOINED" 8070 8071 8072 2>/dev/null && break; sleep 0.2; \
+	    [ $$i -lt 100 ] || { echo "the demo bus did not form in 20 s: see $(DEMO)/*.log"; exit 1; }; \
+	 done
 	@echo "gateway A: sip:127.0.0.1:5070 http://127.0.0.1:8070 (log $(DEMO)/a.log, pid $$(cat $(DEMO)/a.pid))"
-	@echo "gateway B: sip:127.0.0.1:5072 http://127.0.0.1:8072 (log $(DEMO)/b.log, pid $$(cat $(DEMO)/b.pid))"
-	@echo "stop both with: make demo-stop"
+	@echo "gateway B: sip:127.0.0.1:5072 http://127.0.0.1:8071 (log $(DEMO)/b.log, pid $$(cat $(DEMO)/b.pid))"
+	@echo "gateway C: sip:127.0.0.1:5074 http://127.0.0.1:8072 (log $(DEMO)/c.log, pid $$(cat $(DEMO)/c.pid))"
+	@echo "stop them with: make demo-stop"
 
 ## demo-stop: stop the demo gateways by their pids (each leaves the bus gracefully)
 demo-stop:
-	@for name in b a; do \
+	@for name in c b a; do \
 	    pidfile=$(DEMO)/$$name.pid; \
 	    [ -f $$pidfile ] || continue; \
 	    pid=$$(cat $$pidfile); \

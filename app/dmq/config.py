@@ -54,25 +54,25 @@ class NodeConfig:
         server = self.server_address
         if server.transport not in SUPPORTED_TRANSPORTS:
             raise ConfigError(
-                "the transport must be udp or tcp", field="server_address", value=str(server)
+                "the transport must be udp or tcp", field="server_address", value=server
             )
         if server.port is None:
             raise ConfigError(
                 "give the port explicitly, because other nodes match us by the exact "
                 "host:port we announce",
                 field="server_address",
-                value=str(server),
+                value=server,
             )
         if server.user:
             raise ConfigError(
-                "a node address has no user part", field="server_address", value=str(server)
+                "a node address has no user part", field="server_address", value=server
             )
         for address in self.notification_addresses:
             if address.transport not in SUPPORTED_TRANSPORTS:
                 raise ConfigError(
                     "the transport must be udp or tcp",
                     field="notification_addresses",
-                    value=str(address),
+                    value=address,
                 )
         if not self.notification_channel or not _is_user(self.notification_channel):
             raise ConfigError(

@@ -38,7 +38,8 @@ class ConfigError(DmqError, ValueError):
         elif value is None:
             super().__init__(f"{field}: {reason}")
         else:
-            super().__init__(f"{field} {value!r}: {reason}")
+            shown = repr(value) if isinstance(value, str) else str(value)
+            super().__init__(f"{field} {shown}: {reason}")
 
 
 class DmqUsageError(DmqError):

@@ -24,23 +24,23 @@ CASES = [
     (
         {"server_address": SipUri.parse("sip:127.0.0.1:5060;transport=tls")},
         "server_address",
-        "server_address 'sip:127.0.0.1:5060;transport=tls': the transport must be udp or tcp",
+        "server_address sip:127.0.0.1:5060;transport=tls: the transport must be udp or tcp",
     ),
     (
         {"server_address": SipUri.parse("sip:127.0.0.1")},
         "server_address",
-        "server_address 'sip:127.0.0.1': give the port explicitly, because other nodes "
+        "server_address sip:127.0.0.1: give the port explicitly, because other nodes "
         "match us by the exact host:port we announce",
     ),
     (
         {"server_address": SipUri.parse("sip:dmq@127.0.0.1:5060")},
         "server_address",
-        "server_address 'sip:dmq@127.0.0.1:5060': a node address has no user part",
+        "server_address sip:dmq@127.0.0.1:5060: a node address has no user part",
     ),
     (
         {"notification_addresses": (SipUri.parse("sip:127.0.0.1:5061;transport=sctp"),)},
         "notification_addresses",
-        "notification_addresses 'sip:127.0.0.1:5061;transport=sctp': "
+        "notification_addresses sip:127.0.0.1:5061;transport=sctp: "
         "the transport must be udp or tcp",
     ),
     (

@@ -24,7 +24,7 @@ from app.dmq.peers import PeerMessage, PeerReply
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
 from app.transport.server import DmqServer
-from tests.support.ports import free_port
+from harness.ports import free_port
 from tests.transport.dns_server import DnsTestServer
 
 TIMERS = TimerSettings(t1=0.05, t2=0.2, timer_f=1.0)

@@ -16,7 +16,7 @@ from app.dmq.config import NodeConfig
 from app.dmq.sip import SipResponse, SipUri, parse_message
 from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
-from tests.support.ports import free_port
+from harness.ports import free_port
 from tests.transport.dns_server import DnsTestServer, Zone
 
 SLOW = 3.0
