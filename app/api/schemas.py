@@ -11,7 +11,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.gateway.frames import ErrorFrame, GapFrame, MessageFrame, ReplyFrame, SubscribedFrame
 from app.gateway.models import ReplyMode
+
+#: The WebSocket frames, for clients of the API that import them from here.
+__all__ = ["ErrorFrame", "GapFrame", "MessageFrame", "ReplyFrame", "SubscribedFrame"]
 
 
 class StrictModel(BaseModel):
@@ -69,11 +73,11 @@ class PeerIn(StrictModel):
         description="auto: the node answers 200 once the message is in the peer's history; "
         "subscriber: a WebSocket subscriber's reply frame becomes the SIP reply",
     )
-    reply_timeout: float = Field(
+    reply_timeout: Annotated[float, Field(gt=0)] = Field(
         5.0,
-        description="seconds to wait for a subscriber's reply before the node answers 408; "
-        "more than 0 and at most the node's Timer F (after which the sending node has "
-        "given up), or the request is refused with 422",
+        description="reply=subscriber: seconds to wait for a subscriber's reply before the "
+        "node answers 408; at most the node's Timer F (after which the sending node has "
+        "given up), or the request is refused with 422 saying so",
     )
     history: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
         1000, description="messages kept for subscribers that resume with ?since="

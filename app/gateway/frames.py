@@ -14,14 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class _Frame(BaseModel):
     def text(self) -> str:
-        """The frame as one compact JSON text frame."""
-        return self.model_dump_json(by_alias=True)
+        """The frame as one compact JSON text frame; optional fields that were not
+        given are left out."""
+        return self.model_dump_json(by_alias=True, exclude_unset=True)
 
 
 class SubscribedFrame(_Frame):
     """Server -> client, always the first frame: where the stream starts."""
 
-    type: Literal["subscribed"] = "subscribed"
+    type: Literal["subscribed"]
     peer: str
     epoch: str = Field(description="the peer's history epoch; offsets count within it")
     offset: int = Field(description="the peer's latest offset when the subscription began")
@@ -35,7 +36,7 @@ class SubscribedFrame(_Frame):
 class MessageFrame(_Frame):
     """Server -> client: one KDMQ message that arrived for the peer."""
 
-    type: Literal["message"] = "message"
+    type: Literal["message"]
     offset: int
     epoch: str
     id: str = Field(description="message id; a reply frame names it")
@@ -50,7 +51,7 @@ class GapFrame(_Frame):
     """Server -> client, right after ``subscribed`` on a resume: some of what the
     client asked for is not held (any more, or in this epoch)."""
 
-    type: Literal["gap"] = "gap"
+    type: Literal["gap"]
     reason: str
     epoch: str
     client_epoch: str | None = None
@@ -62,7 +63,7 @@ class ErrorFrame(_Frame):
     """Server -> client: a frame the client sent was refused, and why (a reply that
     is not well formed, or that comes after the message was answered)."""
 
-    type: Literal["error"] = "error"
+    type: Literal["error"]
     error: str
     id: str | None = Field(default=None, description="the message id of the refused reply")
 

@@ -89,6 +89,7 @@ class HistoryEntry:
     def _render(self) -> str:
         message = self.message
         fields: dict[str, object] = {
+            "type": "message",
             "offset": self.offset,
             "epoch": self.epoch,
             "id": self.id,
@@ -265,18 +266,21 @@ class Hub:
         """
         channel = self.channels.get(peer_id)
         created = channel is None
+        # Only a subscriber-mode handler defers its answer, so only there does the
+        # reply timeout matter (and must fit within Timer F).
+        reply_timeout = settings.reply_timeout if settings.reply is ReplyMode.SUBSCRIBER else None
         if channel is None:
             channel = PeerChannel(peer_id, settings, ephemeral=ephemeral)
             self.server.register_peer(
                 peer_id,
                 self._handler(channel),
                 description=settings.description,
-                reply_timeout=settings.reply_timeout,
+                reply_timeout=reply_timeout,
             )
             self.channels[peer_id] = channel
         else:
             self.server.update_peer(
-                peer_id, description=settings.description, reply_timeout=settings.reply_timeout
+                peer_id, description=settings.description, reply_timeout=reply_timeout
             )
             channel.settings = settings
             channel.ephemeral = channel.ephemeral and ephemeral
@@ -369,6 +373,7 @@ class Hub:
                     )
                 gap = GapFrame.model_validate(
                     {
+                        "type": "gap",
                         "reason": reason,
                         "epoch": channel.epoch,
                         "client_epoch": epoch,
@@ -380,6 +385,7 @@ class Hub:
             elif since + 1 < oldest:
                 gap = GapFrame.model_validate(
                     {
+                        "type": "gap",
                         "reason": "messages no longer held in the peer's history",
                         "epoch": channel.epoch,
                         "from": since + 1,
@@ -396,7 +402,7 @@ class Hub:
         subscriber.sent_offset = start
         channel.subscribers.add(subscriber)
         first = SubscribedFrame(
-            peer=peer_id, epoch=channel.epoch, offset=channel.offset, since=start
+            type="subscribed", peer=peer_id, epoch=channel.epoch, offset=channel.offset, since=start
         )
         frames = [first.text()] if gap is None else [first.text(), gap.text()]
         return Subscription(subscriber, frames)

@@ -211,6 +211,7 @@ def _handle_reply(gateway: Gateway, peer_id: str, text: str) -> ErrorFrame | Non
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
         return ErrorFrame(
+            type="error",
             error=f"not a reply frame: {where + ': ' if where else ''}{first.get('msg')}"
         )
     body = frame.body.encode()
@@ -218,13 +219,13 @@ def _handle_reply(gateway: Gateway, peer_id: str, text: str) -> ErrorFrame | Non
         try:
             body = base64.b64decode(frame.body, validate=True)
         except (binascii.Error, ValueError):
-            return ErrorFrame(error="body is not valid base64", id=frame.id)
+            return ErrorFrame(type="error", error="body is not valid base64", id=frame.id)
     try:
         gateway.reply(
             peer_id, frame.id, PeerReply(frame.code, frame.reason, frame.content_type, body)
         )
     except (GatewayError, DmqUsageError) as exc:
-        return ErrorFrame(error=f"reply to {frame.id} refused: {exc}", id=frame.id)
+        return ErrorFrame(type="error", error=f"reply to {frame.id} refused: {exc}", id=frame.id)
     return None
 
 
