@@ -212,7 +212,7 @@ def _handle_reply(gateway: Gateway, peer_id: str, text: str) -> ErrorFrame | Non
         where = ".".join(str(part) for part in first.get("loc", ()))
         return ErrorFrame(
             type="error",
-            error=f"not a reply frame: {where + ': ' if where else ''}{first.get('msg')}"
+            error=f"not a reply frame: {where + ': ' if where else ''}{first.get('msg')}",
         )
     body = frame.body.encode()
     if frame.encoding == "base64":
