@@ -68,6 +68,10 @@ async def serve(settings: GatewayConfig) -> None:
         )
 
 
+#: Seconds the subscriptions get to close themselves when the gateway stops.
+STOP_GRACE = 0.5
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn, telling the gateway the moment a stop begins.
 
@@ -92,9 +96,10 @@ class GatewayServer(uvicorn.Server):
         gateway = getattr(self.gateway_app.state, "gateway", None)
         if gateway is not None:
             gateway.begin_stop()
-            # Let the answered requests and the closing subscriptions go out before
-            # uvicorn closes the connections.
-            await asyncio.sleep(0)
+            # Let the subscriptions send their own close (1012 with since=N) and the
+            # answered requests go out before uvicorn closes the connections.
+            await gateway.subscriptions_ended(STOP_GRACE)
+            await asyncio.sleep(0.01)
         await super().shutdown(sockets)
 
 

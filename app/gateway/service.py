@@ -91,6 +91,15 @@ class Gateway:
             self._stopping.set_result(None)
         self._hub.end_subscriptions(Ending.STOPPING)
 
+    async def subscriptions_ended(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every subscriber has been let go."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        channels = self._hub.channels.values()
+        while any(c.subscribers for c in channels):
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.005)
+
     async def stop(self) -> None:
         """Leave the bus gracefully and close the node's sockets."""
         self.begin_stop()
