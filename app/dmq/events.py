@@ -64,4 +64,14 @@ class PeerReplyTimedOut:
     peer_id: str
 
 
-Event = NodeStatusChanged | SendCompleted | PeerReplyTimedOut
+@dataclass(frozen=True, slots=True)
+class HostLookupNeeded:
+    """The node met a host name (in a node list, say) whose address its resolver does
+    not know yet. It holds the node by name meanwhile; the driver looks the name up
+    without blocking and answers with :meth:`~app.dmq.node.DmqNode.host_resolved`
+    (with ``None`` when the look-up failed). Asked once per name until answered."""
+
+    host: str
+
+
+Event = NodeStatusChanged | SendCompleted | PeerReplyTimedOut | HostLookupNeeded

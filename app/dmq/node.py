@@ -8,15 +8,26 @@ Three kinds of input, each with the current time ``now`` from the driver's clock
   message) and where it came from;
 * :meth:`DmqNode.handle_timer` - the deadline from :meth:`get_timer` has passed;
 * calls: :meth:`start`, :meth:`broadcast`, :meth:`send`, :meth:`reply`,
-  :meth:`add_node`, :meth:`remove_node`, :meth:`stop`.
+  :meth:`add_node`, :meth:`remove_node`, :meth:`host_resolved`, :meth:`stop`.
 
 Three kinds of output, which the driver collects after every input:
 
 * :meth:`datagrams_to_send` - ``(bytes, Endpoint)`` pairs;
 * :meth:`get_timer` - the one deadline to arm;
-* :meth:`next_event` - :mod:`app.dmq.events` (status changes, finished sends).
+* :meth:`next_event` - :mod:`app.dmq.events` (status changes, finished sends, reply
+  timeouts, host names to look up).
+
+DNS never happens inside the node. Its resolver answers from what is already known;
+a host name it does not know yet (a node list naming ``sip:kamailio2.example:5060``)
+is held by name and handed out as :class:`HostLookupNeeded`; the driver resolves it
+however it likes (asynchronously, with a timeout and a negative cache) and calls
+:meth:`host_resolved`, upon which the node identifies its nodes again, by address.
 
 Peer handlers (:mod:`app.dmq.peers`) are plain callables run inside :meth:`receive`.
+
+The node has no clock: time enters only as the ``now`` of an input, and reaches timer
+and transaction callbacks as their ``now`` argument, so a callback can never act on a
+stale instant kept from an earlier input.
 
 Membership follows Kamailio's ``notification_peer`` (protocol notes, section 4): join
 with Max-Forwards 2, answer a notification with our list and pass a changed list one
@@ -32,10 +43,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig, is_valid_peer_id
 from app.dmq.errors import (
     InvalidPeerIdError,
@@ -49,6 +61,7 @@ from app.dmq.errors import (
 )
 from app.dmq.events import (
     Event,
+    HostLookupNeeded,
     NodeResult,
     NodeStatusChanged,
     PeerReplyTimedOut,
@@ -106,8 +119,12 @@ REASONS = {
     513: "Message Too Large",
 }
 
-#: Entries kept in each parse cache before it is emptied and refilled.
-_URI_CACHE_LIMIT = 1024
+#: Entries kept by each cache of the hot path (source hosts, Request-URIs, From URIs,
+#: peer ids). A bus uses a handful of each; the bound is for the keys others choose.
+CACHE_SIZE = 1024
+
+#: What a cache answers for a key it does not hold, where ``None`` is a value.
+_MISSING = object()
 
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
@@ -164,28 +181,32 @@ class DmqNode:
         self.rng = rng or random.Random()
         self.timers = TimerQueue()
         self.transactions = TransactionLayer(self.timers, config.timers, self._transmit)
-        self.nodes = NodeList(config.server_address, resolver)
+        self._outbox: list[tuple[bytes, Endpoint]] = []
+        self._events: deque[Event] = deque()
+        self._resolver = resolver
+        #: Host name -> address, as told by :meth:`host_resolved` (names come from
+        #: other nodes' lists, hence the bound).
+        self._addresses: BoundedCache[str, str] = BoundedCache(CACHE_SIZE)
+        #: Host names asked for (HostLookupNeeded) and not answered yet.
+        self._lookups: set[str] = set()
+        self.nodes = NodeList(config.server_address, self._resolve, self._lookup_needed)
         self.peers: dict[str, Peer] = {}
         self.stats = NodeStats(Counter(), Counter())
         self.started = False
         self.stopped = False
-        self._outbox: list[tuple[bytes, Endpoint]] = []
-        self._events: deque[Event] = deque()
         self._pending: dict[int, _Pending] = {}
         #: message id -> how a deferred message was answered (bounded, oldest first).
-        self._finished: OrderedDict[int, str] = OrderedDict()
+        self._finished: BoundedCache[int, str] = BoundedCache(FINISHED_RECORD_LIMIT)
         self._ids = 0
-        #: The driver's clock at the latest input; timer callbacks read it.
-        self._clock = 0.0
         self._ping_timer: TimerHandle | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
         #: themselves.
         self._tombstones: dict[NodeKey, float] = {}
-        self._trust_cache: dict[str, bool] = {}
-        self._uri_cache: dict[str, str | None] = {}
-        self._sender_cache: dict[str, SipUri] = {}
-        self._from_cache: dict[str, str] = {}
+        self._trust_cache: BoundedCache[str, bool] = BoundedCache(CACHE_SIZE)
+        self._uri_cache: BoundedCache[str, str | None] = BoundedCache(CACHE_SIZE)
+        self._sender_cache: BoundedCache[str, SipUri] = BoundedCache(CACHE_SIZE)
+        self._from_cache: BoundedCache[str, str] = BoundedCache(CACHE_SIZE)
         self._tag = f"{self.rng.getrandbits(64):016x}"
         local = self.nodes.local.uri
         self._local_hostport = (
@@ -326,7 +347,7 @@ class DmqNode:
         for address in self.config.notification_addresses:
             self.add_notification_address(address)
         self._join(now)
-        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping)
 
     def add_notification_address(self, uri: SipUri) -> Node | None:
         """Add a node to join through (already resolved by the driver, if need be).
@@ -456,12 +477,12 @@ class DmqNode:
 
     def _operation_result(
         self, operation: SendOperation, node: Node
-    ) -> Callable[[FinalResult], None]:
+    ) -> Callable[[FinalResult, float], None]:
         uri = node.uri
         membership = operation.peer_id == self.config.notification_channel
         key = node.key
 
-        def on_result(result: FinalResult) -> None:
+        def on_result(result: FinalResult, now: float) -> None:
             response = result.response
             operation.results.append(
                 NodeResult(
@@ -475,7 +496,7 @@ class DmqNode:
                 )
             )
             if membership:
-                self._on_notification_result(key, result, self._clock)
+                self._on_notification_result(key, result, now)
             if operation.done:
                 self._events.append(SendCompleted(operation))
 
@@ -489,7 +510,7 @@ class DmqNode:
         content_type: str | None,
         max_forwards: int,
         now: float,
-        on_result: Callable[[FinalResult], None],
+        on_result: Callable[[FinalResult, float], None],
     ) -> None:
         rng = self.rng
         branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
@@ -511,21 +532,21 @@ class DmqNode:
             lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-        self._clock = now
         destination = Endpoint(node.transport, node.resolved_ip, node.port)
         stats = self.stats.sent
 
-        def counted(result: FinalResult) -> None:
+        def counted(result: FinalResult, now: float) -> None:
             stats[(peer_id, result.code)] += 1
-            on_result(result)
+            on_result(result, now)
 
         self.transactions.send_request(branch, data, destination, now, counted)
 
     def _from_uri(self, peer_id: str) -> str:
         cached = self._from_cache.get(peer_id)
         if cached is None:
-            cached = str(self.config.server_address.with_user(peer_id))
-            self._from_cache[peer_id] = cached
+            cached = self._from_cache.put(
+                peer_id, str(self.config.server_address.with_user(peer_id))
+            )
         return cached
 
     # ------------------------------------------------------------------ replies
@@ -549,10 +570,7 @@ class DmqNode:
         """Send the final answer of a deferred message and remember how it ended."""
         pending = self._pending.pop(message_id)
         pending.deadline.cancel()
-        finished = self._finished
-        finished[message_id] = outcome
-        if len(finished) > FINISHED_RECORD_LIMIT:
-            finished.popitem(last=False)
+        self._finished.put(message_id, outcome)
         self._respond(
             pending.st,
             pending.request,
@@ -565,7 +583,7 @@ class DmqNode:
             peer_id=pending.peer_id,
         )
 
-    def _reply_timeout(self, message_id: int) -> None:
+    def _reply_timeout(self, now: float, message_id: int) -> None:
         pending = self._pending.get(message_id)
         if pending is None:
             return
@@ -573,7 +591,7 @@ class DmqNode:
         self._finish(
             message_id,
             PeerReply(408, "Request Timeout"),
-            self._clock,
+            now,
             "answered 408 Request Timeout: no reply within the peer's reply_timeout "
             f"of {pending.reply_timeout:g} s",
         )
@@ -636,17 +654,14 @@ class DmqNode:
         self._outbox.append((data, destination))
 
     def handle_timer(self, now: float) -> None:
-        self._clock = now
         self.timers.run_due(now)
 
     def transport_error(self, destination: Endpoint, now: float) -> None:
         """The driver could not deliver to ``destination`` (e.g. TCP connect refused)."""
-        self._clock = now
-        self.transactions.transport_error(destination)
+        self.transactions.transport_error(destination, now)
 
     def receive(self, data: bytes, source: Endpoint, now: float) -> None:
         """Handle one whole SIP message. Never raises for anything the sender did."""
-        self._clock = now
         try:
             message = parse_message(data, max_size=max(self._max_message, MAX_UDP_MESSAGE))
         except SipParseError as exc:
@@ -708,9 +723,7 @@ class DmqNode:
                 if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                     address = address.ipv4_mapped
                 cached = any(address in network for network in self.config.trusted)
-            if len(self._trust_cache) > 4096:
-                self._trust_cache.clear()
-            self._trust_cache[host] = cached
+            self._trust_cache.put(host, cached)
         return cached
 
     def _on_request(self, request: SipRequest, source: Endpoint, now: float) -> None:
@@ -866,27 +879,19 @@ class DmqNode:
     def _peer_id_of(self, request_uri: str) -> str | None:
         """The user part of a Request-URI (the peer id); cached, since a bus uses a
         handful of Request-URIs over and over."""
-        cache = self._uri_cache
-        if request_uri in cache:
-            return cache[request_uri]
-        user = SipUri.parse(request_uri).user
-        if len(cache) >= _URI_CACHE_LIMIT:
-            cache.clear()
-        cache[request_uri] = user
-        return user
+        user = self._uri_cache.get(request_uri, _MISSING)
+        if user is _MISSING:
+            return self._uri_cache.put(request_uri, SipUri.parse(request_uri).user)
+        return user  # type: ignore[return-value]
 
     def _sender_of(self, from_value: str) -> SipUri:
         """The sending node from a From header: its URI without user or tag (the tag
         changes with every request, so the cache is keyed on what precedes it)."""
         close = from_value.find(">")
         key = from_value[: close + 1] if close >= 0 else from_value.partition(";")[0]
-        cache = self._sender_cache
-        sender = cache.get(key)
+        sender = self._sender_cache.get(key)
         if sender is None:
-            sender = node_uri(NameAddr.parse(from_value).uri)
-            if len(cache) >= _URI_CACHE_LIMIT:
-                cache.clear()
-            cache[key] = sender
+            sender = self._sender_cache.put(key, node_uri(NameAddr.parse(from_value).uri))
         return sender
 
     def _respond_error(
@@ -1049,9 +1054,9 @@ class DmqNode:
                 self._notification_callback(key),
             )
 
-    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult], None]:
-        def on_result(result: FinalResult) -> None:
-            self._on_notification_result(key, result, self._clock)
+    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult, float], None]:
+        def on_result(result: FinalResult, now: float) -> None:
+            self._on_notification_result(key, result, now)
 
         return on_result
 
@@ -1093,11 +1098,10 @@ class DmqNode:
         if targets:
             self._notify(targets, self.nodes.join_body(), 2, now)
 
-    def _ping(self, scheduled: float) -> None:
-        now = self._clock
+    def _ping(self, now: float) -> None:
         if self.stopped:
             return
-        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping, now)
+        self._ping_timer = self.timers.call_at(now + self.config.ping_interval, self._ping)
         if not self.nodes.others():
             # Alone: go back to the notification addresses (they may have been
             # removed after missing pings while they were down).
@@ -1107,11 +1111,41 @@ class DmqNode:
             return
         self._notify(self.nodes.others(), self._list_body(), 1, now)
 
+    # ------------------------------------------------------------------ names
+
+    def _resolve(self, host: str) -> str | None:
+        known = self._addresses.get(host.lower()) if self._addresses else None
+        return known if known is not None else self._resolver(host)
+
+    def _lookup_needed(self, name: str) -> None:
+        if name not in self._lookups:
+            self._lookups.add(name)
+            self._events.append(HostLookupNeeded(name))
+
+    def host_resolved(self, host: str, address: str | None, now: float) -> None:
+        """The driver looked ``host`` up: ``address``, or ``None`` if it failed.
+
+        Nodes held by that name are identified by the address from now on; one that
+        turns out to be a node already held (or ourselves) is dropped as a duplicate.
+        On failure the name goes on standing for its nodes, and the node asks again
+        the next time its resolver does not know the name.
+        """
+        name = host.lower()
+        self._lookups.discard(name)
+        if address is None:
+            return
+        self._addresses.put(name, address)
+        for dropped, kept in self.nodes.rekey(name):
+            self._emit_status(dropped, dropped.status, None, f"the same node as {kept.uri}")
+        for key in [key for key in self._tombstones if key[0] == name]:
+            until = self._tombstones.pop(key)
+            if until > now:
+                self._tombstones[(address, key[1], key[2])] = until
+
     # ------------------------------------------------------------------ operator
 
     def add_node(self, uri: SipUri, now: float) -> Node:
         """Add a node by hand and notify it (Kamailio master's ``dmq.add``)."""
-        self._clock = now
         if self.nodes.is_local(uri):
             raise ValueError(f"{uri} is this node itself")
         self._tombstones.pop(self.nodes.key_of(uri), None)

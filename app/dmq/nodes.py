@@ -20,9 +20,13 @@ from dataclasses import dataclass, field
 
 from app.dmq.sip import SipUri
 
-#: Maps a host name to its address (or returns it unchanged); injected so that the
-#: sans-IO core can be tested without DNS.
-Resolver = Callable[[str], str]
+#: Maps a host name to the address that identifies it, without waiting: the address
+#: when known, the name itself when the name is to stand for the node (no DNS, or a
+#: look-up that failed), or ``None`` for "unknown yet". On ``None`` the node asks its
+#: driver (:class:`~app.dmq.events.HostLookupNeeded`) and holds the node by name until
+#: :meth:`~app.dmq.node.DmqNode.host_resolved` tells it the address. Injected so that
+#: the sans-IO core never does I/O and can be tested without DNS.
+Resolver = Callable[[str], str | None]
 
 #: Kamailio's receive buffer for a node-list body (notification_peer.c).
 KAMAILIO_BODY_LIMIT = 1024
@@ -144,16 +148,57 @@ def parse_node_list(body: bytes) -> ParsedNodeList:
 class NodeList:
     """The set of known nodes, with the local node always first."""
 
-    def __init__(self, local_uri: SipUri, resolver: Resolver = literal_resolver) -> None:
+    def __init__(
+        self,
+        local_uri: SipUri,
+        resolver: Resolver = literal_resolver,
+        on_unknown: Callable[[str], None] | None = None,
+    ) -> None:
         self.resolver = resolver
+        #: Called with a host name the resolver does not know yet (it is then held by
+        #: name until :meth:`rekey`).
+        self.on_unknown = on_unknown
         self._nodes: dict[NodeKey, Node] = {}
         local = node_uri(local_uri)
         self.local = Node(local, self.key_of(local), NodeStatus.ACTIVE, local=True)
         self._nodes[self.local.key] = self.local
 
     def key_of(self, uri: SipUri) -> NodeKey:
-        """Identity of a node: resolved address, effective port, transport."""
-        return (self.resolver(uri.host), uri.effective_port, uri.transport)
+        """Identity of a node: resolved address, effective port, transport.
+
+        A name whose address is not known yet stands for itself (lower case) until
+        :meth:`rekey` is called for it.
+        """
+        address = self.resolver(uri.host)
+        if address is None:
+            address = uri.host.lower()
+            if self.on_unknown is not None:
+                self.on_unknown(address)
+        return (address, uri.effective_port, uri.transport)
+
+    def rekey(self, host: str) -> list[tuple[Node, Node]]:
+        """Identify again every node named ``host``, now that its address is known.
+
+        A node that turns out to be one already held (the same node by address, or
+        ourselves) is dropped; each such ``(dropped, kept)`` pair is returned.
+        """
+        name = host.lower()
+        duplicates: list[tuple[Node, Node]] = []
+        for node in [n for n in self._nodes.values() if n.uri.host.lower() == name]:
+            key = self.key_of(node.uri)
+            if key == node.key:
+                continue
+            del self._nodes[node.key]
+            kept = self._nodes.get(key)
+            if kept is not None and not node.local:
+                duplicates.append((node, kept))
+                continue
+            if kept is not None:
+                # We are the node held by address: it goes, we stay.
+                duplicates.append((kept, node))
+            node.key = key
+            self._nodes[key] = node
+        return duplicates
 
     def get(self, key: NodeKey) -> Node | None:
         return self._nodes.get(key)

@@ -2,7 +2,11 @@
 
 The core is given ``now`` by whoever drives it and asks this queue for the next
 deadline; the driver keeps a single loop timer armed at that instant (the aioquic
-shape). Cancelling is O(1): a cancelled entry stays in the heap and is skipped when it
+shape). A callback receives the ``now`` of the :meth:`TimerQueue.run_due` that fires
+it as its first argument: time reaches the core only as ``now`` arguments, never
+from state kept aside (a deadline is when a timer was due, not what time it is).
+
+Cancelling is O(1): a cancelled entry stays in the heap and is skipped when it
 reaches the top, which is cheaper than removing it for the many SIP timers that are
 cancelled long before they would fire (Timer E and F on every answered request).
 """
@@ -37,15 +41,15 @@ class TimerHandle:
 class TimerQueue:
     """A heap of :class:`TimerHandle` ordered by deadline, then by scheduling order."""
 
-    __slots__ = ("_counter", "_heap", "now")
+    __slots__ = ("_counter", "_heap")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, TimerHandle]] = []
         self._counter = itertools.count()
-        #: The ``now`` of the :meth:`run_due` in progress (or the last one).
-        self.now = 0.0
 
     def call_at(self, deadline: float, callback: Callable[..., None], *args: Any) -> TimerHandle:
+        """Run ``callback(now, *args)`` from the first :meth:`run_due` whose ``now`` is
+        at or past ``deadline``."""
         handle = TimerHandle(deadline, callback, args)
         heapq.heappush(self._heap, (deadline, next(self._counter), handle))
         return handle
@@ -61,7 +65,6 @@ class TimerQueue:
         """Run every callback whose deadline is at or before ``now``; return how many."""
         heap = self._heap
         ran = 0
-        self.now = now
         while heap and heap[0][0] <= now:
             _, _, handle = heapq.heappop(heap)
             callback = handle.callback
@@ -69,7 +72,7 @@ class TimerQueue:
                 continue
             args = handle.args
             handle.cancel()
-            callback(*args)
+            callback(now, *args)
             ran += 1
         return ran
 

@@ -19,7 +19,8 @@ delivered twice** to a peer, which is where we differ from Kamailio's DMQ, whose
 stateless replies make every UDP retransmission a new delivery.
 
 The layer sends through a ``transmit(data, endpoint)`` callable and schedules through a
-:class:`~app.dmq.timers.TimerQueue`; it has no clock of its own.
+:class:`~app.dmq.timers.TimerQueue`; it has no clock of its own: every input carries
+``now``, and a result callback is handed the ``now`` at which the result came.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class FinalResult:
         return self.timed_out or self.transport_error
 
 
-ResultCallback = Callable[[FinalResult], None]
+#: ``on_result(result, now)``: how a client transaction ended, and when.
+ResultCallback = Callable[[FinalResult, float], None]
 Transmit = Callable[[bytes, Endpoint], None]
 
 
@@ -218,25 +220,24 @@ class TransactionLayer:
         self.transmit(data, destination)
         return ct
 
-    def _timer_e(self, ct: ClientTransaction) -> None:
+    def _timer_e(self, now: float, ct: ClientTransaction) -> None:
         if ct.state not in (ClientState.TRYING, ClientState.PROCEEDING):
             return
         self.transmit(ct.data, ct.destination)
         ct.retransmissions += 1
         self.stats.retransmissions_sent += 1
-        now = ct.timer_e.deadline if ct.timer_e is not None else 0.0
         if ct.state is ClientState.TRYING:
             ct.interval = min(2 * ct.interval, self.settings.t2)
         else:
             ct.interval = self.settings.t2
         ct.timer_e = self.timers.call_at(now + ct.interval, self._timer_e, ct)
 
-    def _timer_f(self, ct: ClientTransaction) -> None:
+    def _timer_f(self, now: float, ct: ClientTransaction) -> None:
         if ct.state not in (ClientState.TRYING, ClientState.PROCEEDING):
             return
         self.stats.timeouts += 1
         self._terminate_client(ct)
-        ct.on_result(FinalResult(408, "Request Timeout", timed_out=True))
+        ct.on_result(FinalResult(408, "Request Timeout", timed_out=True), now)
 
     def _terminate_client(self, ct: ClientTransaction) -> None:
         ct.state = ClientState.TERMINATED
@@ -280,15 +281,15 @@ class TransactionLayer:
         else:
             ct.state = ClientState.COMPLETED
             self.timers.call_at(now + self.settings.t4, self._timer_k, ct)
-        ct.on_result(FinalResult(response.code, response.reason, response))
+        ct.on_result(FinalResult(response.code, response.reason, response), now)
         return True
 
-    def _timer_k(self, ct: ClientTransaction) -> None:
+    def _timer_k(self, now: float, ct: ClientTransaction) -> None:
         ct.state = ClientState.TERMINATED
         if self.clients.get(ct.branch) is ct:
             del self.clients[ct.branch]
 
-    def transport_error(self, destination: Endpoint) -> int:
+    def transport_error(self, destination: Endpoint, now: float) -> int:
         """The driver could not reach ``destination``: fail its pending requests.
 
         RFC 3261 section 17.1.4 says a transport error ends the transaction at once
@@ -305,7 +306,7 @@ class TransactionLayer:
         for ct in failed:
             self.stats.transport_errors += 1
             self._terminate_client(ct)
-            ct.on_result(FinalResult(408, "Request Timeout", transport_error=True))
+            ct.on_result(FinalResult(408, "Request Timeout", transport_error=True), now)
         return len(failed)
 
     # ------------------------------------------------------------------ server side
@@ -351,12 +352,11 @@ class TransactionLayer:
             self._sweeper = self.timers.call_at(deadline, self._timer_j)
         return True
 
-    def _timer_j(self) -> None:
+    def _timer_j(self, now: float) -> None:
         """Terminate every server transaction whose Timer J has fired."""
         self._sweeper = None
         expiry = self._expiry
         completed = self.completed
-        now = self.timers.now
         while expiry and expiry[0][0] <= now:
             deadline, key = expiry.popleft()
             entry = completed.get(key)

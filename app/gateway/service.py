@@ -41,7 +41,7 @@ from app.gateway.models import (
     PeerStats,
 )
 from app.gateway.store import PeerStore
-from app.transport import dns
+from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
 
 log = logging.getLogger("dmq.gateway")
@@ -156,7 +156,7 @@ class Gateway:
     async def resolve_node(self, text: str, *, must_resolve: bool = False) -> SipUri:
         """Parse a node URI and resolve its host name without blocking the loop.
 
-        The answer is cached where the node looks names up. ``must_resolve``: a name
+        The node keeps the answer and identifies nodes so named by it. ``must_resolve``: a name
         without an address, or an address of another IP version than this node's, is
         refused (a node to add must be reachable).
         """
@@ -164,14 +164,13 @@ class Gateway:
         address = uri.host
         if _ip(uri.host) is None:
             try:
-                address = (await dns.resolve_host(uri.host))[0]
-            except (dns.DnsResolutionError, ValueError):
+                address = await self._server.resolve_node(uri)
+            except DnsResolutionError:
                 if must_resolve:
                     raise InvalidNodeUriError(
                         f"uri: {uri.host!r} does not resolve to an address"
                     ) from None
                 return uri
-            self._server.resolver.cache[uri.host.lower()] = address
         if must_resolve:
             local, target = _ip(self._server.node.nodes.local.resolved_ip), _ip(address)
             if local is not None and target is not None and local.version != target.version:

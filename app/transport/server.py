@@ -15,6 +15,15 @@ one connection per remote node, opened on demand and reused; a response goes bac
 the connection its request came on (RFC 3261 section 18.2.2). Each connection cuts its
 stream with :class:`~app.dmq.sip.StreamFramer`.
 
+DNS never runs on the loop's thread or holds up a message. Names in the configuration
+are resolved before the node starts. A name first met later (in another node's list)
+is unknown to the core's resolver (:class:`_HostCache`, memory only), so the core
+holds that node by name and emits HostLookupNeeded; the driver resolves the name in a
+task (dnspython's async resolver, or ``loop.getaddrinfo``), bounded by ``dns_timeout``,
+remembers a failure for ``dns_negative_ttl``, and reports back through
+``DmqNode.host_resolved``. Until then, datagrams for that node are not sent (a socket
+given a name would resolve it synchronously); Timer E sends them again.
+
 ``drop_rate`` drops that fraction of UDP datagrams, in and out, at the seam between
 socket and core: fault injection for tests of retransmission, nothing else.
 """
@@ -29,9 +38,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
 from app.dmq.errors import ConfigError, NodeStoppedError
-from app.dmq.events import Event, SendCompleted, SendOperation
+from app.dmq.events import Event, HostLookupNeeded, SendCompleted, SendOperation
 from app.dmq.node import DmqNode
 from app.dmq.nodes import Node
 from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerReply
@@ -40,6 +50,13 @@ from app.dmq.transaction import Endpoint
 from app.transport import dns
 
 log = logging.getLogger("dmq.transport")
+
+#: Seconds a host name look-up may take before it counts as failed.
+DNS_TIMEOUT = 5.0
+#: Seconds a failed look-up is remembered (the name is not asked about meanwhile).
+DNS_NEGATIVE_TTL = 30.0
+#: Host names (and destination hosts) whose address or failure is remembered.
+NAME_CACHE_SIZE = 4096
 
 #: Called with every event of the core but :class:`SendCompleted` (which completes
 #: the future of its broadcast or send): node status changes, peer reply timeouts.
@@ -53,34 +70,37 @@ def _ip_literal(host: str) -> str | None:
         return None
 
 
-class _CachingResolver:
-    """Host name -> address for the core's node identities.
+class _HostCache:
+    """Host name -> address, the resolver the core reads; never waits, never blocks.
 
-    Names met at start (server and notification addresses) are resolved without
-    blocking the loop before the node starts; a name first met later, in another
-    node's list, is resolved on the spot (the core is synchronous) and cached.
+    It answers from memory only: the address once a look-up succeeded; the name itself
+    while a failed look-up is remembered (the negative cache, so that a name that does
+    not resolve, met in every ping's node list, is not asked about again and again);
+    ``None`` otherwise, upon which the core emits HostLookupNeeded and the driver
+    resolves the name in a task.
     """
 
-    def __init__(self) -> None:
-        self.cache: dict[str, str] = {}
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        # Bounded: the names come from other nodes' lists.
+        self.addresses: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
+        #: name -> loop time until which its failure is remembered.
+        self.failed: BoundedCache[str, float] = BoundedCache(NAME_CACHE_SIZE)
 
-    def __call__(self, host: str) -> str:
+    def __call__(self, host: str) -> str | None:
         literal = _ip_literal(host)
         if literal is not None:
             return literal
         name = host.lower()
-        cached = self.cache.get(name)
-        if cached is not None:
-            return cached
-        try:
-            infos = socket.getaddrinfo(name, None, type=socket.SOCK_DGRAM)
-        except (OSError, UnicodeError):
-            log.warning("cannot resolve %s; it is known by name only", name)
-            return name
-        infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
-        address = str(infos[0][4][0])
-        self.cache[name] = address
-        return address
+        address = self.addresses.get(name)
+        if address is not None:
+            return address
+        until = self.failed.get(name)
+        if until is not None:
+            if until > self._clock():
+                return name
+            del self.failed[name]
+        return None
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -152,19 +172,29 @@ class DmqServer:
         drop_rate: float = 0.0,
         seed: int | None = None,
         dns_resolver: Any = None,
+        dns_timeout: float = DNS_TIMEOUT,
+        dns_negative_ttl: float = DNS_NEGATIVE_TTL,
     ) -> None:
         if not 0.0 <= drop_rate < 1.0:
             raise ConfigError(f"--drop-rate {drop_rate}: must be at least 0 and below 1")
         self.config = config
-        self.resolver = _CachingResolver()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.resolver = _HostCache(self._clock)
         self.node = DmqNode(config, resolver=self.resolver)
+        #: Seconds one host name look-up may take before it counts as failed.
+        self.dns_timeout = dns_timeout
+        #: Seconds a failed look-up is remembered before the name is asked about again.
+        self.dns_negative_ttl = dns_negative_ttl
+        #: Look-ups in progress, by lower-case name.
+        self._lookups: dict[str, asyncio.Task[str]] = {}
+        #: Destination host (as the core names it) -> address for the socket.
+        self._send_addresses: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
         self.drop_rate = drop_rate
         self._drop_rng = random.Random(seed)
         self._dns_resolver = dns_resolver
         self.dropped_datagrams = 0
         self.stream_errors = 0
         self.event_listeners: list[EventListener] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._connections: dict[int, _StreamProtocol] = {}
@@ -208,6 +238,8 @@ class DmqServer:
         )
         for address in await self._notification_targets():
             self.node.add_notification_address(address)
+        if _ip_literal(local.host) is None:
+            self.node.host_resolved(local.host, bind_host, loop.time())
         self.started_at = loop.time()
         self.node.start(loop.time())
         self._flush()
@@ -221,7 +253,7 @@ class DmqServer:
             addresses = await dns.resolve_host(host, resolver=self._dns_resolver)
         except dns.DnsResolutionError as exc:
             raise ConfigError(f"{option}: {exc}") from None
-        self.resolver.cache[host.lower()] = addresses[0]
+        self.resolver.addresses.put(host.lower(), addresses[0])
         return addresses[0]
 
     async def _notification_targets(self) -> list[SipUri]:
@@ -257,7 +289,7 @@ class DmqServer:
                 except dns.DnsResolutionError as exc:
                     log.warning("notification address %s: %s", address, exc)
                     continue
-                self.resolver.cache[address.host.lower()] = resolved[0]
+                self.resolver.addresses.put(address.host.lower(), resolved[0])
             targets.append(address)
         return targets
 
@@ -283,7 +315,7 @@ class DmqServer:
             )
         except TimeoutError:
             log.info("leave: not every node answered within %.1f s", grace)
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._lookups.values()]:
             task.cancel()
         if self._timer is not None:
             self._timer.cancel()
@@ -395,6 +427,72 @@ class DmqServer:
         self._flush()
         return node
 
+    # ------------------------------------------------------------------ names
+
+    async def resolve_node(self, uri: SipUri) -> str:
+        """The address of a node URI's host, looked up now (whatever the negative cache
+        says) and kept for the core, which then identifies nodes so named by it.
+
+        Raises :class:`app.transport.dns.DnsResolutionError` when the name gives no
+        address within ``dns_timeout`` (or cannot be a DNS name at all).
+        """
+        literal = _ip_literal(uri.host)
+        if literal is not None:
+            return literal
+        name = uri.host.lower()
+        known = self.resolver.addresses.get(name)
+        if known is not None:
+            return known
+        # Shielded: a caller that gives up must not cancel a look-up others share.
+        return await asyncio.shield(self._lookup(name))
+
+    def _lookup(self, name: str) -> asyncio.Task[str]:
+        task = self._lookups.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._resolve_name(name))
+            self._lookups[name] = task
+            task.add_done_callback(self._lookup_done)
+        return task
+
+    def _lookup_done(self, task: asyncio.Task[str]) -> None:
+        for name, running in list(self._lookups.items()):
+            if running is task:
+                del self._lookups[name]
+        if not task.cancelled():
+            task.exception()  # reported through the core and the log already
+
+    async def _resolve_name(self, name: str) -> str:
+        try:
+            async with asyncio.timeout(self.dns_timeout):
+                addresses = await dns.resolve_host(name, resolver=self._dns_resolver)
+        except Exception as exc:
+            # Anything at all (a name too long for DNS, one IDNA refuses, a dead
+            # server): the node goes on knowing it by name, and the loop goes on.
+            self.resolver.failed.put(name, self._clock() + self.dns_negative_ttl)
+            log.warning(
+                "cannot resolve %r (%s); nodes so named are known by name only",
+                name,
+                exc if str(exc) else type(exc).__name__,
+            )
+            self._host_resolved(name, None)
+            if isinstance(exc, dns.DnsResolutionError):
+                raise
+            raise dns.DnsResolutionError(name) from exc
+        address = addresses[0]
+        self.resolver.addresses.put(name, address)
+        self.resolver.failed.pop(name, None)
+        self._host_resolved(name, address)
+        return address
+
+    def _host_resolved(self, name: str, address: str | None) -> None:
+        if self._loop is None:
+            return
+        self.node.host_resolved(name, address, self._loop.time())
+        self._flush()
+
+    def _clock(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
     def _waiter(self, operation: SendOperation) -> asyncio.Future[SendOperation]:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[SendOperation] = loop.create_future()
@@ -455,6 +553,12 @@ class DmqServer:
                 waiter = self._waiters.pop(event.operation.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event.operation)
+            elif isinstance(event, HostLookupNeeded):
+                known = self.resolver.addresses.get(event.host)
+                if known is not None:
+                    node.host_resolved(event.host, known, self._clock())
+                elif self._loop is not None:
+                    self._lookup(event.host)
             else:
                 for listener in self.event_listeners:
                     try:
@@ -492,14 +596,30 @@ class DmqServer:
         self.node.handle_timer(now)
         self._flush()
 
+    def _address_of(self, host: str) -> str | None:
+        """The address to hand a socket for ``host``: itself for an address (the
+        usual case, remembered), the looked-up address for a name, else ``None``."""
+        address = self._send_addresses.get(host)
+        if address is None:
+            address = _ip_literal(host) or self.resolver.addresses.get(host)
+            if address is not None:
+                self._send_addresses.put(host, address)
+        return address
+
     def _send(self, data: bytes, destination: Endpoint) -> None:
         if destination.transport == "udp":
             if self.drop_rate and self._drop_rng.random() < self.drop_rate:
                 self.dropped_datagrams += 1
                 return
+            address = self._address_of(destination.host)
+            if address is None:
+                # A node known by name whose look-up has not succeeded: a socket given
+                # the name would resolve it, blocking the loop. Timer E sends again.
+                log.debug("%s is not resolved yet; datagram not sent", destination.host)
+                return
             if self._udp is not None:
                 try:
-                    self._udp.sendto(data, (destination.host, destination.port))
+                    self._udp.sendto(data, (address, destination.port))
                 except (OSError, ValueError) as exc:
                     # An address the socket can't reach (another family, a name that
                     # did not resolve): the transaction's timers report it as a timeout.
@@ -517,7 +637,7 @@ class DmqServer:
                 destination.port,
             )
             return
-        key = (destination.host, destination.port)
+        key = (self._address_of(destination.host) or destination.host, destination.port)
         outbound = self._outbound.get(key)
         if outbound is None or outbound.closed:
             outbound = self._connect(key, destination)
@@ -531,8 +651,9 @@ class DmqServer:
 
         async def connect() -> None:
             try:
+                # A host still named is resolved by the loop, in its executor.
                 await loop.create_connection(lambda: protocol, key[0], key[1])
-            except OSError as exc:
+            except Exception as exc:
                 log.info("TCP connect to %s:%s failed: %s", key[0], key[1], exc)
                 protocol.closed = True
                 if self._outbound.get(key) is protocol:

@@ -43,8 +43,9 @@ class Harness:
     def _transmit(self, data: bytes, destination: Endpoint) -> None:
         self.wire.append((self.now, data, destination))
 
-    def on_result(self, result: FinalResult) -> None:
-        self.results.append((self.now, result))
+    def on_result(self, result: FinalResult, now: float) -> None:
+        # The instant comes with the result: the layer keeps no clock to read.
+        self.results.append((now, result))
 
     def advance_to(self, end: float) -> None:
         """Fire every timer due up to ``end`` at its own instant, in order."""
@@ -87,6 +88,29 @@ def response_to(branch: str, code: int, method: str = "KDMQ") -> SipResponse:
     reasons = {100: "Trying", 200: "OK", 404: "User Not Found", 500: "Server Internal Error"}
     headers = Headers([("via", via(branch)), ("cseq", f"10 {method}")])
     return SipResponse(code, reasons.get(code, "Whatever"), headers)
+
+
+# --------------------------------------------------------------------------- timers
+
+
+def test_a_timer_callback_is_given_the_now_that_fires_it() -> None:
+    timers = TimerQueue()
+    calls: list[tuple[float, str]] = []
+    timers.call_at(1.0, lambda now, tag: calls.append((now, tag)), "first")
+    timers.call_at(2.0, lambda now, tag: calls.append((now, tag)), "second")
+    assert timers.run_due(0.999) == 0
+    # A driver that wakes late hands its real time, not the deadline, to the callback.
+    assert timers.run_due(2.5) == 2
+    assert calls == [(2.5, "first"), (2.5, "second")]
+    assert timers.next_deadline() is None
+
+
+def test_a_late_timer_e_counts_the_next_interval_from_when_it_ran() -> None:
+    h = Harness(TimerSettings(t1=0.5, t2=4.0))
+    h.send()
+    h.now = 0.7  # the loop woke 0.2 s after Timer E's deadline
+    h.timers.run_due(0.7)
+    assert h.timers.next_deadline() == 1.7  # 0.7 + 2*T1
 
 
 # --------------------------------------------------------------------------- client
@@ -239,7 +263,7 @@ def test_transport_error_ends_pending_client_transactions_at_once() -> None:
     h.send(TCP_PEER, branch="z9hG4bKb")
     h.send(Endpoint("tcp", "127.0.0.1", 5099), branch="z9hG4bKother")
     h.advance_to(1.0)
-    assert h.layer.transport_error(TCP_PEER) == 2
+    assert h.layer.transport_error(TCP_PEER, h.now) == 2
     assert [(at, r.code, r.transport_error, r.timed_out) for at, r in h.results] == [
         (1.0, 408, True, False),
         (1.0, 408, True, False),
@@ -254,7 +278,7 @@ def test_transport_error_also_stops_udp_retransmissions() -> None:
     h = Harness()
     h.send()
     h.advance_to(0.7)
-    h.layer.transport_error(UDP_PEER)
+    h.layer.transport_error(UDP_PEER, h.now)
     h.advance_to(100.0)
     assert h.instants() == [0.0, 0.5]
     assert [(r.code, r.transport_error) for _, r in h.results] == [(408, True)]

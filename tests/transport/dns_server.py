@@ -43,9 +43,15 @@ _CLASSIC_UDP_SIZE = 512
 class DnsTestServer:
     """Serve ``zone`` over UDP on 127.0.0.1 until :meth:`stop` (or the ``async with`` ends)."""
 
-    def __init__(self, zone: Zone, *, ttl: int = 60, shuffle: bool = True) -> None:
-        """Load ``zone``; ``shuffle`` rotates RRset order per answer, as real servers do."""
+    def __init__(
+        self, zone: Zone, *, ttl: int = 60, shuffle: bool = True, delay: float = 0.0
+    ) -> None:
+        """Load ``zone``; ``shuffle`` rotates RRset order per answer, as real servers do;
+        ``delay`` holds every answer back that many seconds, like a slow DNS server."""
         self._shuffle = shuffle
+        self.delay = delay
+        #: Answers sent so far (with a delay, fewer than the queries for a while).
+        self.answered = 0
         self._records: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]] = {}
         for owner, types in zone.items():
             name = dns.name.from_text(owner)
@@ -162,5 +168,14 @@ class _DnsProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         reply = self._server.wire_answer(data)
-        if reply is not None and self._transport is not None:
+        if reply is None:
+            return
+        if self._server.delay:
+            asyncio.get_running_loop().call_later(self._server.delay, self._send, reply, addr)
+        else:
+            self._send(reply, addr)
+
+    def _send(self, reply: bytes, addr: tuple[str | int, ...]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._server.answered += 1
             self._transport.sendto(reply, addr)
