@@ -35,6 +35,11 @@ TITLES = {
     503: "Service Unavailable",
 }
 
+#: FastAPI answers 400 to a JSON body it cannot even decode (not UTF-8, say).
+UNREADABLE_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "the body could not be read as JSON"}
+}
+
 #: Schemas FastAPI adds for its own 422 body, which this API never sends.
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 

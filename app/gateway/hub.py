@@ -248,7 +248,7 @@ class Hub:
     def channel(self, peer_id: str) -> PeerChannel:
         channel = self.channels.get(peer_id)
         if channel is None:
-            raise PeerNotRegisteredError(f"no peer {peer_id!r} is registered on this gateway")
+            raise PeerNotRegisteredError(f"no peer {peer_id!r} is registered")
         return channel
 
     def register(

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
 from app.api.deps import GatewayDep
+from app.api.problems import UNREADABLE_BODY
 from app.api.schemas import NodeIn, NodeOut, Problem
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
-
-#: FastAPI answers 400 to a JSON body it cannot even decode (not UTF-8, say).
-UNREADABLE_BODY: dict[int | str, dict[str, Any]] = {
-    400: {"model": Problem, "description": "the body could not be read as JSON"}
-}
 
 
 @router.get("", operation_id="list_nodes")

@@ -8,8 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.api.deps import GatewayDep
-from app.api.problems import ProblemError
-from app.api.routes.nodes import UNREADABLE_BODY
+from app.api.problems import UNREADABLE_BODY, ProblemError
 from app.api.schemas import NodeResultOut, PeerIn, PeerOut, Problem, SendAccepted, SendResults
 from app.gateway.models import Dispatch, NodeOutcome, PeerSettings, ReplyMode
 
