@@ -92,6 +92,17 @@ class Node:
         return wait
 
 
+def stop_all(client: TestClient, nodes: list[Node]) -> None:
+    """Stop several nodes at once: each leave waits for answers (up to 2 s)."""
+
+    async def stop() -> None:
+        await asyncio.gather(*(node.server.stop() for node in nodes))
+
+    portal = client.portal
+    assert portal is not None
+    portal.call(stop)
+
+
 @pytest.fixture
 def gateway_config(tmp_path: Path) -> GatewayConfig:
     return GatewayConfig(node=node_config(), state_dir=tmp_path / "state")

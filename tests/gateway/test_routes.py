@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from app.dmq.transaction import TimerSettings
 from app.gateway.config import GatewayConfig
-from tests.gateway.conftest import Node, assert_problem, node_config, running
+from tests.gateway.conftest import Node, assert_problem, node_config, running, stop_all
 
 PEER = "things"
 
@@ -133,8 +133,7 @@ def test_a_long_node_list_is_warned_about(
             assert time.monotonic() < deadline, "no warning about the node list's size"
             time.sleep(0.05)
     finally:
-        for node in nodes:
-            node.stop()
+        stop_all(client, nodes)
 
 
 # ---------------------------------------------------------------- metrics, health
