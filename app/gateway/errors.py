@@ -21,7 +21,7 @@ class PeerNotRegisteredError(GatewayError, LookupError):
     status_hint = 404
 
 
-class InvalidNodeUriError(GatewayError, ValueError):
+class InvalidNodeUriError(GatewayError):
     """A node URI that cannot name a node of the bus (syntax, transport, host)."""
 
     status_hint = 422
