@@ -1,4 +1,9 @@
-"""Builds the FastAPI application around a DMQ node; its lifespan starts and stops both."""
+"""Builds the FastAPI application around one :class:`~app.gateway.service.Gateway`;
+its lifespan starts and stops the gateway.
+
+``/docs`` and ``/redoc`` load Swagger UI and ReDoc from the gateway itself (the assets
+ship in the ``fastapi-offline`` package), so they work on a machine with no internet.
+"""
 
 from __future__ import annotations
 
@@ -8,62 +13,55 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from app import __version__
 from app.api import problems
+from app.api.asyncapi import asyncapi_document
 from app.api.deps import require_token
 from app.api.routes import health, metrics, nodes, peers, subscribe
 from app.gateway.config import GatewayConfig
-from app.gateway.hub import Hub
-from app.gateway.models import PeerSettings
-from app.gateway.store import PeerStore
-from app.transport.server import DmqServer
+from app.gateway.service import Gateway
 
 log = logging.getLogger("dmq.gateway")
 
-DESCRIPTION = """\
+#: Where the documentation pages' scripts, stylesheets and icon are served from.
+DOCS_ASSETS = "/docs-assets"
+ASYNCAPI_PATH = "/asyncapi.json"
+
+DESCRIPTION = f"""\
 Take part in a Kamailio DMQ bus over HTTP and WebSocket.
 
 Register a **peer** (a DMQ channel such as `htable`, or your own), broadcast to every
 node or send to one with a POST (the body goes out as the KDMQ body, byte for byte),
 and subscribe to what arrives for a peer over the WebSocket
-`GET /v1/peers/{peer_id}/subscribe` (frames documented in `openapi/websocket.json`).
+`GET /v1/peers/{{peer_id}}/subscribe`, whose frames and close codes are described by the
+AsyncAPI document at [{ASYNCAPI_PATH}]({ASYNCAPI_PATH}).
 Errors are `application/problem+json` (RFC 9457).
 """
 
 
-def create_app(gateway: GatewayConfig) -> FastAPI:
-    """The API around one gateway; its lifespan starts and stops the DMQ node."""
-    node_config = gateway.node
+def create_app(config: GatewayConfig) -> FastAPI:
+    """The API around one gateway; its lifespan starts and stops the gateway."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server = DmqServer(node_config, drop_rate=gateway.drop_rate)
-        store = PeerStore(gateway.state_dir) if gateway.state_dir is not None else None
-        hub = Hub(server, store, queue_limit=gateway.queue_limit)
-        loaded = hub.load()
-        for peer_id in gateway.startup_peers:
-            if peer_id not in hub.channels:
-                hub.register(
-                    peer_id, PeerSettings(description="--peer"), persist=False, ephemeral=True
-                )
-        app.state.hub = hub
-        await server.start()
-        log.info("gateway up: %d stored peers, %d from --peer", loaded, len(gateway.startup_peers))
+        gateway = Gateway(config)
+        app.state.gateway = gateway
+        app.state.metrics = metrics.registry_for(gateway)
+        await gateway.start()
         try:
             yield
         finally:
-            for channel in hub.channels.values():
-                for subscriber in list(channel.subscribers):
-                    subscriber.closed = True
-                    subscriber.wakeup.set()
-            await server.stop()
+            await gateway.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="dmq-gateway",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
         openapi_tags=[
             {"name": "health", "description": "Is this node up"},
             {"name": "nodes", "description": "The DMQ node list (dmq.list_nodes/add/remove)"},
@@ -71,7 +69,7 @@ def create_app(gateway: GatewayConfig) -> FastAPI:
             {"name": "metrics", "description": "Prometheus metrics"},
         ],
     )
-    app.state.api_tokens = gateway.api_tokens
+    app.state.api_tokens = config.api_tokens
     problems.install(app)
 
     def openapi() -> dict[str, Any]:
@@ -80,9 +78,15 @@ def create_app(gateway: GatewayConfig) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    document = asyncapi_document()
+
+    @app.get(ASYNCAPI_PATH, include_in_schema=False)
+    async def get_asyncapi() -> JSONResponse:
+        return JSONResponse(document)
+
     secured = [Depends(require_token)]
-    for module in (health, nodes, peers):
+    app.include_router(health.router, dependencies=[] if config.public_health else secured)
+    for module in (nodes, peers, metrics):
         app.include_router(module.router, dependencies=secured)
-    app.include_router(metrics.router, dependencies=secured)
     app.include_router(subscribe.router)
     return app

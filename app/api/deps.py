@@ -1,4 +1,4 @@
-"""Dependencies shared by the routes: the hub, and bearer-token authentication."""
+"""Dependencies shared by the routes: the gateway, and bearer-token authentication."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.problems import ProblemError
-from app.gateway.hub import Hub
+from app.gateway.service import Gateway
 
 bearer = HTTPBearer(auto_error=False, description="an API token given to --api-token")
 
@@ -44,11 +44,11 @@ async def require_token(
         )
 
 
-async def get_hub(request: Request) -> Hub:
+async def get_gateway(request: Request) -> Gateway:
     # async on purpose: FastAPI runs a plain def dependency in a worker thread, and the
     # thread hop cost more than the rest of a broadcast request.
-    hub: Hub = request.app.state.hub
-    return hub
+    gateway: Gateway = request.app.state.gateway
+    return gateway
 
 
-HubDep = Annotated[Hub, Depends(get_hub)]
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]

@@ -1,4 +1,9 @@
-"""RFC 9457 problem details for every error the API returns."""
+"""RFC 9457 problem details for every error the API returns.
+
+Errors are mapped in one place: the core's usage errors and the gateway's errors carry
+``status_hint``, and :func:`install` registers one handler that turns any of them into
+a problem document with that status and the error's own sentence as ``detail``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.schemas import Problem
+from app.dmq.errors import DmqUsageError
+from app.gateway.errors import GatewayError
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -22,7 +31,13 @@ TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    500: "Internal Server Error",
     503: "Service Unavailable",
+}
+
+#: FastAPI answers 400 to a JSON body it cannot even decode (not UTF-8, say).
+UNREADABLE_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "the body could not be read as JSON"}
 }
 
 #: Schemas FastAPI adds for its own 422 body, which this API never sends.
@@ -30,7 +45,8 @@ _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
 
 class ProblemError(Exception):
-    """Raise from a route to answer with a problem document."""
+    """An error of HTTP itself (authentication, media type), raised by the API layer;
+    what the gateway refuses comes as its own errors."""
 
     def __init__(
         self,
@@ -75,6 +91,13 @@ def install(app: FastAPI) -> None:
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
         return problem(request, exc.status, exc.detail, type_=exc.type, headers=exc.headers)
 
+    async def _refused(request: Request, exc: Exception) -> JSONResponse:
+        status: int = getattr(exc, "status_hint", 500)
+        return problem(request, status, str(exc))
+
+    app.add_exception_handler(DmqUsageError, _refused)
+    app.add_exception_handler(GatewayError, _refused)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
@@ -108,8 +131,6 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
     schema (FastAPI would document ``application/json``, and its own 422 body), and
     every operation that declares a security requirement documents its 401.
     """
-    from app.api.schemas import Problem  # schemas imports the hub; keep this module light
-
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.setdefault(
         "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -1,4 +1,5 @@
-"""Request and response models of API version 1, and the WebSocket frames.
+"""Request and response models of API version 1 (the WebSocket frames are the
+gateway's own, in :mod:`app.gateway.frames`).
 
 Request models are strict: a number must be a number (``false`` is not 0), unknown
 fields are refused, so a typo is a 422 that names it rather than a silent default.
@@ -10,11 +11,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.gateway.frames import ErrorFrame, GapFrame, MessageFrame, ReplyFrame, SubscribedFrame
 from app.gateway.models import ReplyMode
+
+#: The WebSocket frames, for clients of the API that import them from here.
+__all__ = ["ErrorFrame", "GapFrame", "MessageFrame", "ReplyFrame", "SubscribedFrame"]
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class OutModel(BaseModel):
+    """A response, read from the gateway's own records."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 class Problem(BaseModel):
@@ -30,7 +41,7 @@ class Problem(BaseModel):
     )
 
 
-class Health(BaseModel):
+class Health(OutModel):
     node: str = Field(description="this node's SIP URI (its server address)")
     status: Literal["active", "stopping"]
     uptime: float = Field(description="seconds since the node started")
@@ -38,7 +49,7 @@ class Health(BaseModel):
     version: str
 
 
-class NodeOut(BaseModel):
+class NodeOut(OutModel):
     uri: str
     host: str
     port: int
@@ -62,15 +73,18 @@ class PeerIn(StrictModel):
         description="auto: the node answers 200 once the message is in the peer's history; "
         "subscriber: a WebSocket subscriber's reply frame becomes the SIP reply",
     )
-    reply_timeout: Annotated[float, Field(gt=0, le=30)] = Field(
-        5.0, description="seconds to wait for a subscriber's reply before answering 408"
+    reply_timeout: Annotated[float, Field(gt=0)] = Field(
+        5.0,
+        description="reply=subscriber: seconds to wait for a subscriber's reply before the "
+        "node answers 408; at most the node's Timer F (after which the sending node has "
+        "given up), or the request is refused with 422 saying so",
     )
     history: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
         1000, description="messages kept for subscribers that resume with ?since="
     )
 
 
-class PeerOut(BaseModel):
+class PeerOut(OutModel):
     peer_id: str
     description: str
     reply: ReplyMode
@@ -84,7 +98,7 @@ class PeerOut(BaseModel):
     persistent: bool = Field(description="kept across restarts (false for --peer peers)")
 
 
-class NodeResultOut(BaseModel):
+class NodeResultOut(OutModel):
     node: str
     code: int | None = Field(description="final SIP status code, or null on timeout")
     reason: str | None
@@ -94,62 +108,15 @@ class NodeResultOut(BaseModel):
     timeout: bool = Field(description="no final answer in time (Timer F or ?timeout=)")
 
 
-class SendAccepted(BaseModel):
+class SendAccepted(OutModel):
     id: str = Field(description="message id")
     peer: str
     targets: int = Field(description="how many nodes the message is sent to")
     nodes: list[str]
 
 
-class SendResults(BaseModel):
+class SendResults(OutModel):
     id: str
     peer: str
     targets: int
     results: list[NodeResultOut]
-
-
-# ---------------------------------------------------------------- WebSocket frames
-
-
-class MessageFrame(BaseModel):
-    """Server -> client: one KDMQ message that arrived for the peer."""
-
-    type: Literal["message"]
-    offset: int
-    epoch: str
-    id: str
-    peer: str
-    from_: str = Field(alias="from")
-    content_type: str | None
-    body: str
-    encoding: Literal["base64"] | None = None
-
-
-class GapFrame(BaseModel):
-    """Server -> client, first frame of a resume: what the client missed is not held."""
-
-    type: Literal["gap"]
-    reason: str
-    epoch: str
-    client_epoch: str | None = None
-    from_: int | None = Field(alias="from")
-    to: int
-
-
-class ErrorFrame(BaseModel):
-    """Server -> client: a frame the client sent was not understood."""
-
-    type: Literal["error"]
-    error: str
-
-
-class ReplyFrame(StrictModel):
-    """Client -> server (subscriber mode): the SIP reply to message ``id``."""
-
-    type: Literal["reply"]
-    id: str
-    code: Annotated[int, Field(ge=200, le=699)] = 200
-    reason: Annotated[str, Field(max_length=128, pattern=r"^[^\r\n]*$")] = "OK"
-    content_type: Annotated[str, Field(max_length=256, pattern=r"^[^\r\n]*$")] | None = None
-    body: str = ""
-    encoding: Literal["base64"] | None = None

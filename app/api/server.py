@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import uvicorn
+from fastapi import FastAPI
 
 from app.api.app import create_app
 from app.api.routes.subscribe import SubscribeFastPath
@@ -55,7 +56,7 @@ async def serve(settings: GatewayConfig) -> None:
         access_log=False,
         timeout_graceful_shutdown=3,
     )
-    server = uvicorn.Server(config)
+    server = GatewayServer(config, app)
     started = time.monotonic()
     await server.serve(sockets=[http_socket])
     if server.started:
@@ -65,6 +66,41 @@ async def serve(settings: GatewayConfig) -> None:
             f"--server-address {settings.node.server_address}: the node could not start "
             "(see the log above)"
         )
+
+
+#: Seconds the subscriptions get to close themselves when the gateway stops.
+STOP_GRACE = 0.5
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn, telling the gateway the moment a stop begins.
+
+    uvicorn waits for the requests in flight (up to ``timeout_graceful_shutdown``)
+    before it runs the application's shutdown, and a ``?wait=true`` broadcast can wait
+    for Timer F: so the gateway is told first, answers those requests 503 and closes its
+    subscriptions with 1012, and the wait for requests in flight is short.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.gateway_app = app
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.config.host, self.config.port
+            shown = f"[{host}]" if ":" in host else host
+            log.info("API on http://%s:%d (docs at /docs)", shown, port)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        gateway = getattr(self.gateway_app.state, "gateway", None)
+        if gateway is not None:
+            gateway.begin_stop()
+            # Let the subscriptions send their own close (1012 with since=N) and the
+            # answered requests go out before uvicorn closes the connections.
+            await gateway.subscriptions_ended(STOP_GRACE)
+            await asyncio.sleep(0.01)
+        await super().shutdown(sockets)
 
 
 def _listen_socket(host: str, port: int, flag: str) -> socket.socket:

@@ -9,49 +9,60 @@ one epoch, which is how a client learns that a restart lost the history it knew)
 
 * ``reply: auto`` - the entry is stored, fanned out, and the node answers 200 at once.
 * ``reply: subscriber`` - with no subscriber the node answers 480 and stores nothing;
-  otherwise the entry is stored and fanned out, and the first subscriber that answers
-  with the entry's id decides the SIP reply; none in ``reply_timeout`` means 408.
+  otherwise the entry is stored and fanned out, the handler defers the answer, and the
+  first subscriber that answers with the entry's id decides the SIP reply. The core
+  alone times the wait: it answers 408 at the peer's ``reply_timeout`` and refuses a
+  reply that comes later, which the subscriber is told (one timeout, one counter).
 
 Fan-out serialises each message to its JSON text frame once and appends the same
 string to every subscriber's queue, so delivering to 1 000 clients costs 1 000 appends.
 A queue holds at most ``queue_limit`` frames: a subscriber that falls that far behind is
-cut off (close code :data:`CLOSE_SLOW_CONSUMER`), counted, and can resume with
+cut off (:attr:`Ending.OVERFLOW`), counted, and can resume with
 ``since``. Nothing accepted is dropped silently: an entry is in the history (bounded by
 ``history``), and a client that resumes past what is still held is told so with a
 ``gap`` frame.
 
 Subscribing with ``since`` replays, from the history, every entry after that offset and
 then goes live; the replay and the registration happen in one synchronous step, so no
-message can fall between them or come twice.
+message can fall between them or come twice. A ``since`` beyond the peer's latest
+offset can only come from another epoch (a client that resumes across a restart without
+naming its epoch): it gets a gap and the whole history, never silence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
 
-from app.dmq.errors import NodeStoppedError, ReplyNotPendingError
-from app.dmq.events import Event, PeerReplyTimedOut
+from app.dmq.errors import ReplyNotPendingError
 from app.dmq.peers import PeerMessage, PeerReply
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
+from app.gateway.errors import PeerNotRegisteredError
+from app.gateway.frames import GapFrame, MessageFrame, SubscribedFrame
 from app.gateway.models import PeerSettings, ReplyMode
 from app.gateway.store import PeerStore
 from app.transport.server import DmqServer
 
 log = logging.getLogger("dmq.gateway")
 
-#: WebSocket close code for a subscriber whose send queue overflowed.
-CLOSE_SLOW_CONSUMER = 4008
-#: WebSocket close code when the peer is unregistered while subscribed.
-CLOSE_PEER_REMOVED = 4004
+#: Message ids remembered per subscriber-mode peer, so that a reply that comes after
+#: its message was answered is told so rather than called unknown.
+PENDING_IDS_KEPT = 4096
+
+
+class Ending(Enum):
+    """Why the gateway ended a subscription (the API turns each into a close code)."""
+
+    OVERFLOW = "overflow"
+    PEER_REMOVED = "peer removed"
+    STOPPING = "stopping"
 
 
 class HistoryEntry:
@@ -77,7 +88,7 @@ class HistoryEntry:
 
     def _render(self) -> str:
         message = self.message
-        data: dict[str, Any] = {
+        fields: dict[str, object] = {
             "type": "message",
             "offset": self.offset,
             "epoch": self.epoch,
@@ -87,11 +98,11 @@ class HistoryEntry:
             "content_type": message.content_type,
         }
         try:
-            data["body"] = message.body.decode("utf-8")
+            fields["body"] = message.body.decode("utf-8")
         except UnicodeDecodeError:
-            data["body"] = base64.b64encode(message.body).decode("ascii")
-            data["encoding"] = "base64"
-        return json.dumps(data, separators=(",", ":"))
+            fields["body"] = base64.b64encode(message.body).decode("ascii")
+            fields["encoding"] = "base64"
+        return MessageFrame.model_validate(fields).text()
 
 
 class Subscriber:
@@ -99,11 +110,10 @@ class Subscriber:
 
     __slots__ = (
         "channel",
-        "closed",
+        "ending",
         "frames",
         "limit",
         "on_overflow",
-        "overflowed",
         "replay_end",
         "sent_offset",
         "wakeup",
@@ -115,8 +125,8 @@ class Subscriber:
         self.frames: deque[tuple[int, str]] = deque()
         self.limit = limit
         self.wakeup = asyncio.Event()
-        self.overflowed = False
-        self.closed = False
+        #: Set once when the gateway ends the subscription; nothing is queued after.
+        self.ending: Ending | None = None
         #: Offset of the last message handed to the WebSocket (what to resume after).
         self.sent_offset = 0
         #: Offset of the last replayed frame (0: no replay). Replayed frames sit at the
@@ -134,50 +144,51 @@ class Subscriber:
             backlog -= self.replay_end - frames[0][0] + 1
         return backlog
 
+    def end(self, why: Ending) -> None:
+        if self.ending is None:
+            self.ending = why
+        self.wakeup.set()
+
     def push(self, frame: str, offset: int) -> None:
-        if self.overflowed or self.closed:
+        if self.ending is not None:
             return
         # (len(frames) first: it bounds the live backlog and is all a subscriber that
         # did not resume needs.)
         if len(self.frames) >= self.limit and self.live_backlog() >= self.limit:
-            self.overflowed = True
             self.frames.clear()
             self.channel.overflows += 1
-            self.channel.hub.overflows += 1
             log.warning(
                 "peer %s: a subscriber fell %d messages behind and is cut off",
                 self.channel.peer_id,
                 self.limit,
             )
+            self.end(Ending.OVERFLOW)
             if self.on_overflow is not None:
                 self.on_overflow()
         else:
             self.frames.append((offset, frame))
-        self.wakeup.set()
+            self.wakeup.set()
 
 
 @dataclass(slots=True)
 class Subscription:
-    """What :meth:`Hub.subscribe` hands the WebSocket endpoint."""
+    """What :meth:`Hub.subscribe` hands the WebSocket endpoint: the frames to send
+    before the queue (``subscribed``, then a ``gap`` when some is missing)."""
 
     subscriber: Subscriber
-    #: A ``gap`` frame to send first, when the client missed more than is held.
-    gap: dict[str, Any] | None
-    epoch: str
-    offset: int
+    first_frames: list[str]
 
 
 @dataclass(slots=True, eq=False)
 class PeerChannel:
     peer_id: str
     settings: PeerSettings
-    hub: Hub
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     offset: int = 0
     history: deque[HistoryEntry] = field(default_factory=deque)
     subscribers: set[Subscriber] = field(default_factory=set)
-    #: entry id -> the node's message id, for messages waiting for a subscriber's reply.
-    waiting: dict[str, int] = field(default_factory=dict)
+    #: Subscriber mode: message id -> the core's id of the message, for the replies.
+    pending: OrderedDict[str, int] = field(default_factory=OrderedDict)
     received: int = 0
     overflows: int = 0
     registered_at: float = field(default_factory=time.time)
@@ -200,7 +211,7 @@ class PeerChannel:
 
 
 class Hub:
-    """All peers of one gateway and the glue to the DMQ node."""
+    """All peers of one gateway: their histories, subscribers and replies."""
 
     def __init__(
         self,
@@ -213,39 +224,32 @@ class Hub:
         self.store = store
         self.queue_limit = queue_limit
         self.channels: dict[str, PeerChannel] = {}
-        self.overflows = 0
-        #: Tags message ids of this process, so ids from before a restart never clash.
-        self.instance = secrets.token_hex(4)
-        self.listeners: list[Callable[[str, PeerMessage], None]] = []
-        server.event_listeners.append(self._on_event)
-
-    @property
-    def reply_timeouts(self) -> int:
-        """Subscriber replies that did not come in time: the node times them out."""
-        return self.server.node.stats.reply_timeouts
-
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, PeerReplyTimedOut):
-            channel = self.channels.get(event.peer_id)
-            if channel is not None:
-                for entry_id, message_id in list(channel.waiting.items()):
-                    if message_id == event.message_id:
-                        del channel.waiting[entry_id]
-
-    def _reply_timeout(self, settings: PeerSettings) -> float:
-        # The node refuses a wait longer than Timer F (the sender gives up then).
-        return min(settings.reply_timeout, self.server.config.timers.timer_f_value)
 
     # ------------------------------------------------------------------ registry
 
     def load(self) -> int:
-        """Register every peer the store remembers; return how many."""
+        """Register every peer the store remembers; return how many.
+
+        A stored peer the node now refuses (a reply timeout beyond a shorter Timer F)
+        is logged and left out, rather than stopping the gateway.
+        """
         if self.store is None:
             return 0
-        peers = self.store.load()
-        for peer_id, settings in peers.items():
-            self.register(peer_id, settings, persist=False)
-        return len(peers)
+        loaded = 0
+        for peer_id, settings in self.store.load().items():
+            try:
+                self.register(peer_id, settings, persist=False)
+            except Exception as exc:
+                log.error("stored peer %s is not registered again: %s", peer_id, exc)
+            else:
+                loaded += 1
+        return loaded
+
+    def channel(self, peer_id: str) -> PeerChannel:
+        channel = self.channels.get(peer_id)
+        if channel is None:
+            raise PeerNotRegisteredError(f"no peer {peer_id!r} is registered")
+        return channel
 
     def register(
         self,
@@ -257,45 +261,44 @@ class Hub:
     ) -> tuple[PeerChannel, bool]:
         """Register or update a peer; return it and whether it is new.
 
-        Raises the core's ReservedPeerError for the notification channel and
-        ValueError for an invalid peer id.
+        The core validates the peer id and the reply timeout (its errors say why and
+        carry their HTTP status); nothing changes when it refuses.
         """
         channel = self.channels.get(peer_id)
         created = channel is None
+        # Only a subscriber-mode handler defers its answer, so only there does the
+        # reply timeout matter (and must fit within Timer F).
+        reply_timeout = settings.reply_timeout if settings.reply is ReplyMode.SUBSCRIBER else None
         if channel is None:
-            channel = PeerChannel(peer_id, settings, self, ephemeral=ephemeral)
+            channel = PeerChannel(peer_id, settings, ephemeral=ephemeral)
             self.server.register_peer(
                 peer_id,
                 self._handler(channel),
                 description=settings.description,
-                reply_timeout=self._reply_timeout(settings),
+                reply_timeout=reply_timeout,
             )
             self.channels[peer_id] = channel
         else:
+            self.server.update_peer(
+                peer_id, description=settings.description, reply_timeout=reply_timeout
+            )
             channel.settings = settings
             channel.ephemeral = channel.ephemeral and ephemeral
             while len(channel.history) > settings.history:
                 channel.history.popleft()
-            self.server.update_peer(
-                peer_id,
-                description=settings.description,
-                reply_timeout=self._reply_timeout(settings),
-            )
         if persist and not channel.ephemeral:
             self._save()
         return channel, created
 
-    def unregister(self, peer_id: str) -> bool:
-        channel = self.channels.pop(peer_id, None)
-        if channel is None:
-            return False
-        self.server.unregister_peer(peer_id)  # answers its waiting messages 404
-        channel.waiting.clear()
+    def unregister(self, peer_id: str) -> None:
+        """Unregister a peer: the core answers every reply still pending, and the
+        subscribers are let go."""
+        channel = self.channel(peer_id)
+        del self.channels[peer_id]
+        self.server.unregister_peer(peer_id)
         for subscriber in list(channel.subscribers):
-            subscriber.closed = True
-            subscriber.wakeup.set()
+            subscriber.end(Ending.PEER_REMOVED)
         self._save()
-        return True
 
     def _save(self) -> None:
         if self.store is not None:
@@ -305,8 +308,6 @@ class Hub:
 
     def _handler(self, channel: PeerChannel) -> Callable[[PeerMessage], PeerReply | None]:
         def handler(message: PeerMessage) -> PeerReply | None:
-            for listener in self.listeners:
-                listener(channel.peer_id, message)
             if channel.settings.reply is ReplyMode.AUTO:
                 channel.append(message)
                 if not channel.subscribers and log.isEnabledFor(logging.INFO):
@@ -320,78 +321,100 @@ class Hub:
                     )
                 return _OK
             if not channel.subscribers:
-                return PeerReply(480, "Temporarily Unavailable")
+                return _NO_SUBSCRIBER
             entry = channel.append(message)
-            channel.waiting[entry.id] = message.id
-            return None  # the node waits for Hub.reply, or answers 408 itself
+            pending = channel.pending
+            pending[entry.id] = message.id
+            if len(pending) > PENDING_IDS_KEPT:
+                pending.popitem(last=False)
+            return None  # a subscriber answers, through reply(); the core times it
 
         return handler
 
-    def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> bool:
-        """A subscriber answered a message; False when nothing waits for that id."""
-        channel = self.channels.get(peer_id)
-        if channel is None:
-            return False
-        node_message_id = channel.waiting.pop(message_id, None)
-        if node_message_id is None:
-            return False
-        try:
-            self.server.reply(node_message_id, reply)
-        except (ReplyNotPendingError, NodeStoppedError):
-            return False
-        return True
+    def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> None:
+        """A subscriber answered message ``message_id`` of a peer.
+
+        Raises :class:`~app.dmq.errors.ReplyNotPendingError` (saying what happened)
+        when the message was already answered or is not known.
+        """
+        channel = self.channel(peer_id)
+        core_id = channel.pending.get(message_id)
+        if core_id is None:
+            raise ReplyNotPendingError(
+                f"message {message_id!r} of peer {peer_id!r} is not waiting for a reply "
+                "(not a message of this epoch in subscriber mode, or long answered)"
+            )
+        self.server.reply(core_id, reply)
 
     # ------------------------------------------------------------------ subscribers
 
     def subscribe(self, peer_id: str, since: int | None, epoch: str | None) -> Subscription:
-        """Register a subscriber; queue what it missed first (no await: no gap)."""
-        channel = self.channels[peer_id]
+        """Register a subscriber; queue what it missed first (no await: no gap).
+
+        ``epoch`` goes with ``since`` (the API refuses it alone).
+        """
+        channel = self.channel(peer_id)
         subscriber = Subscriber(channel, self.queue_limit)
-        gap: dict[str, Any] | None = None
+        history = channel.history
+        oldest = history[0].offset if history else channel.offset + 1
+        gap: GapFrame | None = None
+        start = channel.offset
         if since is not None:
-            history = channel.history
-            oldest = history[0].offset if history else channel.offset + 1
-            if epoch is not None and epoch != channel.epoch:
-                # Another epoch: the offsets the client knows mean nothing here.
-                gap = {
-                    "type": "gap",
-                    "reason": "epoch changed (the gateway restarted); history restarts",
-                    "epoch": channel.epoch,
-                    "client_epoch": epoch,
-                    "from": None,
-                    "to": oldest - 1,
-                }
+            start = since
+            if (epoch is not None and epoch != channel.epoch) or since > channel.offset:
+                # Offsets of another epoch mean nothing here: replay the whole history.
+                if epoch is not None and epoch != channel.epoch:
+                    reason = "epoch changed (the gateway restarted); history restarts"
+                else:
+                    reason = (
+                        f"since={since} is beyond the latest offset {channel.offset} of "
+                        f"epoch {channel.epoch}: it belongs to another epoch (the gateway "
+                        "restarted); history restarts"
+                    )
+                gap = GapFrame.model_validate(
+                    {
+                        "type": "gap",
+                        "reason": reason,
+                        "epoch": channel.epoch,
+                        "client_epoch": epoch,
+                        "from": None,
+                        "to": oldest - 1,
+                    }
+                )
                 start = 0
-            else:
-                start = since
-                if since + 1 < oldest:
-                    gap = {
+            elif since + 1 < oldest:
+                gap = GapFrame.model_validate(
+                    {
                         "type": "gap",
                         "reason": "messages no longer held in the peer's history",
                         "epoch": channel.epoch,
                         "from": since + 1,
                         "to": oldest - 1,
                     }
+                )
             # Replay does not count against the live queue limit.
-            subscriber.sent_offset = start
             for entry in history:
                 if entry.offset > start:
                     subscriber.frames.append((entry.offset, entry.frame))
             if subscriber.frames:
                 subscriber.replay_end = subscriber.frames[-1][0]
                 subscriber.wakeup.set()
-        else:
-            subscriber.sent_offset = channel.offset
+        subscriber.sent_offset = start
         channel.subscribers.add(subscriber)
-        return Subscription(subscriber, gap, channel.epoch, channel.offset)
+        first = SubscribedFrame(
+            type="subscribed", peer=peer_id, epoch=channel.epoch, offset=channel.offset, since=start
+        )
+        frames = [first.text()] if gap is None else [first.text(), gap.text()]
+        return Subscription(subscriber, frames)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        subscriber.closed = True
         subscriber.channel.subscribers.discard(subscriber)
 
-    @property
-    def subscriber_count(self) -> int:
-        return sum(len(c.subscribers) for c in self.channels.values())
+    def end_subscriptions(self, why: Ending) -> None:
+        for channel in self.channels.values():
+            for subscriber in list(channel.subscribers):
+                subscriber.end(why)
 
 
 _OK = PeerReply()
+_NO_SUBSCRIBER = PeerReply(480, "Temporarily Unavailable")

@@ -37,3 +37,95 @@ class PeerSettings:
             reply_timeout=float(data.get("reply_timeout", 5.0)),
             history=int(data.get("history", 1000)),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One node of the bus as the gateway reports it."""
+
+    uri: str
+    host: str
+    port: int
+    transport: str
+    status: str
+    local: bool
+    #: Unix time of the node's last reply to us, or None if it never replied.
+    last_reply: float | None
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """One registered peer: its settings and where its history stands."""
+
+    peer_id: str
+    description: str
+    reply: ReplyMode
+    reply_timeout: float
+    history: int
+    epoch: str
+    offset: int
+    history_size: int
+    subscribers: int
+    received: int
+    persistent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HealthInfo:
+    node: str
+    status: str
+    uptime: float
+    active_nodes: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOutcome:
+    """How one target node answered a broadcast or send (``code`` None: no final
+    answer in time)."""
+
+    node: str
+    code: int | None
+    reason: str | None
+    content_type: str | None = None
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A broadcast or send the gateway started; ``outcomes`` only when waited for."""
+
+    id: str
+    peer: str
+    targets: tuple[str, ...]
+    outcomes: tuple[NodeOutcome, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStats:
+    peer_id: str
+    subscribers: int
+    overflows: int
+    history_size: int
+    received: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStats:
+    """Every counter and gauge ``/metrics`` exports, read in one step."""
+
+    #: (peer_id, code) -> KDMQ received and the code answered / sent and the final code.
+    received: dict[tuple[str, int], int]
+    sent: dict[tuple[str, int], int]
+    retransmissions_sent: int
+    retransmissions_absorbed: int
+    responses_resent: int
+    transaction_timeouts: int
+    transport_errors: int
+    malformed_answered: int
+    malformed_dropped: int
+    forbidden: int
+    reply_timeouts: int
+    #: NodeStatus value -> other nodes in it (every status, zeros included).
+    nodes_by_status: dict[str, int]
+    peers: tuple[PeerStats, ...]

@@ -189,10 +189,13 @@ async def subscribed(
     query: str = "",
     **options: Any,
 ) -> AsyncIterator[ClientConnection]:
-    """A WebSocket subscriber, yielded once the gateway counts ``subscribers``."""
+    """A WebSocket subscriber, yielded once the gateway counts ``subscribers``, with
+    its first frame (``subscribed``) read and checked."""
     url = f"{gateway.ws_url}/v1/peers/{peer}/subscribe{query}"
     options = {"proxy": None, "open_timeout": PATIENCE, "close_timeout": 2, **options}
     async with connect(url, **options) as ws:
+        first = await recv_frame(ws)
+        assert (first["type"], first["peer"]) == ("subscribed", peer), first
         await wait_subscribers(http, gateway, peer, subscribers)
         yield ws
 
@@ -425,15 +428,15 @@ async def test_subscriber_reply_mode(cluster: Cluster, http: httpx.AsyncClient) 
     await wait_subscribers(http, b, peer, 0)
 
     # A subscriber that reads but never answers: 408 from B after reply_timeout.
-    timeouts_before = await metric(http, b, "dmq_subscriber_reply_timeouts_total")
+    timeouts_before = await metric(http, b, "dmq_peer_reply_timeouts_total")
     async with subscribed(http, b, peer) as ws:
         started = time.monotonic()
         result = await ask('{"q": "silence"}')
         elapsed = time.monotonic() - started
         assert (result["code"], result["timeout"]) == (408, False), result
         assert elapsed >= 0.5
-        # The gateway's reply_timeout answered, not the node's own guard (Timer F).
-        assert await metric(http, b, "dmq_subscriber_reply_timeouts_total") == timeouts_before + 1
+        # The peer's reply_timeout answered, not the sender's Timer F.
+        assert await metric(http, b, "dmq_peer_reply_timeouts_total") == timeouts_before + 1
         frame = await recv_frame(ws)
         assert json.loads(frame["body"]) == {"q": "silence"}
         # Too late now: the gateway says so instead of sending a second answer.

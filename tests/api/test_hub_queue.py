@@ -7,7 +7,7 @@ import itertools
 from app.dmq.config import NodeConfig
 from app.dmq.peers import PeerMessage
 from app.dmq.sip import SipUri
-from app.gateway.hub import Hub, PeerChannel
+from app.gateway.hub import Ending, Hub, PeerChannel
 from app.gateway.models import PeerSettings
 from app.transport.server import DmqServer
 
@@ -32,10 +32,10 @@ def test_live_limit_is_reached_when_the_live_backlog_is_full() -> None:
     hub, channel = hub_with_peer(queue_limit=5, history=100)
     subscriber = hub.subscribe("p", None, None).subscriber
     arrive(channel, 5)
-    assert not subscriber.overflowed
+    assert subscriber.ending is None
     arrive(channel, 1)
-    assert subscriber.overflowed
-    assert (channel.overflows, hub.overflows) == (1, 1)
+    assert subscriber.ending is Ending.OVERFLOW
+    assert channel.overflows == 1
 
 
 def test_replay_does_not_count_and_does_not_raise_the_live_limit() -> None:
@@ -45,7 +45,7 @@ def test_replay_does_not_count_and_does_not_raise_the_live_limit() -> None:
     # The whole replay is queued and counts for nothing: 5 live messages fit on top.
     assert len(subscriber.frames) == 20
     arrive(channel, 5)
-    assert not subscriber.overflowed
+    assert subscriber.ending is None
     # The client reads the replay, then part of the live messages...
     for _ in range(22):
         subscriber.frames.popleft()
@@ -53,6 +53,6 @@ def test_replay_does_not_count_and_does_not_raise_the_live_limit() -> None:
     # ...and stops: two more live messages fill its queue, the next one overflows it,
     # as for any subscriber (not 20 messages later, as if the replay were still there).
     arrive(channel, 2)
-    assert not subscriber.overflowed
+    assert subscriber.ending is None
     arrive(channel, 1)
-    assert subscriber.overflowed
+    assert subscriber.ending is Ending.OVERFLOW

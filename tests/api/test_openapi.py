@@ -11,7 +11,7 @@ import pytest
 
 from app.api import openapi_export
 from app.api.routes import subscribe
-from app.api.schemas import ErrorFrame, GapFrame, MessageFrame, ReplyFrame
+from app.gateway.frames import ErrorFrame, GapFrame, MessageFrame, ReplyFrame, SubscribedFrame
 
 OPENAPI_DIR = Path(__file__).resolve().parents[2] / "openapi"
 
@@ -143,7 +143,7 @@ def test_websocket_document_describes_frames_close_codes_and_query() -> None:
     query = channel["bindings"]["ws"]["query"]["properties"]
     assert set(query) == {"since", "epoch", "token"}
     codes = {entry["code"] for entry in channel["x-close-codes"]}
-    assert codes == {1008, 4004, 4008} == set(subscribe.CLOSE_CODES)
+    assert codes == {1008, 1012, 4004, 4008} == set(subscribe.CLOSE_CODES)
 
     def payloads(operation: str) -> set[str]:
         names = set()
@@ -156,13 +156,13 @@ def test_websocket_document_describes_frames_close_codes_and_query() -> None:
     received = document["operations"]["receiveReplies"]
     assert (sent["action"], received["action"]) == ("send", "receive")
     assert payloads("streamPeerMessages") == {
+        SubscribedFrame.__name__,
         MessageFrame.__name__,
         GapFrame.__name__,
         ErrorFrame.__name__,
     }
     assert payloads("receiveReplies") == {ReplyFrame.__name__}
     schemas = document["components"]["schemas"]
-    assert "SubscribedFrame" not in schemas  # never sent
     assert "from" in schemas["MessageFrame"]["properties"]  # the alias, not from_
     assert schemas["ReplyFrame"]["additionalProperties"] is False
 

@@ -1,151 +1,147 @@
-"""``GET /metrics`` in the Prometheus text format (version 0.0.4)."""
+"""``GET /metrics``: Prometheus exposition through ``prometheus_client``.
+
+The core counts with plain integers and knows nothing of Prometheus; a custom collector
+reads the gateway's :meth:`~app.gateway.service.Gateway.stats` at each scrape. The
+standard process and garbage-collector collectors are added to the same registry. The
+format follows the scraper's ``Accept`` header (OpenMetrics when asked for, the
+classic text format otherwise).
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Iterator
 
-from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from app.api.deps import HubDep
-from app.dmq.nodes import NodeStatus
-from app.gateway.hub import Hub
+from app.gateway.service import Gateway
 
-router = APIRouter(tags=["metrics"])
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+router = APIRouter(prefix="/metrics", tags=["metrics"])
 
 
-def render(hub: Hub) -> str:
-    node = hub.server.node
-    stats = node.stats
-    tx = node.transactions.stats
-    lines: list[str] = []
+class GatewayCollector(Collector):
+    """Every counter of the node and the gateway, read at scrape time."""
 
-    def metric(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{labels} {value:g}")
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
 
-    def by_peer_code(counter: Counter[tuple[str, int]]) -> list[tuple[str, float]]:
-        return [
-            (f'{{peer="{_label(peer)}",code="{code}"}}', float(n))
-            for (peer, code), n in sorted(counter.items())
-        ]
+    def collect(self) -> Iterator[Metric]:
+        stats = self.gateway.stats()
+        for name, text, by_peer_code in (
+            (
+                "dmq_kdmq_received",
+                "KDMQ requests received, by peer and the code answered",
+                stats.received,
+            ),
+            (
+                "dmq_kdmq_sent",
+                "KDMQ requests sent, by peer and final code (408 = timeout)",
+                stats.sent,
+            ),
+        ):
+            family = CounterMetricFamily(name, text, labels=["peer", "code"])
+            for (peer, code), count in sorted(by_peer_code.items()):
+                family.add_metric([peer, str(code)], count)
+            yield family
+        for name, text, value in (
+            (
+                "dmq_retransmissions_sent",
+                "requests retransmitted over UDP (Timer E)",
+                stats.retransmissions_sent,
+            ),
+            (
+                "dmq_retransmissions_absorbed",
+                "retransmitted requests absorbed while the peer was answering",
+                stats.retransmissions_absorbed,
+            ),
+            (
+                "dmq_responses_resent",
+                "retransmitted requests answered from the cached response",
+                stats.responses_resent,
+            ),
+            (
+                "dmq_transaction_timeouts",
+                "requests that got no answer before Timer F (local 408)",
+                stats.transaction_timeouts,
+            ),
+            (
+                "dmq_transport_errors",
+                "requests that could not be delivered (TCP connect failed)",
+                stats.transport_errors,
+            ),
+            ("dmq_forbidden", "KDMQ refused because the source is not trusted", stats.forbidden),
+            (
+                "dmq_peer_reply_timeouts",
+                "messages of reply=subscriber peers no subscriber answered within the peer's "
+                "reply_timeout (the node answered 408)",
+                stats.reply_timeouts,
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        malformed = CounterMetricFamily(
+            "dmq_malformed", "malformed SIP messages, answered or dropped", labels=["action"]
+        )
+        malformed.add_metric(["answered"], stats.malformed_answered)
+        malformed.add_metric(["dropped"], stats.malformed_dropped)
+        yield malformed
+        nodes = GaugeMetricFamily(
+            "dmq_nodes", "other nodes of the bus, by status", labels=["status"]
+        )
+        for status, count in stats.nodes_by_status.items():
+            nodes.add_metric([status], count)
+        yield nodes
+        peers = stats.peers
+        clients = GaugeMetricFamily(
+            "dmq_websocket_clients", "WebSocket subscribers, by peer", labels=["peer"]
+        )
+        overflows = CounterMetricFamily(
+            "dmq_websocket_queue_overflows",
+            "subscribers cut off because their send queue overflowed, by peer",
+            labels=["peer"],
+        )
+        history = GaugeMetricFamily(
+            "dmq_peer_history_size", "messages held in a peer's history", labels=["peer"]
+        )
+        received = CounterMetricFamily(
+            "dmq_peer_messages", "messages delivered to a peer", labels=["peer"]
+        )
+        for one in peers:
+            clients.add_metric([one.peer_id], one.subscribers)
+            overflows.add_metric([one.peer_id], one.overflows)
+            history.add_metric([one.peer_id], one.history_size)
+            received.add_metric([one.peer_id], one.received)
+        yield from (clients, overflows, history, received)
 
-    metric(
-        "dmq_kdmq_received_total",
-        "counter",
-        "KDMQ requests received, by peer and the code answered",
-        by_peer_code(stats.received),
-    )
-    metric(
-        "dmq_kdmq_sent_total",
-        "counter",
-        "KDMQ requests sent, by peer and final code (408 = timeout)",
-        by_peer_code(stats.sent),
-    )
-    metric(
-        "dmq_retransmissions_sent_total",
-        "counter",
-        "requests retransmitted over UDP (Timer E)",
-        [("", tx.retransmissions_sent)],
-    )
-    metric(
-        "dmq_retransmissions_absorbed_total",
-        "counter",
-        "retransmitted requests absorbed while the peer was answering",
-        [("", tx.retransmissions_absorbed)],
-    )
-    metric(
-        "dmq_responses_resent_total",
-        "counter",
-        "retransmitted requests answered from the cached response",
-        [("", tx.responses_resent)],
-    )
-    metric(
-        "dmq_transaction_timeouts_total",
-        "counter",
-        "requests that got no answer before Timer F (local 408)",
-        [("", tx.timeouts)],
-    )
-    metric(
-        "dmq_transport_errors_total",
-        "counter",
-        "requests that could not be delivered (TCP connect failed)",
-        [("", tx.transport_errors)],
-    )
-    metric(
-        "dmq_malformed_total",
-        "counter",
-        "malformed SIP messages, answered or dropped",
-        [
-            ('{action="answered"}', stats.malformed_answered),
-            ('{action="dropped"}', stats.malformed_dropped),
-        ],
-    )
-    metric(
-        "dmq_forbidden_total",
-        "counter",
-        "KDMQ refused because the source is not trusted",
-        [("", stats.forbidden)],
-    )
-    counts = Counter(n.status for n in node.nodes.others())
-    metric(
-        "dmq_nodes",
-        "gauge",
-        "other nodes of the bus, by status",
-        [(f'{{status="{s.value}"}}', counts.get(s, 0)) for s in NodeStatus],
-    )
-    channels = sorted(hub.channels.values(), key=lambda c: c.peer_id)
-    metric(
-        "dmq_websocket_clients",
-        "gauge",
-        "WebSocket subscribers, by peer",
-        [(f'{{peer="{_label(c.peer_id)}"}}', len(c.subscribers)) for c in channels],
-    )
-    metric(
-        "dmq_websocket_queue_overflows_total",
-        "counter",
-        "subscribers cut off because their send queue overflowed, by peer",
-        [(f'{{peer="{_label(c.peer_id)}"}}', c.overflows) for c in channels],
-    )
-    metric(
-        "dmq_peer_history_size",
-        "gauge",
-        "messages held in a peer's history",
-        [(f'{{peer="{_label(c.peer_id)}"}}', len(c.history)) for c in channels],
-    )
-    metric(
-        "dmq_peer_messages_total",
-        "counter",
-        "messages delivered to a peer",
-        [(f'{{peer="{_label(c.peer_id)}"}}', c.received) for c in channels],
-    )
-    metric(
-        "dmq_subscriber_reply_timeouts_total",
-        "counter",
-        "subscriber-mode messages no subscriber answered in time (408)",
-        [("", hub.reply_timeouts)],
-    )
-    metric(
-        "dmq_peer_reply_timeouts_total",
-        "counter",
-        "deferred peer replies the node answered 408 itself",
-        [("", stats.reply_timeouts)],
-    )
-    return "\n".join(lines) + "\n"
+
+def registry_for(gateway: Gateway) -> CollectorRegistry:
+    """A registry of this gateway's metrics and the process's (RSS, CPU, fds, GC)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(GatewayCollector(gateway))
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 @router.get(
-    "/metrics",
+    "",
     operation_id="get_metrics",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the Prometheus text format, or OpenMetrics when the Accept "
+            "header asks for application/openmetrics-text",
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}},
+            },
+        }
+    },
 )
-async def get_metrics(hub: HubDep) -> PlainTextResponse:
-    """Counters and gauges in the Prometheus text format."""
-    return PlainTextResponse(render(hub), media_type="text/plain; version=0.0.4")
+async def get_metrics(request: Request) -> Response:
+    """Counters and gauges in the Prometheus text format (or OpenMetrics)."""
+    registry: CollectorRegistry = request.app.state.metrics
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(registry), media_type=content_type)

@@ -2,39 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from app.api.deps import HubDep
-from app.api.problems import ProblemError
-from app.api.routes.nodes import UNREADABLE_BODY, resolve_node_uri
+from app.api.deps import GatewayDep
+from app.api.problems import UNREADABLE_BODY, ProblemError
 from app.api.schemas import NodeResultOut, PeerIn, PeerOut, Problem, SendAccepted, SendResults
-from app.dmq.config import is_valid_peer_id
-from app.dmq.errors import (
-    MessageTooLargeError,
-    NodeStoppedError,
-    ReservedPeerError,
-    UnknownNodeError,
+from app.gateway.models import Dispatch, NodeOutcome, PeerSettings, ReplyMode
+
+router = APIRouter(prefix="/v1/peers", tags=["peers"])
+
+PEER_ID_DESCRIPTION = (
+    "the peer id: the user part of KDMQ Request-URIs (e.g. htable), 1-128 letters, digits "
+    "or - _ . ! ~ * ' ( )"
 )
-from app.dmq.events import NodeResult, SendOperation
-from app.gateway.hub import Hub, PeerChannel
-from app.gateway.models import PeerSettings, ReplyMode
+PeerId = Annotated[str, Path(description=PEER_ID_DESCRIPTION, examples=["htable"])]
 
-router = APIRouter(tags=["peers"])
-
-PEER_ID_PATTERN = r"^[A-Za-z0-9\-_.!~*'()]{1,128}$"
-PeerId = Annotated[
-    str,
-    Path(
-        pattern=PEER_ID_PATTERN,
-        description="the peer id: the user part of KDMQ Request-URIs (e.g. htable)",
-        examples=["htable"],
-    ),
-]
+#: The KDMQ Content-Type of a body sent without one.
+DEFAULT_CONTENT_TYPE = "application/json"
+#: What an HTML form or ``curl -d`` sends when no Content-Type is given: never meant as
+#: a KDMQ body's type.
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "no such peer"}
@@ -46,7 +36,10 @@ RESERVED: dict[int | str, dict[str, Any]] = {
 #: Any body: it is sent as the KDMQ body byte for byte, with the request's Content-Type.
 RAW_BODY = {
     "requestBody": {
-        "description": "sent as the KDMQ body byte for byte, with this Content-Type",
+        "description": "sent as the KDMQ body byte for byte, with this Content-Type. "
+        f"Without a Content-Type the body is sent as {DEFAULT_CONTENT_TYPE} (what "
+        "Kamailio's modules exchange); a form encoding (what `curl -d` sends unless told "
+        "otherwise) is refused with 415.",
         "required": False,
         "content": {
             "application/json": {"schema": {}},
@@ -57,44 +50,20 @@ RAW_BODY = {
 }
 
 
-def peer_out(channel: PeerChannel) -> PeerOut:
-    settings = channel.settings
-    return PeerOut(
-        peer_id=channel.peer_id,
-        description=settings.description,
-        reply=settings.reply,
-        reply_timeout=settings.reply_timeout,
-        history=settings.history,
-        epoch=channel.epoch,
-        offset=channel.offset,
-        history_size=len(channel.history),
-        subscribers=len(channel.subscribers),
-        received=channel.received,
-        persistent=not channel.ephemeral,
-    )
-
-
-def channel_of(hub: Hub, peer_id: str) -> PeerChannel:
-    channel = hub.channels.get(peer_id)
-    if channel is None:
-        raise ProblemError(404, f"no peer {peer_id!r} is registered on this gateway")
-    return channel
-
-
-@router.get("/v1/peers", operation_id="list_peers")
-async def list_peers(hub: HubDep) -> list[PeerOut]:
+@router.get("", operation_id="list_peers")
+async def list_peers(gateway: GatewayDep) -> list[PeerOut]:
     """Every peer registered on this gateway."""
-    return [peer_out(channel) for channel in hub.channels.values()]
+    return [PeerOut.model_validate(peer) for peer in gateway.peers()]
 
 
-@router.get("/v1/peers/{peer_id}", operation_id="get_peer", responses=NOT_FOUND)
-async def get_peer(peer_id: PeerId, hub: HubDep) -> PeerOut:
+@router.get("/{peer_id}", operation_id="get_peer", responses=NOT_FOUND)
+async def get_peer(peer_id: PeerId, gateway: GatewayDep) -> PeerOut:
     """One peer, with its history position and subscriber count."""
-    return peer_out(channel_of(hub, peer_id))
+    return PeerOut.model_validate(gateway.peer(peer_id))
 
 
 @router.put(
-    "/v1/peers/{peer_id}",
+    "/{peer_id}",
     operation_id="put_peer",
     responses={
         200: {"model": PeerOut, "description": "updated"},
@@ -103,128 +72,77 @@ async def get_peer(peer_id: PeerId, hub: HubDep) -> PeerOut:
         **RESERVED,
     },
 )
-async def put_peer(peer_id: PeerId, body: PeerIn, hub: HubDep, response: Response) -> PeerOut:
+async def put_peer(
+    peer_id: PeerId, body: PeerIn, gateway: GatewayDep, response: Response
+) -> PeerOut:
     """Register a peer, or update it (idempotent). It survives a restart."""
     settings = PeerSettings(
         description=body.description,
         reply=ReplyMode(body.reply),
-        reply_timeout=float(body.reply_timeout),
+        reply_timeout=body.reply_timeout,
         history=body.history,
     )
-    try:
-        channel, created = hub.register(peer_id, settings)
-    except ReservedPeerError as exc:
-        raise ProblemError(409, str(exc)) from None
-    except ValueError as exc:
-        raise ProblemError(422, str(exc)) from None
+    peer, created = gateway.put_peer(peer_id, settings)
     response.status_code = 201 if created else 200
-    return peer_out(channel)
+    return PeerOut.model_validate(peer)
 
 
-@router.delete(
-    "/v1/peers/{peer_id}", status_code=204, operation_id="delete_peer", responses=NOT_FOUND
-)
-async def delete_peer(peer_id: PeerId, hub: HubDep) -> Response:
-    """Unregister a peer: KDMQ for it gets 404 again, its subscribers are closed."""
-    if not hub.unregister(peer_id):
-        raise ProblemError(404, f"no peer {peer_id!r} is registered on this gateway")
+@router.delete("/{peer_id}", status_code=204, operation_id="delete_peer", responses=NOT_FOUND)
+async def delete_peer(peer_id: PeerId, gateway: GatewayDep) -> Response:
+    """Unregister a peer: KDMQ for it gets 404 again (a message still waiting for a
+    subscriber's reply is answered 404 at once), its subscribers are closed."""
+    gateway.delete_peer(peer_id)
     return Response(status_code=204)
 
 
-def _check_peer_id(hub: Hub, peer_id: str) -> None:
-    if peer_id == hub.server.config.notification_channel:
-        raise ProblemError(409, f"{peer_id!r} is the notification channel and carries membership")
-    if not is_valid_peer_id(peer_id):
-        raise ProblemError(422, f"peer id {peer_id!r} is not valid")
+async def _body(request: Request) -> tuple[bytes, str]:
+    content_type = request.headers.get("content-type") or DEFAULT_CONTENT_TYPE
+    if content_type.split(";", 1)[0].strip().lower() in FORM_TYPES:
+        raise ProblemError(
+            415,
+            f"a {content_type.split(';', 1)[0]} body is a form encoding, never sent as a "
+            "KDMQ body: set the body's Content-Type (curl -H 'content-type: "
+            "application/json' ...)",
+        )
+    return await request.body(), content_type
 
 
-def _result_out(result: NodeResult) -> NodeResultOut:
+def _outcome_out(outcome: NodeOutcome) -> NodeResultOut:
     body: str | None = None
     encoding: Literal["base64"] | None = None
-    if result.body:
+    if outcome.body:
         try:
-            body = result.body.decode("utf-8")
+            body = outcome.body.decode("utf-8")
         except UnicodeDecodeError:
-            body = base64.b64encode(result.body).decode("ascii")
+            body = base64.b64encode(outcome.body).decode("ascii")
             encoding = "base64"
-    timed_out = result.timed_out or result.transport_error
+    timed_out = outcome.code is None
     return NodeResultOut(
-        node=str(result.node),
-        code=None if timed_out else result.code,
-        reason="Request Timeout" if timed_out else result.reason,
-        content_type=result.content_type,
+        node=outcome.node,
+        code=outcome.code,
+        reason="Request Timeout" if timed_out else outcome.reason,
+        content_type=outcome.content_type,
         body=body,
         encoding=encoding,
         timeout=timed_out,
     )
 
 
-async def _dispatch(
-    request: Request,
-    hub: Hub,
-    peer_id: str,
-    node: str | None,
-    wait: bool,
-    timeout: float | None,
-    response: Response,
-) -> Any:
-    _check_peer_id(hub, peer_id)
-    body = await request.body()
-    content_type = request.headers.get("content-type")
-    if content_type is not None and ("\r" in content_type or "\n" in content_type):
-        raise ProblemError(400, "Content-Type must be a single line")
-    server = hub.server
-    limit = server.node.max_body_size
-    if len(body) > limit:
-        raise ProblemError(
-            413,
-            f"a body of {len(body)} bytes is too large for one KDMQ message "
-            f"(at most {limit} bytes on this transport)",
-        )
-    target = None if node is None else await resolve_node_uri(hub, node)
-    try:
-        if target is None:
-            operation, waiter = server.broadcast_nowait(peer_id, body, content_type)
-        else:
-            operation, waiter = server.send_nowait(peer_id, body, content_type, target)
-    except UnknownNodeError as exc:
-        raise ProblemError(404, str(exc)) from None
-    except MessageTooLargeError as exc:
-        raise ProblemError(413, str(exc)) from None
-    except NodeStoppedError as exc:
-        raise ProblemError(503, str(exc)) from None
-    message_id = f"{hub.instance}-{operation.id}"
-    if not wait:
+def _answer(dispatch: Dispatch, response: Response) -> SendAccepted | SendResults:
+    if dispatch.outcomes is None:
         response.status_code = 202
         return SendAccepted(
-            id=message_id,
-            peer=peer_id,
-            targets=len(operation.targets),
-            nodes=[str(t) for t in operation.targets],
+            id=dispatch.id,
+            peer=dispatch.peer,
+            targets=len(dispatch.targets),
+            nodes=list(dispatch.targets),
         )
-    limit_s = timeout if timeout is not None else server.config.timers.timer_f_value + 1
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(waiter), limit_s)
     return SendResults(
-        id=message_id,
-        peer=peer_id,
-        targets=len(operation.targets),
-        results=_results(operation),
+        id=dispatch.id,
+        peer=dispatch.peer,
+        targets=len(dispatch.targets),
+        results=[_outcome_out(outcome) for outcome in dispatch.outcomes],
     )
-
-
-def _results(operation: SendOperation) -> list[NodeResultOut]:
-    answered = {str(r.node): r for r in operation.results}
-    out: list[NodeResultOut] = []
-    for target in operation.targets:
-        result = answered.get(str(target))
-        if result is None:
-            out.append(
-                NodeResultOut(node=str(target), code=None, reason=None, body=None, timeout=True)
-            )
-        else:
-            out.append(_result_out(result))
-    return out
 
 
 WaitQuery = Annotated[
@@ -238,15 +156,15 @@ TimeoutQuery = Annotated[
 SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": SendResults, "description": "wait=true: one result per target node"},
     202: {"model": SendAccepted, "description": "wait=false: accepted, being sent"},
-    400: {"model": Problem, "description": "the Content-Type is not a single line"},
     413: {"model": Problem, "description": "the body is too large for the transport"},
-    503: {"model": Problem, "description": "the node is stopping"},
+    415: {"model": Problem, "description": "a form-encoded body: set a Content-Type"},
+    503: {"model": Problem, "description": "the gateway is stopping"},
     **RESERVED,
 }
 
 
 @router.post(
-    "/v1/peers/{peer_id}/broadcast",
+    "/{peer_id}/broadcast",
     operation_id="broadcast",
     responses=SEND_RESPONSES,
     openapi_extra=RAW_BODY,
@@ -256,19 +174,18 @@ async def broadcast(
     peer_id: PeerId,
     request: Request,
     response: Response,
-    hub: HubDep,
+    gateway: GatewayDep,
     wait: WaitQuery = False,
     timeout: TimeoutQuery = None,
 ) -> SendAccepted | SendResults:
     """Send the request body to this peer on every active node but this one."""
-    result: SendAccepted | SendResults = await _dispatch(
-        request, hub, peer_id, None, wait, timeout, response
-    )
-    return result
+    body, content_type = await _body(request)
+    dispatch = await gateway.broadcast(peer_id, body, content_type, wait=wait, timeout=timeout)
+    return _answer(dispatch, response)
 
 
 @router.post(
-    "/v1/peers/{peer_id}/send",
+    "/{peer_id}/send",
     operation_id="send",
     responses={**SEND_RESPONSES, 404: {"model": Problem, "description": "no such node"}},
     openapi_extra=RAW_BODY,
@@ -278,7 +195,7 @@ async def send(
     peer_id: PeerId,
     request: Request,
     response: Response,
-    hub: HubDep,
+    gateway: GatewayDep,
     node: Annotated[
         str,
         Query(
@@ -292,7 +209,6 @@ async def send(
     timeout: TimeoutQuery = None,
 ) -> SendAccepted | SendResults:
     """Send the request body to this peer on one node, whatever its status."""
-    result: SendAccepted | SendResults = await _dispatch(
-        request, hub, peer_id, node, wait, timeout, response
-    )
-    return result
+    body, content_type = await _body(request)
+    dispatch = await gateway.send(peer_id, node, body, content_type, wait=wait, timeout=timeout)
+    return _answer(dispatch, response)

@@ -1,15 +1,9 @@
 """``GET /v1/peers/{peer_id}/subscribe``: a peer's messages over a WebSocket.
 
-Close codes (besides the standard ones):
-
-* 4004 - the peer is not registered (or was unregistered while subscribed);
-* 4008 - the client read too slowly and its send queue overflowed; the reason says
-  the offset to resume from with ``?since=``;
-* 1008 - before the handshake completes (HTTP 403): missing or wrong API token; after
-  it: ``since`` is not a non-negative integer.
-
-:data:`CLOSE_CODES` and :data:`QUERY_PARAMETERS` say the same for
-``openapi/websocket.json`` (``make openapi``).
+The first frame is always ``subscribed`` (where the stream starts), then a ``gap`` when
+a resume asks for more than is held, then the messages. :data:`CLOSE_CODES` lists every
+close code the endpoint uses and :data:`QUERY_PARAMETERS` its query parameters; both go
+into ``openapi/websocket.json`` (``make openapi``).
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import re
 
@@ -27,29 +20,46 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.deps import token_ok
-from app.api.schemas import ReplyFrame
+from app.dmq.errors import DmqUsageError
 from app.dmq.peers import PeerReply
-from app.gateway.hub import CLOSE_PEER_REMOVED, CLOSE_SLOW_CONSUMER, Hub, Subscriber
+from app.gateway.errors import GatewayError
+from app.gateway.frames import ErrorFrame, ReplyFrame
+from app.gateway.hub import Ending, Subscriber
+from app.gateway.service import Gateway
 
 #: Seconds to wait for the close frame of a cut-off client to be queued.
 CLOSE_WAIT = 10.0
 
-router = APIRouter(tags=["subscribe"])
+router = APIRouter(prefix="/v1/peers", tags=["subscribe"])
 log = logging.getLogger("dmq.gateway")
 
 PATH = "/v1/peers/{peer_id}/subscribe"
-#: WebSocket close code for a policy violation (bad token, bad query parameter).
+#: A bad token (before the handshake) or a bad query parameter.
 CLOSE_POLICY_VIOLATION = 1008
+#: The gateway is stopping (a restart, usually): reconnect and resume.
+CLOSE_SERVICE_RESTART = 1012
+#: The peer is not registered, or was unregistered while subscribed.
+CLOSE_PEER_REMOVED = 4004
+#: The client read too slowly and its send queue overflowed.
+CLOSE_SLOW_CONSUMER = 4008
 
-#: The close codes this endpoint uses besides the standard ones, and what each means
-#: (openapi/websocket.json is generated from this table).
+#: Every close code the endpoint uses, and what each means (openapi/websocket.json is
+#: generated from this table).
 CLOSE_CODES: dict[int, str] = {
-    CLOSE_PEER_REMOVED: "the peer is not registered (or was unregistered while subscribed)",
-    CLOSE_SLOW_CONSUMER: "the client read too slowly and its send queue overflowed; the "
-    "reason says the offset to resume from with ?since=",
     CLOSE_POLICY_VIOLATION: "before the handshake completes, a missing or wrong API token "
     "(the handshake is refused with HTTP 403); after it, a since that is not a "
-    "non-negative integer",
+    "non-negative integer, or an epoch without a since; the reason says which",
+    CLOSE_SERVICE_RESTART: "the gateway is stopping; the reason says since=N to resume "
+    "from (with the epoch of the subscribed frame) once it is back",
+    CLOSE_PEER_REMOVED: "the peer is not registered (or was unregistered while subscribed)",
+    CLOSE_SLOW_CONSUMER: "the client read too slowly and its send queue overflowed; the "
+    "reason says since=N to resume from",
+}
+
+_CLOSE_FOR: dict[Ending, int] = {
+    Ending.OVERFLOW: CLOSE_SLOW_CONSUMER,
+    Ending.PEER_REMOVED: CLOSE_PEER_REMOVED,
+    Ending.STOPPING: CLOSE_SERVICE_RESTART,
 }
 
 #: The query parameters the endpoint reads, as JSON schemas (for openapi/websocket.json).
@@ -59,12 +69,17 @@ QUERY_PARAMETERS: dict[str, dict[str, object]] = {
         "minimum": 0,
         "maximum": 10**18 - 1,
         "description": "replay every message of the peer's history after this offset, "
-        "then go live; without it the stream starts with the next message",
+        "then go live; without it the stream starts with the next message. Without epoch, "
+        "the offset is taken to be of the peer's current epoch (the subscribed frame "
+        "says which); one beyond the current offset can only be of an earlier epoch, and "
+        "gets a gap frame and the whole history. Pass the epoch you last saw to be told "
+        "of a restart even when the offsets happen to fit",
     },
     "epoch": {
         "type": "string",
-        "description": "with since: the epoch the offset belongs to; another epoch than "
-        "the peer's (the gateway restarted) replays the whole history after a gap frame",
+        "description": "with since (never alone: that is close code 1008): the epoch the "
+        "offset belongs to; another epoch than the peer's (the gateway restarted) replays "
+        "the whole history after a gap frame",
     },
     "token": {
         "type": "string",
@@ -83,38 +98,43 @@ def _bearer(websocket: WebSocket) -> str | None:
     return websocket.query_params.get("token")
 
 
-def _int_param(websocket: WebSocket, name: str) -> int | str | None:
-    raw = websocket.query_params.get(name)
+def _query(websocket: WebSocket) -> tuple[int | None, str | None] | str:
+    """``(since, epoch)``, or why they are refused."""
+    raw = websocket.query_params.get("since")
+    epoch = websocket.query_params.get("epoch")
     if raw is None:
-        return None
+        if epoch is not None:
+            return "epoch needs since: the offset in that epoch to resume after"
+        return None, None
     if not raw.isdigit() or len(raw) > 18:
-        return f"{name} must be a non-negative integer offset, not {raw[:20]!r}"
-    return int(raw)
+        return f"since must be a non-negative integer offset, not {raw[:20]!r}"
+    return int(raw), epoch
 
 
-@router.websocket(PATH)
+@router.websocket("/{peer_id}/subscribe")
 async def subscribe(websocket: WebSocket, peer_id: str) -> None:
     """Stream a peer's messages; ``?since=N&epoch=E`` replays what the client missed."""
-    hub: Hub = websocket.app.state.hub
+    gateway: Gateway = websocket.app.state.gateway
     if not token_ok(websocket.app.state.api_tokens, _bearer(websocket)):
         await websocket.close(code=CLOSE_POLICY_VIOLATION, reason="missing or wrong API token")
         return
-    since = _int_param(websocket, "since")
-    epoch = websocket.query_params.get("epoch")
+    query = _query(websocket)
     await websocket.accept()
-    if isinstance(since, str):
-        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=since)
+    if isinstance(query, str):
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=query)
         return
-    if peer_id not in hub.channels:
-        await websocket.close(code=CLOSE_PEER_REMOVED, reason=f"no peer {peer_id!r} is registered")
+    try:
+        subscription = gateway.subscribe(peer_id, *query)
+    except (GatewayError, DmqUsageError) as exc:
+        code = CLOSE_SERVICE_RESTART if gateway.stopping else CLOSE_PEER_REMOVED
+        await websocket.close(code=code, reason=str(exc)[:120])
         return
-    subscription = hub.subscribe(peer_id, since, epoch)
     subscriber = subscription.subscriber
     # Two loops per connection: frames out (a task) and replies in (this handler, so
     # that an idle connection costs one task less). When the sender stops (overflow,
-    # peer removed) it cancels the handler's wait for client frames.
+    # peer removed, stopping) it cancels the handler's wait for client frames.
     handler = asyncio.current_task()
-    sender = asyncio.ensure_future(_send_frames(websocket, subscriber, subscription.gap))
+    sender = asyncio.ensure_future(_send_frames(websocket, subscriber, subscription.first_frames))
     receiving = True
 
     def sender_stopped(_: object) -> None:
@@ -129,24 +149,24 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
     sender.add_done_callback(sender_stopped)
     subscriber.on_overflow = cut_off
     try:
-        await _receive_replies(websocket, hub, peer_id)
+        await _receive_replies(websocket, gateway, peer_id)
     except asyncio.CancelledError:
         if not sender.done() or handler is None:
             raise  # cancelled from outside (server shutdown), not by the sender
         handler.uncancel()
     finally:
         receiving = False
-        hub.unsubscribe(subscriber)
+        gateway.unsubscribe(subscriber)
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender
-    code, reason = (None, "")
-    if subscriber.overflowed:
-        code = CLOSE_SLOW_CONSUMER
-        reason = f"send queue overflow: resume with since={subscriber.sent_offset}"
-    elif peer_id not in hub.channels:
-        code, reason = CLOSE_PEER_REMOVED, f"peer {peer_id!r} was unregistered"
-    if code is not None:
+    if subscriber.ending is not None:
+        code = _CLOSE_FOR[subscriber.ending]
+        reason = {
+            Ending.OVERFLOW: f"send queue overflow: resume with since={subscriber.sent_offset}",
+            Ending.PEER_REMOVED: f"peer {peer_id!r} was unregistered",
+            Ending.STOPPING: f"the gateway is stopping: resume with since={subscriber.sent_offset}",
+        }[subscriber.ending]
         # The close frame queues behind whatever the client has not read yet; if it
         # can't even be queued in CLOSE_WAIT seconds, give up and let the server drop
         # the connection when this handler returns.
@@ -154,54 +174,58 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
             await asyncio.wait_for(websocket.close(code=code, reason=reason), CLOSE_WAIT)
 
 
-async def _send_frames(
-    websocket: WebSocket, subscriber: Subscriber, gap: dict[str, object] | None
-) -> None:
+async def _send_frames(websocket: WebSocket, subscriber: Subscriber, first: list[str]) -> None:
     send = websocket.send_text
-    if gap is not None:
-        await send(json.dumps(gap))
+    for frame in first:
+        await send(frame)
     frames = subscriber.frames
     wakeup = subscriber.wakeup
     while True:
         await wakeup.wait()
         wakeup.clear()
         while frames:
-            if subscriber.overflowed or subscriber.closed:
+            if subscriber.ending is not None:
                 return
             offset, frame = frames.popleft()
             await send(frame)
             subscriber.sent_offset = offset
-        if subscriber.overflowed or subscriber.closed:
+        if subscriber.ending is not None:
             return
 
 
-async def _receive_replies(websocket: WebSocket, hub: Hub, peer_id: str) -> None:
+async def _receive_replies(websocket: WebSocket, gateway: Gateway, peer_id: str) -> None:
     while True:
         try:
             text = await websocket.receive_text()
         except (WebSocketDisconnect, RuntimeError, KeyError):
             return
-        error = _handle_reply(hub, peer_id, text)
+        error = _handle_reply(gateway, peer_id, text)
         if error is not None:
-            await websocket.send_text(json.dumps({"type": "error", "error": error}))
+            await websocket.send_text(error.text())
 
 
-def _handle_reply(hub: Hub, peer_id: str, text: str) -> str | None:
+def _handle_reply(gateway: Gateway, peer_id: str, text: str) -> ErrorFrame | None:
     try:
         frame = ReplyFrame.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
-        return f"not a reply frame: {where + ': ' if where else ''}{first.get('msg')}"
+        return ErrorFrame(
+            type="error",
+            error=f"not a reply frame: {where + ': ' if where else ''}{first.get('msg')}",
+        )
     body = frame.body.encode()
     if frame.encoding == "base64":
         try:
             body = base64.b64decode(frame.body, validate=True)
         except (binascii.Error, ValueError):
-            return "body is not valid base64"
-    reply = PeerReply(frame.code, frame.reason, frame.content_type, body)
-    if not hub.reply(peer_id, frame.id, reply):
-        return f"no message {frame.id!r} is waiting for a reply (answered or timed out)"
+            return ErrorFrame(type="error", error="body is not valid base64", id=frame.id)
+    try:
+        gateway.reply(
+            peer_id, frame.id, PeerReply(frame.code, frame.reason, frame.content_type, body)
+        )
+    except (GatewayError, DmqUsageError) as exc:
+        return ErrorFrame(type="error", error=f"reply to {frame.id} refused: {exc}", id=frame.id)
     return None
 
 

@@ -1,0 +1,179 @@
+"""The AsyncAPI 3.0 document of the WebSocket ``GET /v1/peers/{peer_id}/subscribe``.
+
+Generated from the frame models the gateway builds its frames with
+(:mod:`app.gateway.frames`), the endpoint's close codes and query parameters; served at
+``/asyncapi.json`` and written to ``openapi/websocket.json`` by ``make openapi``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from app import __version__
+from app.api.routes import subscribe
+from app.api.routes.peers import PEER_ID_DESCRIPTION
+from app.gateway.frames import ErrorFrame, GapFrame, MessageFrame, ReplyFrame, SubscribedFrame
+
+#: The frames the server sends, with their message names in the AsyncAPI document.
+SERVER_FRAMES: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("subscribed", SubscribedFrame),
+    ("message", MessageFrame),
+    ("gap", GapFrame),
+    ("error", ErrorFrame),
+)
+#: The frames a client sends.
+CLIENT_FRAMES: tuple[tuple[str, type[BaseModel]], ...] = (("reply", ReplyFrame),)
+
+CHANNEL = "peerSubscribe"
+
+
+def _summary(model: type[BaseModel]) -> str:
+    return (model.__doc__ or model.__name__).strip().splitlines()[0]
+
+
+def _frame_schemas() -> dict[str, Any]:
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (model, "validation") for _, model in SERVER_FRAMES + CLIENT_FRAMES
+    ]
+    _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    schemas: dict[str, Any] = top.get("$defs", {})
+    return schemas
+
+
+def _message(name: str, model: type[BaseModel], direction: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "title": f"{name} frame",
+        "summary": _summary(model),
+        "description": f"{direction}, as one JSON text frame.",
+        "contentType": "application/json",
+        "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
+    }
+
+
+def asyncapi_document() -> dict[str, Any]:
+    """An AsyncAPI 3.0 document of ``GET /v1/peers/{peer_id}/subscribe``.
+
+    AsyncAPI describes the application's side: the gateway *sends* message, gap and
+    error frames and *receives* reply frames.
+    """
+    close_codes = [
+        {"code": code, "meaning": meaning}
+        for code, meaning in sorted(subscribe.CLOSE_CODES.items())
+    ]
+    close_text = "\n".join(f"* {c['code']} - {c['meaning']}" for c in close_codes)
+    messages: dict[str, Any] = {}
+    for name, model in SERVER_FRAMES:
+        messages[name] = _message(name, model, "Gateway to client")
+    for name, model in CLIENT_FRAMES:
+        messages[name] = _message(name, model, "Client to gateway")
+    channel_messages = {name: {"$ref": f"#/components/messages/{name}"} for name in messages}
+    channel_ref = {"$ref": f"#/channels/{CHANNEL}"}
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "dmq-gateway WebSocket API",
+            "version": __version__,
+            "description": (
+                "What arrives over the DMQ bus for a peer, streamed to WebSocket clients. "
+                "The HTTP API is in openapi.json. Each frame is one JSON text frame; "
+                "offsets count the peer's messages within one epoch.\n\n"
+                "Close codes besides the standard ones:\n\n" + close_text
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "gateway": {
+                "host": "127.0.0.1:8000",
+                "protocol": "ws",
+                "description": "the --http address of dmq-gateway serve",
+                "security": [
+                    {"$ref": "#/components/securitySchemes/bearer"},
+                    {"$ref": "#/components/securitySchemes/queryToken"},
+                ],
+            }
+        },
+        "channels": {
+            CHANNEL: {
+                "address": subscribe.PATH,
+                "title": "a peer's messages",
+                "description": (
+                    "Stream what arrives for a peer. Without since, the stream starts with "
+                    "the next message; with since (and the epoch it belongs to), every "
+                    "message held in the peer's history after that offset is replayed "
+                    "first, so a client that reconnects misses nothing the history still "
+                    "holds. The handshake is refused (HTTP 403) without a valid API token "
+                    "when the gateway has any."
+                ),
+                "parameters": {"peer_id": {"description": PEER_ID_DESCRIPTION}},
+                "messages": channel_messages,
+                "bindings": {
+                    "ws": {
+                        "method": "GET",
+                        "query": {
+                            "type": "object",
+                            "properties": dict(subscribe.QUERY_PARAMETERS),
+                            "additionalProperties": False,
+                        },
+                        "headers": {
+                            "type": "object",
+                            "properties": {
+                                "Authorization": {
+                                    "type": "string",
+                                    "description": "Bearer <token>, when the gateway has "
+                                    "API tokens (or use ?token=)",
+                                }
+                            },
+                        },
+                        "bindingVersion": "0.1.0",
+                    }
+                },
+                "x-close-codes": close_codes,
+            }
+        },
+        "operations": {
+            "streamPeerMessages": {
+                "action": "send",
+                "channel": channel_ref,
+                "title": "stream a peer's messages",
+                "summary": "a subscribed frame first (where the stream starts); a gap frame "
+                "next when a resume asks for more than the history holds; then message "
+                "frames as KDMQ requests arrive for the peer; an error frame for a client "
+                "frame that was refused (not well formed, or a reply that came after its "
+                "message was answered)",
+                "messages": [
+                    {"$ref": f"#/channels/{CHANNEL}/messages/{name}"} for name, _ in SERVER_FRAMES
+                ],
+            },
+            "receiveReplies": {
+                "action": "receive",
+                "channel": channel_ref,
+                "title": "answer a message (reply: subscriber)",
+                "summary": "for a peer registered with reply=subscriber, the first reply "
+                "frame for a message id becomes the SIP reply to that KDMQ request",
+                "messages": [
+                    {"$ref": f"#/channels/{CHANNEL}/messages/{name}"} for name, _ in CLIENT_FRAMES
+                ],
+            },
+        },
+        "components": {
+            "schemas": _frame_schemas(),
+            "messages": messages,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "an API token given to --api-token",
+                },
+                "queryToken": {
+                    "type": "httpApiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "the same API token as ?token=",
+                },
+            },
+        },
+    }

@@ -1,0 +1,82 @@
+"""The WebSocket frames of ``GET /v1/peers/{peer_id}/subscribe``.
+
+The gateway builds every frame it sends from these models, and the AsyncAPI document
+(``openapi/websocket.json``) is generated from the same models, so the two cannot
+drift apart. Client frames are validated with them too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frame(BaseModel):
+    def text(self) -> str:
+        """The frame as one compact JSON text frame; optional fields that were not
+        given are left out."""
+        return self.model_dump_json(by_alias=True, exclude_unset=True)
+
+
+class SubscribedFrame(_Frame):
+    """Server -> client, always the first frame: where the stream starts."""
+
+    type: Literal["subscribed"]
+    peer: str
+    epoch: str = Field(description="the peer's history epoch; offsets count within it")
+    offset: int = Field(description="the peer's latest offset when the subscription began")
+    since: int = Field(
+        description="message frames that follow have offsets after this one: the client's "
+        "since, or offset when the client did not resume (0 after a gap frame that "
+        "restarts the history)"
+    )
+
+
+class MessageFrame(_Frame):
+    """Server -> client: one KDMQ message that arrived for the peer."""
+
+    type: Literal["message"]
+    offset: int
+    epoch: str
+    id: str = Field(description="message id; a reply frame names it")
+    peer: str
+    from_: str = Field(alias="from", description="the sending node's SIP URI")
+    content_type: str | None
+    body: str = Field(description="the KDMQ body: its text, or base64 (see encoding)")
+    encoding: Literal["base64"] | None = None
+
+
+class GapFrame(_Frame):
+    """Server -> client, right after ``subscribed`` on a resume: some of what the
+    client asked for is not held (any more, or in this epoch)."""
+
+    type: Literal["gap"]
+    reason: str
+    epoch: str
+    client_epoch: str | None = None
+    from_: int | None = Field(alias="from", description="first offset missed, if known")
+    to: int = Field(description="last offset missed (0: none of this epoch)")
+
+
+class ErrorFrame(_Frame):
+    """Server -> client: a frame the client sent was refused, and why (a reply that
+    is not well formed, or that comes after the message was answered)."""
+
+    type: Literal["error"]
+    error: str
+    id: str | None = Field(default=None, description="the message id of the refused reply")
+
+
+class ReplyFrame(BaseModel):
+    """Client -> server (subscriber mode): the SIP reply to message ``id``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["reply"]
+    id: str
+    code: Annotated[int, Field(ge=200, le=699)] = 200
+    reason: Annotated[str, Field(max_length=128, pattern=r"^[^\r\n]*$")] = "OK"
+    content_type: Annotated[str, Field(max_length=256, pattern=r"^[^\r\n]*$")] | None = None
+    body: str = ""
+    encoding: Literal["base64"] | None = None

@@ -1,0 +1,362 @@
+"""The gateway as one service: the only object the HTTP API and the command line use.
+
+:class:`Gateway` owns the DMQ node's driver (:class:`~app.transport.server.DmqServer`)
+and the :class:`~app.gateway.hub.Hub` of peers. Everything a client can ask for goes
+through one of its methods, which validate their input once and raise errors that carry
+``status_hint`` (the core's :class:`~app.dmq.errors.DmqUsageError` and the gateway's
+:class:`~app.gateway.errors.GatewayError`), so the API needs no knowledge of the node.
+
+Stopping comes in two steps because the HTTP server waits for requests in flight before
+it runs the application's shutdown: :meth:`Gateway.begin_stop` is called as soon as a
+stop is asked for, and answers every request waiting for results (``503``) and ends
+every subscription; :meth:`Gateway.stop` then leaves the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+
+from app.dmq.errors import NodeStoppedError
+from app.dmq.events import NodeResult, SendOperation
+from app.dmq.nodes import Node, NodeStatus
+from app.dmq.peers import PeerReply
+from app.dmq.sip import SipUri
+from app.gateway.config import GatewayConfig
+from app.gateway.errors import InvalidNodeUriError, LocalNodeError
+from app.gateway.hub import Ending, Hub, PeerChannel, Subscriber, Subscription
+from app.gateway.models import (
+    Dispatch,
+    GatewayStats,
+    HealthInfo,
+    NodeInfo,
+    NodeOutcome,
+    PeerInfo,
+    PeerSettings,
+    PeerStats,
+)
+from app.gateway.store import PeerStore
+from app.transport.dns import DnsResolutionError
+from app.transport.server import DmqServer
+
+log = logging.getLogger("dmq.gateway")
+
+#: A label of a host name: letters, digits, '-' and (leniently) '_', at most 63.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+_Start = Callable[[], tuple[SendOperation, asyncio.Future[SendOperation]]]
+
+
+class Gateway:
+    """One gateway: a DMQ node, its peers, and what clients may do with them."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._server = DmqServer(config.node, drop_rate=config.drop_rate)
+        store = PeerStore(config.state_dir) if config.state_dir is not None else None
+        self._hub = Hub(self._server, store, queue_limit=config.queue_limit)
+        #: Tags message ids of this process, so ids from before a restart never clash.
+        self.instance = secrets.token_hex(4)
+        #: Completed by begin_stop(); requests waiting for results wait on it too.
+        self._stopping: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Register the stored and --peer peers, then start the node."""
+        self._stopping = asyncio.get_running_loop().create_future()
+        loaded = self._hub.load()
+        for peer_id in self.config.startup_peers:
+            if peer_id not in self._hub.channels:
+                self._hub.register(
+                    peer_id, PeerSettings(description="--peer"), persist=False, ephemeral=True
+                )
+        await self._server.start()
+        log.info(
+            "gateway up: %d stored peers, %d from --peer", loaded, len(self.config.startup_peers)
+        )
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and self._stopping.done()
+
+    def begin_stop(self) -> None:
+        """A stop was asked for: answer every waiting request, end every subscription."""
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.set_result(None)
+        self._hub.end_subscriptions(Ending.STOPPING)
+
+    async def subscriptions_ended(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every subscriber has been let go."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        channels = self._hub.channels.values()
+        while any(c.subscribers for c in channels):
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        """Leave the bus gracefully and close the node's sockets."""
+        self.begin_stop()
+        await self._server.stop()
+
+    # ------------------------------------------------------------------ health, stats
+
+    def health(self) -> HealthInfo:
+        server = self._server
+        node = server.node
+        uptime = 0.0
+        if server.started_at is not None and server.running:
+            uptime = server.loop_time() - server.started_at
+        stopping = node.stopped or self.stopping
+        return HealthInfo(
+            node=str(node.nodes.local.uri),
+            status="stopping" if stopping else "active",
+            uptime=round(uptime, 3),
+            active_nodes=len(node.nodes.active_others()),
+        )
+
+    def stats(self) -> GatewayStats:
+        node = self._server.node
+        stats = node.stats
+        tx = node.transactions.stats
+        by_status = dict.fromkeys((s.value for s in NodeStatus), 0)
+        for other in node.nodes.others():
+            by_status[other.status.value] += 1
+        return GatewayStats(
+            received=dict(stats.received),
+            sent=dict(stats.sent),
+            retransmissions_sent=tx.retransmissions_sent,
+            retransmissions_absorbed=tx.retransmissions_absorbed,
+            responses_resent=tx.responses_resent,
+            transaction_timeouts=tx.timeouts,
+            transport_errors=tx.transport_errors,
+            malformed_answered=stats.malformed_answered,
+            malformed_dropped=stats.malformed_dropped,
+            forbidden=stats.forbidden,
+            reply_timeouts=stats.reply_timeouts,
+            nodes_by_status=by_status,
+            peers=tuple(
+                PeerStats(c.peer_id, len(c.subscribers), c.overflows, len(c.history), c.received)
+                for c in sorted(self._hub.channels.values(), key=lambda c: c.peer_id)
+            ),
+        )
+
+    # ------------------------------------------------------------------ nodes
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node of the bus as this node sees it, this node first."""
+        return [self._node_info(node) for node in self._server.node.nodes]
+
+    async def resolve_node(self, text: str, *, must_resolve: bool = False) -> SipUri:
+        """Parse a node URI and resolve its host name without blocking the loop.
+
+        The node keeps the answer and identifies nodes so named by it. ``must_resolve``: a name
+        without an address, or an address of another IP version than this node's, is
+        refused (a node to add must be reachable).
+        """
+        uri = _parse_node_uri(text)
+        address = uri.host
+        if _ip(uri.host) is None:
+            try:
+                address = await self._server.resolve_node(uri)
+            except DnsResolutionError:
+                if must_resolve:
+                    raise InvalidNodeUriError(
+                        f"uri: {uri.host!r} does not resolve to an address"
+                    ) from None
+                return uri
+        if must_resolve:
+            local, target = _ip(self._server.node.nodes.local.resolved_ip), _ip(address)
+            if local is not None and target is not None and local.version != target.version:
+                raise InvalidNodeUriError(
+                    f"uri: {uri.host} is an IPv{target.version} address, and this node "
+                    f"listens on IPv{local.version} only"
+                )
+        return uri
+
+    async def add_node(self, text: str) -> NodeInfo:
+        """Add a node and send it our node list (Kamailio's ``dmq.add``)."""
+        uri = await self.resolve_node(text, must_resolve=True)
+        if self._server.node.nodes.is_local(uri):
+            raise LocalNodeError(f"{uri} is this node itself")
+        return self._node_info(self._server.add_node(uri))
+
+    async def remove_node(self, text: str) -> None:
+        """Remove a node (Kamailio's ``dmq.remove``); raises UnknownNodeError."""
+        uri = await self.resolve_node(text)
+        if self._server.node.nodes.is_local(uri):
+            raise LocalNodeError(f"{text} is this node itself; stop the gateway to leave")
+        self._server.remove_node(uri)
+
+    def _node_info(self, node: Node) -> NodeInfo:
+        last_reply = None
+        server = self._server
+        if node.last_reply is not None and server.running:
+            last_reply = round(time.time() - (server.loop_time() - node.last_reply), 3)
+        return NodeInfo(
+            uri=str(node.uri),
+            host=node.host,
+            port=node.port,
+            transport=node.transport,
+            status=node.status.value,
+            local=node.local,
+            last_reply=last_reply,
+            failures=node.failures,
+        )
+
+    # ------------------------------------------------------------------ peers
+
+    def peers(self) -> list[PeerInfo]:
+        return [_peer_info(channel) for channel in self._hub.channels.values()]
+
+    def peer(self, peer_id: str) -> PeerInfo:
+        return _peer_info(self._hub.channel(peer_id))
+
+    def put_peer(self, peer_id: str, settings: PeerSettings) -> tuple[PeerInfo, bool]:
+        """Register or update a peer; return it and whether it is new."""
+        channel, created = self._hub.register(peer_id, settings)
+        return _peer_info(channel), created
+
+    def delete_peer(self, peer_id: str) -> None:
+        self._hub.unregister(peer_id)
+
+    # ------------------------------------------------------------------ messages
+
+    async def broadcast(
+        self,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Dispatch:
+        """Send to every active node but this one; with ``wait``, every node's result."""
+        server = self._server
+        return await self._dispatch(
+            lambda: server.broadcast_nowait(peer_id, body, content_type), wait, timeout
+        )
+
+    async def send(
+        self,
+        peer_id: str,
+        node: str,
+        body: bytes,
+        content_type: str | None,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Dispatch:
+        """Send to one node of the list, whatever its status; raises UnknownNodeError."""
+        target = await self.resolve_node(node)
+        server = self._server
+        return await self._dispatch(
+            lambda: server.send_nowait(peer_id, body, content_type, target), wait, timeout
+        )
+
+    async def _dispatch(self, start: _Start, wait: bool, timeout: float | None) -> Dispatch:
+        if self.stopping:
+            raise NodeStoppedError("the gateway is stopping and sends nothing more")
+        operation, waiter = start()
+        # The node fails the waiter when it stops; nobody may be left to read that.
+        waiter.add_done_callback(_retrieve)
+        message_id = f"{self.instance}-{operation.id}"
+        targets = tuple(str(t) for t in operation.targets)
+        if not wait:
+            return Dispatch(message_id, operation.peer_id, targets)
+        stopping = self._stopping
+        assert stopping is not None  # start() ran: the node accepted the send
+        limit = timeout if timeout is not None else self.config.node.timers.timer_f_value + 1
+        await asyncio.wait((waiter, stopping), timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done() and waiter.exception() is not None:
+            raise NodeStoppedError("the gateway is stopping; the results will not be known")
+        if not waiter.done() and stopping.done():
+            raise NodeStoppedError("the gateway is stopping; the results will not be known")
+        return Dispatch(message_id, operation.peer_id, targets, _outcomes(operation))
+
+    # ------------------------------------------------------------------ subscribers
+
+    def subscribe(self, peer_id: str, since: int | None, epoch: str | None) -> Subscription:
+        """Subscribe to a peer: ``since`` resumes after that offset (of ``epoch``)."""
+        if self.stopping:
+            raise NodeStoppedError("the gateway is stopping")
+        return self._hub.subscribe(peer_id, since, epoch)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._hub.unsubscribe(subscriber)
+
+    def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> None:
+        """A subscriber's reply to a message of a ``reply: subscriber`` peer; raises
+        ReplyNotPendingError saying why when the message no longer waits for one."""
+        self._hub.reply(peer_id, message_id, reply)
+
+
+def _retrieve(future: asyncio.Future[SendOperation]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _outcomes(operation: SendOperation) -> tuple[NodeOutcome, ...]:
+    answered: dict[str, NodeResult] = {str(r.node): r for r in operation.results}
+    outcomes = []
+    for target in operation.targets:
+        node = str(target)
+        result = answered.get(node)
+        if result is None or result.timed_out or result.transport_error:
+            outcomes.append(NodeOutcome(node, None, None))
+        else:
+            outcomes.append(
+                NodeOutcome(node, result.code, result.reason, result.content_type, result.body)
+            )
+    return tuple(outcomes)
+
+
+def _peer_info(channel: PeerChannel) -> PeerInfo:
+    settings = channel.settings
+    return PeerInfo(
+        peer_id=channel.peer_id,
+        description=settings.description,
+        reply=settings.reply,
+        reply_timeout=settings.reply_timeout,
+        history=settings.history,
+        epoch=channel.epoch,
+        offset=channel.offset,
+        history_size=len(channel.history),
+        subscribers=len(channel.subscribers),
+        received=channel.received,
+        persistent=not channel.ephemeral,
+    )
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, or a syntactically valid (ASCII) host name."""
+    if _ip(host) is not None:
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _parse_node_uri(text: str) -> SipUri:
+    try:
+        uri = SipUri.parse(text)
+    except ValueError as exc:
+        raise InvalidNodeUriError(f"uri: {exc}") from None
+    if uri.transport not in ("udp", "tcp"):
+        raise InvalidNodeUriError(f"uri: transport {uri.transport!r} is not supported (udp, tcp)")
+    # Anything else would reach the resolver and the socket layer, which refuse it.
+    if not _is_host(uri.host):
+        raise InvalidNodeUriError(f"uri: {uri.host!r} is not an IP address or a host name")
+    return uri
