@@ -25,7 +25,7 @@ from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
 from app.gateway.config import GatewayConfig
 from app.transport.server import DmqServer
-from tests.support.ports import free_port
+from harness.ports import free_port
 
 #: Retransmit from 50 ms, give up after 1 s: a lost or unanswered request ends fast.
 FAST = TimerSettings(t1=0.05, t2=0.2, timer_f=1.0)

@@ -14,15 +14,15 @@ import httpx
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.api.serve_process import ServeProcess
-from tests.support.ports import free_port
+from harness.gateway import Gateway
+from harness.ports import free_port
 
 
 def test_sigterm_answers_waiting_requests_503_and_closes_subscriptions_1012(
     tmp_path: Path,
 ) -> None:
     # A long Timer F: the send to a node that never answers waits until the stop.
-    served = ServeProcess(tmp_path, extra=["--timer-f", "30"]).start()
+    served = Gateway("a", tmp_path, extra=["--timer-f", "30"]).start()
     try:
         url = served.url
         silent = f"sip:127.0.0.1:{free_port()}"
@@ -67,7 +67,7 @@ def test_sigterm_answers_waiting_requests_503_and_closes_subscriptions_1012(
                 assert closed.rcvd is not None
                 assert closed.rcvd.code == 1012
                 assert "since=0" in closed.rcvd.reason
-        log = served.log_path.read_text()
+        log = served.log_text()
         assert "Traceback" not in log and "CancelledError" not in log, log
         print(f"SIGTERM to exit with a request pending: {exit_seconds:.3f} s")
     finally:
