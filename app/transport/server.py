@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import random
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -52,6 +53,9 @@ from app.transport import dns
 from app.transport.limits import UNTRUSTED_MAX_MESSAGE, RateLimitedLog, TransportLimits
 
 log = logging.getLogger("dmq.transport")
+
+#: Messages of one TCP connection handled in one turn of the loop.
+MESSAGES_PER_TURN = 64
 
 #: Seconds a host name look-up may take before it counts as failed.
 DNS_TIMEOUT = 5.0
@@ -184,6 +188,11 @@ class _StreamProtocol(asyncio.Protocol):
         self.message_started: float | None = None
         #: Outbound: loop time a request was first written since anything was received.
         self.awaiting_since: float | None = None
+        #: Messages cut from the stream but not handled yet (see data_received).
+        self.backlog: deque[bytes] = deque()
+        #: Why reading is paused: our replies are not read, or the backlog is long.
+        self.write_paused = False
+        self.draining = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -223,16 +232,31 @@ class _StreamProtocol(asyncio.Protocol):
             )
             self.transport.abort()
 
+    @property
+    def reading_paused(self) -> bool:
+        return self.write_paused or self.draining
+
     def pause_writing(self) -> None:
         # Back-pressure: stop reading the requests of a peer that does not read the
         # answers, so that what we queue for it stays near the high-water mark.
-        if self.transport is not None and not self.transport.is_closing():
-            self.server.stats.tcp_read_paused += 1
-            self.transport.pause_reading()
+        self.server.stats.tcp_read_paused += 1
+        self.write_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self.write_paused = False
+        self._update_reading()
+        if self.backlog and not self.draining:
+            self._drain()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.reading_paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         now = self.server._clock()
@@ -258,17 +282,42 @@ class _StreamProtocol(asyncio.Protocol):
             self.message_started = None
         elif messages or self.message_started is None:
             self.message_started = now  # a new message began in this read
-        for message in messages:
-            if self.closed or (self.transport is not None and self.transport.is_closing()):
+        if messages:
+            self.backlog.extend(messages)
+            if not self.draining:
+                self._drain()
+
+    def _drain(self) -> None:
+        """Handle up to MESSAGES_PER_TURN messages, then let the loop turn.
+
+        One read can hold hundreds of messages, and the loop may call data_received
+        many times in a row for one connection: without a turn limit, a peer pouring
+        requests in would hold the loop (and every other client) for seconds. While a
+        backlog is left, the connection is not read; it is drained a batch per turn.
+        """
+        self.draining = False
+        backlog = self.backlog
+        server = self.server
+        for _ in range(MESSAGES_PER_TURN):
+            if not backlog or self.write_paused:
+                break
+            transport = self.transport
+            if self.closed or (transport is not None and transport.is_closing()):
+                backlog.clear()
                 return
-            self.server._stream_message(message, self)
+            server._stream_message(backlog.popleft(), self)
             if not self.trusted:
                 # Everything from an untrusted source is refused (403): answer the
                 # first message, then close, rather than serve a flood of refusals.
-                self.server.stats.tcp_untrusted_closed += 1
+                server.stats.tcp_untrusted_closed += 1
+                backlog.clear()
                 if self.transport is not None:
                     self.transport.close()
                 return
+        if backlog and not self.write_paused and server._loop is not None:
+            self.draining = True
+            server._loop.call_soon(self._drain)
+        self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -772,6 +821,7 @@ class DmqServer:
                 transport.abort()
             elif (
                 connection.message_started is not None
+                and not connection.reading_paused
                 and now - connection.message_started > limits.message_timeout
             ):
                 self.stats.tcp_message_timeouts += 1
