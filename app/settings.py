@@ -437,6 +437,11 @@ class ServeSettings(BaseSettings):
         )
         if not tokens:
             raise ConfigError(f"{label}: holds no token (one a line)")
+        if any(len(token) < 8 or not token.isprintable() or " " in token for token in tokens):
+            # The token itself is a secret: not repeated in the message.
+            raise ConfigError(
+                f"{label}: a token must be at least 8 printable characters, no spaces"
+            )
         return tokens
 
     def limits(self) -> ServeLimits:
