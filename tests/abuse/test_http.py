@@ -44,9 +44,7 @@ LIMITS = (
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    served = Gateway(
-        "http", tmp_path_factory.mktemp("http"), tokens=[TOKEN], extra=LIMITS
-    ).start()
+    served = Gateway("http", tmp_path_factory.mktemp("http"), tokens=[TOKEN], extra=LIMITS).start()
     try:
         yield served
     finally:
