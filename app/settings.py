@@ -174,6 +174,14 @@ class ServeSettings(BaseSettings):
             "longer read until it reads our replies",
         ),
     ] = 262_144
+    tcp_max_buffered: Annotated[
+        int,
+        Option("BYTES"),
+        Field(
+            description="bytes of incomplete SIP messages held by all TCP connections "
+            "together; the connection that goes over it is closed",
+        ),
+    ] = 67_108_864
     dns_max_lookups: Annotated[
         int,
         Option("N"),
@@ -453,6 +461,7 @@ class ServeSettings(BaseSettings):
             "tcp_idle_timeout",
             "tcp_message_timeout",
             "tcp_write_buffer",
+            "tcp_max_buffered",
             "dns_max_lookups",
             "http_max_connections",
             "http_header_timeout",
@@ -473,6 +482,7 @@ class ServeSettings(BaseSettings):
             message_timeout=self.tcp_message_timeout,
             max_head=self.tcp_max_header,
             write_high_water=self.tcp_write_buffer,
+            max_buffered=self.tcp_max_buffered,
             max_dns_lookups=self.dns_max_lookups,
         )
         api = ApiLimits(

@@ -44,6 +44,9 @@ class TransportLimits:
     #: Bytes queued for a peer above which its connection stops being read (its
     #: requests wait in the kernel until it reads our responses).
     write_high_water: int = 262_144
+    #: Bytes of incomplete messages held by all TCP connections together; the
+    #: connection whose bytes go over it is closed.
+    max_buffered: int = 67_108_864
     #: Host name look-ups in flight at once; more are treated as failed for now.
     max_dns_lookups: int = 64
     #: Seconds between two log lines of one kind about one source.
@@ -55,6 +58,7 @@ class TransportLimits:
             "max_connections_per_source",
             "max_head",
             "write_high_water",
+            "max_buffered",
             "max_dns_lookups",
         ):
             if getattr(self, name) < 1:

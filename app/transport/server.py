@@ -105,6 +105,9 @@ class TransportStats:
     #: Outbound TCP connections torn down because a request on them went unanswered
     #: for Timer F (the next request opens a new one).
     tcp_outbound_reset: int = 0
+    #: TCP connections closed because the incomplete messages of all connections
+    #: together went over ``max_buffered``.
+    tcp_buffer_overflows: int = 0
     #: Host name look-ups not started because ``max_dns_lookups`` were in flight.
     dns_lookups_refused: int = 0
     #: Log lines left out by the per-source rate limit.
@@ -259,11 +262,18 @@ class _StreamProtocol(asyncio.Protocol):
             transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        now = self.server._clock()
+        server = self.server
+        now = server._clock()
         self.last_received = now
         self.awaiting_since = None
+        held = self.framer.buffered
         try:
-            messages = self.framer.feed(data)
+            try:
+                messages = self.framer.feed(data)
+            finally:
+                # Counted even when the stream is refused: connection_lost takes off
+                # what the framer still holds then.
+                server._buffered += self.framer.buffered - held
         except SipParseError as exc:
             self.server.stats.stream_errors += 1
             self.server._log_limited(
@@ -274,6 +284,22 @@ class _StreamProtocol(asyncio.Protocol):
                 self.peer[0],
                 self.peer[1],
                 exc.reason,
+            )
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if self.framer.buffered > held and server._buffered > server.limits.max_buffered:
+            server.stats.tcp_buffer_overflows += 1
+            server._log_limited(
+                logging.WARNING,
+                self.peer[0],
+                "budget",
+                "closing TCP connection from %s:%s: %d bytes of incomplete messages held "
+                "on all connections, over %d",
+                self.peer[0],
+                self.peer[1],
+                server._buffered,
+                server.limits.max_buffered,
             )
             if self.transport is not None:
                 self.transport.abort()
@@ -321,6 +347,8 @@ class _StreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.server._buffered -= self.framer.buffered
+        self.framer = StreamFramer(0)  # what it held is freed with the connection
         self.server._connection_lost(self)
 
 
@@ -345,6 +373,8 @@ class DmqServer:
         self.limits = limits or TransportLimits()
         #: Inbound TCP connections open now, by source address.
         self._sources: dict[str, int] = {}
+        #: Bytes of incomplete messages held by all TCP connections together.
+        self._buffered = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self.resolver = _HostCache(self._clock)
         self.node = DmqNode(config, resolver=self.resolver)

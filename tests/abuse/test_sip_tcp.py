@@ -42,6 +42,8 @@ LIMITS = (
     "4096",
     "--tcp-write-buffer",
     "65536",
+    "--tcp-max-buffered",
+    "3000000",
 )
 
 
@@ -142,8 +144,10 @@ def test_large_announced_messages_are_refused_on_their_headers(trusted: Gateway)
 
 def test_half_sent_messages_are_closed_after_the_message_timeout(trusted: Gateway) -> None:
     # Each announces 900 KB and sends 600 KB, then waits: held no longer than
-    # --tcp-message-timeout (1 s), and the memory comes back.
+    # --tcp-message-timeout (1 s), never more than --tcp-max-buffered in all, and the
+    # memory comes back.
     before = rss_mb(trusted)
+    start = trusted.log_size()
     message = kdmq(trusted.sip_port, body=b"b" * 900_000)
     with Probe(trusted) as probe:
         socks = [connect(trusted) for _ in range(8)]
@@ -158,6 +162,8 @@ def test_half_sent_messages_are_closed_after_the_message_timeout(trusted: Gatewa
                 sock.close()
     assert waited < 8, f"held for {waited:.1f} s"
     assert not probe.failures, probe.failures
+    # 8 x 600 KB is over --tcp-max-buffered (3 MB): the later ones were closed at once.
+    assert "incomplete messages held on all connections, over 3000000" in trusted.log_text(start)
     wait_until(lambda: rss_mb(trusted) - before < RSS_CEILING_MB, 10, "memory back")
 
 

@@ -415,6 +415,7 @@ BOUND_OPTIONS = [
     "--tcp-idle-timeout",
     "--tcp-message-timeout",
     "--tcp-write-buffer",
+    "--tcp-max-buffered",
     "--dns-max-lookups",
     "--http-max-connections",
     "--http-header-timeout",
