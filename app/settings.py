@@ -191,9 +191,10 @@ class ServeSettings(BaseSettings):
         int,
         Option("N"),
         Field(
-            description="HTTP and WebSocket connections held at once; more are closed on accept",
+            description="HTTP and WebSocket connections held at once (subscribers "
+            "included); more are closed on accept",
         ),
-    ] = 512
+    ] = 4096
     http_header_timeout: Annotated[
         float,
         Option("SECONDS"),

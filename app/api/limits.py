@@ -19,7 +19,7 @@ class ApiLimits:
     """Bounds of the HTTP and WebSocket API; the defaults are those of ``serve``."""
 
     #: HTTP and WebSocket connections held at once; one more is closed on accept.
-    max_connections: int = 512
+    max_connections: int = 4096
     #: Seconds a client has to send a request's line and headers, from the connection
     #: (or the previous response) on.
     header_timeout: float = 10.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ async def serve(settings: GatewayConfig, limits: ServeLimits | None = None) -> N
     app = create_app(settings, limits)
     stats: GuardStats = app.state.guard_stats
     install_token_redaction()
+    _raise_descriptor_limit(api.max_connections + limits.transport.max_connections)
     # Bind (or test) every port before anything starts, so that a port in use stops
     # the gateway with one sentence instead of a traceback from inside the lifespan.
     http_socket = _listen_socket(settings.http_host, settings.http_port, "--http")
@@ -144,6 +146,34 @@ class GatewayServer(uvicorn.Server):
             await gateway.subscriptions_ended(STOP_GRACE)
             await asyncio.sleep(0.01)
         await super().shutdown(sockets)
+
+
+#: Descriptors kept for what is not a connection (sockets, state files, DNS, logs).
+DESCRIPTOR_MARGIN = 256
+
+
+def _raise_descriptor_limit(connections: int) -> None:
+    """Make room for every connection the caps allow: the soft descriptor limit is
+    often 1024, below the caps' defaults, while the hard one is far higher. When even
+    the hard limit is too low, say so: the caps would not protect the descriptors."""
+    needed = connections + DESCRIPTOR_MARGIN
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the descriptor limit: %s", exc)
+        return
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the descriptor limit (%d) is below what --http-max-connections and "
+            "--tcp-max-connections allow (%d, plus %d): lower them, or raise the limit",
+            soft,
+            connections,
+            DESCRIPTOR_MARGIN,
+        )
 
 
 def _listen_socket(host: str, port: int, flag: str) -> socket.socket:
