@@ -216,7 +216,14 @@ class GuardMiddleware:
             started = True
             await send(message)
 
-        await self.app(scope, bounded_receive, guarded_send)
+        try:
+            await self.app(scope, bounded_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            # The route saw the client "gone" (Starlette's ClientDisconnect) after the
+            # 413 went out: that is the refusal working, not an error to log.
+            log.debug("a route stopped reading a body over its limit", exc_info=True)
 
     async def _problem(
         self,
