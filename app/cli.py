@@ -100,10 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         config = serve.gateway_config()
+        limits = serve.limits()
         configure_logging(config.log_level, config.log_format)
         from app.api import server  # uvicorn and FastAPI: only when serving
 
-        server.run(config)
+        server.run(config, limits)
     except ConfigError as exc:
         # Also raised once serving starts (a port in use...): name the option all the same.
         print(f"dmq-gateway: error: {serve.describe(exc)}", file=sys.stderr)

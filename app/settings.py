@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,13 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.api.limits import ApiLimits, ServeLimits
 from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_peer_id
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
 from app.gateway.config import GatewayConfig
+from app.transport.limits import TransportLimits
 
 ENV_PREFIX = "DMQ_"
 
@@ -135,6 +138,99 @@ class ServeSettings(BaseSettings):
         Option("BYTES"),
         Field(description="largest SIP message accepted on a TCP connection"),
     ] = 1_048_576
+    tcp_max_header: Annotated[
+        int,
+        Option("BYTES"),
+        Field(description="largest SIP header section accepted on a TCP connection"),
+    ] = 16_384
+    tcp_max_connections: Annotated[
+        int,
+        Option("N"),
+        Field(description="inbound SIP TCP connections held at once; more are closed on accept"),
+    ] = 256
+    tcp_max_connections_per_source: Annotated[
+        int,
+        Option("N"),
+        Field(description="inbound SIP TCP connections held at once from one address"),
+    ] = 32
+    tcp_idle_timeout: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="a SIP TCP connection that receives nothing this long is closed"),
+    ] = 120.0
+    tcp_message_timeout: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(
+            description="a SIP message on TCP must arrive in full this long after its first "
+            "byte, or the connection is closed",
+        ),
+    ] = 10.0
+    tcp_write_buffer: Annotated[
+        int,
+        Option("BYTES"),
+        Field(
+            description="bytes queued for a SIP TCP peer above which its connection is no "
+            "longer read until it reads our replies",
+        ),
+    ] = 262_144
+    tcp_max_buffered: Annotated[
+        int,
+        Option("BYTES"),
+        Field(
+            description="bytes of incomplete SIP messages held by all TCP connections "
+            "together; the connection that goes over it is closed",
+        ),
+    ] = 67_108_864
+    dns_max_lookups: Annotated[
+        int,
+        Option("N"),
+        Field(description="host name look-ups in flight at once; more fail for now"),
+    ] = 64
+    http_max_connections: Annotated[
+        int,
+        Option("N"),
+        Field(
+            description="HTTP and WebSocket connections held at once (subscribers "
+            "included); more are closed on accept",
+        ),
+    ] = 4096
+    http_header_timeout: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="time a client has to send a request's line and headers"),
+    ] = 10.0
+    http_keep_alive_timeout: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="an HTTP connection idle this long between requests is closed"),
+    ] = 5.0
+    http_max_header: Annotated[
+        int,
+        Option("BYTES"),
+        Field(description="largest HTTP request line plus headers; more is 431"),
+    ] = 16_384
+    http_max_body: Annotated[
+        int,
+        Option("BYTES"),
+        Field(
+            description="largest JSON request body (peers, nodes); more is 413. A broadcast "
+            "or send may carry up to --max-tcp-message",
+        ),
+    ] = 65_536
+    ws_max_frame: Annotated[
+        int,
+        Option("BYTES"),
+        Field(description="largest WebSocket frame a client may send; more closes with 1009"),
+    ] = 65_536
+    ws_max_frames_per_second: Annotated[
+        float,
+        Option("N"),
+        Field(
+            description="WebSocket frames per second a client may send (bursts as large); "
+            "more closes with 1008",
+        ),
+    ] = 100.0
     http: Annotated[
         str,
         Option("HOST:PORT"),
@@ -150,6 +246,14 @@ class ServeSettings(BaseSettings):
             "WebSocket clients may pass it as ?token=",
         ),
     ] = []
+    api_token_file: Annotated[
+        Path | None,
+        Option("PATH"),
+        Field(
+            description="a file of API tokens, one a line (# starts a comment); kept out of "
+            "the process list, unlike --api-token. Refused if every user may read it",
+        ),
+    ] = None
     public_health: Annotated[
         bool,
         Option(),
@@ -277,7 +381,7 @@ class ServeSettings(BaseSettings):
                 f"{self.label('ws_queue_limit')} {self.ws_queue_limit}: must be at least 1"
             )
         http_host, http_port = self._host_port()
-        tokens = tuple(self.api_token)
+        tokens = tuple(self.api_token) + self._token_file()
         if any(len(token) < 8 or not token.isprintable() or " " in token for token in tokens):
             # The token itself is a secret: not repeated in the message.
             raise ConfigError(
@@ -317,6 +421,82 @@ class ServeSettings(BaseSettings):
             log_level=self.log_level,
             log_format=self.log_format,
         )
+
+    def _token_file(self) -> tuple[str, ...]:
+        """The tokens of --api-token-file: one a line, blank lines and # comments skipped."""
+        path = self.api_token_file
+        if path is None:
+            return ()
+        label = f"{self.label('api_token_file')} {str(path)!r}"
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{label}: cannot read it ({reason})") from None
+        if mode & stat.S_IROTH:
+            raise ConfigError(
+                f"{label}: every user of this machine may read it (mode "
+                f"{stat.S_IMODE(mode):04o}); make it private: chmod o-rwx {path}"
+            )
+        tokens = tuple(
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
+        if not tokens:
+            raise ConfigError(f"{label}: holds no token (one a line)")
+        if any(len(token) < 8 or not token.isprintable() or " " in token for token in tokens):
+            # The token itself is a secret: not repeated in the message.
+            raise ConfigError(
+                f"{label}: a token must be at least 8 printable characters, no spaces"
+            )
+        return tokens
+
+    def limits(self) -> ServeLimits:
+        """The bounds of the driver and the API, from their options."""
+        positive = (
+            "tcp_max_header",
+            "tcp_max_connections",
+            "tcp_max_connections_per_source",
+            "tcp_idle_timeout",
+            "tcp_message_timeout",
+            "tcp_write_buffer",
+            "tcp_max_buffered",
+            "dns_max_lookups",
+            "http_max_connections",
+            "http_header_timeout",
+            "http_keep_alive_timeout",
+            "http_max_header",
+            "http_max_body",
+            "ws_max_frame",
+            "ws_max_frames_per_second",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{self.label(name)} {_shown(value)}: must be positive")
+        transport = TransportLimits(
+            max_connections=self.tcp_max_connections,
+            max_connections_per_source=self.tcp_max_connections_per_source,
+            idle_timeout=self.tcp_idle_timeout,
+            message_timeout=self.tcp_message_timeout,
+            max_head=self.tcp_max_header,
+            write_high_water=self.tcp_write_buffer,
+            max_buffered=self.tcp_max_buffered,
+            max_dns_lookups=self.dns_max_lookups,
+        )
+        api = ApiLimits(
+            max_connections=self.http_max_connections,
+            header_timeout=self.http_header_timeout,
+            keep_alive_timeout=self.http_keep_alive_timeout,
+            max_head=self.http_max_header,
+            max_body=self.http_max_body,
+            max_message_body=self.max_tcp_message,
+            ws_max_frame=self.ws_max_frame,
+            ws_frames_per_second=self.ws_max_frames_per_second,
+        )
+        return ServeLimits(transport=transport, api=api)
 
     def _uri(self, name: str, text: str) -> SipUri:
         try:

@@ -20,6 +20,8 @@ from app import __version__
 from app.api import problems
 from app.api.asyncapi import asyncapi_document
 from app.api.deps import require_token
+from app.api.guard import GuardMiddleware
+from app.api.limits import GuardStats, ServeLimits
 from app.api.routes import health, metrics, nodes, peers, subscribe
 from app.gateway.config import GatewayConfig
 from app.gateway.service import Gateway
@@ -42,12 +44,21 @@ Errors are `application/problem+json` (RFC 9457).
 """
 
 
-def create_app(config: GatewayConfig) -> FastAPI:
-    """The API around one gateway; its lifespan starts and stops the gateway."""
+def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> FastAPI:
+    """The API around one gateway; its lifespan starts and stops the gateway.
+
+    ``limits`` bound what clients and other nodes may make it hold (the defaults of
+    ``serve`` when not given); refusals are counted in ``app.state.guard_stats`` and
+    the driver's ``TransportStats``.
+    """
+    limits = limits or ServeLimits()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = Gateway(config)
+        # The driver's bounds are set before it starts (Gateway builds the driver from
+        # the node's settings alone).
+        gateway._server.limits = limits.transport
         app.state.gateway = gateway
         app.state.metrics = metrics.registry_for(gateway)
         await gateway.start()
@@ -70,6 +81,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
         ],
     )
     app.state.api_tokens = config.api_tokens
+    app.state.limits = limits
+    app.state.guard_stats = stats = GuardStats()
+    # Outermost but for the error handler: the token and the body's size are checked
+    # before any route (or FastAPI's body parsing) reads a byte of the body.
+    app.add_middleware(
+        GuardMiddleware,
+        tokens=config.api_tokens,
+        public_health=config.public_health,
+        limits=limits.api,
+        stats=stats,
+    )
     problems.install(app)
 
     def openapi() -> dict[str, Any]:

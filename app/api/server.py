@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import resource
 import socket
 import time
 from collections.abc import Callable
+from typing import cast
 
 import uvicorn
 from fastapi import FastAPI
 
 from app.api.app import create_app
+from app.api.guard import guarded_http_protocol
+from app.api.limits import GuardStats, ServeLimits
 from app.api.routes.subscribe import SubscribeFastPath
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
@@ -20,10 +25,10 @@ from app.gateway.config import GatewayConfig
 log = logging.getLogger("dmq")
 
 
-def run(settings: GatewayConfig) -> None:
+def run(settings: GatewayConfig, limits: ServeLimits | None = None) -> None:
     """Run the gateway in a new event loop (uvloop when installed) until it stops."""
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, limits))
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -35,9 +40,14 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-async def serve(settings: GatewayConfig) -> None:
+async def serve(settings: GatewayConfig, limits: ServeLimits | None = None) -> None:
     """Run the node and its HTTP API until SIGINT/SIGTERM, then leave the bus gracefully."""
-    app = create_app(settings)
+    limits = limits or ServeLimits()
+    api = limits.api
+    app = create_app(settings, limits)
+    stats: GuardStats = app.state.guard_stats
+    install_token_redaction()
+    _raise_descriptor_limit(api.max_connections + limits.transport.max_connections)
     # Bind (or test) every port before anything starts, so that a port in use stops
     # the gateway with one sentence instead of a traceback from inside the lifespan.
     http_socket = _listen_socket(settings.http_host, settings.http_port, "--http")
@@ -55,6 +65,14 @@ async def serve(settings: GatewayConfig) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=3,
+        # Bounds (see app.api.guard): connections held at once, the request head's
+        # size and time, idle keep-alive connections, WebSocket frames.
+        http=guarded_http_protocol(api, stats),
+        limit_concurrency=api.max_connections + 1,
+        # uvicorn hands it to call_later, which takes fractions of a second too.
+        timeout_keep_alive=cast(int, api.keep_alive_timeout),
+        h11_max_incomplete_event_size=api.max_head,
+        ws_max_size=api.ws_max_frame,
     )
     server = GatewayServer(config, app)
     started = time.monotonic()
@@ -66,6 +84,33 @@ async def serve(settings: GatewayConfig) -> None:
             f"--server-address {settings.node.server_address}: the node could not start "
             "(see the log above)"
         )
+
+
+#: ``token=VALUE`` in a logged URL (a WebSocket's query string).
+_TOKEN_IN_URL = re.compile(r"(?i)((?:^|[?&;\s])(?:access_)?token=)[^&\s\"']*")
+
+
+class RedactTokens(logging.Filter):
+    """Masks ``token=...`` in the lines of uvicorn's loggers: its WebSocket lines
+    (``"WebSocket /v1/peers/p/subscribe?token=..." [accepted]``) carry the query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        if "token=" in text.lower():
+            record.msg = _TOKEN_IN_URL.sub(r"\1***", text)
+            record.args = None
+        return True
+
+
+def install_token_redaction() -> None:
+    """No API token reaches the log through uvicorn's lines (its access log is off)."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
 
 
 #: Seconds the subscriptions get to close themselves when the gateway stops.
@@ -101,6 +146,34 @@ class GatewayServer(uvicorn.Server):
             await gateway.subscriptions_ended(STOP_GRACE)
             await asyncio.sleep(0.01)
         await super().shutdown(sockets)
+
+
+#: Descriptors kept for what is not a connection (sockets, state files, DNS, logs).
+DESCRIPTOR_MARGIN = 256
+
+
+def _raise_descriptor_limit(connections: int) -> None:
+    """Make room for every connection the caps allow: the soft descriptor limit is
+    often 1024, below the caps' defaults, while the hard one is far higher. When even
+    the hard limit is too low, say so: the caps would not protect the descriptors."""
+    needed = connections + DESCRIPTOR_MARGIN
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the descriptor limit: %s", exc)
+        return
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the descriptor limit (%d) is below what --http-max-connections and "
+            "--tcp-max-connections allow (%d, plus %d): lower them, or raise the limit",
+            soft,
+            connections,
+            DESCRIPTOR_MARGIN,
+        )
 
 
 def _listen_socket(host: str, port: int, flag: str) -> socket.socket:

@@ -219,8 +219,12 @@ class Headers:
 
 #: Raw header names seen on the wire -> canonical name; names repeat from message to
 #: message, so validating and normalising each once saves most of the header work.
+#: Bounded by bytes as well as by count: only names up to _NAME_CACHE_MAX_LENGTH
+#: characters are kept (real header names are short), so the cache holds at most
+#: 512 * 64 characters however many huge names arrive.
 _NAME_CACHE: dict[str, str] = {}
 _NAME_CACHE_LIMIT = 512
+_NAME_CACHE_MAX_LENGTH = 64
 
 
 def _canonical_name(raw: str) -> str | None:
@@ -229,7 +233,7 @@ def _canonical_name(raw: str) -> str | None:
     if not _is_token(name):
         return None
     name = COMPACT_FORMS.get(name, name)
-    if len(_NAME_CACHE) < _NAME_CACHE_LIMIT:
+    if len(raw) <= _NAME_CACHE_MAX_LENGTH and len(_NAME_CACHE) < _NAME_CACHE_LIMIT:
         _NAME_CACHE[raw] = name
     return name
 
@@ -474,47 +478,94 @@ class StreamFramer:
     """Cut a TCP byte stream into whole SIP messages (RFC 3261 section 18.3).
 
     Feed it whatever a read returned; it yields each complete message's bytes. On a
-    stream, ``Content-Length`` is mandatory: without it, or with a message larger than
-    ``max_size``, the stream can't be resynchronised, so :meth:`feed` raises
-    :class:`SipParseError` and the connection must be closed.
+    stream, ``Content-Length`` is mandatory: without it, with a header section longer
+    than ``max_head`` or a message larger than ``max_size``, the stream can't be
+    resynchronised, so :meth:`feed` raises :class:`SipParseError` and the connection
+    must be closed. Both caps are checked as the bytes arrive: a message announcing
+    more than ``max_size`` is refused on its headers, not after its body.
+
+    Linear in the bytes received: the search for the end of the headers resumes where
+    the previous read left it, and once the headers are read the framer only counts
+    bytes until the body is complete (a peer trickling a message in tiny reads costs
+    no more than one sending it at once).
     """
 
-    __slots__ = ("_buffer", "max_size")
+    __slots__ = ("_buffer", "_need", "_scanned", "max_head", "max_size")
 
-    def __init__(self, max_size: int = DEFAULT_MAX_STREAM_MESSAGE) -> None:
+    def __init__(
+        self, max_size: int = DEFAULT_MAX_STREAM_MESSAGE, max_head: int | None = None
+    ) -> None:
         self._buffer = bytearray()
         self.max_size = max_size
+        #: Largest header section (start line and headers) accepted.
+        self.max_head = max_size if max_head is None else min(max_head, max_size)
+        #: Bytes of the buffer already searched for the empty line (no match there).
+        self._scanned = 0
+        #: Length of the message being received, once its headers are read.
+        self._need: int | None = None
 
     @property
     def buffered(self) -> int:
+        """Bytes held for a message not yet complete (0 between messages)."""
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        messages: list[bytes] = []
         buffer = self._buffer
-        while buffer:
-            # RFC 5626 keep-alives (CRLF) between messages.
-            if buffer[0] in (13, 10):
-                stripped = buffer.lstrip(b"\r\n")
-                del buffer[: len(buffer) - len(stripped)]
-                continue
-            head_end, term_len = _find_head_end(bytes(buffer[: self.max_size + 4]))
-            if head_end < 0:
-                if len(buffer) > self.max_size:
-                    raise SipParseError(
-                        f"no end of headers within {self.max_size} bytes", status=513
-                    )
-                break
-            length = _stream_content_length(bytes(buffer[:head_end]))
-            total = head_end + term_len + length
-            if total > self.max_size:
-                raise SipParseError(f"message of {total} bytes exceeds {self.max_size}", status=513)
-            if len(buffer) < total:
-                break
-            messages.append(bytes(buffer[:total]))
-            del buffer[:total]
+        buffer += data
+        messages: list[bytes] = []
+        pos = 0
+        try:
+            while pos < len(buffer):
+                if self._need is None:
+                    if self._scanned == 0:
+                        # RFC 5626 keep-alives (CRLF) between messages.
+                        while pos < len(buffer) and buffer[pos] in (13, 10):
+                            pos += 1
+                        if pos == len(buffer):
+                            break
+                    self._need = self._head(buffer, pos)
+                    if self._need is None:
+                        break
+                need = self._need
+                if len(buffer) - pos < need:
+                    break
+                messages.append(bytes(buffer[pos : pos + need]))
+                pos += need
+                self._need = None
+                self._scanned = 0
+        finally:
+            if pos:
+                del buffer[:pos]
         return messages
+
+    def _head(self, buffer: bytearray, pos: int) -> int | None:
+        """The length of the message starting at ``pos``, or None while its headers
+        are incomplete."""
+        # Resume a little before where the last search stopped: the empty line may
+        # straddle two reads.
+        start = pos + max(self._scanned - 3, 0)
+        crlf = buffer.find(b"\n\r\n", start)
+        lf = buffer.find(b"\n\n", start, crlf + 2 if crlf >= 0 else len(buffer))
+        if lf >= 0:
+            head_end, term_len = lf - pos, 2
+        elif crlf >= 0 and crlf > pos and buffer[crlf - 1] == 13:
+            head_end, term_len = crlf - 1 - pos, 4
+        elif crlf >= 0:
+            head_end, term_len = crlf - pos, 3
+        else:
+            self._scanned = len(buffer) - pos
+            if self._scanned > self.max_head:
+                raise SipParseError(f"no end of headers within {self.max_head} bytes", status=513)
+            return None
+        if head_end > self.max_head:
+            raise SipParseError(
+                f"header section of {head_end} bytes exceeds {self.max_head}", status=513
+            )
+        length = _stream_content_length(bytes(buffer[pos : pos + head_end]))
+        total = head_end + term_len + length
+        if total > self.max_size:
+            raise SipParseError(f"message of {total} bytes exceeds {self.max_size}", status=513)
+        return total
 
 
 def _stream_content_length(head: bytes) -> int:

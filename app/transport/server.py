@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import random
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -49,8 +50,12 @@ from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerReply
 from app.dmq.sip import SipParseError, SipUri, StreamFramer
 from app.dmq.transaction import Endpoint
 from app.transport import dns
+from app.transport.limits import UNTRUSTED_MAX_MESSAGE, RateLimitedLog, TransportLimits
 
 log = logging.getLogger("dmq.transport")
+
+#: Messages of one TCP connection handled in one turn of the loop.
+MESSAGES_PER_TURN = 64
 
 #: Seconds a host name look-up may take before it counts as failed.
 DNS_TIMEOUT = 5.0
@@ -74,12 +79,41 @@ def _ip_literal(host: str) -> str | None:
 @dataclass(slots=True)
 class TransportStats:
     """The driver's own counters, next to the core's (``node.stats``) and the
-    transactions' (``node.transactions.stats``), for metrics and tests."""
+    transactions' (``node.transactions.stats``), for metrics and tests. Every refusal of
+    a bound (:class:`~app.transport.limits.TransportLimits`) has its counter."""
 
     #: UDP datagrams dropped on purpose (``drop_rate``), in and out.
     dropped_datagrams: int = 0
-    #: TCP connections closed because their stream could not be framed as SIP.
+    #: TCP connections closed because their stream could not be framed as SIP (no
+    #: Content-Length, a header section or message over its cap...).
     stream_errors: int = 0
+    #: Inbound TCP connections closed on accept: the total cap was reached.
+    tcp_refused_total: int = 0
+    #: Inbound TCP connections closed on accept: their source's cap was reached.
+    tcp_refused_per_source: int = 0
+    #: TCP connections closed after ``idle_timeout`` without a byte received.
+    tcp_idle_closed: int = 0
+    #: TCP connections closed because a message took over ``message_timeout`` to arrive.
+    tcp_message_timeouts: int = 0
+    #: Inbound TCP connections from untrusted sources closed after their refusal.
+    tcp_untrusted_closed: int = 0
+    #: Times a TCP connection stopped being read because its peer did not read our
+    #: replies (its write buffer went over ``write_high_water``).
+    tcp_read_paused: int = 0
+    #: TCP connections closed because far more was queued for them than they read.
+    tcp_write_overflows: int = 0
+    #: Outbound TCP connections torn down because a request on them went unanswered
+    #: for Timer F (the next request opens a new one).
+    tcp_outbound_reset: int = 0
+    #: TCP connections closed because the incomplete messages of all connections
+    #: together went over ``max_buffered``.
+    tcp_buffer_overflows: int = 0
+    #: Host name look-ups not started because ``max_dns_lookups`` were in flight.
+    dns_lookups_refused: int = 0
+    #: Log lines left out by the per-source rate limit.
+    log_lines_suppressed: int = 0
+    #: Inbound TCP connections open now.
+    tcp_connections: int = 0
 
 
 class _HostCache:
@@ -128,25 +162,53 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _StreamProtocol(asyncio.Protocol):
-    """One TCP connection, inbound or outbound."""
+    """One TCP connection, inbound or outbound.
+
+    Bounded (see :class:`~app.transport.limits.TransportLimits`): a peer that does not
+    read our replies stops being read itself (``pause_writing``), a connection from an
+    untrusted source takes one small message and is closed after its answer, and the
+    driver's sweep closes connections idle or slow to deliver a message.
+    """
 
     def __init__(self, server: DmqServer, remote: tuple[str, int] | None = None) -> None:
         self.server = server
         self.id = server._next_connection_id()
-        self.framer = StreamFramer(server.config.max_stream_message)
+        limits = server.limits
+        self.framer = StreamFramer(server.config.max_stream_message, limits.max_head)
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = remote or ("", 0)
         #: For outbound connections: the node address it was opened to.
         self.remote = remote
         self.pending: list[bytes] = []
         self.closed = False
+        #: Whether this connection counts against the inbound caps.
+        self.counted = False
+        self.trusted = True
+        now = server._clock()
+        #: Loop time of the last byte received (or of the connection's start).
+        self.last_received = now
+        #: Loop time the message being received began to arrive, if one is.
+        self.message_started: float | None = None
+        #: Outbound: loop time a request was first written since anything was received.
+        self.awaiting_since: float | None = None
+        #: Messages cut from the stream but not handled yet (see data_received).
+        self.backlog: deque[bytes] = deque()
+        #: Why reading is paused: our replies are not read, or the backlog is long.
+        self.write_paused = False
+        self.draining = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = (str(peername[0]), int(peername[1]))
-        self.server._connections[self.id] = self
+        server = self.server
+        if self.remote is None and not server._admit(self):
+            self.closed = True
+            self.transport.abort()
+            return
+        self.transport.set_write_buffer_limits(high=server.limits.write_high_water)
+        server._connections[self.id] = self
         for data in self.pending:
             self.transport.write(data)
         self.pending.clear()
@@ -154,23 +216,139 @@ class _StreamProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None:
             self.pending.append(data)
+            return
+        if self.transport.is_closing():
+            return
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > self.server._write_ceiling:
+            # Paused reading stops new requests, but replies to what was already read,
+            # and our own requests, still queue: a peer that never reads is let go.
+            self.server.stats.tcp_write_overflows += 1
+            self.server._log_limited(
+                logging.WARNING,
+                self.peer[0],
+                "write",
+                "closing TCP connection to %s:%s: %d bytes queued that it does not read",
+                self.peer[0],
+                self.peer[1],
+                self.transport.get_write_buffer_size(),
+            )
+            self.transport.abort()
+
+    @property
+    def reading_paused(self) -> bool:
+        return self.write_paused or self.draining
+
+    def pause_writing(self) -> None:
+        # Back-pressure: stop reading the requests of a peer that does not read the
+        # answers, so that what we queue for it stays near the high-water mark.
+        self.server.stats.tcp_read_paused += 1
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+        if self.backlog and not self.draining:
+            self._drain()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.reading_paused:
+            transport.pause_reading()
         else:
-            self.transport.write(data)
+            transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        server = self.server
+        now = server._clock()
+        self.last_received = now
+        self.awaiting_since = None
+        held = self.framer.buffered
         try:
-            messages = self.framer.feed(data)
+            try:
+                messages = self.framer.feed(data)
+            finally:
+                # Counted even when the stream is refused: connection_lost takes off
+                # what the framer still holds then.
+                server._buffered += self.framer.buffered - held
         except SipParseError as exc:
             self.server.stats.stream_errors += 1
-            log.warning("closing TCP connection from %s:%s: %s", *self.peer, exc.reason)
+            self.server._log_limited(
+                logging.WARNING,
+                self.peer[0],
+                "stream",
+                "closing TCP connection from %s:%s: %s",
+                self.peer[0],
+                self.peer[1],
+                exc.reason,
+            )
             if self.transport is not None:
-                self.transport.close()
+                self.transport.abort()
             return
-        for message in messages:
-            self.server._stream_message(message, self)
+        if self.framer.buffered > held and server._buffered > server.limits.max_buffered:
+            server.stats.tcp_buffer_overflows += 1
+            server._log_limited(
+                logging.WARNING,
+                self.peer[0],
+                "budget",
+                "closing TCP connection from %s:%s: %d bytes of incomplete messages held "
+                "on all connections, over %d",
+                self.peer[0],
+                self.peer[1],
+                server._buffered,
+                server.limits.max_buffered,
+            )
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if not self.framer.buffered:
+            self.message_started = None
+        elif messages or self.message_started is None:
+            self.message_started = now  # a new message began in this read
+        if messages:
+            self.backlog.extend(messages)
+            if not self.draining:
+                self._drain()
+
+    def _drain(self) -> None:
+        """Handle up to MESSAGES_PER_TURN messages, then let the loop turn.
+
+        One read can hold hundreds of messages, and the loop may call data_received
+        many times in a row for one connection: without a turn limit, a peer pouring
+        requests in would hold the loop (and every other client) for seconds. While a
+        backlog is left, the connection is not read; it is drained a batch per turn.
+        """
+        self.draining = False
+        backlog = self.backlog
+        server = self.server
+        for _ in range(MESSAGES_PER_TURN):
+            if not backlog or self.write_paused:
+                break
+            transport = self.transport
+            if self.closed or (transport is not None and transport.is_closing()):
+                backlog.clear()
+                return
+            server._stream_message(backlog.popleft(), self)
+            if not self.trusted:
+                # Everything from an untrusted source is refused (403): answer the
+                # first message, then close, rather than serve a flood of refusals.
+                server.stats.tcp_untrusted_closed += 1
+                backlog.clear()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        if backlog and not self.write_paused and server._loop is not None:
+            self.draining = True
+            server._loop.call_soon(self._drain)
+        self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.server._buffered -= self.framer.buffered
+        self.framer = StreamFramer(0)  # what it held is freed with the connection
         self.server._connection_lost(self)
 
 
@@ -186,11 +364,18 @@ class DmqServer:
         dns_resolver: Any = None,
         dns_timeout: float = DNS_TIMEOUT,
         dns_negative_ttl: float = DNS_NEGATIVE_TTL,
+        limits: TransportLimits | None = None,
     ) -> None:
         if not 0.0 <= drop_rate < 1.0:  # also refuses NaN
             raise ConfigError("must be at least 0 and below 1", field="drop_rate", value=drop_rate)
         self.config = config
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.limits = limits or TransportLimits()
+        #: Inbound TCP connections open now, by source address.
+        self._sources: dict[str, int] = {}
+        #: Bytes of incomplete messages held by all TCP connections together.
+        self._buffered = 0
+        self._sweeper: asyncio.TimerHandle | None = None
         self.resolver = _HostCache(self._clock)
         self.node = DmqNode(config, resolver=self.resolver)
         #: Seconds one host name look-up may take before it counts as failed.
@@ -218,6 +403,23 @@ class DmqServer:
         #: Set when stop() begins: no new broadcast or send is accepted from then on.
         self._stopping = False
         self.started_at: float | None = None
+
+    @property
+    def limits(self) -> TransportLimits:
+        """The bounds in force; set before :meth:`start`."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: TransportLimits) -> None:
+        self._limits = limits
+        #: Bytes queued for one connection beyond which it is closed: room for the
+        #: high-water mark and two of the largest messages.
+        self._write_ceiling = limits.write_high_water + 2 * self.config.max_stream_message
+        self._limited_log = RateLimitedLog(log, limits.log_interval, self._clock)
+
+    def _log_limited(self, level: int, source: str, kind: str, message: str, *args: object) -> None:
+        self._limited_log.log(level, source, kind, message, *args)
+        self.stats.log_lines_suppressed = self._limited_log.suppressed
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -252,6 +454,7 @@ class DmqServer:
         if _ip_literal(local.host) is None:
             self.node.host_resolved(local.host, bind_host, loop.time())
         self.started_at = loop.time()
+        self._arm_sweeper()
         self.node.start(loop.time())
         self._flush()
         log.info("DMQ node %s listening on %s:%d (udp, tcp)", local, bind_host, port)
@@ -331,6 +534,9 @@ class DmqServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._udp is not None:
             self._udp.close()
         if self._tcp_server is not None:
@@ -457,9 +663,27 @@ class DmqServer:
         # Shielded: a caller that gives up must not cancel a look-up others share.
         return await asyncio.shield(self._lookup(name))
 
-    def _lookup(self, name: str) -> asyncio.Task[str]:
+    def _lookup(self, name: str) -> asyncio.Future[str]:
         task = self._lookups.get(name)
         if task is None:
+            if len(self._lookups) >= self.limits.max_dns_lookups:
+                # A flood of new names (from a node list) must not become a flood of
+                # look-ups: this one fails for now, and is asked for again later.
+                self.stats.dns_lookups_refused += 1
+                self._log_limited(
+                    logging.WARNING,
+                    "dns",
+                    "lookups",
+                    "%d host name look-ups in flight: %r not looked up now",
+                    len(self._lookups),
+                    name,
+                )
+                refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+                refused.set_exception(dns.DnsResolutionError(name))
+                refused.exception()  # retrieved: whoever awaits it gets it all the same
+                if self._loop is not None:
+                    self._loop.call_soon(self._host_resolved, name, None)
+                return refused
             task = asyncio.ensure_future(self._resolve_name(name))
             self._lookups[name] = task
             task.add_done_callback(self._lookup_done)
@@ -550,7 +774,120 @@ class DmqServer:
         self._connection_ids += 1
         return self._connection_ids
 
+    def _admit(self, connection: _StreamProtocol) -> bool:
+        """Whether an inbound connection is within the caps; counts it if so."""
+        source = connection.peer[0]
+        limits = self.limits
+        kind = ""
+        if self.stats.tcp_connections >= limits.max_connections:
+            self.stats.tcp_refused_total += 1
+            kind = f"{limits.max_connections} TCP connections open"
+        elif self._sources.get(source, 0) >= limits.max_connections_per_source:
+            self.stats.tcp_refused_per_source += 1
+            kind = f"{limits.max_connections_per_source} TCP connections open from {source}"
+        if kind:
+            self._log_limited(
+                logging.WARNING,
+                source,
+                "accept",
+                "TCP connection from %s:%s refused: %s",
+                source,
+                connection.peer[1],
+                kind,
+            )
+            return False
+        connection.counted = True
+        self.stats.tcp_connections += 1
+        self._sources[source] = self._sources.get(source, 0) + 1
+        connection.trusted = self._is_trusted(source)
+        if not connection.trusted:
+            connection.framer.max_size = min(connection.framer.max_size, UNTRUSTED_MAX_MESSAGE)
+        return True
+
+    def _is_trusted(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.trusted)
+
+    def _arm_sweeper(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        limits = self.limits
+        interval = min(1.0, limits.idle_timeout / 4, limits.message_timeout / 4)
+        self._sweeper = loop.call_later(max(interval, 0.01), self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle too long, slow to deliver a message, or (outbound)
+        whose request went unanswered for Timer F: a dead connection is not reused."""
+        self._sweeper = None
+        if self._loop is None:
+            return
+        now = self._loop.time()
+        limits = self.limits
+        timer_f = self.config.timers.timer_f_value
+        for connection in list(self._connections.values()):
+            transport = connection.transport
+            if transport is None or transport.is_closing():
+                continue
+            host, port = connection.peer
+            if connection.awaiting_since is not None and now - connection.awaiting_since >= timer_f:
+                self.stats.tcp_outbound_reset += 1
+                self._log_limited(
+                    logging.INFO,
+                    host,
+                    "dead",
+                    "TCP connection to %s:%s: no answer for %.0f s; closed, the next "
+                    "request opens a new one",
+                    host,
+                    port,
+                    timer_f,
+                )
+                self._drop_outbound(connection)
+                transport.abort()
+            elif (
+                connection.message_started is not None
+                and not connection.reading_paused
+                and now - connection.message_started > limits.message_timeout
+            ):
+                self.stats.tcp_message_timeouts += 1
+                self._log_limited(
+                    logging.WARNING,
+                    host,
+                    "slow",
+                    "closing TCP connection from %s:%s: a message took over %g s to arrive",
+                    host,
+                    port,
+                    limits.message_timeout,
+                )
+                transport.abort()
+            elif now - connection.last_received > limits.idle_timeout:
+                self.stats.tcp_idle_closed += 1
+                log.debug("closing TCP connection with %s:%s: idle", host, port)
+                self._drop_outbound(connection)
+                transport.close()
+        self._arm_sweeper()
+
+    def _drop_outbound(self, connection: _StreamProtocol) -> None:
+        remote = connection.remote
+        if remote is not None and self._outbound.get(remote) is connection:
+            del self._outbound[remote]
+        connection.closed = True
+
     def _connection_lost(self, connection: _StreamProtocol) -> None:
+        if connection.counted:
+            connection.counted = False
+            self.stats.tcp_connections -= 1
+            source = connection.peer[0]
+            left = self._sources.get(source, 0) - 1
+            if left > 0:
+                self._sources[source] = left
+            else:
+                self._sources.pop(source, None)
         self._connections.pop(connection.id, None)
         if connection.remote is not None and self._outbound.get(connection.remote) is connection:
             del self._outbound[connection.remote]
@@ -652,6 +989,10 @@ class DmqServer:
         outbound = self._outbound.get(key)
         if outbound is None or outbound.closed:
             outbound = self._connect(key, destination)
+        if outbound.awaiting_since is None and not data.startswith(b"SIP/"):
+            # A request: if nothing at all comes back within Timer F, the sweep
+            # takes the connection for dead.
+            outbound.awaiting_since = self._clock()
         outbound.write(data)
 
     def _connect(self, key: tuple[str, int], destination: Endpoint) -> _StreamProtocol:
@@ -662,10 +1003,24 @@ class DmqServer:
 
         async def connect() -> None:
             try:
-                # A host still named is resolved by the loop, in its executor.
-                await loop.create_connection(lambda: protocol, key[0], key[1])
+                host = key[0]
+                if _ip_literal(host) is None:
+                    # A name: looked up like any other (bounded, negatively cached,
+                    # an undecodable name is a failed look-up), never by the socket.
+                    host = await asyncio.shield(self._lookup(host.lower()))
+                # Bounded: during a partition, a SYN can go unanswered for minutes.
+                async with asyncio.timeout(self.config.timers.timer_f_value):
+                    await loop.create_connection(lambda: protocol, host, key[1])
             except Exception as exc:
-                log.info("TCP connect to %s:%s failed: %s", key[0], key[1], exc)
+                self._log_limited(
+                    logging.INFO,
+                    key[0],
+                    "connect",
+                    "TCP connect to %s:%s failed: %s",
+                    key[0],
+                    key[1],
+                    exc or type(exc).__name__,
+                )
                 protocol.closed = True
                 if self._outbound.get(key) is protocol:
                     del self._outbound[key]

@@ -403,3 +403,78 @@ def test_client_help_shows_defaults_and_variables(
     assert "[env DMQ_API_TOKEN]" in text
     if command in ("broadcast", "send"):
         assert "application/json if the body parses as JSON" in text
+
+
+# ---------------------------------------------------------------------- bounds
+
+
+BOUND_OPTIONS = [
+    "--tcp-max-header",
+    "--tcp-max-connections",
+    "--tcp-max-connections-per-source",
+    "--tcp-idle-timeout",
+    "--tcp-message-timeout",
+    "--tcp-write-buffer",
+    "--tcp-max-buffered",
+    "--dns-max-lookups",
+    "--http-max-connections",
+    "--http-header-timeout",
+    "--http-keep-alive-timeout",
+    "--http-max-header",
+    "--http-max-body",
+    "--ws-max-frame",
+    "--ws-max-frames-per-second",
+]
+
+
+@pytest.mark.parametrize("flag", BOUND_OPTIONS)
+def test_a_bound_must_be_positive(capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    assert error(capsys, flag, "0") == f"{flag} 0: must be positive"
+
+
+def test_a_bound_from_the_environment_names_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DMQ_HTTP_MAX_BODY", "-5")
+    assert error(capsys) == "DMQ_HTTP_MAX_BODY -5: must be positive"
+    monkeypatch.setenv("DMQ_HTTP_MAX_BODY", "lots")
+    assert error(capsys) == "DMQ_HTTP_MAX_BODY 'lots': must be a whole number"
+
+
+def test_bounds_reach_the_driver_and_the_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DMQ_TCP_IDLE_TIMEOUT", "30")
+    settings = load({"tcp_max_connections": "9", "ws_max_frame": "1024", "max_tcp_message": "9000"})
+    limits = settings.limits()
+    assert limits.transport.max_connections == 9
+    assert limits.transport.idle_timeout == 30.0
+    assert limits.transport.max_connections_per_source == 32  # the default
+    assert limits.api.ws_max_frame == 1024
+    assert limits.api.max_message_body == 9000  # a broadcast may carry one TCP message
+    assert limits.api.max_body == 65_536
+
+
+def test_api_token_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("# comment\n  file-token-1  \n\nfile-token-2\n")
+    path.chmod(0o640)  # the group may read it (a service's group): accepted
+    config = load({"api_token_file": str(path), "api_token": [TOKEN]}).gateway_config()
+    assert config.api_tokens == (TOKEN, "file-token-1", "file-token-2")
+    path.chmod(0o604)
+    assert error(capsys, "--api-token-file", str(path)) == (
+        f"--api-token-file {str(path)!r}: every user of this machine may read it (mode "
+        f"0604); make it private: chmod o-rwx {path}"
+    )
+    path.chmod(0o600)
+    path.write_text("# nothing\n\n")
+    assert error(capsys, "--api-token-file", str(path)) == (
+        f"--api-token-file {str(path)!r}: holds no token (one a line)"
+    )
+    path.write_text("short\n")
+    assert error(capsys, "--api-token-file", str(path)) == (
+        f"--api-token-file {str(path)!r}: a token must be at least 8 printable characters, "
+        "no spaces"
+    )
+    missing = tmp_path / "missing"
+    assert error(capsys, "--api-token-file", str(missing)) == (
+        f"--api-token-file {str(missing)!r}: cannot read it (No such file or directory)"
+    )

@@ -29,6 +29,12 @@ from app.gateway.service import Gateway
 
 #: Seconds to wait for the close frame of a cut-off client to be queued.
 CLOSE_WAIT = 10.0
+#: The most bytes a close frame's reason may have (RFC 6455 section 5.5: a control
+#: frame's payload is at most 125 bytes, 2 of them the code).
+MAX_CLOSE_REASON = 123
+
+#: Client frames per second allowed when the app was built without limits.
+DEFAULT_FRAME_RATE = 100.0
 
 router = APIRouter(prefix="/v1/peers", tags=["subscribe"])
 log = logging.getLogger("dmq.gateway")
@@ -42,13 +48,16 @@ CLOSE_SERVICE_RESTART = 1012
 CLOSE_PEER_REMOVED = 4004
 #: The client read too slowly and its send queue overflowed.
 CLOSE_SLOW_CONSUMER = 4008
+#: The client sent a frame over the size limit (sent by the WebSocket layer itself).
+CLOSE_TOO_BIG = 1009
 
 #: Every close code the endpoint uses, and what each means (openapi/websocket.json is
 #: generated from this table).
 CLOSE_CODES: dict[int, str] = {
     CLOSE_POLICY_VIOLATION: "before the handshake completes, a missing or wrong API token "
     "(the handshake is refused with HTTP 403); after it, a since that is not a "
-    "non-negative integer, or an epoch without a since; the reason says which",
+    "non-negative integer, an epoch without a since, or client frames sent faster than "
+    "--ws-max-frames-per-second; the reason says which",
     CLOSE_SERVICE_RESTART: "the gateway is stopping; the reason says since=N to resume "
     "from (with the epoch of the subscribed frame) once it is back",
     CLOSE_PEER_REMOVED: "the peer is not registered (or was unregistered while subscribed)",
@@ -89,6 +98,15 @@ QUERY_PARAMETERS: dict[str, dict[str, object]] = {
 }
 
 
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame can carry (123 bytes of UTF-8), never in the
+    middle of a character: a longer reason would make the close itself fail."""
+    data = text.encode("utf-8")
+    if len(data) <= MAX_CLOSE_REASON:
+        return text
+    return data[: MAX_CLOSE_REASON - 3].decode("utf-8", "ignore") + "..."
+
+
 def _bearer(websocket: WebSocket) -> str | None:
     header = websocket.headers.get("authorization")
     if header:
@@ -106,7 +124,8 @@ def _query(websocket: WebSocket) -> tuple[int | None, str | None] | str:
         if epoch is not None:
             return "epoch needs since: the offset in that epoch to resume after"
         return None, None
-    if not raw.isdigit() or len(raw) > 18:
+    # isascii: str.isdigit() is also true for "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         return f"since must be a non-negative integer offset, not {raw[:20]!r}"
     return int(raw), epoch
 
@@ -121,13 +140,13 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
     query = _query(websocket)
     await websocket.accept()
     if isinstance(query, str):
-        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=query)
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=close_reason(query))
         return
     try:
         subscription = gateway.subscribe(peer_id, *query)
     except (GatewayError, DmqUsageError) as exc:
         code = CLOSE_SERVICE_RESTART if gateway.stopping else CLOSE_PEER_REMOVED
-        await websocket.close(code=code, reason=str(exc)[:120])
+        await websocket.close(code=code, reason=close_reason(str(exc)))
         return
     subscriber = subscription.subscriber
     # Two loops per connection: frames out (a task) and replies in (this handler, so
@@ -171,7 +190,9 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
         # can't even be queued in CLOSE_WAIT seconds, give up and let the server drop
         # the connection when this handler returns.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(websocket.close(code=code, reason=reason), CLOSE_WAIT)
+            await asyncio.wait_for(
+                websocket.close(code=code, reason=close_reason(reason)), CLOSE_WAIT
+            )
 
 
 async def _send_frames(websocket: WebSocket, subscriber: Subscriber, first: list[str]) -> None:
@@ -194,11 +215,32 @@ async def _send_frames(websocket: WebSocket, subscriber: Subscriber, first: list
 
 
 async def _receive_replies(websocket: WebSocket, gateway: Gateway, peer_id: str) -> None:
+    limits = getattr(websocket.app.state, "limits", None)
+    rate = limits.api.ws_frames_per_second if limits is not None else DEFAULT_FRAME_RATE
+    # A token bucket: a burst of `rate` frames, then `rate` per second. A client over
+    # it is closed rather than slowed: its frames would otherwise starve the loop.
+    tokens = rate
+    clock = asyncio.get_running_loop().time
+    last = clock()
     while True:
         try:
             text = await websocket.receive_text()
         except (WebSocketDisconnect, RuntimeError, KeyError):
             return
+        now = clock()
+        tokens = min(rate, tokens + (now - last) * rate)
+        last = now
+        if tokens < 1:
+            stats = getattr(websocket.app.state, "guard_stats", None)
+            if stats is not None:
+                stats.ws_rate_limited += 1
+            with contextlib.suppress(Exception):
+                await websocket.close(
+                    code=CLOSE_POLICY_VIOLATION,
+                    reason=f"more than {rate:g} frames per second",
+                )
+            return
+        tokens -= 1
         error = _handle_reply(gateway, peer_id, text)
         if error is not None:
             await websocket.send_text(error.text())
