@@ -44,12 +44,13 @@ import ipaddress
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig, is_valid_peer_id
 from app.dmq.errors import (
+    InvalidHeaderError,
     InvalidPeerIdError,
     InvalidReplyTimeoutError,
     MessageTooLargeError,
@@ -80,9 +81,10 @@ from app.dmq.nodes import (
     node_uri,
     parse_node_list,
 )
-from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
+from app.dmq.peers import ORIGIN_HEADER, Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
 from app.dmq.sip import (
     MAX_UDP_MESSAGE,
+    Headers,
     NameAddr,
     SipParseError,
     SipRequest,
@@ -126,6 +128,8 @@ CACHE_SIZE = 1024
 #: What a cache answers for a key it does not hold, where ``None`` is a value.
 _MISSING = object()
 
+_ORIGIN = Headers.canonical(ORIGIN_HEADER)
+
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
 
@@ -133,6 +137,65 @@ CSEQ_NUMBER = 10
 #: :meth:`DmqNode.reply` can be told what happened (a 408, a 404...) rather than only
 #: "not pending". At 10 000 messages per second this covers the last second.
 FINISHED_RECORD_LIMIT = 10_000
+
+#: Extra headers as the caller gives them: ``(name, value)`` pairs.
+ExtraHeaders = Sequence[tuple[str, str]]
+
+#: Headers the node writes on every KDMQ request itself (canonical names); an extra
+#: header may not replace or repeat one of them.
+_OWN_HEADERS = frozenset(
+    Headers.canonical(name)
+    for name in (
+        "Via",
+        "To",
+        "From",
+        "CSeq",
+        "Call-ID",
+        "Max-Forwards",
+        "User-Agent",
+        "Content-Type",
+        "Content-Length",
+        "Route",
+        "Record-Route",
+        "Contact",
+    )
+)
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+#: Header lines after the fixed ones, as they go on the wire (validated).
+HeaderLines = tuple[str, ...]
+
+
+def header_lines(headers: ExtraHeaders) -> HeaderLines:
+    """Check extra headers and render them as ``Name: value`` lines.
+
+    Raises :class:`InvalidHeaderError` naming the header and what is wrong with it: a
+    name must be a SIP token and not one of the headers the node writes itself; a
+    value must be one line of printable text (tabs allowed), because a line break
+    would let a caller inject headers or end the head early."""
+    lines = []
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise InvalidHeaderError(f"an extra header must be a (name, value) pair, not {item!r}")
+        name, value = item
+        if not isinstance(name, str) or not name or not all(c in _TOKEN_CHARS for c in name):
+            raise InvalidHeaderError(
+                f"header name {name!r} must be a SIP token (letters, digits, - . ! % * _ + ` ' ~)"
+            )
+        if Headers.canonical(name) in _OWN_HEADERS:
+            raise InvalidHeaderError(
+                f"header {name!r} is written by the DMQ node itself and cannot be given"
+            )
+        if not isinstance(value, str) or any(
+            (ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value
+        ):
+            raise InvalidHeaderError(
+                f"header {name} value {value!r} must be a single line of text without "
+                "control characters"
+            )
+        lines.append(f"{name}: {value.strip()}")
+    return tuple(lines)
 
 
 @dataclass(slots=True)
@@ -401,12 +464,17 @@ class DmqNode:
         *,
         exclude: SipUri | None = None,
         max_forwards: int = 1,
+        headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to every active node but us (and ``exclude``); one result per node."""
-        self._check_user_send(peer_id, body)
+        """Send to every active node but us (and ``exclude``); one result per node.
+
+        ``headers`` are extra ``(name, value)`` headers put on each request as given
+        (:func:`header_lines` says which are refused)."""
+        extra = header_lines(headers)
+        self._check_user_send(peer_id, body, extra)
         excluded = self.nodes.key_of(exclude) if exclude is not None else None
         targets = [n for n in self.nodes.active_others() if n.key != excluded]
-        return self._operation(peer_id, targets, body, content_type, max_forwards, now)
+        return self._operation(peer_id, targets, body, content_type, max_forwards, now, extra)
 
     def send(
         self,
@@ -417,15 +485,17 @@ class DmqNode:
         now: float,
         *,
         max_forwards: int = 1,
+        headers: ExtraHeaders = (),
     ) -> SendOperation:
         """Send to one node of the list, whatever its status."""
-        self._check_user_send(peer_id, body)
+        extra = header_lines(headers)
+        self._check_user_send(peer_id, body, extra)
         target = self.nodes.find(node)
         if target is None or target.local:
             raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
-        return self._operation(peer_id, [target], body, content_type, max_forwards, now)
+        return self._operation(peer_id, [target], body, content_type, max_forwards, now, extra)
 
-    def _check_user_send(self, peer_id: str, body: bytes) -> None:
+    def _check_user_send(self, peer_id: str, body: bytes, extra: HeaderLines = ()) -> None:
         if self.stopped:
             raise NodeStoppedError("this node has left the bus")
         if peer_id == self.config.notification_channel:
@@ -437,10 +507,12 @@ class DmqNode:
                 f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
             )
         limit = self.max_body_size
-        if len(body) > limit:
+        extra_size = sum(len(line.encode()) + 2 for line in extra)
+        if len(body) + extra_size > limit:
+            with_headers = f" with {extra_size} bytes of extra headers" if extra else ""
             raise MessageTooLargeError(
-                f"a body of {len(body)} bytes does not fit in one message on this "
-                f"transport (at most {limit} bytes)"
+                f"a body of {len(body)} bytes{with_headers} does not fit in one message "
+                f"on this transport (at most {limit} bytes)"
             )
 
     @property
@@ -457,6 +529,7 @@ class DmqNode:
         content_type: str | None,
         max_forwards: int,
         now: float,
+        extra: HeaderLines = (),
     ) -> SendOperation:
         self._ids += 1
         operation = SendOperation(self._ids, peer_id, tuple(node.uri for node in targets))
@@ -472,6 +545,7 @@ class DmqNode:
                 max_forwards,
                 now,
                 self._operation_result(operation, node),
+                extra,
             )
         return operation
 
@@ -511,6 +585,7 @@ class DmqNode:
         max_forwards: int,
         now: float,
         on_result: Callable[[FinalResult, float], None],
+        extra: HeaderLines = (),
     ) -> None:
         rng = self.rng
         branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
@@ -527,6 +602,7 @@ class DmqNode:
             f"Call-ID: {call_id}",
             f"Max-Forwards: {max_forwards}",
             f"User-Agent: {self.config.user_agent}",
+            *extra,
         ]
         if content_type:
             lines.append(f"Content-Type: {content_type}")
@@ -845,6 +921,7 @@ class DmqNode:
             call_id=headers.get("call-id") or "",
             received_at=now,
             max_forwards=max_forwards,
+            origin=headers.get(_ORIGIN),
         )
         try:
             reply = peer.handler(message)
