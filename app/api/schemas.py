@@ -82,6 +82,11 @@ class PeerIn(StrictModel):
     history: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
         1000, description="messages kept for subscribers that resume with ?since="
     )
+    history_max_age: Annotated[float, Field(ge=0, le=10 * 365 * 86400)] = Field(
+        0,
+        description="seconds a message is kept for subscribers that resume (0: no age "
+        "limit; history still bounds the count)",
+    )
 
 
 class PeerOut(OutModel):
@@ -90,8 +95,12 @@ class PeerOut(OutModel):
     reply: ReplyMode
     reply_timeout: float
     history: int
+    history_max_age: float
     epoch: str = Field(description="history epoch; offsets are comparable only within it")
-    offset: int = Field(description="offset of the latest message received (0: none yet)")
+    offset: int = Field(
+        description="offset of the latest history entry (0: none yet); with the sqlite "
+        "history store, epoch and offset survive restarts"
+    )
     history_size: int = Field(description="messages held in history now")
     subscribers: int
     received: int = Field(description="messages received since the gateway started")

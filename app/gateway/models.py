@@ -23,6 +23,8 @@ class PeerSettings:
     reply_timeout: float = 5.0
     #: Messages kept for replay.
     history: int = 1000
+    #: Seconds a message is kept for replay (0: no age limit).
+    history_max_age: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -36,6 +38,7 @@ class PeerSettings:
             reply=ReplyMode(data.get("reply", "auto")),
             reply_timeout=float(data.get("reply_timeout", 5.0)),
             history=int(data.get("history", 1000)),
+            history_max_age=float(data.get("history_max_age", 0.0)),
         )
 
 
@@ -63,6 +66,7 @@ class PeerInfo:
     reply: ReplyMode
     reply_timeout: float
     history: int
+    history_max_age: float
     epoch: str
     offset: int
     history_size: int

@@ -81,6 +81,7 @@ async def put_peer(
         reply=ReplyMode(body.reply),
         reply_timeout=body.reply_timeout,
         history=body.history,
+        history_max_age=body.history_max_age,
     )
     peer, created = gateway.put_peer(peer_id, settings)
     response.status_code = 201 if created else 200
