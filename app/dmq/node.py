@@ -45,7 +45,7 @@ import logging
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig, is_valid_peer_id
@@ -61,10 +61,12 @@ from app.dmq.errors import (
     UnknownPeerError,
 )
 from app.dmq.events import (
+    Delivery,
     Event,
     HostLookupNeeded,
     NodeResult,
     NodeStatusChanged,
+    OutboxDropped,
     PeerReplyTimedOut,
     SendCompleted,
     SendOperation,
@@ -80,6 +82,16 @@ from app.dmq.nodes import (
     literal_resolver,
     node_uri,
     parse_node_list,
+)
+from app.dmq.outbox import (
+    DROP_AGE,
+    DROP_BYTES,
+    DROP_COUNT,
+    DROP_REMOVED,
+    DROP_STOPPED,
+    Outbox,
+    OutboxInfo,
+    OutboxMessage,
 )
 from app.dmq.peers import ORIGIN_HEADER, Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
 from app.dmq.sip import (
@@ -215,6 +227,15 @@ class NodeStats:
     #: Deferred peer replies that did not come within the peer's reply_timeout and
     #: were answered 408 by the node (each also emits :class:`PeerReplyTimedOut`).
     reply_timeouts: int = 0
+    #: Messages put in a node's outbox (one per node a message waits for).
+    outbox_queued: int = 0
+    #: Transactions started to resend a message from an outbox.
+    outbox_resent: int = 0
+    #: Messages from an outbox that the node answered (delivered after a retry).
+    outbox_delivered: int = 0
+    #: reason (``removed``, ``count``, ``bytes``, ``age``, ``stopped``) -> messages
+    #: dropped undelivered (each drop also emits :class:`OutboxDropped`).
+    outbox_dropped: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True, eq=False)
@@ -262,6 +283,9 @@ class DmqNode:
         self._finished: BoundedCache[int, str] = BoundedCache(FINISHED_RECORD_LIMIT)
         self._ids = 0
         self._ping_timer: TimerHandle | None = None
+        #: Messages waiting for nodes that could not take them yet (app.dmq.outbox).
+        self._outboxes: dict[Node, Outbox] = {}
+        self._age_timer: TimerHandle | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
         #: themselves.
@@ -444,6 +468,8 @@ class DmqNode:
             )
         targets = self.nodes.active_others() if not self.stopped else []
         self.stopped = True
+        for node in list(self._outboxes):
+            self._drop_outbox(node, DROP_STOPPED)
         return self._operation(
             self.config.notification_channel,
             targets,
@@ -466,15 +492,21 @@ class DmqNode:
         max_forwards: int = 1,
         headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to every active node but us (and ``exclude``); one result per node.
+        """Send to every node of the list but us (and ``exclude``), whatever its
+        status; one result per node.
 
-        ``headers`` are extra ``(name, value)`` headers put on each request as given
-        (:func:`header_lines` says which are refused)."""
+        An active node is sent the message now; for any other node, or one whose
+        outbox is in use, the message goes to its outbox (:mod:`app.dmq.outbox`) and
+        its result says :attr:`Delivery.QUEUED`. ``headers`` are extra ``(name,
+        value)`` headers put on each request as given (:func:`header_lines` says
+        which are refused), and on every resend of it."""
         extra = header_lines(headers)
         self._check_user_send(peer_id, body, extra)
         excluded = self.nodes.key_of(exclude) if exclude is not None else None
-        targets = [n for n in self.nodes.active_others() if n.key != excluded]
-        return self._operation(peer_id, targets, body, content_type, max_forwards, now, extra)
+        targets = [n for n in self.nodes.others() if n.key != excluded]
+        return self._operation(
+            peer_id, targets, body, content_type, max_forwards, now, extra, store=True
+        )
 
     def send(
         self,
@@ -487,13 +519,16 @@ class DmqNode:
         max_forwards: int = 1,
         headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to one node of the list, whatever its status."""
+        """Send to one node of the list, whatever its status: now if it is active,
+        else through its outbox, as :meth:`broadcast` does."""
         extra = header_lines(headers)
         self._check_user_send(peer_id, body, extra)
         target = self.nodes.find(node)
         if target is None or target.local:
             raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
-        return self._operation(peer_id, [target], body, content_type, max_forwards, now, extra)
+        return self._operation(
+            peer_id, [target], body, content_type, max_forwards, now, extra, store=True
+        )
 
     def _check_user_send(self, peer_id: str, body: bytes, extra: HeaderLines = ()) -> None:
         if self.stopped:
@@ -530,13 +565,37 @@ class DmqNode:
         max_forwards: int,
         now: float,
         extra: HeaderLines = (),
+        *,
+        store: bool = False,
     ) -> SendOperation:
+        """Send one message to ``targets``; with ``store``, a target that cannot take
+        it now gets it through its outbox (never for membership messages)."""
         self._ids += 1
         operation = SendOperation(self._ids, peer_id, tuple(node.uri for node in targets))
         if not targets:
             self._events.append(SendCompleted(operation))
             return operation
+        message = None
+        if store:
+            size = len(body) + sum(len(line) + 2 for line in extra) + len(content_type or "")
+            message = OutboxMessage(
+                self._ids, peer_id, body, content_type, extra, max_forwards, now, size
+            )
         for node in targets:
+            if message is not None and (
+                node.status is not NodeStatus.ACTIVE or node in self._outboxes
+            ):
+                dropped = self._enqueue(node, message, now)
+                outcome = Delivery.QUEUED if dropped is None else Delivery.DROPPED
+                why = (
+                    f"queued: node is {node.status.value}"
+                    if dropped is None
+                    else (f"dropped: outbox bound ({dropped})")
+                )
+                self._add_result(operation, NodeResult(node.uri, 0, why, outcome=outcome))
+                if dropped is None:
+                    self._drain(node, now)
+                continue
             self._send_request(
                 node,
                 peer_id,
@@ -544,13 +603,18 @@ class DmqNode:
                 content_type,
                 max_forwards,
                 now,
-                self._operation_result(operation, node),
+                self._operation_result(operation, node, message),
                 extra,
             )
         return operation
 
+    def _add_result(self, operation: SendOperation, result: NodeResult) -> None:
+        operation.results.append(result)
+        if operation.done:
+            self._events.append(SendCompleted(operation))
+
     def _operation_result(
-        self, operation: SendOperation, node: Node
+        self, operation: SendOperation, node: Node, message: OutboxMessage | None
     ) -> Callable[[FinalResult, float], None]:
         uri = node.uri
         membership = operation.peer_id == self.config.notification_channel
@@ -558,7 +622,15 @@ class DmqNode:
 
         def on_result(result: FinalResult, now: float) -> None:
             response = result.response
-            operation.results.append(
+            outcome = Delivery.DELIVERED
+            if result.local:
+                outcome = Delivery.DROPPED
+                if message is not None:
+                    outcome = self._store_failed(node, message, now)
+            elif not membership:
+                self._node_answered(node, now)
+            self._add_result(
+                operation,
                 NodeResult(
                     uri,
                     result.code,
@@ -567,14 +639,173 @@ class DmqNode:
                     response.headers.get("content-type") if response is not None else None,
                     result.timed_out,
                     result.transport_error,
-                )
+                    outcome,
+                ),
             )
             if membership:
                 self._on_notification_result(key, result, now)
-            if operation.done:
-                self._events.append(SendCompleted(operation))
 
         return on_result
+
+    # ------------------------------------------------------------------ outboxes
+
+    def outboxes(self) -> list[OutboxInfo]:
+        """Every outbox that holds messages, for metrics."""
+        return [
+            OutboxInfo(
+                node.uri,
+                len(box.messages),
+                box.size,
+                len(box.in_flight),
+                min(m.created_at for m in box.messages),
+            )
+            for node, box in self._outboxes.items()
+            if box.messages
+        ]
+
+    def _held(self, node: Node) -> bool:
+        """The node is still in the list (not removed, not replaced by a duplicate)."""
+        return self.nodes.get(node.key) is node
+
+    def _store_failed(self, node: Node, message: OutboxMessage, now: float) -> Delivery:
+        """A message sent at once got no answer: keep it for the node, unless the node
+        is gone or we stopped."""
+        if self.stopped or not self._held(node):
+            reason = DROP_STOPPED if self.stopped else DROP_REMOVED
+            self.stats.outbox_dropped[reason] += 1
+            self._events.append(OutboxDropped(node.uri, message.peer_id, 1, reason))
+            return Delivery.DROPPED
+        dropped = self._enqueue(node, message, now)
+        box = self._outboxes.get(node)
+        if box is not None:
+            box.paused = True
+        return Delivery.QUEUED if dropped is None else Delivery.DROPPED
+
+    def _enqueue(self, node: Node, message: OutboxMessage, now: float) -> str | None:
+        """Put a message at the tail of a node's outbox; return the drop reason when a
+        bound refuses it (the newest message is the one refused, so what callers were
+        told is queued stays queued, in order)."""
+        box = self._outboxes.get(node)
+        held = len(box.messages) if box is not None else 0
+        held_bytes = box.size if box is not None else 0
+        config = self.config
+        reason = None
+        if held >= config.outbox_max_messages:
+            reason = DROP_COUNT
+        elif held_bytes + message.size > config.outbox_max_bytes:
+            reason = DROP_BYTES
+        if reason is not None:
+            self.stats.outbox_dropped[reason] += 1
+            self._events.append(OutboxDropped(node.uri, message.peer_id, 1, reason))
+            log.warning(
+                "outbox of %s is full (%s bound): a message of %s was dropped",
+                node.uri,
+                reason,
+                message.peer_id,
+            )
+            return reason
+        if box is None:
+            box = self._outboxes[node] = Outbox()
+        box.messages.append(message)
+        box.size += message.size
+        self.stats.outbox_queued += 1
+        if self._age_timer is None:
+            self._age_timer = self.timers.call_at(
+                message.created_at + config.outbox_max_age, self._expire
+            )
+        return None
+
+    def _node_answered(self, node: Node, now: float) -> None:
+        """The node answered something: resume its outbox."""
+        box = self._outboxes.get(node)
+        if box is not None:
+            box.paused = False
+            self._drain(node, now)
+
+    def _drain(self, node: Node, now: float) -> None:
+        """Resend the head of an active node's outbox, up to the window in flight."""
+        box = self._outboxes.get(node)
+        if box is None or box.paused or self.stopped or node.status is not NodeStatus.ACTIVE:
+            return
+        window = self.config.outbox_window
+        in_flight = box.in_flight
+        if len(in_flight) >= window:
+            return
+        for message in list(box.messages):
+            if len(in_flight) >= window:
+                break
+            if message.id in in_flight:
+                continue
+            in_flight.add(message.id)
+            self.stats.outbox_resent += 1
+            self._send_request(
+                node,
+                message.peer_id,
+                message.body,
+                message.content_type,
+                message.max_forwards,
+                now,
+                self._resend_result(node, box, message),
+                message.extra,
+            )
+
+    def _resend_result(
+        self, node: Node, box: Outbox, message: OutboxMessage
+    ) -> Callable[[FinalResult, float], None]:
+        def on_result(result: FinalResult, now: float) -> None:
+            box.in_flight.discard(message.id)
+            if self._outboxes.get(node) is not box:
+                return  # the outbox was dropped (and counted) meanwhile
+            if result.local:
+                box.paused = True
+                return
+            box.messages.remove(message)
+            box.size -= message.size
+            self.stats.outbox_delivered += 1
+            if not box.messages:
+                del self._outboxes[node]
+                return
+            self._node_answered(node, now)
+
+        return on_result
+
+    def _drop_outbox(self, node: Node, reason: str) -> None:
+        """Drop everything a node's outbox holds (the node was removed, or we stop)."""
+        box = self._outboxes.pop(node, None)
+        if box is None or not box.messages:
+            return
+        self._report_drops(node, list(box.messages), reason)
+
+    def _report_drops(self, node: Node, messages: list[OutboxMessage], reason: str) -> None:
+        by_peer = Counter(message.peer_id for message in messages)
+        self.stats.outbox_dropped[reason] += len(messages)
+        for peer_id, count in by_peer.items():
+            self._events.append(OutboxDropped(node.uri, peer_id, count, reason))
+        log.warning("%d messages waiting for %s dropped (%s)", len(messages), node.uri, reason)
+
+    def _expire(self, now: float) -> None:
+        """Drop messages older than the age bound (not those being resent right now:
+        their answer is on its way)."""
+        self._age_timer = None
+        max_age = self.config.outbox_max_age
+        limit = now - max_age
+        oldest: float | None = None
+        for node, box in list(self._outboxes.items()):
+            expired = [
+                m for m in box.messages if m.created_at <= limit and m.id not in box.in_flight
+            ]
+            if expired:
+                gone = {m.id for m in expired}
+                box.messages = deque(m for m in box.messages if m.id not in gone)
+                box.size -= sum(m.size for m in expired)
+                self._report_drops(node, expired, DROP_AGE)
+                if not box.messages:
+                    del self._outboxes[node]
+                    continue
+            head = min(m.created_at for m in box.messages)
+            oldest = head if oldest is None else min(oldest, head)
+        if oldest is not None:
+            self._age_timer = self.timers.call_at(max(oldest + max_age, now + 1.0), self._expire)
 
     def _send_request(
         self,
@@ -1115,6 +1346,11 @@ class DmqNode:
             )
             self._emit_status(node, old, node.status, reason)
             changed += 1
+            if node.status is NodeStatus.ACTIVE:
+                if first_hand:
+                    self._node_answered(node, now)
+                else:
+                    self._drain(node, now)
         return changed
 
     def _notify(self, targets: Iterable[Node], body: bytes, max_forwards: int, now: float) -> None:
@@ -1153,6 +1389,7 @@ class DmqNode:
                 parsed = parse_node_list(result.response.body)
                 self._merge(parsed.lines, key, now)
             self._maybe_run_inits()
+            self._node_answered(node, now)
         elif result.local:
             node.failures += 1
             if self.stopped:
@@ -1161,12 +1398,14 @@ class DmqNode:
                 self.nodes.remove(node)
                 self._tombstones[key] = now + 3 * self.config.ping_interval
                 self._emit_status(node, NodeStatus.DISABLED, None, "missed a second ping")
+                self._drop_outbox(node, DROP_REMOVED)
             else:
                 previous: NodeStatus = node.status
                 node.status = NodeStatus.DISABLED
                 self._emit_status(node, previous, NodeStatus.DISABLED, "did not answer")
         else:
             node.last_reply = now  # other codes are answers, but change nothing
+            self._node_answered(node, now)
 
     def _join(self, now: float) -> None:
         """Send ourselves, Max-Forwards 2, to every node we know (at first: the
@@ -1214,6 +1453,7 @@ class DmqNode:
         self._addresses.put(name, address)
         for dropped, kept in self.nodes.rekey(name):
             self._emit_status(dropped, dropped.status, None, f"the same node as {kept.uri}")
+            self._drop_outbox(dropped, DROP_REMOVED)
         for key in [key for key in self._tombstones if key[0] == name]:
             until = self._tombstones.pop(key)
             if until > now:
@@ -1245,6 +1485,7 @@ class DmqNode:
         self.nodes.remove(node)
         self._tombstones[node.key] = now + 3 * self.config.ping_interval
         self._emit_status(node, node.status, None, "removed by operator")
+        self._drop_outbox(node, DROP_REMOVED)
         return node
 
     def _emit_status(
