@@ -115,6 +115,14 @@ class NodeResultOut(OutModel):
     body: str | None = Field(None, description="the reply body (base64 if not UTF-8)")
     encoding: Literal["base64"] | None = None
     timeout: bool = Field(description="no final answer in time (Timer F or ?timeout=)")
+    outcome: Literal["delivered", "queued", "dropped"] | None = Field(
+        None,
+        description="delivered: the node answered (see code); queued: no answer yet, the "
+        "message waits in the node's outbox and is resent, in order, when the node answers "
+        "again (it is not lost; the receiver delivers it once); dropped: it will never be "
+        "delivered (reason says why: the node was removed, an outbox bound, the gateway "
+        "stopped); null: no result within ?timeout=, still in flight",
+    )
 
 
 class SendAccepted(OutModel):

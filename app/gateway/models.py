@@ -3,7 +3,7 @@ import cycles between the hub, the peer store and the API)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -86,13 +86,20 @@ class HealthInfo:
 @dataclass(frozen=True, slots=True)
 class NodeOutcome:
     """How one target node answered a broadcast or send (``code`` None: no final
-    answer in time)."""
+    answer in time, or none at all for a message queued or dropped before it was sent).
+
+    ``outcome``: ``delivered`` (the node answered, whatever the code), ``queued`` (it
+    waits in the node's outbox and is resent when the node answers again), ``dropped``
+    (it will never be delivered; ``reason`` says why), or None (no result within the
+    caller's ``?timeout=``: still in flight)."""
 
     node: str
     code: int | None
     reason: str | None
     content_type: str | None = None
     body: bytes = b""
+    outcome: str | None = None
+    timed_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,3 +140,15 @@ class GatewayStats:
     #: NodeStatus value -> other nodes in it (every status, zeros included).
     nodes_by_status: dict[str, int]
     peers: tuple[PeerStats, ...]
+    #: Store-and-forward at the sender: node URI -> (messages, bytes) waiting for it.
+    outboxes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    outbox_queued: int = 0
+    outbox_resent: int = 0
+    outbox_delivered: int = 0
+    #: Drop reason -> messages that left an outbox undelivered.
+    outbox_dropped: dict[str, int] = field(default_factory=dict)
+    #: At the receiver: stamped copies answered but not delivered again, gap entries
+    #: written, and stamped messages held for the ones before them now.
+    duplicates: int = 0
+    gaps: int = 0
+    held: int = 0

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 
 from app.dmq.errors import NodeStoppedError
-from app.dmq.events import NodeResult, SendOperation
+from app.dmq.events import Delivery, NodeResult, SendOperation
 from app.dmq.nodes import Node, NodeStatus
+from app.dmq.outbox import DROP_REASONS
 from app.dmq.peers import PeerReply
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
@@ -163,6 +164,14 @@ class Gateway:
                 PeerStats(c.peer_id, len(c.subscribers), c.overflows, len(c.history), c.received)
                 for c in sorted(self._hub.channels.values(), key=lambda c: c.peer_id)
             ),
+            outboxes={str(box.node): (box.messages, box.bytes) for box in node.outboxes()},
+            outbox_queued=stats.outbox_queued,
+            outbox_resent=stats.outbox_resent,
+            outbox_delivered=stats.outbox_delivered,
+            outbox_dropped={reason: stats.outbox_dropped.get(reason, 0) for reason in DROP_REASONS},
+            duplicates=self._hub.duplicates,
+            gaps=self._hub.reorderer.gaps,
+            held=self._hub.reorderer.held(),
         )
 
     # ------------------------------------------------------------------ nodes
@@ -338,11 +347,31 @@ def _outcomes(operation: SendOperation) -> tuple[NodeOutcome, ...]:
     for target in operation.targets:
         node = str(target)
         result = answered.get(node)
-        if result is None or result.timed_out or result.transport_error:
-            outcomes.append(NodeOutcome(node, None, None))
+        if result is None:
+            outcomes.append(NodeOutcome(node, None, None, timed_out=True))
+        elif result.outcome is not Delivery.DELIVERED:
+            # Queued for a resend, or dropped: the reason says why (a local 408 or none).
+            outcomes.append(
+                NodeOutcome(
+                    node,
+                    None,
+                    result.reason,
+                    outcome=result.outcome.value,
+                    timed_out=result.timed_out,
+                )
+            )
+        elif result.timed_out or result.transport_error:
+            outcomes.append(NodeOutcome(node, None, None, outcome=None, timed_out=True))
         else:
             outcomes.append(
-                NodeOutcome(node, result.code, result.reason, result.content_type, result.body)
+                NodeOutcome(
+                    node,
+                    result.code,
+                    result.reason,
+                    result.content_type,
+                    result.body,
+                    outcome=result.outcome.value,
+                )
             )
     return tuple(outcomes)
 

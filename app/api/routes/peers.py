@@ -117,15 +117,19 @@ def _outcome_out(outcome: NodeOutcome) -> NodeResultOut:
         except UnicodeDecodeError:
             body = base64.b64encode(outcome.body).decode("ascii")
             encoding = "base64"
-    timed_out = outcome.code is None
+    timed_out = outcome.timed_out
+    reason = outcome.reason
+    if reason is None and timed_out:
+        reason = "Request Timeout"
     return NodeResultOut(
         node=outcome.node,
         code=outcome.code,
-        reason="Request Timeout" if timed_out else outcome.reason,
+        reason=reason,
         content_type=outcome.content_type,
         body=body,
         encoding=encoding,
         timeout=timed_out,
+        outcome=outcome.outcome,  # type: ignore[arg-type]
     )
 
 
