@@ -43,7 +43,8 @@ from enum import Enum
 from typing import Any, NamedTuple, TypeVar
 
 from app.dmq.errors import ReplyNotPendingError
-from app.dmq.peers import PeerMessage, PeerReply
+from app.dmq.node import ExtraHeaders
+from app.dmq.peers import ORIGIN_HEADER, PeerMessage, PeerReply
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
 from app.gateway.errors import PeerNotRegisteredError
 from app.gateway.frames import GapFrame, MessageFrame, SubscribedFrame
@@ -359,12 +360,12 @@ class Hub:
             channel.offset = max(store.latest_offset(peer_id, stored.epoch), stored.trimmed)
             channel.retain(time.time(), flush=True)
         if self.durable:
-            for peer_id, origin, epoch, next_seq in store.load_streams():
-                if peer_id in self.channels:
-                    self.reorderer.restore(StreamKey(peer_id, origin, epoch), next_seq)
+            for stream, next_seq in store.load_streams():
+                if stream[0] in self.channels:
+                    self.reorderer.restore(StreamKey(*stream), next_seq)
             for row in store.load_held():
                 if row.peer_id in self.channels:
-                    key = StreamKey(row.peer_id, row.origin, row.origin_epoch)
+                    key = StreamKey(row.peer_id, row.origin, row.origin_epoch, row.to)
                     held = _Held(row.sender, row.content_type, row.body)
                     self.reorderer.restore_held(key, row.seq, held, row.arrived)
         return loaded
@@ -431,14 +432,21 @@ class Hub:
 
     # ------------------------------------------------------------------ our stamps
 
-    def stamp(self, peer_id: str) -> str:
-        """The ``X-DMQ-Origin`` value of the next message we originate for a peer;
-        the seq is committed before it is used, so a restart never reuses one."""
-        seq = self._origin_seq.get(peer_id, 0) + 1
-        self._origin_seq[peer_id] = seq
+    def stamped(self, peer_id: str, to: str, start: Callable[[ExtraHeaders], _R]) -> _R:
+        """Call ``start`` with the ``X-DMQ-Origin`` header of the next message we
+        originate for a peer (a broadcast, or with ``to`` a send to that node).
+
+        The seq is used up only once ``start`` has returned (a send the node refuses
+        leaves no hole a receiver would wait for), and committed before the message
+        leaves, so a restart never reuses one.
+        """
+        stream = f"{peer_id}>{to}" if to else peer_id
+        seq = self._origin_seq.get(stream, 0) + 1
+        result = start(((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),))
+        self._origin_seq[stream] = seq
         if self.store is not None:
-            self.store.save_origin_seq(peer_id, seq)
-        return build_origin(self.origin, self.origin_epoch, seq)
+            self.store.save_origin_seq(stream, seq)
+        return result
 
     # ------------------------------------------------------------------ incoming
 
@@ -467,7 +475,7 @@ class Hub:
             if not channel.subscribers:
                 return _NO_SUBSCRIBER
             if stamp is not None:
-                key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch)
+                key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
                 if not self.reorderer.offer_unordered(key, stamp.seq):
                     self.duplicates += 1
                     return _OK  # delivered to a subscriber before: not asked again
@@ -491,7 +499,7 @@ class Hub:
             return write()
 
     def _offer(self, channel: PeerChannel, stamp: OriginStamp, message: PeerMessage) -> None:
-        key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch)
+        key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
         now = time.time()
         held = _Held(str(message.sender), message.content_type, message.body)
         verdict, actions = self.reorderer.offer(key, stamp.seq, held, now)
@@ -506,6 +514,7 @@ class Hub:
                         key.peer_id,
                         key.origin,
                         key.epoch,
+                        key.to,
                         stamp.seq,
                         now,
                         held.sender,
@@ -517,7 +526,7 @@ class Hub:
             if verdict is Verdict.DELIVERED and store is not None:
                 next_seq = self.reorderer.next_seq(key)
                 if next_seq is not None:
-                    store.set_next_seq(key.peer_id, key.origin, key.epoch, next_seq)
+                    store.set_next_seq(key, next_seq)
 
         if verdict is not Verdict.DUPLICATE or actions:
             self._commit(write)
@@ -531,7 +540,7 @@ class Hub:
         for action in actions:
             if isinstance(action, Retired):
                 if store is not None:
-                    store.forget_stream(*action.key)
+                    store.forget_stream(action.key)
                 touched.discard(action.key)
                 continue
             channel = self.channels.get(action.key.peer_id)
@@ -542,9 +551,7 @@ class Hub:
                 item = action.item
                 channel.append(item.sender, item.content_type, item.body)
                 if action.was_held and store is not None:
-                    store.unhold(
-                        action.key.peer_id, action.key.origin, action.key.epoch, action.seq
-                    )
+                    store.unhold(action.key, action.seq)
             else:
                 log.warning(
                     "peer %s: messages %d..%d from %s (epoch %s) are lost: %s",
@@ -571,7 +578,7 @@ class Hub:
             for key in touched:
                 next_seq = self.reorderer.next_seq(key)
                 if next_seq is not None:
-                    store.set_next_seq(key.peer_id, key.origin, key.epoch, next_seq)
+                    store.set_next_seq(key, next_seq)
 
     def _arm(self) -> None:
         """Keep the one loop timer at the reorderer's next deadline."""

@@ -41,7 +41,6 @@ from app.gateway.models import (
     PeerSettings,
     PeerStats,
 )
-from app.gateway.origin import ORIGIN_HEADER
 from app.gateway.store import StateStore
 from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
@@ -267,8 +266,12 @@ class Gateway:
         """Send to every active node but this one; with ``wait``, every node's result."""
         server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.broadcast_nowait(
-                peer_id, body, content_type, headers=((ORIGIN_HEADER, hub.stamp(peer_id)),)
+            lambda: hub.stamped(
+                peer_id,
+                "",
+                lambda headers: server.broadcast_nowait(
+                    peer_id, body, content_type, headers=headers
+                ),
             ),
             wait,
             timeout,
@@ -288,12 +291,12 @@ class Gateway:
         target = await self.resolve_node(node)
         server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.send_nowait(
+            lambda: hub.stamped(
                 peer_id,
-                body,
-                content_type,
-                target,
-                headers=((ORIGIN_HEADER, hub.stamp(peer_id)),),
+                str(target),
+                lambda headers: server.send_nowait(
+                    peer_id, body, content_type, target, headers=headers
+                ),
             ),
             wait,
             timeout,

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from app.dmq.events import SendOperation
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
-from app.gateway.origin import ORIGIN_HEADER, build_origin
+from app.gateway.origin import ORIGIN_HEADER, build_origin, parse_origin
 from app.gateway.store import HistoryStore
 from tests.gateway.conftest import Node, node_config, running
 
@@ -43,6 +43,10 @@ def send(node: Node, to: str, seq: int, body: str, epoch: str = "e1") -> int:
 
     operation: SendOperation = node.call(go)
     return operation.results[0].code
+
+
+def client_uri(config: GatewayConfig) -> str:
+    return str(config.node.server_address)
 
 
 def join(client: TestClient, node: Node) -> str:
@@ -231,19 +235,32 @@ def test_our_stamps_go_on_across_a_restart(config: GatewayConfig) -> None:
         try:
             receiver.listen(PEER)
             assert client.post("/v1/nodes", json={"uri": receiver.uri}).status_code == 201
-            for _ in range(2):
-                result = client.post(f"/v1/peers/{PEER}/send?node={receiver.uri}&wait=true")
-                assert result.json()["results"][0]["code"] == 200
+            result = client.post(f"/v1/peers/{PEER}/broadcast?wait=true")
+            assert result.json()["results"][0]["code"] == 200
+            result = client.post(f"/v1/peers/{PEER}/send?node={receiver.uri}&wait=true")
+            assert result.json()["results"][0]["code"] == 200
             return [m.origin for m in receiver.received]
         finally:
             receiver.stop()
 
     with running(config) as client:
-        first = stamps(client)
+        first = [parse_origin(s) for s in stamps(client)]
+        # A send the node refuses uses up no seq (a receiver would wait for it).
+        refused = client.post(f"/v1/peers/{PEER}/send?node=sip:127.0.0.1:9&wait=true")
+        assert refused.status_code == 404
     with running(config) as client:
-        second = stamps(client)
-    assert [s.rsplit("seq=", 1)[1] for s in first + second if s] == ["1", "2", "3", "4"]
-    assert len({s.split(";seq=")[0] for s in first + second if s}) == 1  # origin and epoch
+        second = [parse_origin(s) for s in stamps(client)]
+    assert all(first + second)
+    origin = first[0]
+    assert origin is not None and origin.origin == client_uri(config)
+    # Broadcasts count per peer; sends per peer and node (a new node each run here).
+    assert [(s.seq, s.to != "") for s in first + second if s] == [
+        (1, False),
+        (1, True),
+        (2, False),
+        (1, True),
+    ]
+    assert len({(s.origin, s.epoch) for s in first + second if s}) == 1
 
 
 def test_peers_json_is_imported_once(config: GatewayConfig) -> None:
