@@ -4,8 +4,27 @@ Theory of operation
 -------------------
 Each registered peer is a :class:`PeerChannel`. A KDMQ request for it becomes a
 :class:`HistoryEntry` with the next *offset* of the channel's *epoch* (a random tag
-drawn when the channel is created in this process: offsets are only comparable within
-one epoch, which is how a client learns that a restart lost the history it knew).
+drawn when the peer is registered: offsets are only comparable within one epoch, which
+is how a client learns that the history it knew is gone). With the sqlite history
+store the epoch, the offsets and the history are kept in the state dir
+(:mod:`app.gateway.store`) and a restart changes none of them; with the memory store
+(or no state dir) every start draws a new epoch.
+
+Stamped messages (``X-DMQ-Origin``, :mod:`app.gateway.origin`) go through the
+:class:`~app.gateway.reorder.Reorderer` first:
+
+* ``reply: auto`` - each origin's messages reach the history in sequence order, once;
+  an early one is stored as *held* (so it too is safe before its 200) until the ones
+  before it arrive or a reorder bound gives them up, which writes a *gap entry* into
+  the history (a ``gap`` frame with ``origin``, live and on resume). A copy of a
+  message already delivered or held is answered 200 and not delivered again. One
+  loop timer (:meth:`Hub._arm`) releases what waited too long.
+* ``reply: subscriber`` - delivered at once, deduplicated only: the subscriber's reply
+  is the SIP reply and holding a message back would eat into its ``reply_timeout``. A
+  repeated copy (the sender never got the first answer) is answered 200 without asking
+  the subscriber again; the deduplication state is in memory only.
+
+Unstamped messages (Kamailio's) are delivered as they come, as before.
 
 * ``reply: auto`` - the entry is stored, fanned out, and the node answers 200 at once.
 * ``reply: subscriber`` - with no subscriber the node answers 480 and stores nothing;

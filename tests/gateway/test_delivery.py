@@ -290,3 +290,51 @@ def test_a_corrupt_database_is_moved_aside(
     assert (config.state_dir / "gateway.db.broken").read_bytes().startswith(b"this is not")
     with running(config) as client:
         assert [p["peer_id"] for p in client.get("/v1/peers").json()] == [PEER]
+
+
+def test_subscriber_mode_delivers_at_once_and_answers_copies_itself(
+    config: GatewayConfig,
+) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            put = client.put(
+                f"/v1/peers/{PEER}", json={"reply": "subscriber", "reply_timeout": 0.9}
+            )
+            assert put.status_code == 201
+            gateway = join(client, origin)
+            with client.websocket_connect(f"/v1/peers/{PEER}/subscribe") as ws:
+                assert frame(ws)["type"] == "subscribed"
+                codes: list[int] = []
+
+                def answer_next(body: str) -> None:
+                    message = frame(ws)
+                    assert message["body"] == body
+                    ws.send_text(json.dumps({"type": "reply", "id": message["id"], "code": 202}))
+
+                for seq in (2, 1):  # out of order: not held back
+                    sent = origin.call(_start_send, origin, gateway, seq)
+                    answer_next(f"m{seq}")
+                    codes.append(origin.call(_wait, sent))
+                # A copy is answered by the gateway (200), the subscriber sees nothing.
+                codes.append(send(origin, gateway, 2, "m2"))
+                assert codes == [202, 202, 200]
+            assert client.get(f"/v1/peers/{PEER}").json()["offset"] == 2
+        finally:
+            origin.stop()
+
+
+async def _start_send(node: Node, to: str, seq: int) -> Any:
+    _, waiter = node.server.send_nowait(
+        PEER,
+        f"m{seq}".encode(),
+        "text/plain",
+        SipUri.parse(to),
+        headers=((ORIGIN_HEADER, build_origin(ORIGIN, "e1", seq)),),
+    )
+    return waiter
+
+
+async def _wait(waiter: Any) -> int:
+    operation: SendOperation = await waiter
+    return operation.results[0].code
