@@ -35,7 +35,15 @@ hop on, ping every node every ``ping_interval``, a node is disabled on its first
 missed ping and removed on its second. Where Kamailio has known faults we do better:
 retransmissions are never delivered twice, a node's own word about itself outranks a
 third party's (so a node we removed is not brought back as a ghost by another node's
-stale list), we never add ourselves, and a graceful stop tells every active node.
+stale list), we never add ourselves, and a graceful stop tells every active node. A
+missed ping counts only when the node showed no other sign of life meanwhile (see
+``probe_before_disabling``), and the node list is bounded (``max_nodes``, and new nodes
+per list and per second), so no neighbour can make us allocate or forward without end.
+
+Nothing is lost silently: a broadcast is meant for every node held, whatever its
+status, and a message a node cannot take now waits in that node's outbox
+(:mod:`app.dmq.outbox`) until it answers again, or is dropped for a reason that is
+counted and reported.
 """
 
 from __future__ import annotations
@@ -44,15 +52,17 @@ import ipaddress
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig, is_valid_peer_id
 from app.dmq.errors import (
+    InvalidHeaderError,
     InvalidPeerIdError,
     InvalidReplyTimeoutError,
     MessageTooLargeError,
+    NodeListFullError,
     NodeStoppedError,
     ReplyNotPendingError,
     ReservedPeerError,
@@ -60,10 +70,12 @@ from app.dmq.errors import (
     UnknownPeerError,
 )
 from app.dmq.events import (
+    Delivery,
     Event,
     HostLookupNeeded,
     NodeResult,
     NodeStatusChanged,
+    OutboxDropped,
     PeerReplyTimedOut,
     SendCompleted,
     SendOperation,
@@ -80,9 +92,20 @@ from app.dmq.nodes import (
     node_uri,
     parse_node_list,
 )
-from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
+from app.dmq.outbox import (
+    DROP_AGE,
+    DROP_BYTES,
+    DROP_COUNT,
+    DROP_REMOVED,
+    DROP_STOPPED,
+    Outbox,
+    OutboxInfo,
+    OutboxMessage,
+)
+from app.dmq.peers import ORIGIN_HEADER, Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
 from app.dmq.sip import (
     MAX_UDP_MESSAGE,
+    Headers,
     NameAddr,
     SipParseError,
     SipRequest,
@@ -126,6 +149,16 @@ CACHE_SIZE = 1024
 #: What a cache answers for a key it does not hold, where ``None`` is a value.
 _MISSING = object()
 
+_ORIGIN = Headers.canonical(ORIGIN_HEADER)
+
+#: The one peer id under which requests for peers we do not have are counted (in
+#: ``NodeStats.received``): the ids are the sender's choice, and a series per id would
+#: let any sender grow the counters, and the metrics, without bound.
+UNKNOWN_PEER = "(unknown)"
+
+#: Refused nodes are logged at most once per this many seconds (with a count).
+REFUSAL_LOG_INTERVAL = 60.0
+
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
 
@@ -133,6 +166,65 @@ CSEQ_NUMBER = 10
 #: :meth:`DmqNode.reply` can be told what happened (a 408, a 404...) rather than only
 #: "not pending". At 10 000 messages per second this covers the last second.
 FINISHED_RECORD_LIMIT = 10_000
+
+#: Extra headers as the caller gives them: ``(name, value)`` pairs.
+ExtraHeaders = Sequence[tuple[str, str]]
+
+#: Headers the node writes on every KDMQ request itself (canonical names); an extra
+#: header may not replace or repeat one of them.
+_OWN_HEADERS = frozenset(
+    Headers.canonical(name)
+    for name in (
+        "Via",
+        "To",
+        "From",
+        "CSeq",
+        "Call-ID",
+        "Max-Forwards",
+        "User-Agent",
+        "Content-Type",
+        "Content-Length",
+        "Route",
+        "Record-Route",
+        "Contact",
+    )
+)
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+#: Header lines after the fixed ones, as they go on the wire (validated).
+HeaderLines = tuple[str, ...]
+
+
+def header_lines(headers: ExtraHeaders) -> HeaderLines:
+    """Check extra headers and render them as ``Name: value`` lines.
+
+    Raises :class:`InvalidHeaderError` naming the header and what is wrong with it: a
+    name must be a SIP token and not one of the headers the node writes itself; a
+    value must be one line of printable text (tabs allowed), because a line break
+    would let a caller inject headers or end the head early."""
+    lines = []
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise InvalidHeaderError(f"an extra header must be a (name, value) pair, not {item!r}")
+        name, value = item
+        if not isinstance(name, str) or not name or not all(c in _TOKEN_CHARS for c in name):
+            raise InvalidHeaderError(
+                f"header name {name!r} must be a SIP token (letters, digits, - . ! % * _ + ` ' ~)"
+            )
+        if Headers.canonical(name) in _OWN_HEADERS:
+            raise InvalidHeaderError(
+                f"header {name!r} is written by the DMQ node itself and cannot be given"
+            )
+        if not isinstance(value, str) or any(
+            (ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value
+        ):
+            raise InvalidHeaderError(
+                f"header {name} value {value!r} must be a single line of text without "
+                "control characters"
+            )
+        lines.append(f"{name}: {value.strip()}")
+    return tuple(lines)
 
 
 @dataclass(slots=True)
@@ -152,6 +244,23 @@ class NodeStats:
     #: Deferred peer replies that did not come within the peer's reply_timeout and
     #: were answered 408 by the node (each also emits :class:`PeerReplyTimedOut`).
     reply_timeouts: int = 0
+    #: Messages put in a node's outbox (one per node a message waits for).
+    outbox_queued: int = 0
+    #: Transactions started to resend a message from an outbox.
+    outbox_resent: int = 0
+    #: Messages from an outbox that the node answered (delivered after a retry).
+    outbox_delivered: int = 0
+    #: reason (``removed``, ``count``, ``bytes``, ``age``, ``stopped``) -> messages
+    #: dropped undelivered (each drop also emits :class:`OutboxDropped`).
+    outbox_dropped: Counter[str] = field(default_factory=Counter)
+    #: Second pings sent halfway through a ping's Timer F (probe_before_disabling).
+    probes_sent: int = 0
+    #: Missed pings not held against a node because it showed life meanwhile (an
+    #: answer to a probe or to anything else, or a request of its own).
+    verdicts_spared: int = 0
+    #: bound (``max_nodes``, ``max_new_nodes_per_list``, ``max_new_nodes_per_second``)
+    #: -> nodes named in node lists that were not added because of it.
+    nodes_refused: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True, eq=False)
@@ -199,6 +308,14 @@ class DmqNode:
         self._finished: BoundedCache[int, str] = BoundedCache(FINISHED_RECORD_LIMIT)
         self._ids = 0
         self._ping_timer: TimerHandle | None = None
+        #: Messages waiting for nodes that could not take them yet (app.dmq.outbox).
+        self._outboxes: dict[Node, Outbox] = {}
+        self._age_timer: TimerHandle | None = None
+        #: New nodes that may still be taken in now (max_new_nodes_per_second).
+        self._new_node_tokens = float(config.max_new_nodes_per_list)
+        self._new_node_tokens_at: float | None = None
+        self._refusals_unlogged = 0
+        self._refusal_logged_at: float | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
         #: themselves.
@@ -358,6 +475,9 @@ class DmqNode:
         if self.nodes.is_local(uri):
             log.warning("notification address %s is this node itself; skipped", uri)
             return None
+        if self.nodes.find(uri) is None and len(self.nodes) - 1 >= self.config.max_nodes:
+            log.warning("notification address %s skipped: the node list is full", uri)
+            return None
         node = self.nodes.add(uri, NodeStatus.NOT_ACTIVE, notification_address=True)
         if node is not None:
             self._emit_status(node, None, node.status, "notification address")
@@ -381,6 +501,8 @@ class DmqNode:
             )
         targets = self.nodes.active_others() if not self.stopped else []
         self.stopped = True
+        for node in list(self._outboxes):
+            self._drop_outbox(node, DROP_STOPPED)
         return self._operation(
             self.config.notification_channel,
             targets,
@@ -401,12 +523,24 @@ class DmqNode:
         *,
         exclude: SipUri | None = None,
         max_forwards: int = 1,
+        headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to every active node but us (and ``exclude``); one result per node."""
-        self._check_user_send(peer_id, body)
+        """Send to every node of the list but us (and ``exclude``), whatever its
+        status; one result per node.
+
+        A node that is active or not active yet is sent the message now, and one that
+        does not answer it gets it through its outbox (:mod:`app.dmq.outbox`); for a
+        disabled node, or one whose outbox is in use, the message goes to the outbox at
+        once. Either way its result says :attr:`Delivery.QUEUED`. ``headers`` are extra ``(name,
+        value)`` headers put on each request as given (:func:`header_lines` says
+        which are refused), and on every resend of it."""
+        extra = header_lines(headers)
+        self._check_user_send(peer_id, body, extra)
         excluded = self.nodes.key_of(exclude) if exclude is not None else None
-        targets = [n for n in self.nodes.active_others() if n.key != excluded]
-        return self._operation(peer_id, targets, body, content_type, max_forwards, now)
+        targets = [n for n in self.nodes.others() if n.key != excluded]
+        return self._operation(
+            peer_id, targets, body, content_type, max_forwards, now, extra, store=True
+        )
 
     def send(
         self,
@@ -417,15 +551,20 @@ class DmqNode:
         now: float,
         *,
         max_forwards: int = 1,
+        headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to one node of the list, whatever its status."""
-        self._check_user_send(peer_id, body)
+        """Send to one node of the list, whatever its status: now, or through its
+        outbox when it is disabled, as :meth:`broadcast` does."""
+        extra = header_lines(headers)
+        self._check_user_send(peer_id, body, extra)
         target = self.nodes.find(node)
         if target is None or target.local:
             raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
-        return self._operation(peer_id, [target], body, content_type, max_forwards, now)
+        return self._operation(
+            peer_id, [target], body, content_type, max_forwards, now, extra, store=True
+        )
 
-    def _check_user_send(self, peer_id: str, body: bytes) -> None:
+    def _check_user_send(self, peer_id: str, body: bytes, extra: HeaderLines = ()) -> None:
         if self.stopped:
             raise NodeStoppedError("this node has left the bus")
         if peer_id == self.config.notification_channel:
@@ -437,10 +576,12 @@ class DmqNode:
                 f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
             )
         limit = self.max_body_size
-        if len(body) > limit:
+        extra_size = sum(len(line.encode()) + 2 for line in extra)
+        if len(body) + extra_size > limit:
+            with_headers = f" with {extra_size} bytes of extra headers" if extra else ""
             raise MessageTooLargeError(
-                f"a body of {len(body)} bytes does not fit in one message on this "
-                f"transport (at most {limit} bytes)"
+                f"a body of {len(body)} bytes{with_headers} does not fit in one message "
+                f"on this transport (at most {limit} bytes)"
             )
 
     @property
@@ -457,13 +598,41 @@ class DmqNode:
         content_type: str | None,
         max_forwards: int,
         now: float,
+        extra: HeaderLines = (),
+        *,
+        store: bool = False,
     ) -> SendOperation:
+        """Send one message to ``targets``; with ``store``, a target that cannot take
+        it now gets it through its outbox (never for membership messages)."""
         self._ids += 1
         operation = SendOperation(self._ids, peer_id, tuple(node.uri for node in targets))
         if not targets:
             self._events.append(SendCompleted(operation))
             return operation
+        message = None
+        if store:
+            size = len(body) + sum(len(line) + 2 for line in extra) + len(content_type or "")
+            message = OutboxMessage(
+                self._ids, peer_id, body, content_type, extra, max_forwards, now, size
+            )
         for node in targets:
+            # A disabled node is known not to answer: its copy waits. A node that is
+            # not active yet (we asked it, it has not answered) is tried now, like an
+            # active one: if it does not answer either, the copy waits all the same.
+            if message is not None and (
+                node.status is NodeStatus.DISABLED or node in self._outboxes
+            ):
+                dropped = self._enqueue(node, message, now)
+                outcome = Delivery.QUEUED if dropped is None else Delivery.DROPPED
+                why = (
+                    f"queued: node is {node.status.value}"
+                    if dropped is None
+                    else (f"dropped: outbox bound ({dropped})")
+                )
+                self._add_result(operation, NodeResult(node.uri, 0, why, outcome=outcome))
+                if dropped is None:
+                    self._drain(node, now)
+                continue
             self._send_request(
                 node,
                 peer_id,
@@ -471,12 +640,18 @@ class DmqNode:
                 content_type,
                 max_forwards,
                 now,
-                self._operation_result(operation, node),
+                self._operation_result(operation, node, message),
+                extra,
             )
         return operation
 
+    def _add_result(self, operation: SendOperation, result: NodeResult) -> None:
+        operation.results.append(result)
+        if operation.done:
+            self._events.append(SendCompleted(operation))
+
     def _operation_result(
-        self, operation: SendOperation, node: Node
+        self, operation: SendOperation, node: Node, message: OutboxMessage | None
     ) -> Callable[[FinalResult, float], None]:
         uri = node.uri
         membership = operation.peer_id == self.config.notification_channel
@@ -484,7 +659,15 @@ class DmqNode:
 
         def on_result(result: FinalResult, now: float) -> None:
             response = result.response
-            operation.results.append(
+            outcome = Delivery.DELIVERED
+            if result.local:
+                outcome = Delivery.DROPPED
+                if message is not None:
+                    outcome = self._store_failed(node, message, now)
+            elif not membership:
+                self._node_answered(node, now)
+            self._add_result(
+                operation,
                 NodeResult(
                     uri,
                     result.code,
@@ -493,14 +676,174 @@ class DmqNode:
                     response.headers.get("content-type") if response is not None else None,
                     result.timed_out,
                     result.transport_error,
-                )
+                    outcome,
+                ),
             )
             if membership:
                 self._on_notification_result(key, result, now)
-            if operation.done:
-                self._events.append(SendCompleted(operation))
 
         return on_result
+
+    # ------------------------------------------------------------------ outboxes
+
+    def outboxes(self) -> list[OutboxInfo]:
+        """Every outbox that holds messages, for metrics."""
+        return [
+            OutboxInfo(
+                node.uri,
+                len(box.messages),
+                box.size,
+                len(box.in_flight),
+                min(m.created_at for m in box.messages),
+            )
+            for node, box in self._outboxes.items()
+            if box.messages
+        ]
+
+    def _held(self, node: Node) -> bool:
+        """The node is still in the list (not removed, not replaced by a duplicate)."""
+        return self.nodes.get(node.key) is node
+
+    def _store_failed(self, node: Node, message: OutboxMessage, now: float) -> Delivery:
+        """A message sent at once got no answer: keep it for the node, unless the node
+        is gone or we stopped."""
+        if self.stopped or not self._held(node):
+            reason = DROP_STOPPED if self.stopped else DROP_REMOVED
+            self.stats.outbox_dropped[reason] += 1
+            self._events.append(OutboxDropped(node.uri, message.peer_id, 1, reason))
+            return Delivery.DROPPED
+        dropped = self._enqueue(node, message, now)
+        box = self._outboxes.get(node)
+        if box is not None:
+            box.paused = True
+        return Delivery.QUEUED if dropped is None else Delivery.DROPPED
+
+    def _enqueue(self, node: Node, message: OutboxMessage, now: float) -> str | None:
+        """Put a message at the tail of a node's outbox; return the drop reason when a
+        bound refuses it (the newest message is the one refused, so what callers were
+        told is queued stays queued, in order)."""
+        box = self._outboxes.get(node)
+        held = len(box.messages) if box is not None else 0
+        held_bytes = box.size if box is not None else 0
+        config = self.config
+        reason = None
+        if held >= config.outbox_max_messages:
+            reason = DROP_COUNT
+        elif held_bytes + message.size > config.outbox_max_bytes:
+            reason = DROP_BYTES
+        if reason is not None:
+            self.stats.outbox_dropped[reason] += 1
+            self._events.append(OutboxDropped(node.uri, message.peer_id, 1, reason))
+            log.warning(
+                "outbox of %s is full (%s bound): a message of %s was dropped",
+                node.uri,
+                reason,
+                message.peer_id,
+            )
+            return reason
+        if box is None:
+            box = self._outboxes[node] = Outbox()
+        box.messages.append(message)
+        box.size += message.size
+        self.stats.outbox_queued += 1
+        if self._age_timer is None:
+            self._age_timer = self.timers.call_at(
+                message.created_at + config.outbox_max_age, self._expire
+            )
+        return None
+
+    def _node_answered(self, node: Node, now: float) -> None:
+        """The node answered something: resume its outbox."""
+        node.last_heard = now
+        box = self._outboxes.get(node)
+        if box is not None:
+            box.paused = False
+            self._drain(node, now)
+
+    def _drain(self, node: Node, now: float) -> None:
+        """Resend the head of an active node's outbox, up to the window in flight."""
+        box = self._outboxes.get(node)
+        if box is None or box.paused or self.stopped or node.status is not NodeStatus.ACTIVE:
+            return
+        window = self.config.outbox_window
+        in_flight = box.in_flight
+        if len(in_flight) >= window:
+            return
+        for message in list(box.messages):
+            if len(in_flight) >= window:
+                break
+            if message.id in in_flight:
+                continue
+            in_flight.add(message.id)
+            self.stats.outbox_resent += 1
+            self._send_request(
+                node,
+                message.peer_id,
+                message.body,
+                message.content_type,
+                message.max_forwards,
+                now,
+                self._resend_result(node, box, message),
+                message.extra,
+            )
+
+    def _resend_result(
+        self, node: Node, box: Outbox, message: OutboxMessage
+    ) -> Callable[[FinalResult, float], None]:
+        def on_result(result: FinalResult, now: float) -> None:
+            box.in_flight.discard(message.id)
+            if self._outboxes.get(node) is not box:
+                return  # the outbox was dropped (and counted) meanwhile
+            if result.local:
+                box.paused = True
+                return
+            box.messages.remove(message)
+            box.size -= message.size
+            self.stats.outbox_delivered += 1
+            if not box.messages:
+                del self._outboxes[node]
+                return
+            self._node_answered(node, now)
+
+        return on_result
+
+    def _drop_outbox(self, node: Node, reason: str) -> None:
+        """Drop everything a node's outbox holds (the node was removed, or we stop)."""
+        box = self._outboxes.pop(node, None)
+        if box is None or not box.messages:
+            return
+        self._report_drops(node, list(box.messages), reason)
+
+    def _report_drops(self, node: Node, messages: list[OutboxMessage], reason: str) -> None:
+        by_peer = Counter(message.peer_id for message in messages)
+        self.stats.outbox_dropped[reason] += len(messages)
+        for peer_id, count in by_peer.items():
+            self._events.append(OutboxDropped(node.uri, peer_id, count, reason))
+        log.warning("%d messages waiting for %s dropped (%s)", len(messages), node.uri, reason)
+
+    def _expire(self, now: float) -> None:
+        """Drop messages older than the age bound (not those being resent right now:
+        their answer is on its way)."""
+        self._age_timer = None
+        max_age = self.config.outbox_max_age
+        limit = now - max_age
+        oldest: float | None = None
+        for node, box in list(self._outboxes.items()):
+            expired = [
+                m for m in box.messages if m.created_at <= limit and m.id not in box.in_flight
+            ]
+            if expired:
+                gone = {m.id for m in expired}
+                box.messages = deque(m for m in box.messages if m.id not in gone)
+                box.size -= sum(m.size for m in expired)
+                self._report_drops(node, expired, DROP_AGE)
+                if not box.messages:
+                    del self._outboxes[node]
+                    continue
+            head = min(m.created_at for m in box.messages)
+            oldest = head if oldest is None else min(oldest, head)
+        if oldest is not None:
+            self._age_timer = self.timers.call_at(max(oldest + max_age, now + 1.0), self._expire)
 
     def _send_request(
         self,
@@ -511,6 +854,7 @@ class DmqNode:
         max_forwards: int,
         now: float,
         on_result: Callable[[FinalResult, float], None],
+        extra: HeaderLines = (),
     ) -> None:
         rng = self.rng
         branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
@@ -527,6 +871,7 @@ class DmqNode:
             f"Call-ID: {call_id}",
             f"Max-Forwards: {max_forwards}",
             f"User-Agent: {self.config.user_agent}",
+            *extra,
         ]
         if content_type:
             lines.append(f"Content-Type: {content_type}")
@@ -823,6 +1168,9 @@ class DmqNode:
         else:
             self._respond_error(st, request, destination, 400, "bad Max-Forwards", now)
             return
+        held = self.nodes.find(sender)
+        if held is not None:
+            held.last_heard = now  # a sign of life, whatever the request is
         if peer_id is None:
             self._respond_error(
                 st, request, destination, 404, "the Request-URI names no peer id", now
@@ -833,7 +1181,9 @@ class DmqNode:
             return
         peer = self.peers.get(peer_id)
         if peer is None:
-            self._respond(st, request, destination, 404, "User Not Found", now, peer_id=peer_id)
+            self._respond(
+                st, request, destination, 404, "User Not Found", now, peer_id=UNKNOWN_PEER
+            )
             return
         self._ids += 1
         message = PeerMessage(
@@ -845,6 +1195,7 @@ class DmqNode:
             call_id=headers.get("call-id") or "",
             received_at=now,
             max_forwards=max_forwards,
+            origin=headers.get(_ORIGIN),
         )
         try:
             reply = peer.handler(message)
@@ -993,20 +1344,29 @@ class DmqNode:
         keeps removed nodes from coming back as ghosts (Kamailio PR #1840).
         """
         changed = 0
+        added = 0
         expired = [key for key, until in self._tombstones.items() if until <= now]
         for key in expired:
             del self._tombstones[key]
         for line in lines:
-            key = self.nodes.key_of(line.uri)
+            # Not asking for names yet: a node refused below costs no look-up.
+            key = self.nodes.key_of(line.uri, ask=False)
             if key == self.nodes.local.key:
                 continue  # never add or change ourselves
             first_hand = key == speaker
-            node = self.nodes.find(line.uri)
+            node = self.nodes.get(key)
             if node is None:
                 if line.status is NodeStatus.DISABLED:
                     continue  # a leave notice for a node we don't hold
                 if not first_hand and key in self._tombstones:
                     continue
+                # A node speaking for itself is held to max_nodes only; what it says
+                # of others, to the per-list and per-second bounds too.
+                refused = self._refuse_new_node(None if first_hand else added, now)
+                if refused is not None:
+                    self._count_refusal(refused, line.uri, speaker, now)
+                    continue
+                added += 0 if first_hand else 1
                 self._tombstones.pop(key, None)
                 node = self.nodes.add(line.uri, line.status)
                 if node is not None:
@@ -1038,10 +1398,67 @@ class DmqNode:
             )
             self._emit_status(node, old, node.status, reason)
             changed += 1
+            if node.status is NodeStatus.ACTIVE:
+                if first_hand:
+                    self._node_answered(node, now)
+                else:
+                    self._drain(node, now)
         return changed
 
-    def _notify(self, targets: Iterable[Node], body: bytes, max_forwards: int, now: float) -> None:
+    def _refuse_new_node(self, added_from_list: int | None, now: float) -> str | None:
+        """The bound that refuses one more new node now, or None (a token is taken);
+        ``added_from_list`` is None for a node that speaks for itself."""
+        config = self.config
+        if len(self.nodes) - 1 >= config.max_nodes:
+            return "max_nodes"
+        if added_from_list is None:
+            return None
+        if added_from_list >= config.max_new_nodes_per_list:
+            return "max_new_nodes_per_list"
+        burst = float(config.max_new_nodes_per_list)
+        if self._new_node_tokens_at is not None:
+            elapsed = max(0.0, now - self._new_node_tokens_at)
+            self._new_node_tokens = min(
+                burst, self._new_node_tokens + elapsed * config.max_new_nodes_per_second
+            )
+        self._new_node_tokens_at = now
+        if self._new_node_tokens < 1:
+            return "max_new_nodes_per_second"
+        self._new_node_tokens -= 1
+        return None
+
+    def _count_refusal(self, bound: str, uri: SipUri, speaker: NodeKey | None, now: float) -> None:
+        self.stats.nodes_refused[bound] += 1
+        self._refusals_unlogged += 1
+        last = self._refusal_logged_at
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "%d nodes named in node lists refused (latest %s from %s, bound %s=%s); "
+                "logged at most once every %g s",
+                self._refusals_unlogged,
+                uri,
+                _key_text(speaker),
+                bound,
+                getattr(self.config, bound),
+                REFUSAL_LOG_INTERVAL,
+            )
+            self._refusals_unlogged = 0
+            self._refusal_logged_at = now
+
+    def _notify(
+        self,
+        targets: Iterable[Node],
+        body: bytes,
+        max_forwards: int,
+        now: float,
+        *,
+        probe: bool = False,
+    ) -> None:
+        """Send our list to ``targets``; with ``probe`` (pings), a target that has not
+        answered halfway through Timer F is sent a second ping (:meth:`_probe`)."""
         channel = self.config.notification_channel
+        probe = probe and self.config.probe_before_disabling
+        halfway = now + self.config.timers.timer_f_value / 2
         for node in targets:
             key = node.key
             self._send_request(
@@ -1051,20 +1468,47 @@ class DmqNode:
                 "text/plain",
                 max_forwards,
                 now,
-                self._notification_callback(key),
+                self._notification_callback(key, now),
             )
+            if probe:
+                self.timers.call_at(halfway, self._probe, key, now)
 
-    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult, float], None]:
+    def _notification_callback(
+        self, key: NodeKey, sent_at: float
+    ) -> Callable[[FinalResult, float], None]:
         def on_result(result: FinalResult, now: float) -> None:
-            self._on_notification_result(key, result, now)
+            self._on_notification_result(key, result, now, sent_at)
 
         return on_result
 
-    def _on_notification_result(self, key: NodeKey, result: FinalResult, now: float) -> None:
+    def _probe(self, now: float, key: NodeKey, sent_at: float) -> None:
+        """Halfway through a ping's Timer F with no sign of life from the node: ping it
+        again, as a new transaction. Under datagram loss a second, independent try
+        often gets through where the first one's retransmissions did not; its answer
+        counts as the node's (a 200 is handled as a ping's), its failure counts for
+        nothing, since the first ping's own Timer F gives the verdict, at the same
+        instant as without the probe."""
+        node = self.nodes.get(key)
+        if node is None or self.stopped or _heard_since(node, sent_at):
+            return
+        self.stats.probes_sent += 1
+        channel = self.config.notification_channel
+
+        def on_result(result: FinalResult, now: float) -> None:
+            if not result.local:
+                self._on_notification_result(key, result, now, sent_at)
+
+        self._send_request(node, channel, self._list_body(), "text/plain", 1, now, on_result)
+
+    def _on_notification_result(
+        self, key: NodeKey, result: FinalResult, now: float, sent_at: float | None = None
+    ) -> None:
         """A node answered (or failed to answer) our join, ping, propagation or leave."""
         node = self.nodes.get(key)
         if node is None or node.local:
             return
+        if not result.local:
+            node.last_heard = now
         if result.code == 200:
             node.last_reply = now
             node.failures = 0
@@ -1076,7 +1520,17 @@ class DmqNode:
                 parsed = parse_node_list(result.response.body)
                 self._merge(parsed.lines, key, now)
             self._maybe_run_inits()
+            self._node_answered(node, now)
         elif result.local:
+            if (
+                self.config.probe_before_disabling
+                and sent_at is not None
+                and _heard_since(node, sent_at)
+            ):
+                # It answered something else, or sent us a request, since this
+                # request left: the loss was of this exchange, not of the node.
+                self.stats.verdicts_spared += 1
+                return
             node.failures += 1
             if self.stopped:
                 return
@@ -1084,12 +1538,14 @@ class DmqNode:
                 self.nodes.remove(node)
                 self._tombstones[key] = now + 3 * self.config.ping_interval
                 self._emit_status(node, NodeStatus.DISABLED, None, "missed a second ping")
+                self._drop_outbox(node, DROP_REMOVED)
             else:
                 previous: NodeStatus = node.status
                 node.status = NodeStatus.DISABLED
                 self._emit_status(node, previous, NodeStatus.DISABLED, "did not answer")
         else:
             node.last_reply = now  # other codes are answers, but change nothing
+            self._node_answered(node, now)
 
     def _join(self, now: float) -> None:
         """Send ourselves, Max-Forwards 2, to every node we know (at first: the
@@ -1109,7 +1565,7 @@ class DmqNode:
                 self.add_notification_address(address)
             self._join(now)
             return
-        self._notify(self.nodes.others(), self._list_body(), 1, now)
+        self._notify(self.nodes.others(), self._list_body(), 1, now, probe=True)
 
     # ------------------------------------------------------------------ names
 
@@ -1137,6 +1593,7 @@ class DmqNode:
         self._addresses.put(name, address)
         for dropped, kept in self.nodes.rekey(name):
             self._emit_status(dropped, dropped.status, None, f"the same node as {kept.uri}")
+            self._drop_outbox(dropped, DROP_REMOVED)
         for key in [key for key in self._tombstones if key[0] == name]:
             until = self._tombstones.pop(key)
             if until > now:
@@ -1148,6 +1605,11 @@ class DmqNode:
         """Add a node by hand and notify it (Kamailio master's ``dmq.add``)."""
         if self.nodes.is_local(uri):
             raise ValueError(f"{uri} is this node itself")
+        if self.nodes.find(uri) is None and len(self.nodes) - 1 >= self.config.max_nodes:
+            raise NodeListFullError(
+                f"{uri} cannot be added: the node list holds max_nodes "
+                f"({self.config.max_nodes}) nodes already"
+            )
         self._tombstones.pop(self.nodes.key_of(uri), None)
         node = self.nodes.add(uri, NodeStatus.NOT_ACTIVE)
         if node is None:
@@ -1168,6 +1630,7 @@ class DmqNode:
         self.nodes.remove(node)
         self._tombstones[node.key] = now + 3 * self.config.ping_interval
         self._emit_status(node, node.status, None, "removed by operator")
+        self._drop_outbox(node, DROP_REMOVED)
         return node
 
     def _emit_status(
@@ -1181,6 +1644,11 @@ class DmqNode:
             reason,
         )
         self._events.append(NodeStatusChanged(node.uri, old, new, reason))
+
+
+def _heard_since(node: Node, instant: float) -> bool:
+    """The node answered us or sent us a request at or after ``instant``."""
+    return node.last_heard is not None and node.last_heard >= instant
 
 
 def _key_text(key: NodeKey | None) -> str:

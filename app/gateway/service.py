@@ -15,16 +15,19 @@ every subscription; :meth:`Gateway.stop` then leaves the bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 
 from app.dmq.errors import NodeStoppedError
-from app.dmq.events import NodeResult, SendOperation
+from app.dmq.events import Delivery, NodeResult, SendOperation
 from app.dmq.nodes import Node, NodeStatus
+from app.dmq.outbox import DROP_REASONS
 from app.dmq.peers import PeerReply
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
@@ -40,7 +43,7 @@ from app.gateway.models import (
     PeerSettings,
     PeerStats,
 )
-from app.gateway.store import PeerStore
+from app.gateway.store import StateStore
 from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
 
@@ -48,6 +51,9 @@ log = logging.getLogger("dmq.gateway")
 
 #: A label of a host name: letters, digits, '-' and (leniently) '_', at most 63.
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+#: Seconds between checkpoints of the state store's WAL.
+CHECKPOINT_INTERVAL = 1.0
 
 _Start = Callable[[], tuple[SendOperation, asyncio.Future[SendOperation]]]
 
@@ -58,10 +64,22 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self._server = DmqServer(config.node, drop_rate=config.drop_rate)
-        store = PeerStore(config.state_dir) if config.state_dir is not None else None
-        self._hub = Hub(self._server, store, queue_limit=config.queue_limit)
+        self._store = (
+            StateStore(config.state_dir, sync=config.history_sync)
+            if config.state_dir is not None
+            else None
+        )
+        self._hub = Hub(
+            self._server,
+            self._store,
+            queue_limit=config.queue_limit,
+            history_store=config.history_store,
+            reorder_wait=config.reorder_wait,
+            reorder_limit=config.reorder_limit,
+        )
         #: Tags message ids of this process, so ids from before a restart never clash.
         self.instance = secrets.token_hex(4)
+        self._checkpoints: asyncio.Task[None] | None = None
         #: Completed by begin_stop(); requests waiting for results wait on it too.
         self._stopping: asyncio.Future[None] | None = None
 
@@ -70,6 +88,8 @@ class Gateway:
     async def start(self) -> None:
         """Register the stored and --peer peers, then start the node."""
         self._stopping = asyncio.get_running_loop().create_future()
+        if self._store is not None:
+            self._store.open()
         loaded = self._hub.load()
         for peer_id in self.config.startup_peers:
             if peer_id not in self._hub.channels:
@@ -77,6 +97,9 @@ class Gateway:
                     peer_id, PeerSettings(description="--peer"), persist=False, ephemeral=True
                 )
         await self._server.start()
+        self._hub.start_timer()
+        if self._store is not None:
+            self._checkpoints = asyncio.create_task(self._checkpoint_loop(self._store))
         log.info(
             "gateway up: %d stored peers, %d from --peer", loaded, len(self.config.startup_peers)
         )
@@ -103,7 +126,24 @@ class Gateway:
     async def stop(self) -> None:
         """Leave the bus gracefully and close the node's sockets."""
         self.begin_stop()
+        self._hub.stop_timer()
         await self._server.stop()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            self._checkpoints = None
+        if self._store is not None:
+            self._store.close()
+
+    async def _checkpoint_loop(self, store: StateStore) -> None:
+        """Fold the store's WAL into the database every second, in a worker thread."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await asyncio.to_thread(store.checkpoint)
+            except sqlite3.Error as exc:
+                log.warning("state store checkpoint failed (retried): %s", exc)
 
     # ------------------------------------------------------------------ health, stats
 
@@ -145,6 +185,14 @@ class Gateway:
                 PeerStats(c.peer_id, len(c.subscribers), c.overflows, len(c.history), c.received)
                 for c in sorted(self._hub.channels.values(), key=lambda c: c.peer_id)
             ),
+            outboxes={str(box.node): (box.messages, box.bytes) for box in node.outboxes()},
+            outbox_queued=stats.outbox_queued,
+            outbox_resent=stats.outbox_resent,
+            outbox_delivered=stats.outbox_delivered,
+            outbox_dropped={reason: stats.outbox_dropped.get(reason, 0) for reason in DROP_REASONS},
+            duplicates=self._hub.duplicates,
+            gaps=self._hub.reorderer.gaps,
+            held=self._hub.reorderer.held(),
         )
 
     # ------------------------------------------------------------------ nodes
@@ -238,9 +286,17 @@ class Gateway:
         timeout: float | None = None,
     ) -> Dispatch:
         """Send to every active node but this one; with ``wait``, every node's result."""
-        server = self._server
+        server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.broadcast_nowait(peer_id, body, content_type), wait, timeout
+            lambda: hub.stamped(
+                peer_id,
+                "",
+                lambda headers: server.broadcast_nowait(
+                    peer_id, body, content_type, headers=headers
+                ),
+            ),
+            wait,
+            timeout,
         )
 
     async def send(
@@ -255,9 +311,18 @@ class Gateway:
     ) -> Dispatch:
         """Send to one node of the list, whatever its status; raises UnknownNodeError."""
         target = await self.resolve_node(node)
-        server = self._server
+        server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.send_nowait(peer_id, body, content_type, target), wait, timeout
+            lambda: hub.stamped(
+                peer_id,
+                # Only names the stream of sends to that node: its parameters are left out.
+                str(target).split(";", 1)[0],
+                lambda headers: server.send_nowait(
+                    peer_id, body, content_type, target, headers=headers
+                ),
+            ),
+            wait,
+            timeout,
         )
 
     async def _dispatch(self, start: _Start, wait: bool, timeout: float | None) -> Dispatch:
@@ -308,11 +373,31 @@ def _outcomes(operation: SendOperation) -> tuple[NodeOutcome, ...]:
     for target in operation.targets:
         node = str(target)
         result = answered.get(node)
-        if result is None or result.timed_out or result.transport_error:
-            outcomes.append(NodeOutcome(node, None, None))
+        if result is None:
+            outcomes.append(NodeOutcome(node, None, None, timed_out=True))
+        elif result.outcome is not Delivery.DELIVERED:
+            # Queued for a resend, or dropped: the reason says why (a local 408 or none).
+            outcomes.append(
+                NodeOutcome(
+                    node,
+                    None,
+                    result.reason,
+                    outcome=result.outcome.value,
+                    timed_out=result.timed_out,
+                )
+            )
+        elif result.timed_out or result.transport_error:
+            outcomes.append(NodeOutcome(node, None, None, outcome=None, timed_out=True))
         else:
             outcomes.append(
-                NodeOutcome(node, result.code, result.reason, result.content_type, result.body)
+                NodeOutcome(
+                    node,
+                    result.code,
+                    result.reason,
+                    result.content_type,
+                    result.body,
+                    outcome=result.outcome.value,
+                )
             )
     return tuple(outcomes)
 
@@ -325,6 +410,7 @@ def _peer_info(channel: PeerChannel) -> PeerInfo:
         reply=settings.reply,
         reply_timeout=settings.reply_timeout,
         history=settings.history,
+        history_max_age=settings.history_max_age,
         epoch=channel.epoch,
         offset=channel.offset,
         history_size=len(channel.history),

@@ -11,7 +11,7 @@ import pytest
 
 from app.dmq.config import NodeConfig
 from app.dmq.errors import ReplyNotPendingError
-from app.dmq.events import SendCompleted
+from app.dmq.events import Delivery, SendCompleted
 from app.dmq.node import DmqNode
 from app.dmq.peers import PeerMessage, PeerReply
 from app.dmq.sip import Headers, SipRequest, SipResponse, SipUri, Via, parse_message
@@ -506,6 +506,7 @@ def test_node_send_over_udp_retransmits_then_reports_a_local_408() -> None:
     assert [e.operation for e in done] == [operation]
     [result] = operation.results
     assert (result.code, result.timed_out, result.transport_error) == (408, True, False)
+    assert result.outcome is Delivery.QUEUED  # kept for the node, resent when it answers
     assert node.stats.sent[("htable", 408)] == 1
 
 
@@ -517,7 +518,7 @@ def test_node_transport_error_fails_a_send_at_once() -> None:
     node.datagrams_to_send()
     operation = node.send("htable", b"x", None, target, 0.0)
     node.transport_error(Endpoint("tcp", "127.0.0.1", 5090), 0.1)
-    assert [(r.code, r.transport_error, r.timed_out) for r in operation.results] == [
-        (408, True, False)
+    assert [(r.code, r.transport_error, r.timed_out, r.outcome) for r in operation.results] == [
+        (408, True, False, Delivery.QUEUED)
     ]
     assert operation.done
