@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -123,10 +123,10 @@ class Subscriber:
 
 @dataclass
 class Delivery:
-    """What one subscriber got of one origin's messages ``1..expected``."""
+    """What one subscriber got of one origin's ``expected`` messages (their numbers)."""
 
     origin: str
-    expected: int
+    expected: frozenset[int]
     arrived: list[int]
     #: Messages the gateway declared lost for this origin (sum of its gap frames' ranges).
     declared_lost: int
@@ -151,7 +151,7 @@ class Delivery:
 
     @property
     def missed(self) -> int:
-        return len(set(range(1, self.expected + 1)) - set(self.arrived))
+        return len(self.expected - set(self.arrived))
 
     @property
     def silently_missed(self) -> int:
@@ -166,7 +166,7 @@ class Delivery:
     def as_dict(self) -> dict[str, int | str]:
         return {
             "origin": self.origin,
-            "expected": self.expected,
+            "expected": len(self.expected),
             "delivered": self.delivered,
             "missed": self.missed,
             "declared_lost": self.declared_lost,
@@ -184,10 +184,13 @@ def _gap_size(frame: Mapping[str, Any]) -> int:
 
 
 def account(
-    frames: list[dict[str, Any]], expected: Mapping[str, int], uris: Mapping[str, str]
+    frames: list[dict[str, Any]],
+    expected: Mapping[str, int | Collection[int]],
+    uris: Mapping[str, str],
 ) -> dict[str, Delivery]:
     """One :class:`Delivery` per origin name in ``expected`` from a subscriber's frames.
 
+    ``expected`` gives each origin's message numbers, or their count ``N`` for ``1..N``.
     ``uris`` gives each origin's SIP URI (``sip:HOST:PORT``): a gap frame counts for the
     origin whose URI its ``origin`` field names. Gap frames without an origin (a
     resume beyond the history held) are not any origin's declared loss.
@@ -204,7 +207,13 @@ def account(
                 if name in lost and _names(str(frame["origin"]), uri):
                     lost[name] += _gap_size(frame)
     return {
-        name: Delivery(name, count, arrived[name], lost[name]) for name, count in expected.items()
+        name: Delivery(
+            name,
+            frozenset(range(1, want + 1) if isinstance(want, int) else want),
+            arrived[name],
+            lost[name],
+        )
+        for name, want in expected.items()
     }
 
 
