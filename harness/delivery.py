@@ -59,8 +59,9 @@ class Subscriber:
 
     Every frame is kept in :attr:`frames`, in arrival order. When the connection
     closes (the gateway stopped or was killed) it connects again, every ``retry``
-    seconds, resuming with ``since`` and ``epoch`` of the last message frame, as a
-    well-behaved client does; :attr:`connections` counts the subscriptions made.
+    seconds, resuming with ``since`` and ``epoch`` of the last history entry it got (a
+    message, or a gap entry naming an origin), as a well-behaved client does;
+    :attr:`connections` counts the subscriptions made.
     """
 
     ws_url: str
@@ -104,7 +105,10 @@ class Subscriber:
             if frame.get("type") == "subscribed":
                 self.connections += 1
                 self._connected.set()
-            elif frame.get("type") == "message":
+            elif frame.get("type") == "message" or (
+                # An origin gap is an entry of the history too, replayed like a message.
+                frame.get("type") == "gap" and frame.get("offset") is not None
+            ):
                 self._last = (int(frame["offset"]), str(frame["epoch"]))
 
     async def close(self) -> None:
