@@ -243,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+#: What the chart shows, per subscriber and phase (mean of B and C), and its hatching.
+METRICS = (("silently_missed", ""), ("declared_lost", "//"), ("inversions", ".."))
+
+
 def plot(saved: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -254,18 +258,16 @@ def plot(saved: dict[str, Any], path: Path) -> None:
     phases = ("wait=false", "wait=true")
     count = saved["runs"][labels[-1]]["parameters"]["count"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    width = 0.8 / max(1, len(labels) * 2)
+    width = 0.8 / max(1, len(labels) * len(METRICS))
     for ax, phase in zip(axes, phases, strict=True):
         for li, label in enumerate(labels):
             conds = saved["runs"][label]["conditions"]
-            for si, (metric, hatch) in enumerate(
-                (("silently_missed", ""), ("declared_lost", "//"))
-            ):
+            for si, (metric, hatch) in enumerate(METRICS):
                 values = []
                 for cond in conditions:
                     subs = conds.get(cond, {}).get(phase, {}).get("subscribers", {})
                     values.append(sum(s.get(metric, 0) for s in subs.values()) / 2)
-                offset = (li * 2 + si) * width - 0.4 + width / 2
+                offset = (li * len(METRICS) + si) * width - 0.4 + width / 2
                 ax.bar(
                     [i + offset for i in range(len(conditions))],
                     values,
