@@ -34,6 +34,8 @@ from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
 from app.gateway.config import GatewayConfig
+from app.gateway.reorder import DEFAULT_MAX_HELD, DEFAULT_MAX_WAIT
+from app.gateway.store import HistoryStore, HistorySync
 
 ENV_PREFIX = "DMQ_"
 
@@ -54,6 +56,8 @@ Repeated = Annotated[list[str], NoDecode]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+HistoryStoreName = Literal["sqlite", "memory"]
+HistorySyncName = Literal["normal", "full"]
 
 
 class ServeSettings(BaseSettings):
@@ -162,6 +166,38 @@ class ServeSettings(BaseSettings):
         Option("DIR", default_text="~/.local/state/dmq-gateway/HOST_PORT"),
         Field(description="where registered peers are kept across restarts"),
     ] = None
+    history_store: Annotated[
+        HistoryStoreName,
+        Option("STORE"),
+        Field(
+            description="sqlite: peers' histories in --state-dir, kept across restarts "
+            "(epochs and offsets too); memory: in memory, a new epoch at every start",
+        ),
+    ] = "sqlite"
+    history_sync: Annotated[
+        HistorySyncName,
+        Option("MODE"),
+        Field(
+            description="normal: a stored message survives a crash of the process; full: "
+            "also a power loss (one fsync per message)",
+        ),
+    ] = "normal"
+    reorder_wait: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(
+            description="how long a message that arrived before earlier ones of its origin "
+            "waits for them; then they are given up and a gap entry says so",
+        ),
+    ] = DEFAULT_MAX_WAIT
+    reorder_limit: Annotated[
+        int,
+        Option("N"),
+        Field(
+            description="early messages held per origin and peer; beyond it the missing "
+            "ones are given up at once (a gap entry says so)",
+        ),
+    ] = DEFAULT_MAX_HELD
     ws_queue_limit: Annotated[
         int,
         Option("N"),
@@ -208,7 +244,7 @@ class ServeSettings(BaseSettings):
             return value.replace(",", " ").split()
         return value
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "history_store", "history_sync", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -272,6 +308,15 @@ class ServeSettings(BaseSettings):
                 f"{self.label('drop_rate')} {_shown(self.drop_rate)}: must be at least 0 "
                 "and below 1"
             )
+        if not 0 <= self.reorder_wait <= 3600:
+            raise ConfigError(
+                f"{self.label('reorder_wait')} {_shown(self.reorder_wait)}: must be 0 to 3600 "
+                "seconds"
+            )
+        if not 1 <= self.reorder_limit <= 1_000_000:
+            raise ConfigError(
+                f"{self.label('reorder_limit')} {self.reorder_limit}: must be 1 to 1000000"
+            )
         if self.ws_queue_limit < 1:
             raise ConfigError(
                 f"{self.label('ws_queue_limit')} {self.ws_queue_limit}: must be at least 1"
@@ -309,6 +354,10 @@ class ServeSettings(BaseSettings):
             public_health=self.public_health,
             state_dir=self.state_dir or _default_state_dir(server),
             queue_limit=self.ws_queue_limit,
+            history_store=HistoryStore(self.history_store),
+            history_sync=HistorySync(self.history_sync),
+            reorder_wait=self.reorder_wait,
+            reorder_limit=self.reorder_limit,
             startup_peers=tuple(self.peer),
             drop_rate=self.drop_rate,
             http_host=http_host,
@@ -372,6 +421,10 @@ CONFIG_FIELDS: dict[str, str] = {
     "public_health": "public_health",
     "state_dir": "state_dir",
     "queue_limit": "ws_queue_limit",
+    "history_store": "history_store",
+    "history_sync": "history_sync",
+    "reorder_wait": "reorder_wait",
+    "reorder_limit": "reorder_limit",
     "startup_peers": "peer",
     "http_host": "http",
     "http_port": "http",

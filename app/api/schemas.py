@@ -82,6 +82,11 @@ class PeerIn(StrictModel):
     history: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
         1000, description="messages kept for subscribers that resume with ?since="
     )
+    history_max_age: Annotated[float, Field(ge=0, le=10 * 365 * 86400)] = Field(
+        0,
+        description="seconds a message is kept for subscribers that resume (0: no age "
+        "limit; history still bounds the count)",
+    )
 
 
 class PeerOut(OutModel):
@@ -90,8 +95,12 @@ class PeerOut(OutModel):
     reply: ReplyMode
     reply_timeout: float
     history: int
+    history_max_age: float
     epoch: str = Field(description="history epoch; offsets are comparable only within it")
-    offset: int = Field(description="offset of the latest message received (0: none yet)")
+    offset: int = Field(
+        description="offset of the latest history entry (0: none yet); with the sqlite "
+        "history store, epoch and offset survive restarts"
+    )
     history_size: int = Field(description="messages held in history now")
     subscribers: int
     received: int = Field(description="messages received since the gateway started")
@@ -106,6 +115,14 @@ class NodeResultOut(OutModel):
     body: str | None = Field(None, description="the reply body (base64 if not UTF-8)")
     encoding: Literal["base64"] | None = None
     timeout: bool = Field(description="no final answer in time (Timer F or ?timeout=)")
+    outcome: Literal["delivered", "queued", "dropped"] | None = Field(
+        None,
+        description="delivered: the node answered (see code); queued: no answer yet, the "
+        "message waits in the node's outbox and is resent, in order, when the node answers "
+        "again (it is not lost; the receiver delivers it once); dropped: it will never be "
+        "delivered (reason says why: the node was removed, an outbox bound, the gateway "
+        "stopped); null: no result within ?timeout=, still in flight",
+    )
 
 
 class SendAccepted(OutModel):

@@ -46,6 +46,16 @@ class NodeConfig:
     max_stream_message: int = DEFAULT_MAX_STREAM_MESSAGE
     #: Sent as ``User-Agent`` on requests and ``Server`` on responses.
     user_agent: str = "dmq-gateway/0.1"
+    #: Outbox bounds, per node (:mod:`app.dmq.outbox`): messages held for a node that
+    #: is not active or did not answer. Beyond ``outbox_max_messages`` or
+    #: ``outbox_max_bytes`` (bodies and extra headers) a new message is dropped; a
+    #: message older than ``outbox_max_age`` seconds is dropped. 0 messages turns
+    #: store-and-forward off (every message that cannot go now is dropped, counted).
+    outbox_max_messages: int = 10_000
+    outbox_max_bytes: int = 32 * 1024 * 1024
+    outbox_max_age: float = 600.0
+    #: Resent messages in flight at once to one node that answers again.
+    outbox_window: int = 16
 
     def __post_init__(self) -> None:
         """Refuse a bad setting with a :class:`ConfigError` that names the field (its
@@ -99,6 +109,24 @@ class NodeConfig:
         if t.timer_f is not None and not (t.timer_f > 0 and math.isfinite(t.timer_f)):
             raise ConfigError(
                 "must be a positive, finite number of seconds", field="timer_f", value=t.timer_f
+            )
+        for name, count in (
+            ("outbox_max_messages", self.outbox_max_messages),
+            ("outbox_max_bytes", self.outbox_max_bytes),
+        ):
+            if not (isinstance(count, int) and count >= 0):
+                raise ConfigError("must be a whole number, 0 or more", field=name, value=count)
+        if not (self.outbox_max_age > 0 and math.isfinite(self.outbox_max_age)):
+            raise ConfigError(
+                "must be a positive, finite number of seconds",
+                field="outbox_max_age",
+                value=self.outbox_max_age,
+            )
+        if not (isinstance(self.outbox_window, int) and self.outbox_window >= 1):
+            raise ConfigError(
+                "must be a whole number, at least 1",
+                field="outbox_window",
+                value=self.outbox_window,
             )
         if self.max_stream_message < 1024:
             raise ConfigError(

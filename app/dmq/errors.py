@@ -91,6 +91,14 @@ class ReplyNotPendingError(DmqUsageError):
     status_hint = 409
 
 
+class InvalidHeaderError(DmqUsageError):
+    """An extra header for a KDMQ request that cannot go on the wire as given: a name
+    that is not a SIP token, a header the node writes itself, or a value that is not a
+    single line of text."""
+
+    status_hint = 422
+
+
 class MessageTooLargeError(DmqUsageError):
     """The message would not fit the transport (a UDP datagram, or the TCP limit)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from app.dmq.nodes import NodeStatus
@@ -19,9 +20,27 @@ class NodeStatusChanged:
     reason: str = ""
 
 
+class Delivery(enum.Enum):
+    """What became of a message for one node, as far as its operation is concerned."""
+
+    #: The node answered, whatever the code.
+    DELIVERED = "delivered"
+    #: It waits in the node's outbox and will be resent when the node answers again;
+    #: its later delivery (or drop, see :class:`OutboxDropped`) does not complete the
+    #: operation again.
+    QUEUED = "queued"
+    #: It was not delivered and will not be: the node was removed, the node stopped, or
+    #: an outbox bound was hit (the reason says which).
+    DROPPED = "dropped"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeResult:
-    """How one node answered one of our requests."""
+    """How one node answered one of our requests.
+
+    A message queued or dropped without a transaction (the node was not active, or its
+    outbox was already in use or full) has ``code`` 0 and a ``reason`` that says why;
+    one queued or dropped after its transaction failed keeps the local 408."""
 
     node: SipUri
     code: int
@@ -32,6 +51,7 @@ class NodeResult:
     timed_out: bool = False
     #: The transport could not reach the node (the code is then a local 408).
     transport_error: bool = False
+    outcome: Delivery = Delivery.DELIVERED
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +76,18 @@ class SendCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxDropped:
+    """``count`` messages of ``peer_id`` for ``node`` left its outbox undelivered;
+    ``reason`` is one of ``removed``, ``count``, ``bytes``, ``age``, ``stopped``
+    (:data:`app.dmq.outbox.DROP_REASONS`)."""
+
+    node: SipUri
+    peer_id: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PeerReplyTimedOut:
     """A message whose handler deferred its answer got none within the peer's
     ``reply_timeout``; the node has answered it 408 and will refuse a late reply."""
@@ -74,4 +106,4 @@ class HostLookupNeeded:
     host: str
 
 
-Event = NodeStatusChanged | SendCompleted | PeerReplyTimedOut | HostLookupNeeded
+Event = NodeStatusChanged | SendCompleted | PeerReplyTimedOut | HostLookupNeeded | OutboxDropped

@@ -44,12 +44,13 @@ import ipaddress
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig, is_valid_peer_id
 from app.dmq.errors import (
+    InvalidHeaderError,
     InvalidPeerIdError,
     InvalidReplyTimeoutError,
     MessageTooLargeError,
@@ -60,10 +61,12 @@ from app.dmq.errors import (
     UnknownPeerError,
 )
 from app.dmq.events import (
+    Delivery,
     Event,
     HostLookupNeeded,
     NodeResult,
     NodeStatusChanged,
+    OutboxDropped,
     PeerReplyTimedOut,
     SendCompleted,
     SendOperation,
@@ -80,9 +83,20 @@ from app.dmq.nodes import (
     node_uri,
     parse_node_list,
 )
-from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
+from app.dmq.outbox import (
+    DROP_AGE,
+    DROP_BYTES,
+    DROP_COUNT,
+    DROP_REMOVED,
+    DROP_STOPPED,
+    Outbox,
+    OutboxInfo,
+    OutboxMessage,
+)
+from app.dmq.peers import ORIGIN_HEADER, Peer, PeerHandler, PeerInit, PeerMessage, PeerReply
 from app.dmq.sip import (
     MAX_UDP_MESSAGE,
+    Headers,
     NameAddr,
     SipParseError,
     SipRequest,
@@ -126,6 +140,8 @@ CACHE_SIZE = 1024
 #: What a cache answers for a key it does not hold, where ``None`` is a value.
 _MISSING = object()
 
+_ORIGIN = Headers.canonical(ORIGIN_HEADER)
+
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
 
@@ -133,6 +149,65 @@ CSEQ_NUMBER = 10
 #: :meth:`DmqNode.reply` can be told what happened (a 408, a 404...) rather than only
 #: "not pending". At 10 000 messages per second this covers the last second.
 FINISHED_RECORD_LIMIT = 10_000
+
+#: Extra headers as the caller gives them: ``(name, value)`` pairs.
+ExtraHeaders = Sequence[tuple[str, str]]
+
+#: Headers the node writes on every KDMQ request itself (canonical names); an extra
+#: header may not replace or repeat one of them.
+_OWN_HEADERS = frozenset(
+    Headers.canonical(name)
+    for name in (
+        "Via",
+        "To",
+        "From",
+        "CSeq",
+        "Call-ID",
+        "Max-Forwards",
+        "User-Agent",
+        "Content-Type",
+        "Content-Length",
+        "Route",
+        "Record-Route",
+        "Contact",
+    )
+)
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+#: Header lines after the fixed ones, as they go on the wire (validated).
+HeaderLines = tuple[str, ...]
+
+
+def header_lines(headers: ExtraHeaders) -> HeaderLines:
+    """Check extra headers and render them as ``Name: value`` lines.
+
+    Raises :class:`InvalidHeaderError` naming the header and what is wrong with it: a
+    name must be a SIP token and not one of the headers the node writes itself; a
+    value must be one line of printable text (tabs allowed), because a line break
+    would let a caller inject headers or end the head early."""
+    lines = []
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise InvalidHeaderError(f"an extra header must be a (name, value) pair, not {item!r}")
+        name, value = item
+        if not isinstance(name, str) or not name or not all(c in _TOKEN_CHARS for c in name):
+            raise InvalidHeaderError(
+                f"header name {name!r} must be a SIP token (letters, digits, - . ! % * _ + ` ' ~)"
+            )
+        if Headers.canonical(name) in _OWN_HEADERS:
+            raise InvalidHeaderError(
+                f"header {name!r} is written by the DMQ node itself and cannot be given"
+            )
+        if not isinstance(value, str) or any(
+            (ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value
+        ):
+            raise InvalidHeaderError(
+                f"header {name} value {value!r} must be a single line of text without "
+                "control characters"
+            )
+        lines.append(f"{name}: {value.strip()}")
+    return tuple(lines)
 
 
 @dataclass(slots=True)
@@ -152,6 +227,15 @@ class NodeStats:
     #: Deferred peer replies that did not come within the peer's reply_timeout and
     #: were answered 408 by the node (each also emits :class:`PeerReplyTimedOut`).
     reply_timeouts: int = 0
+    #: Messages put in a node's outbox (one per node a message waits for).
+    outbox_queued: int = 0
+    #: Transactions started to resend a message from an outbox.
+    outbox_resent: int = 0
+    #: Messages from an outbox that the node answered (delivered after a retry).
+    outbox_delivered: int = 0
+    #: reason (``removed``, ``count``, ``bytes``, ``age``, ``stopped``) -> messages
+    #: dropped undelivered (each drop also emits :class:`OutboxDropped`).
+    outbox_dropped: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True, eq=False)
@@ -199,6 +283,9 @@ class DmqNode:
         self._finished: BoundedCache[int, str] = BoundedCache(FINISHED_RECORD_LIMIT)
         self._ids = 0
         self._ping_timer: TimerHandle | None = None
+        #: Messages waiting for nodes that could not take them yet (app.dmq.outbox).
+        self._outboxes: dict[Node, Outbox] = {}
+        self._age_timer: TimerHandle | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
         #: themselves.
@@ -381,6 +468,8 @@ class DmqNode:
             )
         targets = self.nodes.active_others() if not self.stopped else []
         self.stopped = True
+        for node in list(self._outboxes):
+            self._drop_outbox(node, DROP_STOPPED)
         return self._operation(
             self.config.notification_channel,
             targets,
@@ -401,12 +490,23 @@ class DmqNode:
         *,
         exclude: SipUri | None = None,
         max_forwards: int = 1,
+        headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to every active node but us (and ``exclude``); one result per node."""
-        self._check_user_send(peer_id, body)
+        """Send to every node of the list but us (and ``exclude``), whatever its
+        status; one result per node.
+
+        An active node is sent the message now; for any other node, or one whose
+        outbox is in use, the message goes to its outbox (:mod:`app.dmq.outbox`) and
+        its result says :attr:`Delivery.QUEUED`. ``headers`` are extra ``(name,
+        value)`` headers put on each request as given (:func:`header_lines` says
+        which are refused), and on every resend of it."""
+        extra = header_lines(headers)
+        self._check_user_send(peer_id, body, extra)
         excluded = self.nodes.key_of(exclude) if exclude is not None else None
-        targets = [n for n in self.nodes.active_others() if n.key != excluded]
-        return self._operation(peer_id, targets, body, content_type, max_forwards, now)
+        targets = [n for n in self.nodes.others() if n.key != excluded]
+        return self._operation(
+            peer_id, targets, body, content_type, max_forwards, now, extra, store=True
+        )
 
     def send(
         self,
@@ -417,15 +517,20 @@ class DmqNode:
         now: float,
         *,
         max_forwards: int = 1,
+        headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to one node of the list, whatever its status."""
-        self._check_user_send(peer_id, body)
+        """Send to one node of the list, whatever its status: now if it is active,
+        else through its outbox, as :meth:`broadcast` does."""
+        extra = header_lines(headers)
+        self._check_user_send(peer_id, body, extra)
         target = self.nodes.find(node)
         if target is None or target.local:
             raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
-        return self._operation(peer_id, [target], body, content_type, max_forwards, now)
+        return self._operation(
+            peer_id, [target], body, content_type, max_forwards, now, extra, store=True
+        )
 
-    def _check_user_send(self, peer_id: str, body: bytes) -> None:
+    def _check_user_send(self, peer_id: str, body: bytes, extra: HeaderLines = ()) -> None:
         if self.stopped:
             raise NodeStoppedError("this node has left the bus")
         if peer_id == self.config.notification_channel:
@@ -437,10 +542,12 @@ class DmqNode:
                 f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
             )
         limit = self.max_body_size
-        if len(body) > limit:
+        extra_size = sum(len(line.encode()) + 2 for line in extra)
+        if len(body) + extra_size > limit:
+            with_headers = f" with {extra_size} bytes of extra headers" if extra else ""
             raise MessageTooLargeError(
-                f"a body of {len(body)} bytes does not fit in one message on this "
-                f"transport (at most {limit} bytes)"
+                f"a body of {len(body)} bytes{with_headers} does not fit in one message "
+                f"on this transport (at most {limit} bytes)"
             )
 
     @property
@@ -457,13 +564,38 @@ class DmqNode:
         content_type: str | None,
         max_forwards: int,
         now: float,
+        extra: HeaderLines = (),
+        *,
+        store: bool = False,
     ) -> SendOperation:
+        """Send one message to ``targets``; with ``store``, a target that cannot take
+        it now gets it through its outbox (never for membership messages)."""
         self._ids += 1
         operation = SendOperation(self._ids, peer_id, tuple(node.uri for node in targets))
         if not targets:
             self._events.append(SendCompleted(operation))
             return operation
+        message = None
+        if store:
+            size = len(body) + sum(len(line) + 2 for line in extra) + len(content_type or "")
+            message = OutboxMessage(
+                self._ids, peer_id, body, content_type, extra, max_forwards, now, size
+            )
         for node in targets:
+            if message is not None and (
+                node.status is not NodeStatus.ACTIVE or node in self._outboxes
+            ):
+                dropped = self._enqueue(node, message, now)
+                outcome = Delivery.QUEUED if dropped is None else Delivery.DROPPED
+                why = (
+                    f"queued: node is {node.status.value}"
+                    if dropped is None
+                    else (f"dropped: outbox bound ({dropped})")
+                )
+                self._add_result(operation, NodeResult(node.uri, 0, why, outcome=outcome))
+                if dropped is None:
+                    self._drain(node, now)
+                continue
             self._send_request(
                 node,
                 peer_id,
@@ -471,12 +603,18 @@ class DmqNode:
                 content_type,
                 max_forwards,
                 now,
-                self._operation_result(operation, node),
+                self._operation_result(operation, node, message),
+                extra,
             )
         return operation
 
+    def _add_result(self, operation: SendOperation, result: NodeResult) -> None:
+        operation.results.append(result)
+        if operation.done:
+            self._events.append(SendCompleted(operation))
+
     def _operation_result(
-        self, operation: SendOperation, node: Node
+        self, operation: SendOperation, node: Node, message: OutboxMessage | None
     ) -> Callable[[FinalResult, float], None]:
         uri = node.uri
         membership = operation.peer_id == self.config.notification_channel
@@ -484,7 +622,15 @@ class DmqNode:
 
         def on_result(result: FinalResult, now: float) -> None:
             response = result.response
-            operation.results.append(
+            outcome = Delivery.DELIVERED
+            if result.local:
+                outcome = Delivery.DROPPED
+                if message is not None:
+                    outcome = self._store_failed(node, message, now)
+            elif not membership:
+                self._node_answered(node, now)
+            self._add_result(
+                operation,
                 NodeResult(
                     uri,
                     result.code,
@@ -493,14 +639,173 @@ class DmqNode:
                     response.headers.get("content-type") if response is not None else None,
                     result.timed_out,
                     result.transport_error,
-                )
+                    outcome,
+                ),
             )
             if membership:
                 self._on_notification_result(key, result, now)
-            if operation.done:
-                self._events.append(SendCompleted(operation))
 
         return on_result
+
+    # ------------------------------------------------------------------ outboxes
+
+    def outboxes(self) -> list[OutboxInfo]:
+        """Every outbox that holds messages, for metrics."""
+        return [
+            OutboxInfo(
+                node.uri,
+                len(box.messages),
+                box.size,
+                len(box.in_flight),
+                min(m.created_at for m in box.messages),
+            )
+            for node, box in self._outboxes.items()
+            if box.messages
+        ]
+
+    def _held(self, node: Node) -> bool:
+        """The node is still in the list (not removed, not replaced by a duplicate)."""
+        return self.nodes.get(node.key) is node
+
+    def _store_failed(self, node: Node, message: OutboxMessage, now: float) -> Delivery:
+        """A message sent at once got no answer: keep it for the node, unless the node
+        is gone or we stopped."""
+        if self.stopped or not self._held(node):
+            reason = DROP_STOPPED if self.stopped else DROP_REMOVED
+            self.stats.outbox_dropped[reason] += 1
+            self._events.append(OutboxDropped(node.uri, message.peer_id, 1, reason))
+            return Delivery.DROPPED
+        dropped = self._enqueue(node, message, now)
+        box = self._outboxes.get(node)
+        if box is not None:
+            box.paused = True
+        return Delivery.QUEUED if dropped is None else Delivery.DROPPED
+
+    def _enqueue(self, node: Node, message: OutboxMessage, now: float) -> str | None:
+        """Put a message at the tail of a node's outbox; return the drop reason when a
+        bound refuses it (the newest message is the one refused, so what callers were
+        told is queued stays queued, in order)."""
+        box = self._outboxes.get(node)
+        held = len(box.messages) if box is not None else 0
+        held_bytes = box.size if box is not None else 0
+        config = self.config
+        reason = None
+        if held >= config.outbox_max_messages:
+            reason = DROP_COUNT
+        elif held_bytes + message.size > config.outbox_max_bytes:
+            reason = DROP_BYTES
+        if reason is not None:
+            self.stats.outbox_dropped[reason] += 1
+            self._events.append(OutboxDropped(node.uri, message.peer_id, 1, reason))
+            log.warning(
+                "outbox of %s is full (%s bound): a message of %s was dropped",
+                node.uri,
+                reason,
+                message.peer_id,
+            )
+            return reason
+        if box is None:
+            box = self._outboxes[node] = Outbox()
+        box.messages.append(message)
+        box.size += message.size
+        self.stats.outbox_queued += 1
+        if self._age_timer is None:
+            self._age_timer = self.timers.call_at(
+                message.created_at + config.outbox_max_age, self._expire
+            )
+        return None
+
+    def _node_answered(self, node: Node, now: float) -> None:
+        """The node answered something: resume its outbox."""
+        box = self._outboxes.get(node)
+        if box is not None:
+            box.paused = False
+            self._drain(node, now)
+
+    def _drain(self, node: Node, now: float) -> None:
+        """Resend the head of an active node's outbox, up to the window in flight."""
+        box = self._outboxes.get(node)
+        if box is None or box.paused or self.stopped or node.status is not NodeStatus.ACTIVE:
+            return
+        window = self.config.outbox_window
+        in_flight = box.in_flight
+        if len(in_flight) >= window:
+            return
+        for message in list(box.messages):
+            if len(in_flight) >= window:
+                break
+            if message.id in in_flight:
+                continue
+            in_flight.add(message.id)
+            self.stats.outbox_resent += 1
+            self._send_request(
+                node,
+                message.peer_id,
+                message.body,
+                message.content_type,
+                message.max_forwards,
+                now,
+                self._resend_result(node, box, message),
+                message.extra,
+            )
+
+    def _resend_result(
+        self, node: Node, box: Outbox, message: OutboxMessage
+    ) -> Callable[[FinalResult, float], None]:
+        def on_result(result: FinalResult, now: float) -> None:
+            box.in_flight.discard(message.id)
+            if self._outboxes.get(node) is not box:
+                return  # the outbox was dropped (and counted) meanwhile
+            if result.local:
+                box.paused = True
+                return
+            box.messages.remove(message)
+            box.size -= message.size
+            self.stats.outbox_delivered += 1
+            if not box.messages:
+                del self._outboxes[node]
+                return
+            self._node_answered(node, now)
+
+        return on_result
+
+    def _drop_outbox(self, node: Node, reason: str) -> None:
+        """Drop everything a node's outbox holds (the node was removed, or we stop)."""
+        box = self._outboxes.pop(node, None)
+        if box is None or not box.messages:
+            return
+        self._report_drops(node, list(box.messages), reason)
+
+    def _report_drops(self, node: Node, messages: list[OutboxMessage], reason: str) -> None:
+        by_peer = Counter(message.peer_id for message in messages)
+        self.stats.outbox_dropped[reason] += len(messages)
+        for peer_id, count in by_peer.items():
+            self._events.append(OutboxDropped(node.uri, peer_id, count, reason))
+        log.warning("%d messages waiting for %s dropped (%s)", len(messages), node.uri, reason)
+
+    def _expire(self, now: float) -> None:
+        """Drop messages older than the age bound (not those being resent right now:
+        their answer is on its way)."""
+        self._age_timer = None
+        max_age = self.config.outbox_max_age
+        limit = now - max_age
+        oldest: float | None = None
+        for node, box in list(self._outboxes.items()):
+            expired = [
+                m for m in box.messages if m.created_at <= limit and m.id not in box.in_flight
+            ]
+            if expired:
+                gone = {m.id for m in expired}
+                box.messages = deque(m for m in box.messages if m.id not in gone)
+                box.size -= sum(m.size for m in expired)
+                self._report_drops(node, expired, DROP_AGE)
+                if not box.messages:
+                    del self._outboxes[node]
+                    continue
+            head = min(m.created_at for m in box.messages)
+            oldest = head if oldest is None else min(oldest, head)
+        if oldest is not None:
+            self._age_timer = self.timers.call_at(max(oldest + max_age, now + 1.0), self._expire)
 
     def _send_request(
         self,
@@ -511,6 +816,7 @@ class DmqNode:
         max_forwards: int,
         now: float,
         on_result: Callable[[FinalResult, float], None],
+        extra: HeaderLines = (),
     ) -> None:
         rng = self.rng
         branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
@@ -527,6 +833,7 @@ class DmqNode:
             f"Call-ID: {call_id}",
             f"Max-Forwards: {max_forwards}",
             f"User-Agent: {self.config.user_agent}",
+            *extra,
         ]
         if content_type:
             lines.append(f"Content-Type: {content_type}")
@@ -845,6 +1152,7 @@ class DmqNode:
             call_id=headers.get("call-id") or "",
             received_at=now,
             max_forwards=max_forwards,
+            origin=headers.get(_ORIGIN),
         )
         try:
             reply = peer.handler(message)
@@ -1038,6 +1346,11 @@ class DmqNode:
             )
             self._emit_status(node, old, node.status, reason)
             changed += 1
+            if node.status is NodeStatus.ACTIVE:
+                if first_hand:
+                    self._node_answered(node, now)
+                else:
+                    self._drain(node, now)
         return changed
 
     def _notify(self, targets: Iterable[Node], body: bytes, max_forwards: int, now: float) -> None:
@@ -1076,6 +1389,7 @@ class DmqNode:
                 parsed = parse_node_list(result.response.body)
                 self._merge(parsed.lines, key, now)
             self._maybe_run_inits()
+            self._node_answered(node, now)
         elif result.local:
             node.failures += 1
             if self.stopped:
@@ -1084,12 +1398,14 @@ class DmqNode:
                 self.nodes.remove(node)
                 self._tombstones[key] = now + 3 * self.config.ping_interval
                 self._emit_status(node, NodeStatus.DISABLED, None, "missed a second ping")
+                self._drop_outbox(node, DROP_REMOVED)
             else:
                 previous: NodeStatus = node.status
                 node.status = NodeStatus.DISABLED
                 self._emit_status(node, previous, NodeStatus.DISABLED, "did not answer")
         else:
             node.last_reply = now  # other codes are answers, but change nothing
+            self._node_answered(node, now)
 
     def _join(self, now: float) -> None:
         """Send ourselves, Max-Forwards 2, to every node we know (at first: the
@@ -1137,6 +1453,7 @@ class DmqNode:
         self._addresses.put(name, address)
         for dropped, kept in self.nodes.rekey(name):
             self._emit_status(dropped, dropped.status, None, f"the same node as {kept.uri}")
+            self._drop_outbox(dropped, DROP_REMOVED)
         for key in [key for key in self._tombstones if key[0] == name]:
             until = self._tombstones.pop(key)
             if until > now:
@@ -1168,6 +1485,7 @@ class DmqNode:
         self.nodes.remove(node)
         self._tombstones[node.key] = now + 3 * self.config.ping_interval
         self._emit_status(node, node.status, None, "removed by operator")
+        self._drop_outbox(node, DROP_REMOVED)
         return node
 
     def _emit_status(

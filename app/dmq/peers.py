@@ -18,6 +18,12 @@ from typing import NamedTuple
 
 from app.dmq.sip import SipUri
 
+#: The header a gateway puts on each message it originates (``<sip:HOST:PORT>;epoch=E;
+#: seq=N``) so that receivers can tell a resent message from a new one. Its meaning is
+#: the gateway's; the core only carries it (and Kamailio ignores headers it does not
+#: know).
+ORIGIN_HEADER = "X-DMQ-Origin"
+
 
 class PeerMessage(NamedTuple):
     """A KDMQ request delivered to a peer, exactly once.
@@ -36,6 +42,8 @@ class PeerMessage(NamedTuple):
     #: Driver clock when it arrived.
     received_at: float
     max_forwards: int
+    #: The raw value of the :data:`ORIGIN_HEADER` of the request, if it had one.
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.dmq.config import NodeConfig
+from app.gateway.reorder import DEFAULT_MAX_HELD, DEFAULT_MAX_WAIT
+from app.gateway.store import HistoryStore, HistorySync
 
 #: Frames a WebSocket subscriber may have queued before it is cut off.
 DEFAULT_QUEUE_LIMIT = 1000
@@ -26,8 +28,18 @@ class GatewayConfig:
     api_tokens: tuple[str, ...] = ()
     #: Answer ``GET /v1/health`` without a token (for load balancers' health checks).
     public_health: bool = False
-    #: Where registered peers are kept; None keeps nothing across restarts.
+    #: Where registered peers (and, with the sqlite history store, their histories)
+    #: are kept; None keeps nothing across restarts.
     state_dir: Path | None = None
+    #: sqlite: histories in the state dir, kept across restarts; memory: a new epoch
+    #: at every start.
+    history_store: HistoryStore = HistoryStore.SQLITE
+    #: normal: a commit survives a process crash; full: also power loss (fsync each).
+    history_sync: HistorySync = HistorySync.NORMAL
+    #: Seconds an early stamped message waits for the ones before it.
+    reorder_wait: float = DEFAULT_MAX_WAIT
+    #: Early messages one stream may hold before the missing ones are given up.
+    reorder_limit: int = DEFAULT_MAX_HELD
     #: Frames a WebSocket subscriber may have queued before it is cut off.
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     #: Peers registered at start (--peer): auto replies, not persisted.

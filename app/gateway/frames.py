@@ -48,15 +48,40 @@ class MessageFrame(_Frame):
 
 
 class GapFrame(_Frame):
-    """Server -> client, right after ``subscribed`` on a resume: some of what the
-    client asked for is not held (any more, or in this epoch)."""
+    """Server -> client, in two cases.
+
+    *Resume gap* (no ``origin``): right after ``subscribed`` on a resume, some of what
+    the client asked for is not held (any more, or in this epoch); ``from`` and ``to``
+    are offsets of the peer's history.
+
+    *Origin gap* (``origin`` set): an entry of the peer's history, at its own
+    ``offset``, sent live and replayed on resume like a message: messages ``from``..``to``
+    (the origin's sequence numbers, inclusive) that gateway ``origin`` sent to this peer
+    in its ``origin_epoch`` never arrived within the reorder bounds and never will be
+    delivered; the messages after them follow.
+    """
 
     type: Literal["gap"]
     reason: str
     epoch: str
     client_epoch: str | None = None
-    from_: int | None = Field(alias="from", description="first offset missed, if known")
-    to: int = Field(description="last offset missed (0: none of this epoch)")
+    from_: int | None = Field(
+        alias="from",
+        description="resume gap: first offset missed, if known; origin gap: first missing seq",
+    )
+    to: int = Field(
+        description="resume gap: last offset missed (0: none of this epoch); origin gap: "
+        "last missing seq"
+    )
+    offset: int | None = Field(
+        default=None, description="origin gap: its offset in the peer's history"
+    )
+    origin: str | None = Field(
+        default=None, description="origin gap: the SIP URI of the gateway whose messages are lost"
+    )
+    origin_epoch: str | None = Field(
+        default=None, description="origin gap: that gateway's origin epoch"
+    )
 
 
 class ErrorFrame(_Frame):

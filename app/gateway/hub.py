@@ -40,6 +40,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, NamedTuple, TypeVar
 
 from app.dmq.errors import ReplyNotPendingError
 from app.dmq.peers import PeerMessage, PeerReply
@@ -47,7 +48,18 @@ from app.gateway.config import DEFAULT_QUEUE_LIMIT
 from app.gateway.errors import PeerNotRegisteredError
 from app.gateway.frames import GapFrame, MessageFrame, SubscribedFrame
 from app.gateway.models import PeerSettings, ReplyMode
-from app.gateway.store import PeerStore
+from app.gateway.origin import OriginStamp, build_origin, parse_origin
+from app.gateway.reorder import (
+    DEFAULT_MAX_HELD,
+    DEFAULT_MAX_WAIT,
+    Action,
+    Delivery,
+    Reorderer,
+    Retired,
+    StreamKey,
+    Verdict,
+)
+from app.gateway.store import HeldRow, HistoryStore, StateStore
 from app.transport.server import DmqServer
 
 log = logging.getLogger("dmq.gateway")
@@ -55,6 +67,9 @@ log = logging.getLogger("dmq.gateway")
 #: Message ids remembered per subscriber-mode peer, so that a reply that comes after
 #: its message was answered is told so rather than called unknown.
 PENDING_IDS_KEPT = 4096
+
+#: History rows trimmed from the store in one statement (not one per message).
+TRIM_BATCH = 256
 
 
 class Ending(Enum):
@@ -66,17 +81,44 @@ class Ending(Enum):
 
 
 class HistoryEntry:
-    """One message in a peer's history; its JSON frame is built on first use and
+    """One entry of a peer's history: a message, or (``gap`` set) a gap entry naming
+    what an origin's stream lost for good. Its JSON frame is built on first use and
     kept, so a message nobody is subscribed to costs no serialisation."""
 
-    __slots__ = ("_frame", "epoch", "id", "message", "offset", "peer_id")
+    __slots__ = (
+        "_frame",
+        "at",
+        "body",
+        "content_type",
+        "epoch",
+        "gap",
+        "id",
+        "offset",
+        "peer_id",
+        "sender",
+    )
 
-    def __init__(self, peer_id: str, epoch: str, offset: int, message: PeerMessage) -> None:
+    def __init__(
+        self,
+        peer_id: str,
+        epoch: str,
+        offset: int,
+        sender: str,
+        content_type: str | None,
+        body: bytes,
+        at: float,
+        gap: dict[str, Any] | None = None,
+    ) -> None:
         self.peer_id = peer_id
         self.epoch = epoch
         self.offset = offset
         self.id = f"{epoch}-{offset}"
-        self.message = message
+        self.sender = sender
+        self.content_type = content_type
+        self.body = body
+        #: Unix time it was stored (for ``history_max_age``).
+        self.at = at
+        self.gap = gap
         self._frame: str | None = None
 
     @property
@@ -87,20 +129,23 @@ class HistoryEntry:
         return frame
 
     def _render(self) -> str:
-        message = self.message
+        if self.gap is not None:
+            return GapFrame.model_validate(
+                {"type": "gap", "epoch": self.epoch, "offset": self.offset, **self.gap}
+            ).text()
         fields: dict[str, object] = {
             "type": "message",
             "offset": self.offset,
             "epoch": self.epoch,
             "id": self.id,
             "peer": self.peer_id,
-            "from": str(message.sender),
-            "content_type": message.content_type,
+            "from": self.sender,
+            "content_type": self.content_type,
         }
         try:
-            fields["body"] = message.body.decode("utf-8")
+            fields["body"] = self.body.decode("utf-8")
         except UnicodeDecodeError:
-            fields["body"] = base64.b64encode(message.body).decode("ascii")
+            fields["body"] = base64.b64encode(self.body).decode("ascii")
             fields["encoding"] = "base64"
         return MessageFrame.model_validate(fields).text()
 
@@ -194,20 +239,60 @@ class PeerChannel:
     registered_at: float = field(default_factory=time.time)
     #: Registered with --peer at start rather than through the API: not persisted.
     ephemeral: bool = False
+    #: Where its history is kept (None: in memory only).
+    store: StateStore | None = None
+    #: Highest offset trimmed from the store (the store is trimmed in batches).
+    trimmed: int = 0
 
-    def append(self, message: PeerMessage) -> HistoryEntry:
+    def append(
+        self,
+        sender: str,
+        content_type: str | None,
+        body: bytes,
+        gap: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        """Add a message (or a gap entry) to the history and fan it out.
+
+        With a store, the row is written here; the caller commits (before the node
+        answers 200).
+        """
         self.offset += 1
-        self.received += 1
-        entry = HistoryEntry(self.peer_id, self.epoch, self.offset, message)
-        history = self.history
-        history.append(entry)
-        while len(history) > self.settings.history:
-            history.popleft()
+        if gap is None:
+            self.received += 1
+        now = time.time()
+        entry = HistoryEntry(
+            self.peer_id, self.epoch, self.offset, sender, content_type, body, now, gap
+        )
+        if self.store is not None:
+            self.store.append(
+                self.peer_id, self.epoch, entry.offset, now, sender, content_type, body, gap
+            )
+        self.history.append(entry)
+        self.retain(now)
         if self.subscribers:
             frame = entry.frame
             for subscriber in self.subscribers:
                 subscriber.push(frame, entry.offset)
         return entry
+
+    def retain(self, now: float, *, flush: bool = False) -> None:
+        """Apply ``history`` and ``history_max_age``: in memory at once, in the store
+        once a batch has built up (or with ``flush``)."""
+        history = self.history
+        limit = self.settings.history
+        while len(history) > limit:
+            history.popleft()
+        max_age = self.settings.history_max_age
+        if max_age > 0:
+            oldest = now - max_age
+            while history and history[0].at < oldest:
+                history.popleft()
+        if self.store is None:
+            return
+        dropped = history[0].offset - 1 if history else self.offset
+        if dropped > self.trimmed and (flush or dropped - self.trimmed >= TRIM_BATCH):
+            self.store.trim(self.peer_id, self.epoch, dropped)
+            self.trimmed = dropped
 
 
 class Hub:
@@ -216,33 +301,72 @@ class Hub:
     def __init__(
         self,
         server: DmqServer,
-        store: PeerStore | None = None,
+        store: StateStore | None = None,
         *,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        history_store: HistoryStore = HistoryStore.SQLITE,
+        reorder_wait: float = DEFAULT_MAX_WAIT,
+        reorder_limit: int = DEFAULT_MAX_HELD,
     ) -> None:
         self.server = server
         self.store = store
+        #: Keeps histories and reorder state (else only the registry and our stamps).
+        self.durable = store is not None and history_store is HistoryStore.SQLITE
         self.queue_limit = queue_limit
         self.channels: dict[str, PeerChannel] = {}
+        self.reorderer: Reorderer[_Held] = Reorderer(reorder_wait, reorder_limit)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.duplicates = 0
+        #: Our own origin stamps: the epoch and the last seq per peer.
+        self.origin = str(server.node.nodes.local.uri)
+        self.origin_epoch = secrets.token_hex(4)
+        self._origin_seq: dict[str, int] = {}
 
     # ------------------------------------------------------------------ registry
 
     def load(self) -> int:
-        """Register every peer the store remembers; return how many.
+        """Register every peer the store remembers, with its history and the receiver's
+        stream state; return how many.
 
         A stored peer the node now refuses (a reply timeout beyond a shorter Timer F)
         is logged and left out, rather than stopping the gateway.
         """
-        if self.store is None:
+        store = self.store
+        if store is None:
             return 0
+        self.origin_epoch = store.origin_epoch()
+        self._origin_seq = store.load_origin_seqs()
         loaded = 0
-        for peer_id, settings in self.store.load().items():
+        for peer_id, stored in store.load_peers().items():
             try:
-                self.register(peer_id, settings, persist=False)
+                channel, _ = self.register(peer_id, stored.settings, persist=False)
             except Exception as exc:
                 log.error("stored peer %s is not registered again: %s", peer_id, exc)
-            else:
-                loaded += 1
+                continue
+            loaded += 1
+            if not self.durable:
+                continue
+            channel.epoch = stored.epoch
+            channel.trimmed = stored.trimmed
+            rows = store.load_history(peer_id, stored.epoch, stored.settings.history)
+            channel.history.extend(
+                HistoryEntry(
+                    peer_id, r.epoch, r.offset, r.sender, r.content_type, r.body, r.at, r.gap
+                )
+                for r in rows
+            )
+            channel.offset = max(store.latest_offset(peer_id, stored.epoch), stored.trimmed)
+            channel.retain(time.time(), flush=True)
+        if self.durable:
+            for peer_id, origin, epoch, next_seq in store.load_streams():
+                if peer_id in self.channels:
+                    self.reorderer.restore(StreamKey(peer_id, origin, epoch), next_seq)
+            for row in store.load_held():
+                if row.peer_id in self.channels:
+                    key = StreamKey(row.peer_id, row.origin, row.origin_epoch)
+                    held = _Held(row.sender, row.content_type, row.body)
+                    self.reorderer.restore_held(key, row.seq, held, row.arrived)
         return loaded
 
     def channel(self, peer_id: str) -> PeerChannel:
@@ -271,6 +395,8 @@ class Hub:
         reply_timeout = settings.reply_timeout if settings.reply is ReplyMode.SUBSCRIBER else None
         if channel is None:
             channel = PeerChannel(peer_id, settings, ephemeral=ephemeral)
+            if self.durable and not ephemeral:
+                channel.store = self.store
             self.server.register_peer(
                 peer_id,
                 self._handler(channel),
@@ -284,32 +410,50 @@ class Hub:
             )
             channel.settings = settings
             channel.ephemeral = channel.ephemeral and ephemeral
-            while len(channel.history) > settings.history:
-                channel.history.popleft()
-        if persist and not channel.ephemeral:
-            self._save()
+            if self.durable and not channel.ephemeral:
+                channel.store = self.store
+            channel.retain(time.time(), flush=True)
+        if persist and not channel.ephemeral and self.store is not None:
+            self.store.save_peer(peer_id, settings, channel.epoch)
         return channel, created
 
     def unregister(self, peer_id: str) -> None:
         """Unregister a peer: the core answers every reply still pending, and the
-        subscribers are let go."""
+        subscribers are let go; its history and stream state go too."""
         channel = self.channel(peer_id)
         del self.channels[peer_id]
         self.server.unregister_peer(peer_id)
+        self.reorderer.forget_peer(peer_id)
         for subscriber in list(channel.subscribers):
             subscriber.end(Ending.PEER_REMOVED)
-        self._save()
+        if self.store is not None and not channel.ephemeral:
+            self.store.delete_peer(peer_id)
 
-    def _save(self) -> None:
+    # ------------------------------------------------------------------ our stamps
+
+    def stamp(self, peer_id: str) -> str:
+        """The ``X-DMQ-Origin`` value of the next message we originate for a peer;
+        the seq is committed before it is used, so a restart never reuses one."""
+        seq = self._origin_seq.get(peer_id, 0) + 1
+        self._origin_seq[peer_id] = seq
         if self.store is not None:
-            self.store.save({p: c.settings for p, c in self.channels.items() if not c.ephemeral})
+            self.store.save_origin_seq(peer_id, seq)
+        return build_origin(self.origin, self.origin_epoch, seq)
 
     # ------------------------------------------------------------------ incoming
 
     def _handler(self, channel: PeerChannel) -> Callable[[PeerMessage], PeerReply | None]:
         def handler(message: PeerMessage) -> PeerReply | None:
+            stamp = parse_origin(message.origin)
             if channel.settings.reply is ReplyMode.AUTO:
-                channel.append(message)
+                if stamp is None:
+                    self._commit(
+                        lambda: channel.append(
+                            str(message.sender), message.content_type, message.body
+                        )
+                    )
+                else:
+                    self._offer(channel, stamp, message)
                 if not channel.subscribers and log.isEnabledFor(logging.INFO):
                     log.info(
                         "%s from %s (%s, %d bytes): %s",
@@ -322,7 +466,14 @@ class Hub:
                 return _OK
             if not channel.subscribers:
                 return _NO_SUBSCRIBER
-            entry = channel.append(message)
+            if stamp is not None:
+                key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch)
+                if not self.reorderer.offer_unordered(key, stamp.seq):
+                    self.duplicates += 1
+                    return _OK  # delivered to a subscriber before: not asked again
+            entry = self._commit(
+                lambda: channel.append(str(message.sender), message.content_type, message.body)
+            )
             pending = channel.pending
             pending[entry.id] = message.id
             if len(pending) > PENDING_IDS_KEPT:
@@ -330,6 +481,128 @@ class Hub:
             return None  # a subscriber answers, through reply(); the core times it
 
         return handler
+
+    def _commit(self, write: Callable[[], _R]) -> _R:
+        """Run ``write`` in one store transaction (committed before the 200)."""
+        if not self.durable:
+            return write()
+        assert self.store is not None
+        with self.store.transaction():
+            return write()
+
+    def _offer(self, channel: PeerChannel, stamp: OriginStamp, message: PeerMessage) -> None:
+        key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch)
+        now = time.time()
+        held = _Held(str(message.sender), message.content_type, message.body)
+        verdict, actions = self.reorderer.offer(key, stamp.seq, held, now)
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+        store = self.store if self.durable else None
+
+        def write() -> None:
+            if verdict is Verdict.HELD and store is not None:
+                store.hold(
+                    HeldRow(
+                        key.peer_id,
+                        key.origin,
+                        key.epoch,
+                        stamp.seq,
+                        now,
+                        held.sender,
+                        held.content_type,
+                        held.body,
+                    )
+                )
+            self._apply(actions)
+            if verdict is Verdict.DELIVERED and store is not None:
+                next_seq = self.reorderer.next_seq(key)
+                if next_seq is not None:
+                    store.set_next_seq(key.peer_id, key.origin, key.epoch, next_seq)
+
+        if verdict is not Verdict.DUPLICATE or actions:
+            self._commit(write)
+        if verdict is Verdict.HELD:
+            self._arm()
+
+    def _apply(self, actions: list[Action[_Held]]) -> None:
+        """Carry out what the reorderer decided (inside the caller's transaction)."""
+        store = self.store if self.durable else None
+        touched: set[StreamKey] = set()
+        for action in actions:
+            if isinstance(action, Retired):
+                if store is not None:
+                    store.forget_stream(*action.key)
+                touched.discard(action.key)
+                continue
+            channel = self.channels.get(action.key.peer_id)
+            if channel is None:
+                continue
+            touched.add(action.key)
+            if isinstance(action, Delivery):
+                item = action.item
+                channel.append(item.sender, item.content_type, item.body)
+                if action.was_held and store is not None:
+                    store.unhold(
+                        action.key.peer_id, action.key.origin, action.key.epoch, action.seq
+                    )
+            else:
+                log.warning(
+                    "peer %s: messages %d..%d from %s (epoch %s) are lost: %s",
+                    action.key.peer_id,
+                    action.first,
+                    action.last,
+                    action.key.origin,
+                    action.key.epoch,
+                    action.reason,
+                )
+                channel.append(
+                    action.key.origin,
+                    None,
+                    b"",
+                    gap={
+                        "reason": action.reason,
+                        "origin": action.key.origin,
+                        "origin_epoch": action.key.epoch,
+                        "from": action.first,
+                        "to": action.last,
+                    },
+                )
+        if store is not None:
+            for key in touched:
+                next_seq = self.reorderer.next_seq(key)
+                if next_seq is not None:
+                    store.set_next_seq(key.peer_id, key.origin, key.epoch, next_seq)
+
+    def _arm(self) -> None:
+        """Keep the one loop timer at the reorderer's next deadline."""
+        deadline = self.reorderer.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        actions = self.reorderer.expire(time.time())
+        if actions:
+            self._commit(lambda: self._apply(actions))
+        self._arm()
+
+    def start_timer(self) -> None:
+        """Arm the timer for messages held before a restart (call on the loop)."""
+        self._arm()
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
 
     def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> None:
         """A subscriber answered message ``message_id`` of a peer.
@@ -354,6 +627,7 @@ class Hub:
         ``epoch`` goes with ``since`` (the API refuses it alone).
         """
         channel = self.channel(peer_id)
+        channel.retain(time.time())
         subscriber = Subscriber(channel, self.queue_limit)
         history = channel.history
         oldest = history[0].offset if history else channel.offset + 1
@@ -415,6 +689,16 @@ class Hub:
             for subscriber in list(channel.subscribers):
                 subscriber.end(why)
 
+
+class _Held(NamedTuple):
+    """A stamped message as the reorderer holds it until its turn."""
+
+    sender: str
+    content_type: str | None
+    body: bytes
+
+
+_R = TypeVar("_R")
 
 _OK = PeerReply()
 _NO_SUBSCRIBER = PeerReply(480, "Temporarily Unavailable")

@@ -3,7 +3,7 @@ import cycles between the hub, the peer store and the API)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -23,6 +23,8 @@ class PeerSettings:
     reply_timeout: float = 5.0
     #: Messages kept for replay.
     history: int = 1000
+    #: Seconds a message is kept for replay (0: no age limit).
+    history_max_age: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -36,6 +38,7 @@ class PeerSettings:
             reply=ReplyMode(data.get("reply", "auto")),
             reply_timeout=float(data.get("reply_timeout", 5.0)),
             history=int(data.get("history", 1000)),
+            history_max_age=float(data.get("history_max_age", 0.0)),
         )
 
 
@@ -63,6 +66,7 @@ class PeerInfo:
     reply: ReplyMode
     reply_timeout: float
     history: int
+    history_max_age: float
     epoch: str
     offset: int
     history_size: int
@@ -82,13 +86,20 @@ class HealthInfo:
 @dataclass(frozen=True, slots=True)
 class NodeOutcome:
     """How one target node answered a broadcast or send (``code`` None: no final
-    answer in time)."""
+    answer in time, or none at all for a message queued or dropped before it was sent).
+
+    ``outcome``: ``delivered`` (the node answered, whatever the code), ``queued`` (it
+    waits in the node's outbox and is resent when the node answers again), ``dropped``
+    (it will never be delivered; ``reason`` says why), or None (no result within the
+    caller's ``?timeout=``: still in flight)."""
 
     node: str
     code: int | None
     reason: str | None
     content_type: str | None = None
     body: bytes = b""
+    outcome: str | None = None
+    timed_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,3 +140,15 @@ class GatewayStats:
     #: NodeStatus value -> other nodes in it (every status, zeros included).
     nodes_by_status: dict[str, int]
     peers: tuple[PeerStats, ...]
+    #: Store-and-forward at the sender: node URI -> (messages, bytes) waiting for it.
+    outboxes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    outbox_queued: int = 0
+    outbox_resent: int = 0
+    outbox_delivered: int = 0
+    #: Drop reason -> messages that left an outbox undelivered.
+    outbox_dropped: dict[str, int] = field(default_factory=dict)
+    #: At the receiver: stamped copies answered but not delivered again, gap entries
+    #: written, and stamped messages held for the ones before them now.
+    duplicates: int = 0
+    gaps: int = 0
+    held: int = 0

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 
 from app.dmq.errors import NodeStoppedError
-from app.dmq.events import NodeResult, SendOperation
+from app.dmq.events import Delivery, NodeResult, SendOperation
 from app.dmq.nodes import Node, NodeStatus
+from app.dmq.outbox import DROP_REASONS
 from app.dmq.peers import PeerReply
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
@@ -40,7 +41,8 @@ from app.gateway.models import (
     PeerSettings,
     PeerStats,
 )
-from app.gateway.store import PeerStore
+from app.gateway.origin import ORIGIN_HEADER
+from app.gateway.store import StateStore
 from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
 
@@ -58,8 +60,19 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self._server = DmqServer(config.node, drop_rate=config.drop_rate)
-        store = PeerStore(config.state_dir) if config.state_dir is not None else None
-        self._hub = Hub(self._server, store, queue_limit=config.queue_limit)
+        self._store = (
+            StateStore(config.state_dir, sync=config.history_sync)
+            if config.state_dir is not None
+            else None
+        )
+        self._hub = Hub(
+            self._server,
+            self._store,
+            queue_limit=config.queue_limit,
+            history_store=config.history_store,
+            reorder_wait=config.reorder_wait,
+            reorder_limit=config.reorder_limit,
+        )
         #: Tags message ids of this process, so ids from before a restart never clash.
         self.instance = secrets.token_hex(4)
         #: Completed by begin_stop(); requests waiting for results wait on it too.
@@ -70,6 +83,8 @@ class Gateway:
     async def start(self) -> None:
         """Register the stored and --peer peers, then start the node."""
         self._stopping = asyncio.get_running_loop().create_future()
+        if self._store is not None:
+            self._store.open()
         loaded = self._hub.load()
         for peer_id in self.config.startup_peers:
             if peer_id not in self._hub.channels:
@@ -77,6 +92,7 @@ class Gateway:
                     peer_id, PeerSettings(description="--peer"), persist=False, ephemeral=True
                 )
         await self._server.start()
+        self._hub.start_timer()
         log.info(
             "gateway up: %d stored peers, %d from --peer", loaded, len(self.config.startup_peers)
         )
@@ -103,7 +119,10 @@ class Gateway:
     async def stop(self) -> None:
         """Leave the bus gracefully and close the node's sockets."""
         self.begin_stop()
+        self._hub.stop_timer()
         await self._server.stop()
+        if self._store is not None:
+            self._store.close()
 
     # ------------------------------------------------------------------ health, stats
 
@@ -145,6 +164,14 @@ class Gateway:
                 PeerStats(c.peer_id, len(c.subscribers), c.overflows, len(c.history), c.received)
                 for c in sorted(self._hub.channels.values(), key=lambda c: c.peer_id)
             ),
+            outboxes={str(box.node): (box.messages, box.bytes) for box in node.outboxes()},
+            outbox_queued=stats.outbox_queued,
+            outbox_resent=stats.outbox_resent,
+            outbox_delivered=stats.outbox_delivered,
+            outbox_dropped={reason: stats.outbox_dropped.get(reason, 0) for reason in DROP_REASONS},
+            duplicates=self._hub.duplicates,
+            gaps=self._hub.reorderer.gaps,
+            held=self._hub.reorderer.held(),
         )
 
     # ------------------------------------------------------------------ nodes
@@ -238,9 +265,13 @@ class Gateway:
         timeout: float | None = None,
     ) -> Dispatch:
         """Send to every active node but this one; with ``wait``, every node's result."""
-        server = self._server
+        server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.broadcast_nowait(peer_id, body, content_type), wait, timeout
+            lambda: server.broadcast_nowait(
+                peer_id, body, content_type, headers=((ORIGIN_HEADER, hub.stamp(peer_id)),)
+            ),
+            wait,
+            timeout,
         )
 
     async def send(
@@ -255,9 +286,17 @@ class Gateway:
     ) -> Dispatch:
         """Send to one node of the list, whatever its status; raises UnknownNodeError."""
         target = await self.resolve_node(node)
-        server = self._server
+        server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.send_nowait(peer_id, body, content_type, target), wait, timeout
+            lambda: server.send_nowait(
+                peer_id,
+                body,
+                content_type,
+                target,
+                headers=((ORIGIN_HEADER, hub.stamp(peer_id)),),
+            ),
+            wait,
+            timeout,
         )
 
     async def _dispatch(self, start: _Start, wait: bool, timeout: float | None) -> Dispatch:
@@ -308,11 +347,31 @@ def _outcomes(operation: SendOperation) -> tuple[NodeOutcome, ...]:
     for target in operation.targets:
         node = str(target)
         result = answered.get(node)
-        if result is None or result.timed_out or result.transport_error:
-            outcomes.append(NodeOutcome(node, None, None))
+        if result is None:
+            outcomes.append(NodeOutcome(node, None, None, timed_out=True))
+        elif result.outcome is not Delivery.DELIVERED:
+            # Queued for a resend, or dropped: the reason says why (a local 408 or none).
+            outcomes.append(
+                NodeOutcome(
+                    node,
+                    None,
+                    result.reason,
+                    outcome=result.outcome.value,
+                    timed_out=result.timed_out,
+                )
+            )
+        elif result.timed_out or result.transport_error:
+            outcomes.append(NodeOutcome(node, None, None, outcome=None, timed_out=True))
         else:
             outcomes.append(
-                NodeOutcome(node, result.code, result.reason, result.content_type, result.body)
+                NodeOutcome(
+                    node,
+                    result.code,
+                    result.reason,
+                    result.content_type,
+                    result.body,
+                    outcome=result.outcome.value,
+                )
             )
     return tuple(outcomes)
 
@@ -325,6 +384,7 @@ def _peer_info(channel: PeerChannel) -> PeerInfo:
         reply=settings.reply,
         reply_timeout=settings.reply_timeout,
         history=settings.history,
+        history_max_age=settings.history_max_age,
         epoch=channel.epoch,
         offset=channel.offset,
         history_size=len(channel.history),

@@ -43,7 +43,7 @@ from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
 from app.dmq.errors import ConfigError, NodeStoppedError
 from app.dmq.events import Event, HostLookupNeeded, SendCompleted, SendOperation
-from app.dmq.node import DmqNode
+from app.dmq.node import DmqNode, ExtraHeaders
 from app.dmq.nodes import Node
 from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerReply
 from app.dmq.sip import SipParseError, SipUri, StreamFramer
@@ -399,33 +399,62 @@ class DmqServer:
         self._flush()
 
     def broadcast_nowait(
-        self, peer_id: str, body: bytes, content_type: str | None
+        self,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        *,
+        headers: ExtraHeaders = (),
     ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
         """Start a broadcast; the future completes with every node's result, or with
-        :class:`NodeStoppedError` if the node stops first."""
-        operation = self.node.broadcast(peer_id, body, content_type, self._send_clock())
+        :class:`NodeStoppedError` if the node stops first. ``headers`` are extra
+        ``(name, value)`` headers for the KDMQ requests (:meth:`DmqNode.broadcast`)."""
+        operation = self.node.broadcast(
+            peer_id, body, content_type, self._send_clock(), headers=headers
+        )
         waiter = self._waiter(operation)
         self._flush()
         return operation, waiter
 
     def send_nowait(
-        self, peer_id: str, body: bytes, content_type: str | None, node: SipUri
+        self,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        node: SipUri,
+        *,
+        headers: ExtraHeaders = (),
     ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
-        operation = self.node.send(peer_id, body, content_type, node, self._send_clock())
+        operation = self.node.send(
+            peer_id, body, content_type, node, self._send_clock(), headers=headers
+        )
         waiter = self._waiter(operation)
         self._flush()
         return operation, waiter
 
-    async def broadcast(self, peer_id: str, body: bytes, content_type: str | None) -> SendOperation:
-        """Send to every active node but us and wait for each one's final result."""
-        _, waiter = self.broadcast_nowait(peer_id, body, content_type)
+    async def broadcast(
+        self,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        *,
+        headers: ExtraHeaders = (),
+    ) -> SendOperation:
+        """Send to every node but us and wait for each one's outcome."""
+        _, waiter = self.broadcast_nowait(peer_id, body, content_type, headers=headers)
         return await waiter
 
     async def send(
-        self, peer_id: str, body: bytes, content_type: str | None, node: SipUri
+        self,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        node: SipUri,
+        *,
+        headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to one node of the list and wait for its final result."""
-        _, waiter = self.send_nowait(peer_id, body, content_type, node)
+        """Send to one node of the list and wait for its outcome."""
+        _, waiter = self.send_nowait(peer_id, body, content_type, node, headers=headers)
         return await waiter
 
     def add_node(self, uri: SipUri) -> Node:

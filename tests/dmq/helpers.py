@@ -159,11 +159,13 @@ class Cluster:
         transport: str = "udp",
         host: str = "127.0.0.1",
         resolver: Resolver = literal_resolver,
+        **settings: object,
     ) -> Member:
         """Add (or replace, like a restarted process) the node listening on ``port``.
 
         ``notify`` holds ports (``sip:127.0.0.1:PORT``) or whole URIs; ``host`` is how
-        the node names itself in its ``server_address``. Every wire is routed by port.
+        the node names itself in its ``server_address``; ``settings`` are further
+        :class:`NodeConfig` fields (outbox bounds...). Every wire is routed by port.
         """
         config = NodeConfig(
             server_address=uri(port, transport, host),
@@ -172,6 +174,7 @@ class Cluster:
             ),
             ping_interval=ping_interval,
             timers=timers,
+            **settings,  # type: ignore[arg-type]
         )
         node = DmqNode(config, resolver=resolver, rng=random.Random(self.rng.random()))
         member = Member(node, port)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from app.dmq.events import Delivery
 from app.dmq.nodes import NodeStatus
 from app.dmq.sip import SipUri
 from tests.dmq.helpers import Cluster, Member, Wire, uri
@@ -100,16 +101,23 @@ def test_dead_node_is_disabled_after_one_missed_ping_and_removed_after_two() -> 
     ]
 
 
-def test_disabled_node_gets_no_broadcast_but_a_send() -> None:
+def test_disabled_node_is_a_target_whose_messages_wait_in_its_outbox() -> None:
+    """A broadcast is meant for every node held, disabled ones included: a disabled
+    node's copy goes to its outbox (a send to it too), and the result says so."""
     cluster = Cluster()
     a, _, c = build(cluster, 3, "star")
     c.up = False
     cluster.advance_to(1010.0 + TIMER_F)
     assert a.statuses()[5003] is DISABLED
     operation = a.node.broadcast("htable", b"b", None, cluster.now)
-    assert [t.effective_port for t in operation.targets] == [5002]
+    assert sorted(t.effective_port for t in operation.targets) == [5002, 5003]
+    [queued] = [r for r in operation.results if r.node.effective_port == 5003]
+    assert queued.outcome is Delivery.QUEUED and queued.code == 0
     operation = a.node.send("htable", b"s", None, uri(5003), cluster.now)
     assert [t.effective_port for t in operation.targets] == [5003]
+    assert [r.outcome for r in operation.results] == [Delivery.QUEUED] and operation.done
+    [box] = a.node.outboxes()
+    assert (box.node.effective_port, box.messages) == (5003, 2)
 
 
 def test_restarted_node_is_active_everywhere_again() -> None:

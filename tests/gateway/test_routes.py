@@ -113,9 +113,10 @@ def test_a_corrupt_peer_store_is_kept_aside_and_the_gateway_starts(
         broken = store.with_suffix(".json.broken")
         assert broken.read_text().startswith('{"version": 1')
         assert client.put(f"/v1/peers/{PEER}", json={"history": 3}).status_code == 201
-    assert json.loads(store.read_text())["peers"][PEER]["history"] == 3
+    # The registry now lives in the state database; peers.json is not written again.
+    assert not store.exists()
     with running(gateway_config) as client:
-        assert [p["peer_id"] for p in client.get("/v1/peers").json()] == [PEER]
+        assert [(p["peer_id"], p["history"]) for p in client.get("/v1/peers").json()] == [(PEER, 3)]
 
 
 def test_a_long_node_list_is_warned_about(

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from harness.gateway import Gateway
-from harness.ports import free_port
+from harness.waiting import wait_until
 
 
 def test_sigterm_answers_waiting_requests_503_and_closes_subscriptions_1012(
@@ -23,10 +23,15 @@ def test_sigterm_answers_waiting_requests_503_and_closes_subscriptions_1012(
 ) -> None:
     # A long Timer F: the send to a node that never answers waits until the stop.
     served = Gateway("a", tmp_path, extra=["--timer-f", "30"]).start()
+    # An active node that goes silent (SIGSTOP): a message to a node that is not active
+    # is queued in its outbox at once, so only an active one keeps the request waiting.
+    frozen = Gateway("b", tmp_path, notify=[served], ping_interval=60).start()
     try:
         url = served.url
-        silent = f"sip:127.0.0.1:{free_port()}"
-        assert httpx.post(f"{url}/v1/nodes", json={"uri": silent}).status_code == 201
+        silent = frozen.uri
+        wait_until(lambda: _status(url, silent) == "active", 10, f"{silent} active on a")
+        assert frozen.proc is not None
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
         assert httpx.put(f"{url}/v1/peers/p", json={}).status_code == 201
         with connect(f"{served.ws_url}/v1/peers/p/subscribe", proxy=None) as ws:
             assert json.loads(ws.recv(5))["type"] == "subscribed"
@@ -72,3 +77,14 @@ def test_sigterm_answers_waiting_requests_503_and_closes_subscriptions_1012(
         print(f"SIGTERM to exit with a request pending: {exit_seconds:.3f} s")
     finally:
         served.stop()
+        if frozen.proc is not None and frozen.alive:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.kill()
+
+
+def _status(url: str, uri: str) -> str | None:
+    for node in httpx.get(f"{url}/v1/nodes").json():
+        if node["uri"] == uri:
+            status: str = node["status"]
+            return status
+    return None

@@ -114,6 +114,51 @@ class GatewayCollector(Collector):
             history.add_metric([one.peer_id], one.history_size)
             received.add_metric([one.peer_id], one.received)
         yield from (clients, overflows, history, received)
+        outbox = GaugeMetricFamily(
+            "dmq_outbox_messages",
+            "messages waiting in a node's outbox to be resent when it answers, by node",
+            labels=["node"],
+        )
+        outbox_bytes = GaugeMetricFamily(
+            "dmq_outbox_bytes", "bytes of the messages waiting in a node's outbox", labels=["node"]
+        )
+        for node, (messages, size) in sorted(stats.outboxes.items()):
+            outbox.add_metric([node], messages)
+            outbox_bytes.add_metric([node], size)
+        yield from (outbox, outbox_bytes)
+        for name, text, value in (
+            ("dmq_outbox_queued", "messages put in a node's outbox", stats.outbox_queued),
+            ("dmq_outbox_resent", "resends from an outbox", stats.outbox_resent),
+            (
+                "dmq_outbox_delivered",
+                "messages from an outbox the node answered",
+                stats.outbox_delivered,
+            ),
+            (
+                "dmq_duplicates",
+                "stamped KDMQ copies answered but not delivered again",
+                stats.duplicates,
+            ),
+            (
+                "dmq_gaps",
+                "gap entries written: messages of an origin given up by the reorder bounds",
+                stats.gaps,
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        dropped = CounterMetricFamily(
+            "dmq_outbox_dropped",
+            "messages that left an outbox undelivered, by reason",
+            labels=["reason"],
+        )
+        for reason, count in stats.outbox_dropped.items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield GaugeMetricFamily(
+            "dmq_reorder_held",
+            "stamped messages held until the ones before them arrive",
+            value=stats.held,
+        )
 
 
 def registry_for(gateway: Gateway) -> CollectorRegistry:

@@ -81,6 +81,7 @@ async def put_peer(
         reply=ReplyMode(body.reply),
         reply_timeout=body.reply_timeout,
         history=body.history,
+        history_max_age=body.history_max_age,
     )
     peer, created = gateway.put_peer(peer_id, settings)
     response.status_code = 201 if created else 200
@@ -116,15 +117,19 @@ def _outcome_out(outcome: NodeOutcome) -> NodeResultOut:
         except UnicodeDecodeError:
             body = base64.b64encode(outcome.body).decode("ascii")
             encoding = "base64"
-    timed_out = outcome.code is None
+    timed_out = outcome.timed_out
+    reason = outcome.reason
+    if reason is None and timed_out:
+        reason = "Request Timeout"
     return NodeResultOut(
         node=outcome.node,
         code=outcome.code,
-        reason="Request Timeout" if timed_out else outcome.reason,
+        reason=reason,
         content_type=outcome.content_type,
         body=body,
         encoding=encoding,
         timeout=timed_out,
+        outcome=outcome.outcome,  # type: ignore[arg-type]
     )
 
 

@@ -1,0 +1,76 @@
+"""Per-node outboxes: store-and-forward for messages a node could not take yet.
+
+A message for a node that is not ``active``, or whose transaction for it timed out (or
+met a transport error), waits in that node's outbox instead of being lost. While an
+outbox holds anything, newer messages for the node queue behind it, so that the node
+gets them in the order they were sent. When the node answers again the outbox is sent
+in order, a window of requests at a time, each a new transaction with the same body
+and headers.
+
+A message is dropped only for a reason a caller can see: its node was removed, the
+node stopped, or a bound was hit (count, bytes, age; :class:`~app.dmq.config.NodeConfig`
+sets them). Each drop is counted by reason and reported as
+:class:`~app.dmq.events.OutboxDropped`.
+
+One :class:`OutboxMessage` is shared by the outboxes of every node a broadcast missed,
+so a bus-wide outage costs one body per message plus a reference per node.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
+
+from app.dmq.sip import SipUri
+
+#: Why messages left an outbox without being delivered.
+DROP_REMOVED: Final = "removed"
+DROP_COUNT: Final = "count"
+DROP_BYTES: Final = "bytes"
+DROP_AGE: Final = "age"
+DROP_STOPPED: Final = "stopped"
+DROP_REASONS: Final = (DROP_REMOVED, DROP_COUNT, DROP_BYTES, DROP_AGE, DROP_STOPPED)
+
+
+@dataclass(slots=True, eq=False)
+class OutboxMessage:
+    """What it takes to send a message again: body, headers and when it was first sent."""
+
+    id: int
+    peer_id: str
+    body: bytes
+    content_type: str | None
+    #: Extra header lines, already validated and rendered.
+    extra: tuple[str, ...]
+    max_forwards: int
+    #: The ``now`` of the broadcast or send; the age bound counts from here.
+    created_at: float
+    #: What the message counts for against the byte bound: body and headers.
+    size: int
+
+
+@dataclass(slots=True, eq=False)
+class Outbox:
+    """The messages waiting for one node, oldest first."""
+
+    messages: deque[OutboxMessage] = field(default_factory=deque)
+    #: Sum of the messages' sizes.
+    size: int = 0
+    #: Ids of messages resent and not answered yet (at most the window).
+    in_flight: set[int] = field(default_factory=set)
+    #: A transaction to the node failed: nothing is resent until the node answers
+    #: something (a ping, a request), so a dead node is not sent the window again and
+    #: again.
+    paused: bool = False
+
+
+class OutboxInfo(NamedTuple):
+    """One node's outbox, for metrics (:meth:`~app.dmq.node.DmqNode.outboxes`)."""
+
+    node: SipUri
+    messages: int
+    bytes: int
+    in_flight: int
+    #: ``created_at`` of the oldest message (driver clock).
+    oldest: float

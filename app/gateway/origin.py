@@ -1,0 +1,104 @@
+"""Origin stamps: who sent a KDMQ message first, in which life, and its place in line.
+
+Every KDMQ request a gateway originates carries one header::
+
+    X-DMQ-Origin: <sip:10.0.0.5:5060>;epoch=3f9a1c2e;seq=42
+
+``<...>`` is the originating gateway's server address, ``epoch`` its *origin epoch*
+(drawn once and kept in the state dir, so it survives restarts) and ``seq`` counts the
+messages that origin sent to one peer, from 1. The receiver uses the three to deliver
+each origin's messages in order, once, and to name what was lost (:mod:`app.gateway.reorder`).
+
+The header comes from the wire: :func:`parse_origin` never raises, and anything it
+cannot read is treated as *unstamped* (delivered as it arrives, like Kamailio's
+messages), which is safer than refusing a message another node already committed to.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from app.dmq.peers import ORIGIN_HEADER
+
+__all__ = ["ORIGIN_HEADER", "OriginStamp", "build_origin", "parse_origin"]
+
+#: Longest header value read; a stamp is well under 200 characters.
+MAX_STAMP = 512
+
+_EPOCH = re.compile(r"[0-9A-Za-z]{1,32}")
+#: The sequence number fits SQLite's signed 64-bit integer.
+MAX_SEQ = 2**63 - 1
+
+
+class OriginStamp(NamedTuple):
+    """One parsed ``X-DMQ-Origin`` header."""
+
+    #: The originating gateway's server address, as it wrote it (``sip:host:port``).
+    origin: str
+    epoch: str
+    seq: int
+
+    def header(self) -> str:
+        """The header value."""
+        return f"<{self.origin}>;epoch={self.epoch};seq={self.seq}"
+
+
+def build_origin(origin: str, epoch: str, seq: int) -> str:
+    """The ``X-DMQ-Origin`` value for message ``seq`` of ``origin`` in ``epoch``.
+
+    Raises ValueError for values that :func:`parse_origin` would not read back, so a
+    gateway never sends a stamp its peers would ignore.
+    """
+    stamp = OriginStamp(origin, epoch, seq)
+    if parse_origin(stamp.header()) != stamp:
+        raise ValueError(
+            f"origin stamp <{origin}>;epoch={epoch};seq={seq} is not valid: the origin is "
+            "a sip: URI without '<', '>', ';' or spaces, the epoch 1-32 letters or digits, "
+            f"the seq 1..{MAX_SEQ}"
+        )
+    return stamp.header()
+
+
+def parse_origin(value: str | None) -> OriginStamp | None:
+    """Read a header value; None (unstamped) for anything that is not a valid stamp."""
+    if not value or len(value) > MAX_STAMP:
+        return None
+    value = value.strip()
+    if not value.startswith("<"):
+        return None
+    end = value.find(">")
+    if end < 0:
+        return None
+    origin = value[1:end]
+    if (
+        not origin.startswith("sip:")
+        or len(origin) < 5
+        or any(c in origin for c in "<>; \t\r\n")
+        or not origin.isprintable()
+    ):
+        return None
+    epoch: str | None = None
+    seq: int | None = None
+    for param in value[end + 1 :].split(";"):
+        param = param.strip()
+        if not param:
+            continue
+        name, sep, text = param.partition("=")
+        name = name.strip().lower()
+        text = text.strip()
+        if not sep:
+            continue
+        if name == "epoch":
+            if epoch is not None or not _EPOCH.fullmatch(text):
+                return None
+            epoch = text
+        elif name == "seq":
+            if seq is not None or not text.isascii() or not text.isdigit() or len(text) > 19:
+                return None
+            seq = int(text)
+            if not 1 <= seq <= MAX_SEQ:
+                return None
+    if epoch is None or seq is None:
+        return None
+    return OriginStamp(origin, epoch, seq)

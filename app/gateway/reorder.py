@@ -1,0 +1,241 @@
+"""Ordered, exactly-once, gap-aware delivery of stamped messages (sans-IO).
+
+A *stream* is what one origin, in one origin epoch, sends to one peer: messages stamped
+``seq`` 1, 2, 3... (:mod:`app.gateway.origin`). Over UDP with retransmissions, and with
+the sender's store-and-forward outbox resending after a node comes back, its messages
+can arrive out of order, twice, or long after the SIP transaction that carried the
+first copy is gone. :class:`Reorderer` turns that into what a subscriber wants:
+
+* a message with the next expected ``seq`` is delivered at once, followed by any
+  held messages it makes contiguous;
+* a message that arrives early is *held* (the caller stores it before answering 200);
+* a ``seq`` already delivered or held is a duplicate: answered, never delivered again;
+* when the oldest held message has waited ``max_wait`` seconds, or a stream holds more
+  than ``max_held``, the missing ``seq`` s are given up for good: a :class:`Gap` names
+  them, and delivery goes on from the lowest held message.
+
+A stream the receiver has never seen starts at ``seq`` 1 when that is what arrives;
+otherwise (this node joined, or registered the peer, after the origin had already sent
+to it) its first messages are held for ``max_wait`` and delivery starts at the lowest
+``seq`` that arrived, without a gap: the receiver cannot know which earlier messages
+were ever meant for it. A new origin epoch (the origin lost its state dir) retires the
+old epoch's stream: what it still held is released, with gaps, before the new one
+starts.
+
+Time enters only as ``now`` (the caller's clock), and nothing here does I/O: the hub
+persists what the actions say and arms one timer at :meth:`Reorderer.next_deadline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Generic, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+#: Defaults of ``--reorder-wait`` and ``--reorder-limit``.
+DEFAULT_MAX_WAIT = 2.0
+DEFAULT_MAX_HELD = 1000
+
+
+class StreamKey(NamedTuple):
+    peer_id: str
+    origin: str
+    epoch: str
+
+
+class Verdict(Enum):
+    """What became of one offered message."""
+
+    #: Delivered now (it is the first :class:`Delivery` of the actions).
+    DELIVERED = "delivered"
+    #: Held until the messages before it arrive (or are given up).
+    HELD = "held"
+    #: Already delivered or held: answer it, deliver nothing.
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery(Generic[T]):
+    key: StreamKey
+    seq: int
+    item: T
+    #: It had been held (the caller removes it from where held messages are stored).
+    was_held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """``first``..``last`` (inclusive) of a stream will never be delivered."""
+
+    key: StreamKey
+    first: int
+    last: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retired:
+    """A stream ended (its origin started a new epoch): forget its state."""
+
+    key: StreamKey
+
+
+Action = Delivery[T] | Gap | Retired
+
+
+@dataclass(slots=True)
+class _Stream(Generic[T]):
+    #: The next seq to deliver; None until the stream's start is known.
+    next: int | None
+    #: seq -> (item, when it arrived).
+    held: dict[int, tuple[T, float]] = field(default_factory=dict)
+    #: Unordered streams: seqs seen above ``next``.
+    seen: set[int] = field(default_factory=set)
+
+
+class Reorderer(Generic[T]):
+    """Per-stream reordering with bounded waiting; see the module's docstring."""
+
+    def __init__(self, max_wait: float = DEFAULT_MAX_WAIT, max_held: int = DEFAULT_MAX_HELD):
+        if max_wait < 0:
+            raise ValueError(f"max_wait {max_wait}: must be at least 0 seconds")
+        if max_held < 1:
+            raise ValueError(f"max_held {max_held}: must be at least 1")
+        self.max_wait = max_wait
+        self.max_held = max_held
+        self._streams: dict[StreamKey, _Stream[T]] = {}
+        #: (peer_id, origin) -> the epoch whose stream is current.
+        self._current: dict[tuple[str, str], str] = {}
+        self.duplicates = 0
+        self.gaps = 0
+
+    # ------------------------------------------------------------------ state
+
+    def restore(self, key: StreamKey, next_seq: int) -> None:
+        """Resume a stream persisted before a restart (next ``seq`` to deliver)."""
+        self._stream(key).next = next_seq
+
+    def restore_held(self, key: StreamKey, seq: int, item: T, arrived: float) -> None:
+        """Hold again a message that was held when the process stopped."""
+        self._stream(key).held[seq] = (item, arrived)
+
+    def next_seq(self, key: StreamKey) -> int | None:
+        stream = self._streams.get(key)
+        return None if stream is None else stream.next
+
+    def held(self) -> int:
+        return sum(len(s.held) for s in self._streams.values())
+
+    def forget_peer(self, peer_id: str) -> None:
+        """The peer was unregistered: its streams go with it."""
+        for key in [k for k in self._streams if k.peer_id == peer_id]:
+            del self._streams[key]
+        for pair in [p for p in self._current if p[0] == peer_id]:
+            del self._current[pair]
+
+    def _stream(self, key: StreamKey) -> _Stream[T]:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream(None)
+            self._current[(key.peer_id, key.origin)] = key.epoch
+        return stream
+
+    # ------------------------------------------------------------------ input
+
+    def offer(
+        self, key: StreamKey, seq: int, item: T, now: float
+    ) -> tuple[Verdict, list[Action[T]]]:
+        """One stamped message arrived; return its verdict and what to do now."""
+        actions: list[Action[T]] = []
+        stream = self._streams.get(key)
+        if stream is None:
+            current = self._current.get((key.peer_id, key.origin))
+            if current is not None and current != key.epoch:
+                self._retire(StreamKey(key.peer_id, key.origin, current), actions)
+            stream = self._stream(key)
+        if (stream.next is not None and seq < stream.next) or seq in stream.held:
+            self.duplicates += 1
+            return Verdict.DUPLICATE, actions
+        if stream.next is None and seq == 1:
+            stream.next = 1
+        if seq == stream.next:
+            stream.next = seq + 1
+            actions.append(Delivery(key, seq, item, was_held=False))
+            self._drain(key, stream, actions)
+            return Verdict.DELIVERED, actions
+        stream.held[seq] = (item, now)
+        if len(stream.held) > self.max_held:
+            self._release(key, stream, actions, "more messages held than --reorder-limit")
+        return Verdict.HELD, actions
+
+    def offer_unordered(self, key: StreamKey, seq: int) -> bool:
+        """Deduplicate without ordering (``reply: subscriber`` peers); True if new.
+
+        Seen ``seq`` s above the stream's watermark are kept in a set; past ``max_held``
+        of them the watermark moves up to the lowest, so the memory stays bounded and
+        only a copy older than that could come twice.
+        """
+        stream = self._stream(key)
+        if stream.next is None:
+            stream.next = 1
+        seen = stream.seen
+        if seq < stream.next or seq in seen:
+            self.duplicates += 1
+            return False
+        seen.add(seq)
+        if len(seen) > self.max_held:
+            stream.next = min(seen)
+        while stream.next in seen:
+            seen.discard(stream.next)
+            stream.next += 1
+        return True
+
+    def expire(self, now: float) -> list[Action[T]]:
+        """Give up on what has waited ``max_wait``; return what to do now."""
+        actions: list[Action[T]] = []
+        for key, stream in list(self._streams.items()):
+            while stream.held and min(a for _, a in stream.held.values()) + self.max_wait <= now:
+                reason = f"not received within --reorder-wait ({self.max_wait:g} s)"
+                self._release(key, stream, actions, reason)
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` has something to do, or None."""
+        deadline: float | None = None
+        for stream in self._streams.values():
+            if stream.held:
+                oldest = min(a for _, a in stream.held.values()) + self.max_wait
+                if deadline is None or oldest < deadline:
+                    deadline = oldest
+        return deadline
+
+    # ------------------------------------------------------------------ internals
+
+    def _drain(self, key: StreamKey, stream: _Stream[T], actions: list[Action[T]]) -> None:
+        held = stream.held
+        assert stream.next is not None
+        while stream.next in held:
+            item, _ = held.pop(stream.next)
+            actions.append(Delivery(key, stream.next, item, was_held=True))
+            stream.next += 1
+
+    def _release(
+        self, key: StreamKey, stream: _Stream[T], actions: list[Action[T]], reason: str
+    ) -> None:
+        """Skip to the lowest held seq (a gap for what is skipped), deliver from there."""
+        lowest = min(stream.held)
+        if stream.next is not None and lowest > stream.next:
+            self.gaps += 1
+            actions.append(Gap(key, stream.next, lowest - 1, reason))
+        stream.next = lowest
+        self._drain(key, stream, actions)
+
+    def _retire(self, key: StreamKey, actions: list[Action[T]]) -> None:
+        stream = self._streams.pop(key, None)
+        if stream is None:
+            return
+        while stream.held:
+            self._release(key, stream, actions, "the origin started a new epoch")
+        actions.append(Retired(key))

@@ -1,0 +1,275 @@
+"""Ordered, exactly-once, gap-aware delivery and durable history, in-process.
+
+A real DmqServer plays the origin gateway and puts its own X-DMQ-Origin stamps on
+KDMQ requests, so each test decides the order (and the duplicates) the gateway sees.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from app.dmq.events import SendOperation
+from app.dmq.sip import SipUri
+from app.gateway.config import GatewayConfig
+from app.gateway.origin import ORIGIN_HEADER, build_origin
+from app.gateway.store import HistoryStore
+from tests.gateway.conftest import Node, node_config, running
+
+PEER = "orders"
+ORIGIN = "sip:127.0.0.1:5999"
+
+
+def frame(ws: Any) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(ws.receive_text())
+    return data
+
+
+def send(node: Node, to: str, seq: int, body: str, epoch: str = "e1") -> int:
+    """Send ``body`` stamped as message ``seq`` of ORIGIN; return the SIP code."""
+    header = build_origin(ORIGIN, epoch, seq)
+
+    async def go() -> SendOperation:
+        _, waiter = node.server.send_nowait(
+            PEER, body.encode(), "text/plain", SipUri.parse(to), headers=((ORIGIN_HEADER, header),)
+        )
+        return await waiter
+
+    operation: SendOperation = node.call(go)
+    return operation.results[0].code
+
+
+def join(client: TestClient, node: Node) -> str:
+    """Put ``node`` on the gateway's bus; return the gateway's SIP URI."""
+    assert client.post("/v1/nodes", json={"uri": node.uri}).status_code == 201
+    uri: str = client.get("/v1/health").json()["node"]
+    return uri
+
+
+def history(client: TestClient, since: int = 0) -> list[dict[str, Any]]:
+    """Every entry after ``since``, read with a subscription that resumes."""
+    info = client.get(f"/v1/peers/{PEER}").json()
+    frames = []
+    with client.websocket_connect(
+        f"/v1/peers/{PEER}/subscribe?since={since}&epoch={info['epoch']}"
+    ) as ws:
+        assert frame(ws)["type"] == "subscribed"
+        for _ in range(info["offset"] - since):
+            frames.append(frame(ws))
+    return frames
+
+
+def bodies(frames: list[dict[str, Any]]) -> list[str]:
+    return [f["body"] if f["type"] == "message" else f"gap {f['from']}-{f['to']}" for f in frames]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> GatewayConfig:
+    return GatewayConfig(node=node_config(), state_dir=tmp_path / "state", reorder_wait=0.3)
+
+
+def test_stamped_messages_are_delivered_in_order_once(config: GatewayConfig) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={}).status_code == 201
+            gateway = join(client, origin)
+            for seq in (1, 3, 4, 3, 1, 2, 5, 2):
+                assert send(origin, gateway, seq, f"m{seq}") == 200
+            assert bodies(history(client)) == ["m1", "m2", "m3", "m4", "m5"]
+            assert client.get(f"/v1/peers/{PEER}").json()["received"] == 5
+        finally:
+            origin.stop()
+
+
+def test_a_live_subscriber_sees_a_gap_after_the_time_bound(config: GatewayConfig) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={}).status_code == 201
+            gateway = join(client, origin)
+            with client.websocket_connect(f"/v1/peers/{PEER}/subscribe") as ws:
+                assert frame(ws)["type"] == "subscribed"
+                assert send(origin, gateway, 1, "m1") == 200
+                assert frame(ws)["body"] == "m1"
+                assert send(origin, gateway, 4, "m4") == 200
+                gap = frame(ws)  # after --reorder-wait (0.3 s here)
+                assert gap["type"] == "gap"
+                assert (gap["origin"], gap["origin_epoch"], gap["from"], gap["to"]) == (
+                    ORIGIN,
+                    "e1",
+                    2,
+                    3,
+                )
+                assert gap["offset"] == 2 and "reorder-wait" in gap["reason"]
+                assert (frame(ws)["body"], send(origin, gateway, 2, "late")) == ("m4", 200)
+                assert send(origin, gateway, 5, "m5") == 200
+                assert frame(ws)["body"] == "m5"
+            # On resume the gap entry is replayed in its place; the late copy is not.
+            assert bodies(history(client)) == ["m1", "gap 2-3", "m4", "m5"]
+        finally:
+            origin.stop()
+
+
+def test_a_new_origin_epoch_restarts_the_sequence(config: GatewayConfig) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={}).status_code == 201
+            gateway = join(client, origin)
+            for seq in (1, 2):
+                send(origin, gateway, seq, f"a{seq}")
+            send(origin, gateway, 1, "b1", epoch="e2")
+            send(origin, gateway, 2, "b2", epoch="e2")
+            assert bodies(history(client)) == ["a1", "a2", "b1", "b2"]
+        finally:
+            origin.stop()
+
+
+def test_history_and_stream_state_survive_a_restart(config: GatewayConfig) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={"history": 50}).status_code == 201
+            gateway = join(client, origin)
+            for seq in (1, 2, 4):  # 4 is held (stored) when the gateway stops
+                assert send(origin, gateway, seq, f"m{seq}") == 200
+            before = client.get(f"/v1/peers/{PEER}").json()
+            assert before["offset"] == 2
+        finally:
+            origin.stop()
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            after = client.get(f"/v1/peers/{PEER}").json()
+            assert (after["epoch"], after["offset"]) == (before["epoch"], 2)
+            gateway = join(client, origin)
+            # A resent copy of a delivered message is not delivered again; 3 releases 4.
+            assert send(origin, gateway, 2, "again") == 200
+            assert send(origin, gateway, 3, "m3") == 200
+            assert bodies(history(client, since=1)) == ["m2", "m3", "m4"]
+        finally:
+            origin.stop()
+
+
+def test_held_messages_given_up_after_a_restart_leave_a_gap(config: GatewayConfig) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={}).status_code == 201
+            gateway = join(client, origin)
+            send(origin, gateway, 1, "m1")
+            send(origin, gateway, 3, "m3")
+        finally:
+            origin.stop()
+    with running(config) as client:
+        deadline = time.monotonic() + 5
+        while client.get(f"/v1/peers/{PEER}").json()["offset"] < 3:
+            assert time.monotonic() < deadline, "the held message was never released"
+            time.sleep(0.05)
+        assert bodies(history(client)) == ["m1", "gap 2-2", "m3"]
+
+
+def test_unstamped_messages_are_delivered_as_they_come(config: GatewayConfig) -> None:
+    with running(config) as client:
+        sender = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={}).status_code == 201
+            gateway = join(client, sender)
+            for body in (b"x", b"x"):
+                assert sender.send_later(PEER, body, gateway)().results[0].code == 200
+            assert bodies(history(client)) == ["x", "x"]
+        finally:
+            sender.stop()
+
+
+def test_retention_by_count_and_by_age(config: GatewayConfig) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            put = client.put(f"/v1/peers/{PEER}", json={"history": 3, "history_max_age": 0.5})
+            assert put.json()["history_max_age"] == 0.5
+            gateway = join(client, origin)
+            for seq in range(1, 6):
+                send(origin, gateway, seq, f"m{seq}")
+            info = client.get(f"/v1/peers/{PEER}").json()
+            assert (info["offset"], info["history_size"]) == (5, 3)
+            assert bodies(history(client, since=2)) == ["m3", "m4", "m5"]
+            time.sleep(0.6)
+            with client.websocket_connect(f"/v1/peers/{PEER}/subscribe?since=0") as ws:
+                assert frame(ws)["type"] == "subscribed"
+                gap = frame(ws)
+                assert (gap["type"], gap["from"], gap["to"]) == ("gap", 1, 5)
+            assert client.get(f"/v1/peers/{PEER}").json()["history_size"] == 0
+        finally:
+            origin.stop()
+    # Trimmed rows stay trimmed; offsets go on after them.
+    with running(config) as client:
+        info = client.get(f"/v1/peers/{PEER}").json()
+        assert (info["offset"], info["history_size"]) == (5, 0)
+
+
+def test_the_memory_history_store_starts_a_new_epoch(config: GatewayConfig) -> None:
+    config = replace(config, history_store=HistoryStore.MEMORY)
+    with running(config) as client:
+        assert client.put(f"/v1/peers/{PEER}", json={}).status_code == 201
+        epoch = client.get(f"/v1/peers/{PEER}").json()["epoch"]
+    with running(config) as client:
+        info = client.get(f"/v1/peers/{PEER}").json()  # the registration is kept
+        assert info["epoch"] != epoch and info["offset"] == 0
+
+
+def test_our_stamps_go_on_across_a_restart(config: GatewayConfig) -> None:
+    def stamps(client: TestClient) -> list[str | None]:
+        receiver = Node(client, node_config()).start()
+        try:
+            receiver.listen(PEER)
+            assert client.post("/v1/nodes", json={"uri": receiver.uri}).status_code == 201
+            for _ in range(2):
+                result = client.post(f"/v1/peers/{PEER}/send?node={receiver.uri}&wait=true")
+                assert result.json()["results"][0]["code"] == 200
+            return [m.origin for m in receiver.received]
+        finally:
+            receiver.stop()
+
+    with running(config) as client:
+        first = stamps(client)
+    with running(config) as client:
+        second = stamps(client)
+    assert [s.rsplit("seq=", 1)[1] for s in first + second if s] == ["1", "2", "3", "4"]
+    assert len({s.split(";seq=")[0] for s in first + second if s}) == 1  # origin and epoch
+
+
+def test_peers_json_is_imported_once(config: GatewayConfig) -> None:
+    assert config.state_dir is not None
+    config.state_dir.mkdir(parents=True)
+    legacy = config.state_dir / "peers.json"
+    legacy.write_text(json.dumps({"version": 1, "peers": {PEER: {"history": 7}}}))
+    with running(config) as client:
+        assert client.get(f"/v1/peers/{PEER}").json()["history"] == 7
+        assert client.delete(f"/v1/peers/{PEER}").status_code == 204
+    assert not legacy.exists() and legacy.with_suffix(".json.imported").exists()
+    with running(config) as client:
+        assert client.get("/v1/peers").json() == []
+
+
+def test_a_corrupt_database_is_moved_aside(
+    config: GatewayConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert config.state_dir is not None
+    config.state_dir.mkdir(parents=True)
+    database = config.state_dir / "gateway.db"
+    database.write_bytes(b"this is not a database" * 100)
+    with running(config) as client:
+        assert client.put(f"/v1/peers/{PEER}", json={}).status_code == 201
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot read" in errors[0].getMessage()
+    assert (config.state_dir / "gateway.db.broken").read_bytes().startswith(b"this is not")
+    with running(config) as client:
+        assert [p["peer_id"] for p in client.get("/v1/peers").json()] == [PEER]
