@@ -56,6 +56,12 @@ class NodeConfig:
     outbox_max_age: float = 600.0
     #: Resent messages in flight at once to one node that answers again.
     outbox_window: int = 16
+    #: Before a missed ping disables (or removes) a node, look for other signs of
+    #: life: a second ping sent halfway through Timer F when the first has no answer
+    #: yet, any other answer, or a request from the node since the ping left. A node
+    #: that is really gone is still disabled when the first ping's Timer F fires, as
+    #: without this; off, a node is disabled on any single missed ping (Kamailio).
+    probe_before_disabling: bool = True
 
     def __post_init__(self) -> None:
         """Refuse a bad setting with a :class:`ConfigError` that names the field (its

@@ -236,6 +236,11 @@ class NodeStats:
     #: reason (``removed``, ``count``, ``bytes``, ``age``, ``stopped``) -> messages
     #: dropped undelivered (each drop also emits :class:`OutboxDropped`).
     outbox_dropped: Counter[str] = field(default_factory=Counter)
+    #: Second pings sent halfway through a ping's Timer F (probe_before_disabling).
+    probes_sent: int = 0
+    #: Missed pings not held against a node because it showed life meanwhile (an
+    #: answer to a probe or to anything else, or a request of its own).
+    verdicts_spared: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -717,6 +722,7 @@ class DmqNode:
 
     def _node_answered(self, node: Node, now: float) -> None:
         """The node answered something: resume its outbox."""
+        node.last_heard = now
         box = self._outboxes.get(node)
         if box is not None:
             box.paused = False
@@ -1130,6 +1136,9 @@ class DmqNode:
         else:
             self._respond_error(st, request, destination, 400, "bad Max-Forwards", now)
             return
+        held = self.nodes.find(sender)
+        if held is not None:
+            held.last_heard = now  # a sign of life, whatever the request is
         if peer_id is None:
             self._respond_error(
                 st, request, destination, 404, "the Request-URI names no peer id", now
@@ -1353,8 +1362,20 @@ class DmqNode:
                     self._drain(node, now)
         return changed
 
-    def _notify(self, targets: Iterable[Node], body: bytes, max_forwards: int, now: float) -> None:
+    def _notify(
+        self,
+        targets: Iterable[Node],
+        body: bytes,
+        max_forwards: int,
+        now: float,
+        *,
+        probe: bool = False,
+    ) -> None:
+        """Send our list to ``targets``; with ``probe`` (pings), a target that has not
+        answered halfway through Timer F is sent a second ping (:meth:`_probe`)."""
         channel = self.config.notification_channel
+        probe = probe and self.config.probe_before_disabling
+        halfway = now + self.config.timers.timer_f_value / 2
         for node in targets:
             key = node.key
             self._send_request(
@@ -1364,20 +1385,47 @@ class DmqNode:
                 "text/plain",
                 max_forwards,
                 now,
-                self._notification_callback(key),
+                self._notification_callback(key, now),
             )
+            if probe:
+                self.timers.call_at(halfway, self._probe, key, now)
 
-    def _notification_callback(self, key: NodeKey) -> Callable[[FinalResult, float], None]:
+    def _notification_callback(
+        self, key: NodeKey, sent_at: float
+    ) -> Callable[[FinalResult, float], None]:
         def on_result(result: FinalResult, now: float) -> None:
-            self._on_notification_result(key, result, now)
+            self._on_notification_result(key, result, now, sent_at)
 
         return on_result
 
-    def _on_notification_result(self, key: NodeKey, result: FinalResult, now: float) -> None:
+    def _probe(self, now: float, key: NodeKey, sent_at: float) -> None:
+        """Halfway through a ping's Timer F with no sign of life from the node: ping it
+        again, as a new transaction. Under datagram loss a second, independent try
+        often gets through where the first one's retransmissions did not; its answer
+        counts as the node's (a 200 is handled as a ping's), its failure counts for
+        nothing, since the first ping's own Timer F gives the verdict, at the same
+        instant as without the probe."""
+        node = self.nodes.get(key)
+        if node is None or self.stopped or _heard_since(node, sent_at):
+            return
+        self.stats.probes_sent += 1
+        channel = self.config.notification_channel
+
+        def on_result(result: FinalResult, now: float) -> None:
+            if not result.local:
+                self._on_notification_result(key, result, now, sent_at)
+
+        self._send_request(node, channel, self._list_body(), "text/plain", 1, now, on_result)
+
+    def _on_notification_result(
+        self, key: NodeKey, result: FinalResult, now: float, sent_at: float | None = None
+    ) -> None:
         """A node answered (or failed to answer) our join, ping, propagation or leave."""
         node = self.nodes.get(key)
         if node is None or node.local:
             return
+        if not result.local:
+            node.last_heard = now
         if result.code == 200:
             node.last_reply = now
             node.failures = 0
@@ -1391,6 +1439,15 @@ class DmqNode:
             self._maybe_run_inits()
             self._node_answered(node, now)
         elif result.local:
+            if (
+                self.config.probe_before_disabling
+                and sent_at is not None
+                and _heard_since(node, sent_at)
+            ):
+                # It answered something else, or sent us a request, since this
+                # request left: the loss was of this exchange, not of the node.
+                self.stats.verdicts_spared += 1
+                return
             node.failures += 1
             if self.stopped:
                 return
@@ -1425,7 +1482,7 @@ class DmqNode:
                 self.add_notification_address(address)
             self._join(now)
             return
-        self._notify(self.nodes.others(), self._list_body(), 1, now)
+        self._notify(self.nodes.others(), self._list_body(), 1, now, probe=True)
 
     # ------------------------------------------------------------------ names
 
@@ -1499,6 +1556,11 @@ class DmqNode:
             reason,
         )
         self._events.append(NodeStatusChanged(node.uri, old, new, reason))
+
+
+def _heard_since(node: Node, instant: float) -> bool:
+    """The node answered us or sent us a request at or after ``instant``."""
+    return node.last_heard is not None and node.last_heard >= instant
 
 
 def _key_text(key: NodeKey | None) -> str:

@@ -81,6 +81,9 @@ class Node:
     last_reply: float | None = None
     #: Consecutive pings it failed to answer.
     failures: int = 0
+    #: ``now`` of the last sign of life from it: any answer to one of our requests,
+    #: or a request of its own.
+    last_heard: float | None = None
 
     @property
     def host(self) -> str:

@@ -21,19 +21,35 @@ from harness.waiting import wait_until
 def test_sigterm_answers_waiting_requests_503_and_closes_subscriptions_1012(
     tmp_path: Path,
 ) -> None:
-    # A long Timer F: the send to a node that never answers waits until the stop.
+    # A long Timer F, and a node that is active but whose subscriber never answers
+    # (a node that is not active would get the message through its outbox, at once
+    # reported as queued): the send waits until the stop.
     served = Gateway("a", tmp_path, extra=["--timer-f", "30"]).start()
-    # An active node that goes silent (SIGSTOP): a message to a node that is not active
-    # is queued in its outbox at once, so only an active one keeps the request waiting.
-    frozen = Gateway("b", tmp_path, notify=[served], ping_interval=60).start()
+    other = Gateway("b", tmp_path, notify=[served], extra=["--timer-f", "30"])
     try:
+        other.start()
         url = served.url
-        silent = frozen.uri
-        wait_until(lambda: _status(url, silent) == "active", 10, f"{silent} active on a")
-        assert frozen.proc is not None
-        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        silent = other.uri
+        wait_until(
+            lambda: any(
+                n["uri"] == silent and n["status"] == "active"
+                for n in httpx.get(f"{url}/v1/nodes").json()
+            ),
+            10,
+            "gateway a holds b as active",
+        )
+        assert (
+            httpx.put(
+                f"{other.url}/v1/peers/p", json={"reply": "subscriber", "reply_timeout": 25}
+            ).status_code
+            == 201
+        )
         assert httpx.put(f"{url}/v1/peers/p", json={}).status_code == 201
-        with connect(f"{served.ws_url}/v1/peers/p/subscribe", proxy=None) as ws:
+        with (
+            connect(f"{other.ws_url}/v1/peers/p/subscribe", proxy=None) as mute,
+            connect(f"{served.ws_url}/v1/peers/p/subscribe", proxy=None) as ws,
+        ):
+            assert json.loads(mute.recv(5))["type"] == "subscribed"
             assert json.loads(ws.recv(5))["type"] == "subscribed"
 
             answer: dict[str, Any] = {}
@@ -77,14 +93,4 @@ def test_sigterm_answers_waiting_requests_503_and_closes_subscriptions_1012(
         print(f"SIGTERM to exit with a request pending: {exit_seconds:.3f} s")
     finally:
         served.stop()
-        if frozen.proc is not None and frozen.alive:
-            os.kill(frozen.proc.pid, signal.SIGCONT)
-        frozen.kill()
-
-
-def _status(url: str, uri: str) -> str | None:
-    for node in httpx.get(f"{url}/v1/nodes").json():
-        if node["uri"] == uri:
-            status: str = node["status"]
-            return status
-    return None
+        other.stop()
