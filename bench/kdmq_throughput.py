@@ -86,7 +86,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.common import bench_gateway, group_cpu_seconds, percentile, udp_drops
+from bench.common import (
+    bench_gateway,
+    group_cpu_seconds,
+    percentile,
+    register_peer,
+    udp_drops,
+)
 from bench.common import machine_info as common_machine_info
 from harness.kamailio import KamailioNode, kamailio_available, kamailio_version
 from harness.ports import free_port
@@ -528,12 +534,20 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
             raise
         return target
     if name in HISTORY_STORES:
-        options = args.ours_options
-        if args.history_store_supported:
-            options += f" --history-store {HISTORY_STORES[name]}"
-        elif name == "ours-memory":
-            raise RuntimeError("this dmq-gateway has no --history-store option")
-        return OursTarget(workdir, options)
+        if not args.history_store_supported:
+            if name == "ours-memory":
+                raise RuntimeError("this dmq-gateway has no --history-store option")
+            return OursTarget(workdir, args.ours_options)
+        # A --peer peer keeps its history in memory whatever the store: both targets
+        # register htable through the API instead, with the same settings.
+        options = args.ours_options.replace("--peer htable", "").strip()
+        target = OursTarget(workdir, f"{options} --history-store {HISTORY_STORES[name]}")
+        try:
+            register_peer(target.gateway, "htable", history=1000)
+        except BaseException:
+            target.stop()
+            raise
+        return target
     raise ValueError(f"unknown target {name!r}")
 
 

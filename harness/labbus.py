@@ -1,7 +1,8 @@
 """A DMQ bus of real gateways (and Kamailio nodes) on the hosts of a fault lab.
 
 :class:`LabBus` makes a :class:`harness.netns.Lab` with one host per node, starts a
-``dmq-gateway serve`` on each gateway host (peer ``htable`` registered, fast timers:
+``dmq-gateway serve`` on each gateway host (peer ``htable`` registered through the API,
+so kept in its state directory; fast timers:
 ping every second, Timer F 2 s) joined through the first one, and a Kamailio node on
 each Kamailio host; it stops them all and tears the lab down however the block ends.
 The fault tests and ``bench/delivery_loss.py`` use it the same way.
@@ -33,6 +34,8 @@ PEER = "htable"
 
 #: The SIP port of every node: each host has an address of its own.
 SIP_PORT = 5060
+#: Messages each gateway's peer keeps: more than any test or benchmark sends.
+HISTORY = 10_000
 HTTP_PORT = 8000
 
 
@@ -92,7 +95,7 @@ class LabBus:
                 transport=self.transport,
                 ping_interval=self.ping_interval,
                 timers=LAB_TIMERS,
-                extra=("--trusted", str(self.lab.network), "--peer", PEER, *self.extra),
+                extra=("--trusted", str(self.lab.network), *self.extra),
                 host=host.address,
                 command_prefix=host.command_prefix,
             )
@@ -103,6 +106,7 @@ class LabBus:
             first = first or gateway
         for gateway in self.gateways.values():
             gateway.wait_ready()
+            self.register_peer(gateway)
         for name in self.kamailio_names:
             host = self.lab[name]
             assert first is not None, "a Kamailio node joins the bus through a gateway"
@@ -118,6 +122,19 @@ class LabBus:
                 children=2,
             )
         self.wait_formed()
+
+    def register_peer(self, gateway: Gateway) -> None:
+        """PUT peer ``htable`` (kept in the state dir, so its history is durable, unlike
+        a ``--peer`` one), with room for every message a run sends."""
+        response = httpx.put(
+            f"{gateway.url}/v1/peers/{PEER}",
+            json={"reply": "auto", "history": HISTORY},
+            headers=gateway.headers,
+            timeout=10,
+            trust_env=False,
+        )
+        if response.status_code not in (200, 201):
+            raise AssertionError(f"PUT peer {PEER} on {gateway}: {response.status_code}")
 
     def wait_formed(self, timeout: float = 30.0) -> None:
         """Every gateway sees every other node active."""
