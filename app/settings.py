@@ -164,7 +164,10 @@ class ServeSettings(BaseSettings):
     state_dir: Annotated[
         Path | None,
         Option("DIR", default_text="~/.local/state/dmq-gateway/HOST_PORT"),
-        Field(description="where registered peers are kept across restarts"),
+        Field(
+            description="where registered peers, their histories and this gateway's origin "
+            "stamps are kept across restarts (gateway.db)"
+        ),
     ] = None
     history_store: Annotated[
         HistoryStoreName,

@@ -62,6 +62,15 @@ class NodeConfig:
     #: that is really gone is still disabled when the first ping's Timer F fires, as
     #: without this; off, a node is disabled on any single missed ping (Kamailio).
     probe_before_disabling: bool = True
+    #: The most nodes the node list holds besides this one: beyond it, nodes named in
+    #: other nodes' lists are refused (counted, and logged at most once a minute) and
+    #: an operator's add fails. Every node held costs pings, and forwarding to it.
+    max_nodes: int = 256
+    #: New nodes taken from one node-list body at most (the rest are refused), and
+    #: per second on average, in bursts of up to ``max_new_nodes_per_list``: what a
+    #: neighbour, trusted or not, can make us allocate and forward is bounded.
+    max_new_nodes_per_list: int = 32
+    max_new_nodes_per_second: float = 32.0
 
     def __post_init__(self) -> None:
         """Refuse a bad setting with a :class:`ConfigError` that names the field (its
@@ -133,6 +142,17 @@ class NodeConfig:
                 "must be a whole number, at least 1",
                 field="outbox_window",
                 value=self.outbox_window,
+            )
+        for name, count in (
+            ("max_nodes", self.max_nodes),
+            ("max_new_nodes_per_list", self.max_new_nodes_per_list),
+        ):
+            if not (isinstance(count, int) and count >= 1):
+                raise ConfigError("must be a whole number, at least 1", field=name, value=count)
+        rate = self.max_new_nodes_per_second
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ConfigError(
+                "must be a positive, finite number", field="max_new_nodes_per_second", value=rate
             )
         if self.max_stream_message < 1024:
             raise ConfigError(

@@ -99,6 +99,12 @@ class InvalidHeaderError(DmqUsageError):
     status_hint = 422
 
 
+class NodeListFullError(DmqUsageError):
+    """The node list holds ``max_nodes`` nodes already."""
+
+    status_hint = 507
+
+
 class MessageTooLargeError(DmqUsageError):
     """The message would not fit the transport (a UDP datagram, or the TCP limit)."""
 

@@ -54,6 +54,7 @@ from app.dmq.errors import (
     InvalidPeerIdError,
     InvalidReplyTimeoutError,
     MessageTooLargeError,
+    NodeListFullError,
     NodeStoppedError,
     ReplyNotPendingError,
     ReservedPeerError,
@@ -141,6 +142,14 @@ CACHE_SIZE = 1024
 _MISSING = object()
 
 _ORIGIN = Headers.canonical(ORIGIN_HEADER)
+
+#: The one peer id under which requests for peers we do not have are counted (in
+#: ``NodeStats.received``): the ids are the sender's choice, and a series per id would
+#: let any sender grow the counters, and the metrics, without bound.
+UNKNOWN_PEER = "(unknown)"
+
+#: Refused nodes are logged at most once per this many seconds (with a count).
+REFUSAL_LOG_INTERVAL = 60.0
 
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
@@ -241,6 +250,9 @@ class NodeStats:
     #: Missed pings not held against a node because it showed life meanwhile (an
     #: answer to a probe or to anything else, or a request of its own).
     verdicts_spared: int = 0
+    #: bound (``max_nodes``, ``max_new_nodes_per_list``, ``max_new_nodes_per_second``)
+    #: -> nodes named in node lists that were not added because of it.
+    nodes_refused: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True, eq=False)
@@ -291,6 +303,11 @@ class DmqNode:
         #: Messages waiting for nodes that could not take them yet (app.dmq.outbox).
         self._outboxes: dict[Node, Outbox] = {}
         self._age_timer: TimerHandle | None = None
+        #: New nodes that may still be taken in now (max_new_nodes_per_second).
+        self._new_node_tokens = float(config.max_new_nodes_per_list)
+        self._new_node_tokens_at: float | None = None
+        self._refusals_unlogged = 0
+        self._refusal_logged_at: float | None = None
         #: Nodes removed after missed pings (or by an operator): a third party's stale
         #: list does not bring them back until this time or until they speak for
         #: themselves.
@@ -449,6 +466,9 @@ class DmqNode:
         """
         if self.nodes.is_local(uri):
             log.warning("notification address %s is this node itself; skipped", uri)
+            return None
+        if self.nodes.find(uri) is None and len(self.nodes) - 1 >= self.config.max_nodes:
+            log.warning("notification address %s skipped: the node list is full", uri)
             return None
         node = self.nodes.add(uri, NodeStatus.NOT_ACTIVE, notification_address=True)
         if node is not None:
@@ -1149,7 +1169,9 @@ class DmqNode:
             return
         peer = self.peers.get(peer_id)
         if peer is None:
-            self._respond(st, request, destination, 404, "User Not Found", now, peer_id=peer_id)
+            self._respond(
+                st, request, destination, 404, "User Not Found", now, peer_id=UNKNOWN_PEER
+            )
             return
         self._ids += 1
         message = PeerMessage(
@@ -1310,20 +1332,29 @@ class DmqNode:
         keeps removed nodes from coming back as ghosts (Kamailio PR #1840).
         """
         changed = 0
+        added = 0
         expired = [key for key, until in self._tombstones.items() if until <= now]
         for key in expired:
             del self._tombstones[key]
         for line in lines:
-            key = self.nodes.key_of(line.uri)
+            # Not asking for names yet: a node refused below costs no look-up.
+            key = self.nodes.key_of(line.uri, ask=False)
             if key == self.nodes.local.key:
                 continue  # never add or change ourselves
             first_hand = key == speaker
-            node = self.nodes.find(line.uri)
+            node = self.nodes.get(key)
             if node is None:
                 if line.status is NodeStatus.DISABLED:
                     continue  # a leave notice for a node we don't hold
                 if not first_hand and key in self._tombstones:
                     continue
+                # A node speaking for itself is held to max_nodes only; what it says
+                # of others, to the per-list and per-second bounds too.
+                refused = self._refuse_new_node(None if first_hand else added, now)
+                if refused is not None:
+                    self._count_refusal(refused, line.uri, speaker, now)
+                    continue
+                added += 0 if first_hand else 1
                 self._tombstones.pop(key, None)
                 node = self.nodes.add(line.uri, line.status)
                 if node is not None:
@@ -1361,6 +1392,46 @@ class DmqNode:
                 else:
                     self._drain(node, now)
         return changed
+
+    def _refuse_new_node(self, added_from_list: int | None, now: float) -> str | None:
+        """The bound that refuses one more new node now, or None (a token is taken);
+        ``added_from_list`` is None for a node that speaks for itself."""
+        config = self.config
+        if len(self.nodes) - 1 >= config.max_nodes:
+            return "max_nodes"
+        if added_from_list is None:
+            return None
+        if added_from_list >= config.max_new_nodes_per_list:
+            return "max_new_nodes_per_list"
+        burst = float(config.max_new_nodes_per_list)
+        if self._new_node_tokens_at is not None:
+            elapsed = max(0.0, now - self._new_node_tokens_at)
+            self._new_node_tokens = min(
+                burst, self._new_node_tokens + elapsed * config.max_new_nodes_per_second
+            )
+        self._new_node_tokens_at = now
+        if self._new_node_tokens < 1:
+            return "max_new_nodes_per_second"
+        self._new_node_tokens -= 1
+        return None
+
+    def _count_refusal(self, bound: str, uri: SipUri, speaker: NodeKey | None, now: float) -> None:
+        self.stats.nodes_refused[bound] += 1
+        self._refusals_unlogged += 1
+        last = self._refusal_logged_at
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "%d nodes named in node lists refused (latest %s from %s, bound %s=%s); "
+                "logged at most once every %g s",
+                self._refusals_unlogged,
+                uri,
+                _key_text(speaker),
+                bound,
+                getattr(self.config, bound),
+                REFUSAL_LOG_INTERVAL,
+            )
+            self._refusals_unlogged = 0
+            self._refusal_logged_at = now
 
     def _notify(
         self,
@@ -1522,6 +1593,11 @@ class DmqNode:
         """Add a node by hand and notify it (Kamailio master's ``dmq.add``)."""
         if self.nodes.is_local(uri):
             raise ValueError(f"{uri} is this node itself")
+        if self.nodes.find(uri) is None and len(self.nodes) - 1 >= self.config.max_nodes:
+            raise NodeListFullError(
+                f"{uri} cannot be added: the node list holds max_nodes "
+                f"({self.config.max_nodes}) nodes already"
+            )
         self._tombstones.pop(self.nodes.key_of(uri), None)
         node = self.nodes.add(uri, NodeStatus.NOT_ACTIVE)
         if node is None:

@@ -166,16 +166,17 @@ class NodeList:
         self.local = Node(local, self.key_of(local), NodeStatus.ACTIVE, local=True)
         self._nodes[self.local.key] = self.local
 
-    def key_of(self, uri: SipUri) -> NodeKey:
+    def key_of(self, uri: SipUri, *, ask: bool = True) -> NodeKey:
         """Identity of a node: resolved address, effective port, transport.
 
         A name whose address is not known yet stands for itself (lower case) until
-        :meth:`rekey` is called for it.
+        :meth:`rekey` is called for it; with ``ask`` the name is also handed to
+        ``on_unknown`` (without, when the node may not be kept anyway).
         """
         address = self.resolver(uri.host)
         if address is None:
             address = uri.host.lower()
-            if self.on_unknown is not None:
+            if ask and self.on_unknown is not None:
                 self.on_unknown(address)
         return (address, uri.effective_port, uri.transport)
 

@@ -4,8 +4,27 @@ Theory of operation
 -------------------
 Each registered peer is a :class:`PeerChannel`. A KDMQ request for it becomes a
 :class:`HistoryEntry` with the next *offset* of the channel's *epoch* (a random tag
-drawn when the channel is created in this process: offsets are only comparable within
-one epoch, which is how a client learns that a restart lost the history it knew).
+drawn when the peer is registered: offsets are only comparable within one epoch, which
+is how a client learns that the history it knew is gone). With the sqlite history
+store the epoch, the offsets and the history are kept in the state dir
+(:mod:`app.gateway.store`) and a restart changes none of them; with the memory store
+(or no state dir) every start draws a new epoch.
+
+Stamped messages (``X-DMQ-Origin``, :mod:`app.gateway.origin`) go through the
+:class:`~app.gateway.reorder.Reorderer` first:
+
+* ``reply: auto`` - each origin's messages reach the history in sequence order, once;
+  an early one is stored as *held* (so it too is safe before its 200) until the ones
+  before it arrive or a reorder bound gives them up, which writes a *gap entry* into
+  the history (a ``gap`` frame with ``origin``, live and on resume). A copy of a
+  message already delivered or held is answered 200 and not delivered again. One
+  loop timer (:meth:`Hub._arm`) releases what waited too long.
+* ``reply: subscriber`` - delivered at once, deduplicated only: the subscriber's reply
+  is the SIP reply and holding a message back would eat into its ``reply_timeout``. A
+  repeated copy (the sender never got the first answer) is answered 200 without asking
+  the subscriber again; the deduplication state is in memory only.
+
+Unstamped messages (Kamailio's) are delivered as they come, as before.
 
 * ``reply: auto`` - the entry is stored, fanned out, and the node answers 200 at once.
 * ``reply: subscriber`` - with no subscriber the node answers 480 and stores nothing;
@@ -43,7 +62,8 @@ from enum import Enum
 from typing import Any, NamedTuple, TypeVar
 
 from app.dmq.errors import ReplyNotPendingError
-from app.dmq.peers import PeerMessage, PeerReply
+from app.dmq.node import ExtraHeaders
+from app.dmq.peers import ORIGIN_HEADER, PeerMessage, PeerReply
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
 from app.gateway.errors import PeerNotRegisteredError
 from app.gateway.frames import GapFrame, MessageFrame, SubscribedFrame
@@ -359,12 +379,12 @@ class Hub:
             channel.offset = max(store.latest_offset(peer_id, stored.epoch), stored.trimmed)
             channel.retain(time.time(), flush=True)
         if self.durable:
-            for peer_id, origin, epoch, next_seq in store.load_streams():
-                if peer_id in self.channels:
-                    self.reorderer.restore(StreamKey(peer_id, origin, epoch), next_seq)
+            for stream, next_seq in store.load_streams():
+                if stream[0] in self.channels:
+                    self.reorderer.restore(StreamKey(*stream), next_seq)
             for row in store.load_held():
                 if row.peer_id in self.channels:
-                    key = StreamKey(row.peer_id, row.origin, row.origin_epoch)
+                    key = StreamKey(row.peer_id, row.origin, row.origin_epoch, row.to)
                     held = _Held(row.sender, row.content_type, row.body)
                     self.reorderer.restore_held(key, row.seq, held, row.arrived)
         return loaded
@@ -431,14 +451,21 @@ class Hub:
 
     # ------------------------------------------------------------------ our stamps
 
-    def stamp(self, peer_id: str) -> str:
-        """The ``X-DMQ-Origin`` value of the next message we originate for a peer;
-        the seq is committed before it is used, so a restart never reuses one."""
-        seq = self._origin_seq.get(peer_id, 0) + 1
-        self._origin_seq[peer_id] = seq
+    def stamped(self, peer_id: str, to: str, start: Callable[[ExtraHeaders], _R]) -> _R:
+        """Call ``start`` with the ``X-DMQ-Origin`` header of the next message we
+        originate for a peer (a broadcast, or with ``to`` a send to that node).
+
+        The seq is used up only once ``start`` has returned (a send the node refuses
+        leaves no hole a receiver would wait for), and committed before the message
+        leaves, so a restart never reuses one.
+        """
+        stream = f"{peer_id}>{to}" if to else peer_id
+        seq = self._origin_seq.get(stream, 0) + 1
+        result = start(((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),))
+        self._origin_seq[stream] = seq
         if self.store is not None:
-            self.store.save_origin_seq(peer_id, seq)
-        return build_origin(self.origin, self.origin_epoch, seq)
+            self.store.save_origin_seq(stream, seq)
+        return result
 
     # ------------------------------------------------------------------ incoming
 
@@ -467,7 +494,7 @@ class Hub:
             if not channel.subscribers:
                 return _NO_SUBSCRIBER
             if stamp is not None:
-                key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch)
+                key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
                 if not self.reorderer.offer_unordered(key, stamp.seq):
                     self.duplicates += 1
                     return _OK  # delivered to a subscriber before: not asked again
@@ -491,7 +518,7 @@ class Hub:
             return write()
 
     def _offer(self, channel: PeerChannel, stamp: OriginStamp, message: PeerMessage) -> None:
-        key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch)
+        key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
         now = time.time()
         held = _Held(str(message.sender), message.content_type, message.body)
         verdict, actions = self.reorderer.offer(key, stamp.seq, held, now)
@@ -506,6 +533,7 @@ class Hub:
                         key.peer_id,
                         key.origin,
                         key.epoch,
+                        key.to,
                         stamp.seq,
                         now,
                         held.sender,
@@ -517,7 +545,7 @@ class Hub:
             if verdict is Verdict.DELIVERED and store is not None:
                 next_seq = self.reorderer.next_seq(key)
                 if next_seq is not None:
-                    store.set_next_seq(key.peer_id, key.origin, key.epoch, next_seq)
+                    store.set_next_seq(key, next_seq)
 
         if verdict is not Verdict.DUPLICATE or actions:
             self._commit(write)
@@ -531,7 +559,7 @@ class Hub:
         for action in actions:
             if isinstance(action, Retired):
                 if store is not None:
-                    store.forget_stream(*action.key)
+                    store.forget_stream(action.key)
                 touched.discard(action.key)
                 continue
             channel = self.channels.get(action.key.peer_id)
@@ -542,9 +570,7 @@ class Hub:
                 item = action.item
                 channel.append(item.sender, item.content_type, item.body)
                 if action.was_held and store is not None:
-                    store.unhold(
-                        action.key.peer_id, action.key.origin, action.key.epoch, action.seq
-                    )
+                    store.unhold(action.key, action.seq)
             else:
                 log.warning(
                     "peer %s: messages %d..%d from %s (epoch %s) are lost: %s",
@@ -571,7 +597,7 @@ class Hub:
             for key in touched:
                 next_seq = self.reorderer.next_seq(key)
                 if next_seq is not None:
-                    store.set_next_seq(key.peer_id, key.origin, key.epoch, next_seq)
+                    store.set_next_seq(key, next_seq)
 
     def _arm(self) -> None:
         """Keep the one loop timer at the reorderer's next deadline."""

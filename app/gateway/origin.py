@@ -3,10 +3,14 @@
 Every KDMQ request a gateway originates carries one header::
 
     X-DMQ-Origin: <sip:10.0.0.5:5060>;epoch=3f9a1c2e;seq=42
+    X-DMQ-Origin: <sip:10.0.0.5:5060>;epoch=3f9a1c2e;seq=7;to=sip:10.0.0.6:5060
 
 ``<...>`` is the originating gateway's server address, ``epoch`` its *origin epoch*
 (drawn once and kept in the state dir, so it survives restarts) and ``seq`` counts the
-messages that origin sent to one peer, from 1. The receiver uses the three to deliver
+messages that origin broadcast to one peer, from 1. A send to one node counts apart,
+per peer and node, and says so with ``to`` (the node as the sender named it): were it
+counted with the broadcasts, every other node would see a hole for each send it was
+never meant to get. The receiver uses the three to deliver
 each origin's messages in order, once, and to name what was lost (:mod:`app.gateway.reorder`).
 
 The header comes from the wire: :func:`parse_origin` never raises, and anything it
@@ -38,23 +42,26 @@ class OriginStamp(NamedTuple):
     origin: str
     epoch: str
     seq: int
+    #: The one node a send was addressed to; "" for a broadcast.
+    to: str = ""
 
     def header(self) -> str:
         """The header value."""
-        return f"<{self.origin}>;epoch={self.epoch};seq={self.seq}"
+        to = f";to={self.to}" if self.to else ""
+        return f"<{self.origin}>;epoch={self.epoch};seq={self.seq}{to}"
 
 
-def build_origin(origin: str, epoch: str, seq: int) -> str:
+def build_origin(origin: str, epoch: str, seq: int, to: str = "") -> str:
     """The ``X-DMQ-Origin`` value for message ``seq`` of ``origin`` in ``epoch``.
 
     Raises ValueError for values that :func:`parse_origin` would not read back, so a
     gateway never sends a stamp its peers would ignore.
     """
-    stamp = OriginStamp(origin, epoch, seq)
+    stamp = OriginStamp(origin, epoch, seq, to)
     if parse_origin(stamp.header()) != stamp:
         raise ValueError(
-            f"origin stamp <{origin}>;epoch={epoch};seq={seq} is not valid: the origin is "
-            "a sip: URI without '<', '>', ';' or spaces, the epoch 1-32 letters or digits, "
+            f"origin stamp {stamp.header()} is not valid: the origin (and to) is a sip: "
+            "URI without '<', '>', ';' or spaces, the epoch 1-32 letters or digits, "
             f"the seq 1..{MAX_SEQ}"
         )
     return stamp.header()
@@ -71,15 +78,11 @@ def parse_origin(value: str | None) -> OriginStamp | None:
     if end < 0:
         return None
     origin = value[1:end]
-    if (
-        not origin.startswith("sip:")
-        or len(origin) < 5
-        or any(c in origin for c in "<>; \t\r\n")
-        or not origin.isprintable()
-    ):
+    if not _is_uri(origin):
         return None
     epoch: str | None = None
     seq: int | None = None
+    to: str | None = None
     for param in value[end + 1 :].split(";"):
         param = param.strip()
         if not param:
@@ -99,6 +102,19 @@ def parse_origin(value: str | None) -> OriginStamp | None:
             seq = int(text)
             if not 1 <= seq <= MAX_SEQ:
                 return None
+        elif name == "to":
+            if to is not None or not _is_uri(text):
+                return None
+            to = text
     if epoch is None or seq is None:
         return None
-    return OriginStamp(origin, epoch, seq)
+    return OriginStamp(origin, epoch, seq, to or "")
+
+
+def _is_uri(text: str) -> bool:
+    return (
+        text.startswith("sip:")
+        and 5 <= len(text) <= 256
+        and not any(c in text for c in "<>;, \t\r\n")
+        and text.isprintable()
+    )

@@ -43,6 +43,8 @@ class StreamKey(NamedTuple):
     peer_id: str
     origin: str
     epoch: str
+    #: The node a stream of sends is addressed to; "" for the origin's broadcasts.
+    to: str = ""
 
 
 class Verdict(Enum):
@@ -106,8 +108,8 @@ class Reorderer(Generic[T]):
         self.max_wait = max_wait
         self.max_held = max_held
         self._streams: dict[StreamKey, _Stream[T]] = {}
-        #: (peer_id, origin) -> the epoch whose stream is current.
-        self._current: dict[tuple[str, str], str] = {}
+        #: (peer_id, origin, to) -> the epoch whose stream is current.
+        self._current: dict[tuple[str, str, str], str] = {}
         self.duplicates = 0
         self.gaps = 0
 
@@ -139,7 +141,7 @@ class Reorderer(Generic[T]):
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = _Stream(None)
-            self._current[(key.peer_id, key.origin)] = key.epoch
+            self._current[(key.peer_id, key.origin, key.to)] = key.epoch
         return stream
 
     # ------------------------------------------------------------------ input
@@ -151,9 +153,9 @@ class Reorderer(Generic[T]):
         actions: list[Action[T]] = []
         stream = self._streams.get(key)
         if stream is None:
-            current = self._current.get((key.peer_id, key.origin))
+            current = self._current.get((key.peer_id, key.origin, key.to))
             if current is not None and current != key.epoch:
-                self._retire(StreamKey(key.peer_id, key.origin, current), actions)
+                self._retire(key._replace(epoch=current), actions)
             stream = self._stream(key)
         if (stream.next is not None and seq < stream.next) or seq in stream.held:
             self.duplicates += 1

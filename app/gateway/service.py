@@ -15,10 +15,12 @@ every subscription; :meth:`Gateway.stop` then leaves the bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -41,7 +43,6 @@ from app.gateway.models import (
     PeerSettings,
     PeerStats,
 )
-from app.gateway.origin import ORIGIN_HEADER
 from app.gateway.store import StateStore
 from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
@@ -50,6 +51,9 @@ log = logging.getLogger("dmq.gateway")
 
 #: A label of a host name: letters, digits, '-' and (leniently) '_', at most 63.
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+#: Seconds between checkpoints of the state store's WAL.
+CHECKPOINT_INTERVAL = 1.0
 
 _Start = Callable[[], tuple[SendOperation, asyncio.Future[SendOperation]]]
 
@@ -75,6 +79,7 @@ class Gateway:
         )
         #: Tags message ids of this process, so ids from before a restart never clash.
         self.instance = secrets.token_hex(4)
+        self._checkpoints: asyncio.Task[None] | None = None
         #: Completed by begin_stop(); requests waiting for results wait on it too.
         self._stopping: asyncio.Future[None] | None = None
 
@@ -93,6 +98,8 @@ class Gateway:
                 )
         await self._server.start()
         self._hub.start_timer()
+        if self._store is not None:
+            self._checkpoints = asyncio.create_task(self._checkpoint_loop(self._store))
         log.info(
             "gateway up: %d stored peers, %d from --peer", loaded, len(self.config.startup_peers)
         )
@@ -121,8 +128,22 @@ class Gateway:
         self.begin_stop()
         self._hub.stop_timer()
         await self._server.stop()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            self._checkpoints = None
         if self._store is not None:
             self._store.close()
+
+    async def _checkpoint_loop(self, store: StateStore) -> None:
+        """Fold the store's WAL into the database every second, in a worker thread."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await asyncio.to_thread(store.checkpoint)
+            except sqlite3.Error as exc:
+                log.warning("state store checkpoint failed (retried): %s", exc)
 
     # ------------------------------------------------------------------ health, stats
 
@@ -267,8 +288,12 @@ class Gateway:
         """Send to every active node but this one; with ``wait``, every node's result."""
         server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.broadcast_nowait(
-                peer_id, body, content_type, headers=((ORIGIN_HEADER, hub.stamp(peer_id)),)
+            lambda: hub.stamped(
+                peer_id,
+                "",
+                lambda headers: server.broadcast_nowait(
+                    peer_id, body, content_type, headers=headers
+                ),
             ),
             wait,
             timeout,
@@ -288,12 +313,12 @@ class Gateway:
         target = await self.resolve_node(node)
         server, hub = self._server, self._hub
         return await self._dispatch(
-            lambda: server.send_nowait(
+            lambda: hub.stamped(
                 peer_id,
-                body,
-                content_type,
-                target,
-                headers=((ORIGIN_HEADER, hub.stamp(peer_id)),),
+                str(target),
+                lambda headers: server.send_nowait(
+                    peer_id, body, content_type, target, headers=headers
+                ),
             ),
             wait,
             timeout,

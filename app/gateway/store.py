@@ -69,19 +69,21 @@ CREATE TABLE IF NOT EXISTS streams (
     peer_id TEXT NOT NULL,
     origin TEXT NOT NULL,
     origin_epoch TEXT NOT NULL,
+    recipient TEXT NOT NULL,
     next_seq INTEGER NOT NULL,
-    PRIMARY KEY (peer_id, origin, origin_epoch)
+    PRIMARY KEY (peer_id, origin, origin_epoch, recipient)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS held (
     peer_id TEXT NOT NULL,
     origin TEXT NOT NULL,
     origin_epoch TEXT NOT NULL,
+    recipient TEXT NOT NULL,
     seq INTEGER NOT NULL,
     arrived REAL NOT NULL,
     sender TEXT NOT NULL,
     content_type TEXT,
     body BLOB NOT NULL,
-    PRIMARY KEY (peer_id, origin, origin_epoch, seq)
+    PRIMARY KEY (peer_id, origin, origin_epoch, recipient, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS origin_seq (peer_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
@@ -129,6 +131,7 @@ class HeldRow:
     peer_id: str
     origin: str
     origin_epoch: str
+    to: str
     seq: int
     arrived: float
     sender: str
@@ -144,6 +147,7 @@ class StateStore:
         self.path = state_dir / DB_NAME
         self.sync = sync
         self._db: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -165,6 +169,10 @@ class StateStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.sync.value.upper()}")
+            # Checkpoints (copying the WAL into the database, with an fsync) run in a
+            # thread (checkpoint()), not inside a commit on the event loop: that halves
+            # the cost of a commit.
+            db.execute("PRAGMA wal_autocheckpoint=0")
             # Reads the whole schema: a file that is not a database fails here.
             db.executescript(_SCHEMA)
             db.execute("SELECT count(*) FROM peers").fetchone()
@@ -184,6 +192,18 @@ class StateStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database without blocking writers (PASSIVE), on a
+        connection of its own: call it from one worker thread, periodically."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -313,36 +333,39 @@ class StateStore:
 
     # ------------------------------------------------------------------ streams
 
-    def set_next_seq(self, peer_id: str, origin: str, origin_epoch: str, next_seq: int) -> None:
+    def set_next_seq(self, key: tuple[str, str, str, str], next_seq: int) -> None:
+        """``key``: (peer_id, origin, origin epoch, to) of a stream."""
         self.db.execute(
-            "INSERT INTO streams (peer_id, origin, origin_epoch, next_seq) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT DO UPDATE SET next_seq = excluded.next_seq",
-            (peer_id, origin, origin_epoch, next_seq),
+            "INSERT INTO streams (peer_id, origin, origin_epoch, recipient, next_seq) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET next_seq = excluded.next_seq",
+            (*key, next_seq),
         )
 
-    def forget_stream(self, peer_id: str, origin: str, origin_epoch: str) -> None:
+    def forget_stream(self, key: tuple[str, str, str, str]) -> None:
         for table in ("streams", "held"):
             self.db.execute(
-                f"DELETE FROM {table} WHERE peer_id = ? AND origin = ? AND origin_epoch = ?",
-                (peer_id, origin, origin_epoch),
+                f"DELETE FROM {table} WHERE peer_id = ? AND origin = ? AND origin_epoch = ? "
+                "AND recipient = ?",
+                key,
             )
 
-    def load_streams(self) -> list[tuple[str, str, str, int]]:
+    def load_streams(self) -> list[tuple[tuple[str, str, str, str], int]]:
         return [
-            (p, o, e, n)
-            for p, o, e, n in self.db.execute(
-                "SELECT peer_id, origin, origin_epoch, next_seq FROM streams"
+            ((p, o, e, t), n)
+            for p, o, e, t, n in self.db.execute(
+                "SELECT peer_id, origin, origin_epoch, recipient, next_seq FROM streams"
             )
         ]
 
     def hold(self, row: HeldRow) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO held (peer_id, origin, origin_epoch, seq, arrived, sender, "
-            "content_type, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO held (peer_id, origin, origin_epoch, recipient, seq, "
+            "arrived, sender, content_type, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.peer_id,
                 row.origin,
                 row.origin_epoch,
+                row.to,
                 row.seq,
                 row.arrived,
                 row.sender,
@@ -351,18 +374,19 @@ class StateStore:
             ),
         )
 
-    def unhold(self, peer_id: str, origin: str, origin_epoch: str, seq: int) -> None:
+    def unhold(self, key: tuple[str, str, str, str], seq: int) -> None:
         self.db.execute(
-            "DELETE FROM held WHERE peer_id = ? AND origin = ? AND origin_epoch = ? AND seq = ?",
-            (peer_id, origin, origin_epoch, seq),
+            "DELETE FROM held WHERE peer_id = ? AND origin = ? AND origin_epoch = ? "
+            "AND recipient = ? AND seq = ?",
+            (*key, seq),
         )
 
     def load_held(self) -> list[HeldRow]:
         return [
-            HeldRow(p, o, e, s, a, snd, ct, bytes(b))
-            for p, o, e, s, a, snd, ct, b in self.db.execute(
-                "SELECT peer_id, origin, origin_epoch, seq, arrived, sender, content_type, body "
-                "FROM held ORDER BY seq"
+            HeldRow(p, o, e, t, s, a, snd, ct, bytes(b))
+            for p, o, e, t, s, a, snd, ct, b in self.db.execute(
+                "SELECT peer_id, origin, origin_epoch, recipient, seq, arrived, sender, "
+                "content_type, body FROM held ORDER BY seq"
             )
         ]
 
@@ -379,12 +403,13 @@ class StateStore:
         return epoch
 
     def load_origin_seqs(self) -> dict[str, int]:
+        """Stream name (the peer id, or ``peer>node`` for sends) -> the last seq used."""
         return {p: s for p, s in self.db.execute("SELECT peer_id, seq FROM origin_seq")}
 
-    def save_origin_seq(self, peer_id: str, seq: int) -> None:
+    def save_origin_seq(self, stream: str, seq: int) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO origin_seq (peer_id, seq) VALUES (?, ?) "
                 "ON CONFLICT DO UPDATE SET seq = excluded.seq",
-                (peer_id, seq),
+                (stream, seq),
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 from app.dmq.config import NodeConfig
-from app.dmq.peers import PeerMessage
 from app.dmq.sip import SipUri
 from app.gateway.hub import Ending, Hub, PeerChannel
 from app.gateway.models import PeerSettings
@@ -25,7 +24,7 @@ def hub_with_peer(queue_limit: int, history: int) -> tuple[Hub, PeerChannel]:
 def arrive(channel: PeerChannel, count: int) -> None:
     for _ in range(count):
         n = next(_ids)
-        channel.append(PeerMessage(n, "p", f"m{n}".encode(), "text/plain", SENDER, f"c{n}", 0.0, 1))
+        channel.append(str(SENDER), "text/plain", f"m{n}".encode())
 
 
 def test_live_limit_is_reached_when_the_live_backlog_is_full() -> None:

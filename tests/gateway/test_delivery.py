@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from app.dmq.events import SendOperation
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
-from app.gateway.origin import ORIGIN_HEADER, build_origin
+from app.gateway.origin import ORIGIN_HEADER, build_origin, parse_origin
 from app.gateway.store import HistoryStore
 from tests.gateway.conftest import Node, node_config, running
 
@@ -43,6 +43,10 @@ def send(node: Node, to: str, seq: int, body: str, epoch: str = "e1") -> int:
 
     operation: SendOperation = node.call(go)
     return operation.results[0].code
+
+
+def client_uri(config: GatewayConfig) -> str:
+    return str(config.node.server_address)
 
 
 def join(client: TestClient, node: Node) -> str:
@@ -231,19 +235,32 @@ def test_our_stamps_go_on_across_a_restart(config: GatewayConfig) -> None:
         try:
             receiver.listen(PEER)
             assert client.post("/v1/nodes", json={"uri": receiver.uri}).status_code == 201
-            for _ in range(2):
-                result = client.post(f"/v1/peers/{PEER}/send?node={receiver.uri}&wait=true")
-                assert result.json()["results"][0]["code"] == 200
+            result = client.post(f"/v1/peers/{PEER}/broadcast?wait=true")
+            assert result.json()["results"][0]["code"] == 200
+            result = client.post(f"/v1/peers/{PEER}/send?node={receiver.uri}&wait=true")
+            assert result.json()["results"][0]["code"] == 200
             return [m.origin for m in receiver.received]
         finally:
             receiver.stop()
 
     with running(config) as client:
-        first = stamps(client)
+        first = [parse_origin(s) for s in stamps(client)]
+        # A send the node refuses uses up no seq (a receiver would wait for it).
+        refused = client.post(f"/v1/peers/{PEER}/send?node=sip:127.0.0.1:9&wait=true")
+        assert refused.status_code == 404
     with running(config) as client:
-        second = stamps(client)
-    assert [s.rsplit("seq=", 1)[1] for s in first + second if s] == ["1", "2", "3", "4"]
-    assert len({s.split(";seq=")[0] for s in first + second if s}) == 1  # origin and epoch
+        second = [parse_origin(s) for s in stamps(client)]
+    assert all(first + second)
+    origin = first[0]
+    assert origin is not None and origin.origin == client_uri(config)
+    # Broadcasts count per peer; sends per peer and node (a new node each run here).
+    assert [(s.seq, s.to != "") for s in first + second if s] == [
+        (1, False),
+        (1, True),
+        (2, False),
+        (1, True),
+    ]
+    assert len({(s.origin, s.epoch) for s in first + second if s}) == 1
 
 
 def test_peers_json_is_imported_once(config: GatewayConfig) -> None:
@@ -273,3 +290,51 @@ def test_a_corrupt_database_is_moved_aside(
     assert (config.state_dir / "gateway.db.broken").read_bytes().startswith(b"this is not")
     with running(config) as client:
         assert [p["peer_id"] for p in client.get("/v1/peers").json()] == [PEER]
+
+
+def test_subscriber_mode_delivers_at_once_and_answers_copies_itself(
+    config: GatewayConfig,
+) -> None:
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            put = client.put(
+                f"/v1/peers/{PEER}", json={"reply": "subscriber", "reply_timeout": 0.9}
+            )
+            assert put.status_code == 201
+            gateway = join(client, origin)
+            with client.websocket_connect(f"/v1/peers/{PEER}/subscribe") as ws:
+                assert frame(ws)["type"] == "subscribed"
+                codes: list[int] = []
+
+                def answer_next(body: str) -> None:
+                    message = frame(ws)
+                    assert message["body"] == body
+                    ws.send_text(json.dumps({"type": "reply", "id": message["id"], "code": 202}))
+
+                for seq in (2, 1):  # out of order: not held back
+                    sent = origin.call(_start_send, origin, gateway, seq)
+                    answer_next(f"m{seq}")
+                    codes.append(origin.call(_wait, sent))
+                # A copy is answered by the gateway (200), the subscriber sees nothing.
+                codes.append(send(origin, gateway, 2, "m2"))
+                assert codes == [202, 202, 200]
+            assert client.get(f"/v1/peers/{PEER}").json()["offset"] == 2
+        finally:
+            origin.stop()
+
+
+async def _start_send(node: Node, to: str, seq: int) -> Any:
+    _, waiter = node.server.send_nowait(
+        PEER,
+        f"m{seq}".encode(),
+        "text/plain",
+        SipUri.parse(to),
+        headers=((ORIGIN_HEADER, build_origin(ORIGIN, "e1", seq)),),
+    )
+    return waiter
+
+
+async def _wait(waiter: Any) -> int:
+    operation: SendOperation = await waiter
+    return operation.results[0].code

@@ -16,6 +16,14 @@ def test_a_built_stamp_parses_back() -> None:
     assert parse_origin(header) == OriginStamp("sip:127.0.0.1:5070", "1f0c9a2e", 42)
 
 
+def test_a_send_names_its_node() -> None:
+    header = build_origin("sip:127.0.0.1:5070", "e1", 3, to="sip:127.0.0.1:5072")
+    assert header == "<sip:127.0.0.1:5070>;epoch=e1;seq=3;to=sip:127.0.0.1:5072"
+    assert parse_origin(header) == OriginStamp("sip:127.0.0.1:5070", "e1", 3, "sip:127.0.0.1:5072")
+    assert parse_origin(header + ";to=sip:127.0.0.1:5074") is None  # twice
+    assert parse_origin("<sip:h:1>;epoch=e1;seq=3;to=http://x") is None
+
+
 def test_parameters_in_any_order_and_spacing_are_read() -> None:
     stamp = parse_origin(" <sip:10.0.0.5:5060;transport=tcp> ; seq=7 ; EPOCH=ab12 ")
     # ';' inside <> is not allowed in our own stamps, but '<' ends at the first '>'.
