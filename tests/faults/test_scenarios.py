@@ -208,8 +208,8 @@ async def test_partitioned_gateway_gets_everything_it_missed_in_order(
 async def test_kill_9_under_load_and_restart_with_the_same_state_dir(
     bus_factory: Callable[..., LabBus], http: httpx.AsyncClient
 ) -> None:
-    """(c) a and b broadcast; b is killed with SIGKILL in the middle and restarted on
-    its state directory while the load goes on. b's subscriber resumes in the same
+    """(c) a and b broadcast; b is killed with SIGKILL in the middle and, 3 s later,
+    restarted on its state directory while the load goes on. b's subscriber resumes in the same
     epoch (its history survived) and, like everyone else's, gets each origin's messages
     once and in order; what could not be delivered is declared lost, never silently."""
     bus = bus_factory(["a", "b", "c"])
@@ -222,7 +222,9 @@ async def test_kill_9_under_load_and_restart_with_the_same_state_dir(
     async def crash() -> None:
         await asyncio.sleep(1.5)
         b.kill()
-        await asyncio.sleep(1.0)
+        # Down for three ping intervals, whatever the machine's speed: long enough for
+        # the others to notice (two missed pings), as a real crash and restart is.
+        await asyncio.sleep(3.0)
         await asyncio.to_thread(b.restart)
         await asyncio.sleep(3.0)  # the load goes on after the restart
         done.set()
