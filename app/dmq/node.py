@@ -35,7 +35,15 @@ hop on, ping every node every ``ping_interval``, a node is disabled on its first
 missed ping and removed on its second. Where Kamailio has known faults we do better:
 retransmissions are never delivered twice, a node's own word about itself outranks a
 third party's (so a node we removed is not brought back as a ghost by another node's
-stale list), we never add ourselves, and a graceful stop tells every active node.
+stale list), we never add ourselves, and a graceful stop tells every active node. A
+missed ping counts only when the node showed no other sign of life meanwhile (see
+``probe_before_disabling``), and the node list is bounded (``max_nodes``, and new nodes
+per list and per second), so no neighbour can make us allocate or forward without end.
+
+Nothing is lost silently: a broadcast is meant for every node held, whatever its
+status, and a message a node cannot take now waits in that node's outbox
+(:mod:`app.dmq.outbox`) until it answers again, or is dropped for a reason that is
+counted and reported.
 """
 
 from __future__ import annotations
@@ -520,9 +528,10 @@ class DmqNode:
         """Send to every node of the list but us (and ``exclude``), whatever its
         status; one result per node.
 
-        An active node is sent the message now; for any other node, or one whose
-        outbox is in use, the message goes to its outbox (:mod:`app.dmq.outbox`) and
-        its result says :attr:`Delivery.QUEUED`. ``headers`` are extra ``(name,
+        A node that is active or not active yet is sent the message now, and one that
+        does not answer it gets it through its outbox (:mod:`app.dmq.outbox`); for a
+        disabled node, or one whose outbox is in use, the message goes to the outbox at
+        once. Either way its result says :attr:`Delivery.QUEUED`. ``headers`` are extra ``(name,
         value)`` headers put on each request as given (:func:`header_lines` says
         which are refused), and on every resend of it."""
         extra = header_lines(headers)
@@ -544,8 +553,8 @@ class DmqNode:
         max_forwards: int = 1,
         headers: ExtraHeaders = (),
     ) -> SendOperation:
-        """Send to one node of the list, whatever its status: now if it is active,
-        else through its outbox, as :meth:`broadcast` does."""
+        """Send to one node of the list, whatever its status: now, or through its
+        outbox when it is disabled, as :meth:`broadcast` does."""
         extra = header_lines(headers)
         self._check_user_send(peer_id, body, extra)
         target = self.nodes.find(node)
@@ -607,8 +616,11 @@ class DmqNode:
                 self._ids, peer_id, body, content_type, extra, max_forwards, now, size
             )
         for node in targets:
+            # A disabled node is known not to answer: its copy waits. A node that is
+            # not active yet (we asked it, it has not answered) is tried now, like an
+            # active one: if it does not answer either, the copy waits all the same.
             if message is not None and (
-                node.status is not NodeStatus.ACTIVE or node in self._outboxes
+                node.status is NodeStatus.DISABLED or node in self._outboxes
             ):
                 dropped = self._enqueue(node, message, now)
                 outcome = Delivery.QUEUED if dropped is None else Delivery.DROPPED

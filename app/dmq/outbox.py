@@ -1,7 +1,8 @@
 """Per-node outboxes: store-and-forward for messages a node could not take yet.
 
-A message for a node that is not ``active``, or whose transaction for it timed out (or
-met a transport error), waits in that node's outbox instead of being lost. While an
+A message for a node that is ``disabled``, or whose transaction for it timed out (or
+met a transport error), waits in that node's outbox instead of being lost (a node that
+is ``not_active``, asked and not answered yet, is tried first). While an
 outbox holds anything, newer messages for the node queue behind it, so that the node
 gets them in the order they were sent. When the node answers again the outbox is sent
 in order, a window of requests at a time, each a new transaction with the same body

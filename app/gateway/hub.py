@@ -270,11 +270,14 @@ class PeerChannel:
         content_type: str | None,
         body: bytes,
         gap: dict[str, Any] | None = None,
+        stream: tuple[StreamKey, int] | None = None,
     ) -> HistoryEntry:
         """Add a message (or a gap entry) to the history and fan it out.
 
         With a store, the row is written here; the caller commits (before the node
-        answers 200).
+        answers 200). ``stream``: the ordered stream and seq the message was delivered
+        as; the row records them, which is how the store knows each stream's next seq
+        without a second write per message.
         """
         self.offset += 1
         if gap is None:
@@ -285,7 +288,15 @@ class PeerChannel:
         )
         if self.store is not None:
             self.store.append(
-                self.peer_id, self.epoch, entry.offset, now, sender, content_type, body, gap
+                self.peer_id,
+                self.epoch,
+                entry.offset,
+                now,
+                sender,
+                content_type,
+                body,
+                gap,
+                None if stream is None else (*stream[0], stream[1]),
             )
         self.history.append(entry)
         self.retain(now)
@@ -542,10 +553,6 @@ class Hub:
                     )
                 )
             self._apply(actions)
-            if verdict is Verdict.DELIVERED and store is not None:
-                next_seq = self.reorderer.next_seq(key)
-                if next_seq is not None:
-                    store.set_next_seq(key, next_seq)
 
         if verdict is not Verdict.DUPLICATE or actions:
             self._commit(write)
@@ -555,20 +562,19 @@ class Hub:
     def _apply(self, actions: list[Action[_Held]]) -> None:
         """Carry out what the reorderer decided (inside the caller's transaction)."""
         store = self.store if self.durable else None
-        touched: set[StreamKey] = set()
         for action in actions:
             if isinstance(action, Retired):
                 if store is not None:
                     store.forget_stream(action.key)
-                touched.discard(action.key)
                 continue
             channel = self.channels.get(action.key.peer_id)
             if channel is None:
                 continue
-            touched.add(action.key)
             if isinstance(action, Delivery):
                 item = action.item
-                channel.append(item.sender, item.content_type, item.body)
+                channel.append(
+                    item.sender, item.content_type, item.body, stream=(action.key, action.seq)
+                )
                 if action.was_held and store is not None:
                     store.unhold(action.key, action.seq)
             else:
@@ -593,11 +599,6 @@ class Hub:
                         "to": action.last,
                     },
                 )
-        if store is not None:
-            for key in touched:
-                next_seq = self.reorderer.next_seq(key)
-                if next_seq is not None:
-                    store.set_next_seq(key, next_seq)
 
     def _arm(self) -> None:
         """Keep the one loop timer at the reorderer's next deadline."""

@@ -60,8 +60,9 @@ def build_origin(origin: str, epoch: str, seq: int, to: str = "") -> str:
     stamp = OriginStamp(origin, epoch, seq, to)
     if parse_origin(stamp.header()) != stamp:
         raise ValueError(
-            f"origin stamp {stamp.header()} is not valid: the origin (and to) is a sip: "
-            "URI without '<', '>', ';' or spaces, the epoch 1-32 letters or digits, "
+            f"origin stamp {stamp.header()} is not valid: the origin is a sip: URI "
+            "without '<', '>', ',' or spaces (and to one without ';' either), the epoch "
+            "1-32 letters or digits, "
             f"the seq 1..{MAX_SEQ}"
         )
     return stamp.header()
@@ -78,7 +79,7 @@ def parse_origin(value: str | None) -> OriginStamp | None:
     if end < 0:
         return None
     origin = value[1:end]
-    if not _is_uri(origin):
+    if not _is_uri(origin, params=True):
         return None
     epoch: str | None = None
     seq: int | None = None
@@ -111,10 +112,13 @@ def parse_origin(value: str | None) -> OriginStamp | None:
     return OriginStamp(origin, epoch, seq, to or "")
 
 
-def _is_uri(text: str) -> bool:
+def _is_uri(text: str, *, params: bool = False) -> bool:
+    """A sip: URI that fits the header: inside ``<>`` it may carry ``;`` parameters
+    (``;transport=tcp``), as a parameter value it may not."""
+    forbidden = "<>, \t\r\n" if params else "<>;, \t\r\n"
     return (
         text.startswith("sip:")
         and 5 <= len(text) <= 256
-        and not any(c in text for c in "<>;, \t\r\n")
+        and not any(c in text for c in forbidden)
         and text.isprintable()
     )

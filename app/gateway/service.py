@@ -315,7 +315,8 @@ class Gateway:
         return await self._dispatch(
             lambda: hub.stamped(
                 peer_id,
-                str(target),
+                # Only names the stream of sends to that node: its parameters are left out.
+                str(target).split(";", 1)[0],
                 lambda headers: server.send_nowait(
                     peer_id, body, content_type, target, headers=headers
                 ),

@@ -8,7 +8,11 @@ What it keeps, so that a restart (SIGTERM or ``kill -9``) changes nothing a clie
 * ``history``: each peer's messages and gap entries, keyed by (peer, epoch, offset),
   trimmed in batches to the peer's ``history`` count and ``history_max_age``.
 * ``streams`` and ``held``: the receiver's next expected ``seq`` per (peer, origin,
-  origin epoch), and the messages held in the reorder buffer (:mod:`app.gateway.reorder`).
+  origin epoch, to), and the messages held in the reorder buffer
+  (:mod:`app.gateway.reorder`). A history row of a stamped message delivered in order
+  names its stream and seq, so the next seq is derived from the history at start and
+  written to ``streams`` only when trimming removes those rows: one INSERT per
+  message, not two.
 * ``origin_seq`` and ``meta``: this gateway's own origin epoch and the last ``seq`` it
   stamped per peer (:mod:`app.gateway.origin`).
 
@@ -63,6 +67,11 @@ CREATE TABLE IF NOT EXISTS history (
     content_type TEXT,
     body BLOB NOT NULL,
     gap TEXT,
+    -- a stamped message delivered in order: its stream and seq
+    origin TEXT,
+    origin_epoch TEXT,
+    recipient TEXT,
+    seq INTEGER,
     PRIMARY KEY (peer_id, epoch, offset)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
@@ -282,11 +291,15 @@ class StateStore:
         content_type: str | None,
         body: bytes,
         gap: dict[str, Any] | None = None,
+        stream: tuple[str, str, str, str, int] | None = None,
     ) -> None:
+        """One row; ``stream``: (peer_id, origin, origin epoch, to, seq) of a message
+        delivered in order (the streams' next seqs are derived from these rows)."""
+        origin, origin_epoch, to, seq = (None, None, None, None) if stream is None else stream[1:]
         self.db.execute(
-            "INSERT OR REPLACE INTO history "
-            "(peer_id, epoch, offset, at, sender, content_type, body, gap) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO history (peer_id, epoch, offset, at, sender, "
+            "content_type, body, gap, origin, origin_epoch, recipient, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 peer_id,
                 epoch,
@@ -296,6 +309,10 @@ class StateStore:
                 content_type,
                 body,
                 None if gap is None else json.dumps(gap),
+                origin,
+                origin_epoch,
+                to,
+                seq,
             ),
         )
 
@@ -322,6 +339,15 @@ class StateStore:
         if through_offset <= 0:
             return
         with self.transaction() as db:
+            # The rows going away may be the last record of a stream's position.
+            db.execute(
+                "INSERT INTO streams (peer_id, origin, origin_epoch, recipient, next_seq) "
+                "SELECT peer_id, origin, origin_epoch, recipient, max(seq) + 1 FROM history "
+                "WHERE peer_id = ? AND (epoch != ? OR offset <= ?) AND seq IS NOT NULL "
+                "GROUP BY origin, origin_epoch, recipient "
+                "ON CONFLICT DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+                (peer_id, epoch, through_offset),
+            )
             db.execute(
                 "DELETE FROM history WHERE peer_id = ? AND (epoch != ? OR offset <= ?)",
                 (peer_id, epoch, through_offset),
@@ -333,15 +359,9 @@ class StateStore:
 
     # ------------------------------------------------------------------ streams
 
-    def set_next_seq(self, key: tuple[str, str, str, str], next_seq: int) -> None:
-        """``key``: (peer_id, origin, origin epoch, to) of a stream."""
-        self.db.execute(
-            "INSERT INTO streams (peer_id, origin, origin_epoch, recipient, next_seq) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET next_seq = excluded.next_seq",
-            (*key, next_seq),
-        )
-
     def forget_stream(self, key: tuple[str, str, str, str]) -> None:
+        """The stream ended (a new origin epoch): its position and held messages go
+        (rows in the history still name it, and would only restore its position)."""
         for table in ("streams", "held"):
             self.db.execute(
                 f"DELETE FROM {table} WHERE peer_id = ? AND origin = ? AND origin_epoch = ? "
@@ -350,12 +370,19 @@ class StateStore:
             )
 
     def load_streams(self) -> list[tuple[tuple[str, str, str, str], int]]:
-        return [
-            ((p, o, e, t), n)
-            for p, o, e, t, n in self.db.execute(
-                "SELECT peer_id, origin, origin_epoch, recipient, next_seq FROM streams"
-            )
-        ]
+        """Every stream's next seq: past the last one delivered (in the history), or
+        what trimming recorded."""
+        nexts: dict[tuple[str, str, str, str], int] = {}
+        for p, o, e, t, n in self.db.execute(
+            "SELECT peer_id, origin, origin_epoch, recipient, next_seq FROM streams"
+        ):
+            nexts[(p, o, e, t)] = n
+        for p, o, e, t, n in self.db.execute(
+            "SELECT peer_id, origin, origin_epoch, recipient, max(seq) + 1 FROM history "
+            "WHERE seq IS NOT NULL GROUP BY peer_id, origin, origin_epoch, recipient"
+        ):
+            nexts[(p, o, e, t)] = max(n, nexts.get((p, o, e, t), 0))
+        return list(nexts.items())
 
     def hold(self, row: HeldRow) -> None:
         self.db.execute(

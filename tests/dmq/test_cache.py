@@ -7,7 +7,6 @@ import pytest
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
 from app.dmq.node import CACHE_SIZE, DmqNode
-from app.dmq.nodes import NodeStatus
 from app.dmq.sip import SipUri
 
 
@@ -28,8 +27,7 @@ def test_a_size_below_one_is_refused() -> None:
 
 def test_caller_chosen_peer_ids_do_not_grow_the_node_without_bound() -> None:
     node = DmqNode(NodeConfig(server_address=SipUri.parse("sip:127.0.0.1:5091")))
-    # An active node is sent to at once (a node that is not would get an outbox).
-    node.add_node(SipUri.parse("sip:127.0.0.1:5090"), 0.0).status = NodeStatus.ACTIVE
+    node.add_node(SipUri.parse("sip:127.0.0.1:5090"), 0.0)
     for i in range(CACHE_SIZE + 50):
         node.send(f"peer{i}", b"x", None, SipUri.parse("sip:127.0.0.1:5090"), 0.0)
     assert len(node._from_cache) == CACHE_SIZE

@@ -223,7 +223,7 @@ def test_store_and_forward_can_be_turned_off() -> None:
     assert a.node.stats.outbox_dropped == {"count": 1}
 
 
-def test_a_not_active_node_gets_a_send_once_it_answers() -> None:
+def test_a_not_active_node_is_tried_at_once_and_gets_the_message_when_it_answers() -> None:
     cluster = Cluster()
     a = cluster.add(A, timers=TIMERS)
     b = cluster.add(B, timers=TIMERS, start=False)
@@ -232,9 +232,12 @@ def test_a_not_active_node_gets_a_send_once_it_answers() -> None:
     cluster.flush()
     assert node.status is NodeStatus.NOT_ACTIVE
     operation = a.node.send("htable", b"hi", None, node.uri, cluster.now)
-    assert [r.outcome for r in operation.results] == [Delivery.QUEUED]
+    assert operation.results == []  # tried now: not known to be down
+    cluster.advance(2.1)
+    [result] = operation.results
+    assert (result.code, result.timed_out, result.outcome) == (408, True, Delivery.QUEUED)
     b.up = True
     b.node.start(cluster.now)
-    cluster.flush()  # B joins through... nobody; A's next ping (at 1010) reaches it
-    cluster.advance(11)
+    cluster.advance(10)  # A's ping at 1010 reaches it
     assert [m.body for m in b.received] == [b"hi"]
+    assert a.node.stats.outbox_delivered == 1

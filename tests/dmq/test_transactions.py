@@ -13,7 +13,6 @@ from app.dmq.config import NodeConfig
 from app.dmq.errors import ReplyNotPendingError
 from app.dmq.events import Delivery, SendCompleted
 from app.dmq.node import DmqNode
-from app.dmq.nodes import NodeStatus
 from app.dmq.peers import PeerMessage, PeerReply
 from app.dmq.sip import Headers, SipRequest, SipResponse, SipUri, Via, parse_message
 from app.dmq.timers import TimerQueue
@@ -498,9 +497,6 @@ def test_node_send_over_udp_retransmits_then_reports_a_local_408() -> None:
     node = node_with(Deferred())
     node.start(0.0)
     node.datagrams_to_send()  # the join
-    held = node.nodes.find(PEER_NODE)
-    assert held is not None
-    held.status = NodeStatus.ACTIVE  # sent at once, not through an outbox
     operation = node.send("htable", b"x", "text/plain", PEER_NODE, 0.0)
     [(request, to)] = node.datagrams_to_send()
     assert to == Endpoint("udp", "127.0.0.1", 5090)
@@ -518,7 +514,7 @@ def test_node_transport_error_fails_a_send_at_once() -> None:
     config = NodeConfig(server_address=SipUri.parse("sip:127.0.0.1:5091;transport=tcp"))
     node = DmqNode(config)
     target = SipUri.parse("sip:127.0.0.1:5090;transport=tcp")
-    node.add_node(target, 0.0).status = NodeStatus.ACTIVE  # sent at once
+    node.add_node(target, 0.0)
     node.datagrams_to_send()
     operation = node.send("htable", b"x", None, target, 0.0)
     node.transport_error(Endpoint("tcp", "127.0.0.1", 5090), 0.1)

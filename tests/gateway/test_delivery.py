@@ -338,3 +338,33 @@ async def _start_send(node: Node, to: str, seq: int) -> Any:
 async def _wait(waiter: Any) -> int:
     operation: SendOperation = await waiter
     return operation.results[0].code
+
+
+def test_a_streams_position_outlives_the_history_rows_that_recorded_it(
+    config: GatewayConfig,
+) -> None:
+    def offset_after_copy(seq: int) -> int:
+        with running(config) as client:
+            origin = Node(client, node_config()).start()
+            try:
+                gateway = join(client, origin)
+                assert send(origin, gateway, seq, "copy") == 200
+                offset: int = client.get(f"/v1/peers/{PEER}").json()["offset"]
+                return offset
+            finally:
+                origin.stop()
+
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={"history": 2}).status_code == 201
+            gateway = join(client, origin)
+            for seq in range(1, 6):
+                assert send(origin, gateway, seq, f"m{seq}") == 200
+        finally:
+            origin.stop()
+    # The start trims the rows of seqs 1-3; a copy of 2 is still known as delivered.
+    assert offset_after_copy(2) == 5
+    with running(config) as client:
+        assert client.put(f"/v1/peers/{PEER}", json={"history": 0}).status_code == 200
+    assert offset_after_copy(5) == 5  # nothing held any more, the position is kept

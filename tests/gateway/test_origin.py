@@ -16,6 +16,13 @@ def test_a_built_stamp_parses_back() -> None:
     assert parse_origin(header) == OriginStamp("sip:127.0.0.1:5070", "1f0c9a2e", 42)
 
 
+def test_a_tcp_origin_keeps_its_transport() -> None:
+    header = build_origin("sip:127.0.0.1:5070;transport=tcp", "e1", 1)
+    assert parse_origin(header) == OriginStamp("sip:127.0.0.1:5070;transport=tcp", "e1", 1)
+    with pytest.raises(ValueError, match="not valid"):
+        build_origin("sip:127.0.0.1:5070", "e1", 1, to="sip:127.0.0.1:5072;transport=tcp")
+
+
 def test_a_send_names_its_node() -> None:
     header = build_origin("sip:127.0.0.1:5070", "e1", 3, to="sip:127.0.0.1:5072")
     assert header == "<sip:127.0.0.1:5070>;epoch=e1;seq=3;to=sip:127.0.0.1:5072"
@@ -26,8 +33,7 @@ def test_a_send_names_its_node() -> None:
 
 def test_parameters_in_any_order_and_spacing_are_read() -> None:
     stamp = parse_origin(" <sip:10.0.0.5:5060;transport=tcp> ; seq=7 ; EPOCH=ab12 ")
-    # ';' inside <> is not allowed in our own stamps, but '<' ends at the first '>'.
-    assert stamp is None
+    assert stamp == OriginStamp("sip:10.0.0.5:5060;transport=tcp", "ab12", 7)
     stamp = parse_origin("<sip:10.0.0.5:5060>; seq=7 ; EPOCH=ab12; future=1")
     assert stamp == OriginStamp("sip:10.0.0.5:5060", "ab12", 7)
 
