@@ -10,7 +10,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench bench-kdmq bench-e2e bench-fanout openapi demo demo-stop clean
+.PHONY: help run test lint bench bench-kdmq bench-e2e bench-fanout bench-loss openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ openapi: $(STAMP)
 	$(BIN)/python -m app.api.openapi_export
 
 ## bench: every benchmark, one after the other; results in bench/results/
-bench: bench-kdmq bench-e2e bench-fanout
+bench: bench-kdmq bench-e2e bench-fanout bench-loss
 
 ## bench-kdmq: KDMQ throughput, ours vs Kamailio (needs kamailio and sipp)
 bench-kdmq: $(STAMP)
@@ -57,6 +57,10 @@ bench-kdmq: $(STAMP)
 ## bench-e2e: HTTP POST on one gateway to a WebSocket subscriber on another
 bench-e2e: $(STAMP)
 	$(BIN)/python -m bench.gateway_e2e $(BENCH_ARGS)
+
+## bench-loss: delivery through 20%/40% UDP and 40% TCP loss in a namespace lab (root, nft)
+bench-loss: $(STAMP)
+	$(BIN)/python -m bench.delivery_loss $(BENCH_ARGS)
 
 ## bench-fanout: WebSocket fan-out, the gateway vs a bare websockets server
 bench-fanout: $(STAMP)

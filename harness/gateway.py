@@ -57,7 +57,10 @@ class Gateway:
     read when this one is spawned, since its ports may change until a first start
     works. ``tokens`` become ``--api-token`` options (the first one authenticates the
     health checks, see :attr:`headers`). ``timers`` are SIP timer options, fast by
-    default; pass ``()`` for the gateway's own defaults.
+    default; pass ``()`` for the gateway's own defaults. ``host`` is the address its SIP
+    and HTTP ports listen on, and ``command_prefix`` what the command runs under: a
+    gateway on a host of a :class:`harness.netns.Lab` gets both (and a token and the
+    lab's network as trusted) from :meth:`harness.netns.Host.gateway_options`.
     """
 
     def __init__(
@@ -72,8 +75,12 @@ class Gateway:
         log_level: str = "info",
         timers: Sequence[str] = FAST_TIMERS,
         extra: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.host = host
+        self.command_prefix = tuple(command_prefix)
         self.transport = transport
         workdir.mkdir(parents=True, exist_ok=True)
         self.state_dir = workdir / f"{name}-state"
@@ -101,15 +108,15 @@ class Gateway:
     @property
     def uri(self) -> str:
         suffix = "" if self.transport == "udp" else f";transport={self.transport}"
-        return f"sip:127.0.0.1:{self.sip_port}{suffix}"
+        return f"sip:{self.host}:{self.sip_port}{suffix}"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.http_port}"
+        return f"ws://{self.host}:{self.http_port}"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -133,7 +140,7 @@ class Gateway:
             "--server-address",
             self.uri,
             "--http",
-            f"127.0.0.1:{self.http_port}",
+            f"{self.host}:{self.http_port}",
             "--state-dir",
             str(self.state_dir),
             "--ping-interval",
@@ -169,8 +176,9 @@ class Gateway:
         with open(self.log_path, "ab") as log:
             log.write(f"==== {self.name} start #{self.starts}: {args}\n".encode())
             log.flush()
+            # ``ip netns exec`` execs the command: the pid is the gateway's own.
             self.proc = subprocess.Popen(
-                args,
+                [*self.command_prefix, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

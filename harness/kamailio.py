@@ -5,7 +5,9 @@ replicated over DMQ), the very file a user starts from, with its settings given 
 ``-A NAME=VALUE`` defines on the command line (the file's documented way): listen
 address, server and notification address, ctl socket in the node's work dir. It starts
 ``kamailio`` in the foreground as a child process in its own session and talks to it
-with ``kamcmd``. Everything listens on 127.0.0.1 only.
+with ``kamcmd``. Everything listens on 127.0.0.1, unless a node is given another
+``host`` and a ``command_prefix`` such as ``ip netns exec NS`` (a host of
+:class:`harness.netns.Lab`).
 
 Typical use (``free_port`` from :mod:`harness.ports`, ``wait_until`` from
 :mod:`harness.waiting`)::
@@ -255,6 +257,8 @@ class KamailioNode:
         log_level: int = 2,
         startup_timeout: float = 15.0,
         autostart: bool = True,
+        host: str = LOOPBACK,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         if transport not in ("udp", "tcp"):
             raise ValueError(f"transport must be 'udp' or 'tcp', not {transport!r}")
@@ -273,6 +277,11 @@ class KamailioNode:
         self.dmq_workers = dmq_workers
         self.log_level = log_level
         self.startup_timeout = startup_timeout
+        # Another address and a prefix such as ``ip netns exec NS`` run the node on a
+        # host of a harness.netns.Lab; kamcmd still reaches it through the ctl socket,
+        # a path in the file system, from any network namespace.
+        self._host = host
+        self.command_prefix = tuple(command_prefix)
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "kamailio.log"
@@ -293,11 +302,11 @@ class KamailioNode:
     def server_address(self) -> str:
         """The node's DMQ ``server_address``: ``sip:127.0.0.1:PORT[;transport=tcp]``."""
         suffix = ";transport=tcp" if self.transport == "tcp" else ""
-        return f"sip:{LOOPBACK}:{self.port}{suffix}"
+        return f"sip:{self._host}:{self.port}{suffix}"
 
     @property
     def host(self) -> str:
-        return LOOPBACK
+        return self._host
 
     @property
     def pid(self) -> int:
@@ -317,7 +326,7 @@ class KamailioNode:
 
     def defines(self) -> list[str]:
         """The ``-A NAME=VALUE`` defines that set up :data:`EXAMPLE_CONFIG` for this node."""
-        listen = f"{LOOPBACK}:{self.port}"
+        listen = f"{self._host}:{self.port}"
         defines = [
             f"LISTEN=udp:{listen}",
             f'SERVER_ADDRESS="{self.server_address}"',
@@ -347,7 +356,18 @@ class KamailioNode:
             cmd += ["-L", str(module_dir)]
         for define in self.defines():
             cmd += ["-A", define]
-        return [*cmd, "-w", str(self.workdir), "-Y", str(self.workdir), "-m", "64", "-M", "8"]
+        return [
+            *self.command_prefix,
+            *cmd,
+            "-w",
+            str(self.workdir),
+            "-Y",
+            str(self.workdir),
+            "-m",
+            "64",
+            "-M",
+            "8",
+        ]
 
     # ---------------------------------------------------------------- lifecycle
 
