@@ -143,7 +143,7 @@ def test_websocket_document_describes_frames_close_codes_and_query() -> None:
     query = channel["bindings"]["ws"]["query"]["properties"]
     assert set(query) == {"since", "epoch", "token"}
     codes = {entry["code"] for entry in channel["x-close-codes"]}
-    assert codes == {1008, 1012, 4004, 4008} == set(subscribe.CLOSE_CODES)
+    assert codes == {1008, 1009, 1012, 4004, 4008} == set(subscribe.CLOSE_CODES)
 
     def payloads(operation: str) -> set[str]:
         names = set()

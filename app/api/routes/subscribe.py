@@ -63,6 +63,7 @@ CLOSE_CODES: dict[int, str] = {
     CLOSE_PEER_REMOVED: "the peer is not registered (or was unregistered while subscribed)",
     CLOSE_SLOW_CONSUMER: "the client read too slowly and its send queue overflowed; the "
     "reason says since=N to resume from",
+    CLOSE_TOO_BIG: "the client sent a frame larger than --ws-max-frame (replies are small)",
 }
 
 _CLOSE_FOR: dict[Ending, int] = {
