@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,11 +158,16 @@ class StateStore:
         self.sync = sync
         self._db: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None
+        #: Held while the worker thread checkpoints, and by close(): closing the
+        #: checkpoint connection while a checkpoint runs on it crashes the process.
+        self._checkpoint_lock = threading.Lock()
+        self._closed = False
 
     # ------------------------------------------------------------------ opening
 
     def open(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._closed = False
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
@@ -201,18 +207,26 @@ class StateStore:
         if self._db is not None:
             self._db.close()
             self._db = None
-        if self._checkpointer is not None:
-            self._checkpointer.close()
-            self._checkpointer = None
+        # A checkpoint still running in its thread (a cancelled to_thread() call goes
+        # on) finishes first.
+        with self._checkpoint_lock:
+            self._closed = True
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database without blocking writers (PASSIVE), on a
-        connection of its own: call it from one worker thread, periodically."""
-        if self._checkpointer is None:
-            self._checkpointer = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False
-            )
-        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        connection of its own: call it from one worker thread, periodically. After
+        :meth:`close` it does nothing."""
+        with self._checkpoint_lock:
+            if self._closed:
+                return
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
