@@ -14,6 +14,15 @@ from pathlib import Path
 from app.gateway.store import StateStore
 
 
+def _checkpoints(store: StateStore, started: threading.Event, errors: list[BaseException]) -> None:
+    try:
+        started.set()
+        for _ in range(200):
+            store.checkpoint()
+    except BaseException as exc:  # reported by the test
+        errors.append(exc)
+
+
 def test_close_waits_for_a_running_checkpoint_and_later_ones_do_nothing(tmp_path: Path) -> None:
     for round_ in range(60):
         store = StateStore(tmp_path / f"s{round_}")
@@ -23,16 +32,7 @@ def test_close_waits_for_a_running_checkpoint_and_later_ones_do_nothing(tmp_path
             db.executemany("INSERT INTO filler VALUES (?)", [(b"x" * 4096,)] * 64)
         errors: list[BaseException] = []
         started = threading.Event()
-
-        def checkpoints(store: StateStore = store) -> None:
-            try:
-                started.set()
-                for _ in range(200):
-                    store.checkpoint()
-            except BaseException as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=checkpoints)
+        worker = threading.Thread(target=_checkpoints, args=(store, started, errors))
         worker.start()
         started.wait(5)
         store.close()
@@ -40,12 +40,3 @@ def test_close_waits_for_a_running_checkpoint_and_later_ones_do_nothing(tmp_path
         assert not worker.is_alive()
         assert errors == []
         store.checkpoint()  # after close: nothing, no error
-
-
-def _checkpoints(store: StateStore, started: threading.Event, errors: list[BaseException]) -> None:
-    try:
-        started.set()
-        for _ in range(200):
-            store.checkpoint()
-    except BaseException as exc:  # reported by the test
-        errors.append(exc)
