@@ -100,8 +100,18 @@ def test_a_flood_of_made_up_nodes_and_peer_ids_stays_bounded(tmp_path: Path) -> 
             print(f"{gateway.name}: RSS {before[gateway.name] >> 20} MB, +{grown >> 20} MB")
             assert grown < RSS_GROWTH_CEILING, f"{gateway}: RSS grew by {grown >> 20} MB"
             assert held_nodes(gateway) <= MAX_NODES + 1
-        metrics = httpx.get(f"{a.url}/metrics", trust_env=False, timeout=5).text
-        assert 'peer="(unknown)"' in metrics
+        # Datagrams of the flood may be dropped by a busy machine's socket buffer; some
+        # of the 2 000 arrive, and all of them count in the one series.
+        metrics = wait_until(
+            lambda: (
+                (text := httpx.get(f"{a.url}/metrics", trust_env=False, timeout=5).text)
+                if 'peer="(unknown)"' in text
+                else None
+            ),
+            10,
+            "the (unknown) peer series in /metrics",
+            interval=0.2,
+        )
         assert "made-up-" not in metrics
         assert len(metrics) < 1_000_000
     finally:
