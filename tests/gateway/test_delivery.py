@@ -6,8 +6,6 @@ KDMQ requests, so each test decides the order (and the duplicates) the gateway s
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import time
 from dataclasses import replace
@@ -141,7 +139,7 @@ def test_a_new_origin_epoch_restarts_the_sequence(config: GatewayConfig) -> None
 def test_history_and_stream_state_survive_a_restart(config: GatewayConfig) -> None:
     # Held message 4 must still wait for 3 after the restart however slow the machine
     # is: this test is about what survives, not about giving up (tested below).
-    config = dataclasses.replace(config, reorder_wait=60.0)
+    config = replace(config, reorder_wait=60.0)
     with running(config) as client:
         origin = Node(client, node_config()).start()
         try:

@@ -64,6 +64,12 @@ def held_nodes(gateway: Gateway) -> int:
     return len(httpx.get(f"{gateway.url}/v1/nodes", trust_env=False, timeout=5).json())
 
 
+def unknown_series(gateway: Gateway) -> str | None:
+    """``/metrics`` once it has the one series of unknown peer ids, else None."""
+    text = httpx.get(f"{gateway.url}/metrics", trust_env=False, timeout=5).text
+    return text if 'peer="(unknown)"' in text else None
+
+
 def test_a_flood_of_made_up_nodes_and_peer_ids_stays_bounded(tmp_path: Path) -> None:
     a = Gateway("a", tmp_path).start()
     b = Gateway("b", tmp_path, notify=[a])
@@ -103,14 +109,7 @@ def test_a_flood_of_made_up_nodes_and_peer_ids_stays_bounded(tmp_path: Path) -> 
         # Datagrams of the flood may be dropped by a busy machine's socket buffer; some
         # of the 2 000 arrive, and all of them count in the one series.
         metrics = wait_until(
-            lambda: (
-                (text := httpx.get(f"{a.url}/metrics", trust_env=False, timeout=5).text)
-                if 'peer="(unknown)"' in text
-                else None
-            ),
-            10,
-            "the (unknown) peer series in /metrics",
-            interval=0.2,
+            lambda: unknown_series(a), 10, "the (unknown) peer series in /metrics", interval=0.2
         )
         assert "made-up-" not in metrics
         assert len(metrics) < 1_000_000
