@@ -49,8 +49,12 @@ class NodeConfig:
     #: Outbox bounds, per node (:mod:`app.dmq.outbox`): messages held for a node that
     #: is not active or did not answer. Beyond ``outbox_max_messages`` or
     #: ``outbox_max_bytes`` (bodies and extra headers) a new message is dropped; a
-    #: message older than ``outbox_max_age`` seconds is dropped. 0 messages turns
-    #: store-and-forward off (every message that cannot go now is dropped, counted).
+    #: message older than ``outbox_max_age`` seconds is dropped. A node removed after
+    #: missed pings keeps its outbox *parked* (broadcasts go on queueing into it)
+    #: for ``outbox_max_age`` seconds after its removal, so that it gets everything
+    #: in order when it answers again; at most ``max_nodes`` nodes are parked. 0
+    #: messages turns store-and-forward off (every message that cannot go now is
+    #: dropped, counted, and nothing is parked).
     outbox_max_messages: int = 10_000
     outbox_max_bytes: int = 32 * 1024 * 1024
     outbox_max_age: float = 600.0

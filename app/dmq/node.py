@@ -41,9 +41,12 @@ missed ping counts only when the node showed no other sign of life meanwhile (se
 per list and per second), so no neighbour can make us allocate or forward without end.
 
 Nothing is lost silently: a broadcast is meant for every node held, whatever its
-status, and a message a node cannot take now waits in that node's outbox
-(:mod:`app.dmq.outbox`) until it answers again, or is dropped for a reason that is
-counted and reported.
+status, and for every node removed after missed pings whose outbox is still parked; a
+message a node cannot take now waits in that node's outbox (:mod:`app.dmq.outbox`)
+until it answers again, or is dropped for a reason that is counted and reported. A
+removal after missed pings follows Kamailio's rules on the wire (our list stops naming
+the node) but keeps the node's outbox parked for ``outbox_max_age``: the node is still
+pinged, and taken back when it answers, so a false verdict costs latency, not data.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ from app.dmq.outbox import (
     DROP_AGE,
     DROP_BYTES,
     DROP_COUNT,
+    DROP_EXPIRED,
+    DROP_PARK_LIMIT,
     DROP_REMOVED,
     DROP_STOPPED,
     Outbox,
@@ -250,9 +255,14 @@ class NodeStats:
     outbox_resent: int = 0
     #: Messages from an outbox that the node answered (delivered after a retry).
     outbox_delivered: int = 0
-    #: reason (``removed``, ``count``, ``bytes``, ``age``, ``stopped``) -> messages
-    #: dropped undelivered (each drop also emits :class:`OutboxDropped`).
+    #: reason (``removed``, ``count``, ``bytes``, ``age``, ``stopped``, ``expired``,
+    #: ``park_limit``) -> messages dropped undelivered (each drop also emits
+    #: :class:`OutboxDropped`).
     outbox_dropped: Counter[str] = field(default_factory=Counter)
+    #: Nodes removed after missed pings whose outbox was parked for them.
+    outbox_parked: int = 0
+    #: Parked nodes that came back and were taken into the node list again.
+    outbox_unparked: int = 0
     #: Second pings sent halfway through a ping's Timer F (probe_before_disabling).
     probes_sent: int = 0
     #: Missed pings not held against a node because it showed life meanwhile (an
@@ -261,6 +271,16 @@ class NodeStats:
     #: bound (``max_nodes``, ``max_new_nodes_per_list``, ``max_new_nodes_per_second``)
     #: -> nodes named in node lists that were not added because of it.
     nodes_refused: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True, eq=False)
+class _Parked:
+    """A node removed after missed pings, out of the node list, whose outbox waits."""
+
+    #: The node as it was held (its outbox is keyed by this object).
+    node: Node
+    #: Fires when the park expires (``outbox_max_age`` after the removal).
+    expiry: TimerHandle
 
 
 @dataclass(slots=True, eq=False)
@@ -310,6 +330,9 @@ class DmqNode:
         self._ping_timer: TimerHandle | None = None
         #: Messages waiting for nodes that could not take them yet (app.dmq.outbox).
         self._outboxes: dict[Node, Outbox] = {}
+        #: Nodes removed after missed pings whose outboxes are parked, by address,
+        #: oldest first (at most ``max_nodes``).
+        self._parked: dict[NodeKey, _Parked] = {}
         self._age_timer: TimerHandle | None = None
         #: New nodes that may still be taken in now (max_new_nodes_per_second).
         self._new_node_tokens = float(config.max_new_nodes_per_list)
@@ -480,6 +503,7 @@ class DmqNode:
             return None
         node = self.nodes.add(uri, NodeStatus.NOT_ACTIVE, notification_address=True)
         if node is not None:
+            self._unpark(node)
             self._emit_status(node, None, node.status, "notification address")
         return node
 
@@ -501,6 +525,9 @@ class DmqNode:
             )
         targets = self.nodes.active_others() if not self.stopped else []
         self.stopped = True
+        for park in self._parked.values():
+            park.expiry.cancel()
+        self._parked.clear()
         for node in list(self._outboxes):
             self._drop_outbox(node, DROP_STOPPED)
         return self._operation(
@@ -531,13 +558,16 @@ class DmqNode:
         A node that is active or not active yet is sent the message now, and one that
         does not answer it gets it through its outbox (:mod:`app.dmq.outbox`); for a
         disabled node, or one whose outbox is in use, the message goes to the outbox at
-        once. Either way its result says :attr:`Delivery.QUEUED`. ``headers`` are extra ``(name,
-        value)`` headers put on each request as given (:func:`header_lines` says
-        which are refused), and on every resend of it."""
+        once. Either way its result says :attr:`Delivery.QUEUED`. A node removed after
+        missed pings whose outbox is parked is a target too: the message waits in that
+        outbox (a removal is not a node's leaving for good). ``headers`` are extra
+        ``(name, value)`` headers put on each request as given (:func:`header_lines`
+        says which are refused), and on every resend of it."""
         extra = header_lines(headers)
         self._check_user_send(peer_id, body, extra)
         excluded = self.nodes.key_of(exclude) if exclude is not None else None
         targets = [n for n in self.nodes.others() if n.key != excluded]
+        targets.extend(p.node for key, p in self._parked.items() if key != excluded)
         return self._operation(
             peer_id, targets, body, content_type, max_forwards, now, extra, store=True
         )
@@ -695,33 +725,54 @@ class DmqNode:
                 box.size,
                 len(box.in_flight),
                 min(m.created_at for m in box.messages),
+                self._is_parked(node),
             )
             for node, box in self._outboxes.items()
             if box.messages
         ]
+
+    def _is_parked(self, node: Node) -> bool:
+        """The node was removed after missed pings and its outbox waits for it."""
+        park = self._parked.get(node.key)
+        return park is not None and park.node is node
 
     def _held(self, node: Node) -> bool:
         """The node is still in the list (not removed, not replaced by a duplicate)."""
         return self.nodes.get(node.key) is node
 
     def _store_failed(self, node: Node, message: OutboxMessage, now: float) -> Delivery:
-        """A message sent at once got no answer: keep it for the node, unless the node
-        is gone or we stopped."""
-        if self.stopped or not self._held(node):
+        """A message sent at once got no answer: keep it for the node (held again
+        under a new :class:`Node` if it was removed and came back, or parked), unless
+        an operator removed it or we stopped."""
+        target = self._current(node)
+        if self.stopped or target is None:
             reason = DROP_STOPPED if self.stopped else DROP_REMOVED
             self.stats.outbox_dropped[reason] += 1
             self._events.append(OutboxDropped(node.uri, message.peer_id, 1, reason))
             return Delivery.DROPPED
+        node = target
         dropped = self._enqueue(node, message, now)
         box = self._outboxes.get(node)
         if box is not None:
             box.paused = True
         return Delivery.QUEUED if dropped is None else Delivery.DROPPED
 
+    def _current(self, node: Node) -> Node | None:
+        """The node now standing for ``node``'s address: itself while held, the node
+        that replaced it after a removal and a return, its parked self, or None."""
+        if self._held(node):
+            return node
+        held = self.nodes.get(node.key)
+        if held is not None and not held.local:
+            return held
+        park = self._parked.get(node.key)
+        return park.node if park is not None else None
+
     def _enqueue(self, node: Node, message: OutboxMessage, now: float) -> str | None:
-        """Put a message at the tail of a node's outbox; return the drop reason when a
-        bound refuses it (the newest message is the one refused, so what callers were
-        told is queued stays queued, in order)."""
+        """Put a message in a node's outbox, in the order the messages were sent (a
+        message that timed out may come after newer ones queued at once); return the
+        drop reason when a bound refuses it (the newest message is the one refused,
+        so what callers were told is queued stays queued, in order)."""
         box = self._outboxes.get(node)
         held = len(box.messages) if box is not None else 0
         held_bytes = box.size if box is not None else 0
@@ -742,8 +793,15 @@ class DmqNode:
             )
             return reason
         if box is None:
-            box = self._outboxes[node] = Outbox()
-        box.messages.append(message)
+            box = self._outboxes[node] = Outbox(owner=node)
+        messages = box.messages
+        if messages and messages[-1].id > message.id:
+            at = len(messages)
+            while at > 0 and messages[at - 1].id > message.id:
+                at -= 1
+            messages.insert(at, message)
+        else:
+            messages.append(message)
         box.size += message.size
         self.stats.outbox_queued += 1
         if self._age_timer is None:
@@ -792,7 +850,7 @@ class DmqNode:
     ) -> Callable[[FinalResult, float], None]:
         def on_result(result: FinalResult, now: float) -> None:
             box.in_flight.discard(message.id)
-            if self._outboxes.get(node) is not box:
+            if box.dropped:
                 return  # the outbox was dropped (and counted) meanwhile
             if result.local:
                 box.paused = True
@@ -800,19 +858,118 @@ class DmqNode:
             box.messages.remove(message)
             box.size -= message.size
             self.stats.outbox_delivered += 1
+            # The outbox may have moved to a new Node of the same address meanwhile.
+            owner = box.owner or node
             if not box.messages:
-                del self._outboxes[node]
+                if self._outboxes.get(owner) is box:
+                    del self._outboxes[owner]
                 return
-            self._node_answered(node, now)
+            self._node_answered(owner, now)
 
         return on_result
 
     def _drop_outbox(self, node: Node, reason: str) -> None:
         """Drop everything a node's outbox holds (the node was removed, or we stop)."""
         box = self._outboxes.pop(node, None)
-        if box is None or not box.messages:
+        if box is None:
             return
-        self._report_drops(node, list(box.messages), reason)
+        box.dropped = True
+        if box.messages:
+            self._report_drops(node, list(box.messages), reason)
+
+    # ------------------------------------------------------------------ parked outboxes
+
+    def _park(self, node: Node, now: float) -> None:
+        """``node`` was just removed after missed pings: keep its outbox (and queue
+        broadcasts for it) until it comes back, for at most ``outbox_max_age``."""
+        config = self.config
+        if self.stopped or config.outbox_max_messages == 0:
+            self._drop_outbox(node, DROP_REMOVED)
+            return
+        previous = self._parked.pop(node.key, None)
+        if previous is not None:  # cannot happen: a returning node is unparked first
+            previous.expiry.cancel()
+            self._drop_outbox(previous.node, DROP_REMOVED)
+        while len(self._parked) >= config.max_nodes:
+            oldest = next(iter(self._parked))
+            evicted = self._parked.pop(oldest)
+            evicted.expiry.cancel()
+            log.warning(
+                "more than max_nodes (%d) nodes parked: %s is let go",
+                config.max_nodes,
+                evicted.node.uri,
+            )
+            self._drop_outbox(evicted.node, DROP_PARK_LIMIT)
+        box = self._outboxes.get(node)
+        if box is not None:
+            box.paused = True
+        expiry = self.timers.call_at(now + config.outbox_max_age, self._park_expired, node.key)
+        self._parked[node.key] = _Parked(node, expiry)
+        self.stats.outbox_parked += 1
+
+    def _park_expired(self, now: float, key: NodeKey) -> None:
+        park = self._parked.pop(key, None)
+        if park is None:
+            return
+        log.info(
+            "%s did not come back within outbox_max_age (%g s): its outbox is dropped",
+            park.node.uri,
+            self.config.outbox_max_age,
+        )
+        self._drop_outbox(park.node, DROP_EXPIRED)
+
+    def _unpark(self, node: Node) -> None:
+        """``node`` was just added to the list: if its address was parked, its outbox
+        becomes the new node's, paused until the node answers us (a third party's word
+        that it is back is not enough to start sending)."""
+        park = self._parked.pop(node.key, None)
+        if park is None:
+            return
+        park.expiry.cancel()
+        self.stats.outbox_unparked += 1
+        box = self._outboxes.pop(park.node, None)
+        if box is not None and node not in self._outboxes:
+            box.owner = node
+            box.paused = True
+            self._outboxes[node] = box
+
+    def _ping_parked(self, now: float) -> None:
+        """Ping every parked node: one that answers is taken back (a partition healed,
+        a crashed node restarted, or a false verdict)."""
+        if not self._parked:
+            return
+        channel = self.config.notification_channel
+        body = self._list_body()
+        for key, park in list(self._parked.items()):
+            self._send_request(
+                park.node, channel, body, "text/plain", 1, now, self._parked_ping_callback(key)
+            )
+
+    def _parked_ping_callback(self, key: NodeKey) -> Callable[[FinalResult, float], None]:
+        def on_result(result: FinalResult, now: float) -> None:
+            self._on_parked_ping_result(key, result, now)
+
+        return on_result
+
+    def _on_parked_ping_result(self, key: NodeKey, result: FinalResult, now: float) -> None:
+        park = self._parked.get(key)
+        if park is None or self.stopped or result.code != 200:
+            return
+        if self.nodes.get(key) is not None:
+            return  # back by another way already
+        if self._refuse_new_node(None, now) is not None:
+            return  # the list is full: it stays parked, and is asked again next time
+        node = self.nodes.add(park.node.uri, NodeStatus.ACTIVE)
+        if node is None:
+            return
+        self._tombstones.pop(key, None)
+        self._unpark(node)
+        node.last_reply = now
+        self._emit_status(node, None, NodeStatus.ACTIVE, "answered again after its removal")
+        if result.response is not None:
+            self._merge(parse_node_list(result.response.body).lines, key, now)
+        self._maybe_run_inits()
+        self._node_answered(node, now)
 
     def _report_drops(self, node: Node, messages: list[OutboxMessage], reason: str) -> None:
         by_peer = Counter(message.peer_id for message in messages)
@@ -1370,10 +1527,13 @@ class DmqNode:
                 self._tombstones.pop(key, None)
                 node = self.nodes.add(line.uri, line.status)
                 if node is not None:
+                    self._unpark(node)
                     if first_hand:
                         node.last_reply = now
                     self._emit_status(node, None, node.status, "listed by " + _key_text(speaker))
                     changed += 1
+                    if first_hand and node.status is NodeStatus.ACTIVE:
+                        self._node_answered(node, now)  # resend what waited for it
                 continue
             if node.status is line.status:
                 if first_hand:
@@ -1538,7 +1698,7 @@ class DmqNode:
                 self.nodes.remove(node)
                 self._tombstones[key] = now + 3 * self.config.ping_interval
                 self._emit_status(node, NodeStatus.DISABLED, None, "missed a second ping")
-                self._drop_outbox(node, DROP_REMOVED)
+                self._park(node, now)
             else:
                 previous: NodeStatus = node.status
                 node.status = NodeStatus.DISABLED
@@ -1564,8 +1724,10 @@ class DmqNode:
             for address in self.config.notification_addresses:
                 self.add_notification_address(address)
             self._join(now)
+            self._ping_parked(now)
             return
         self._notify(self.nodes.others(), self._list_body(), 1, now, probe=True)
+        self._ping_parked(now)
 
     # ------------------------------------------------------------------ names
 
@@ -1616,6 +1778,7 @@ class DmqNode:
             existing = self.nodes.find(uri)
             assert existing is not None
             return existing
+        self._unpark(node)
         self._emit_status(node, None, node.status, "added by operator")
         if not self.stopped:
             self._notify([node], self._list_body(), 2, now)
@@ -1623,10 +1786,19 @@ class DmqNode:
 
     def remove_node(self, uri: SipUri, now: float) -> Node:
         """Remove a node by hand (Kamailio's ``dmq.remove``); a third party's list won't
-        bring it back for three ping intervals."""
+        bring it back for three ping intervals. What waits for it is dropped (reason
+        ``removed``), also when it was already out of the list with its outbox
+        parked: an operator's removal is for good."""
         node = self.nodes.find(uri)
         if node is None or node.local:
-            raise UnknownNodeError(f"{uri} is not a node of this bus (see the node list)")
+            park = self._parked.pop(self.nodes.key_of(uri), None)
+            if park is None:
+                raise UnknownNodeError(f"{uri} is not a node of this bus (see the node list)")
+            park.expiry.cancel()
+            self._tombstones[park.node.key] = now + 3 * self.config.ping_interval
+            self._drop_outbox(park.node, DROP_REMOVED)
+            log.info("node %s: parked outbox removed by operator", park.node.uri)
+            return park.node
         self.nodes.remove(node)
         self._tombstones[node.key] = now + 3 * self.config.ping_interval
         self._emit_status(node, node.status, None, "removed by operator")

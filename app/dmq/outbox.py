@@ -8,10 +8,18 @@ gets them in the order they were sent. When the node answers again the outbox is
 in order, a window of requests at a time, each a new transaction with the same body
 and headers.
 
-A message is dropped only for a reason a caller can see: its node was removed, the
-node stopped, or a bound was hit (count, bytes, age; :class:`~app.dmq.config.NodeConfig`
-sets them). Each drop is counted by reason and reported as
-:class:`~app.dmq.events.OutboxDropped`.
+A node removed because it missed pings (or after it said it left and then missed a
+ping) does not lose its outbox: the outbox is *parked* under the node's address for up
+to ``outbox_max_age`` seconds. The node list stops naming the node, as Kamailio's rules
+want, but broadcasts go on queueing for it, and it is still pinged; when it comes back
+(it answers a ping, or joins again, or a third party lists it and it then answers us)
+it is taken back into the list and its outbox is sent in order. So a false verdict, a
+partition or a crash and restart costs latency, not data.
+
+A message is dropped only for a reason a caller can see: an operator removed its node,
+the node stopped, a park expired, or a bound was hit (count, bytes, age, parked nodes;
+:class:`~app.dmq.config.NodeConfig` sets them). Each drop is counted by reason and
+reported as :class:`~app.dmq.events.OutboxDropped`.
 
 One :class:`OutboxMessage` is shared by the outboxes of every node a broadcast missed,
 so a bus-wide outage costs one body per message plus a reference per node.
@@ -23,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
+from app.dmq.nodes import Node
 from app.dmq.sip import SipUri
 
 #: Why messages left an outbox without being delivered.
@@ -31,7 +40,19 @@ DROP_COUNT: Final = "count"
 DROP_BYTES: Final = "bytes"
 DROP_AGE: Final = "age"
 DROP_STOPPED: Final = "stopped"
-DROP_REASONS: Final = (DROP_REMOVED, DROP_COUNT, DROP_BYTES, DROP_AGE, DROP_STOPPED)
+#: A parked node did not come back within ``outbox_max_age`` of its removal.
+DROP_EXPIRED: Final = "expired"
+#: More nodes were parked than ``max_nodes``: the one parked longest was let go.
+DROP_PARK_LIMIT: Final = "park_limit"
+DROP_REASONS: Final = (
+    DROP_REMOVED,
+    DROP_COUNT,
+    DROP_BYTES,
+    DROP_AGE,
+    DROP_STOPPED,
+    DROP_EXPIRED,
+    DROP_PARK_LIMIT,
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +85,11 @@ class Outbox:
     #: something (a ping, a request), so a dead node is not sent the window again and
     #: again.
     paused: bool = False
+    #: Dropped as a whole: answers to resends still in flight change nothing.
+    dropped: bool = False
+    #: The node the outbox belongs to now: a parked outbox moves to the new
+    #: :class:`Node` of its address when the node comes back.
+    owner: Node | None = None
 
 
 class OutboxInfo(NamedTuple):
@@ -75,3 +101,6 @@ class OutboxInfo(NamedTuple):
     in_flight: int
     #: ``created_at`` of the oldest message (driver clock).
     oldest: float
+    #: The node was removed after missed pings and is out of the node list; its
+    #: outbox waits for it to come back (until the park expires).
+    parked: bool = False

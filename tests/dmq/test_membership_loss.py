@@ -17,7 +17,7 @@ import random
 from app.dmq.events import NodeStatusChanged
 from app.dmq.nodes import NodeStatus
 from app.dmq.transaction import TimerSettings
-from tests.dmq.helpers import Cluster, Member
+from tests.dmq.helpers import Cluster, Member, Wire
 
 TIMERS = TimerSettings(t1=0.5, t2=4.0, t4=5.0, timer_f=2.0)
 PING = 1.0
@@ -101,3 +101,33 @@ def test_no_probe_is_sent_when_pings_are_answered() -> None:
     cluster.advance(60)
     assert [m.node.stats.probes_sent for m in members] == [0, 0]
     assert verdicts(members) == 0
+
+
+def test_false_verdicts_cost_no_data() -> None:
+    """A flapping link (cut for 5 s out of every 10, on top of 20% loss) makes 6001 and
+    6003 disable and remove each other again and again, though both stay up; with
+    store-and-forward (parked outboxes included) every broadcast still reaches every
+    node, and no outbox drops anything."""
+    cluster, members = lossy_bus(2)
+    loss = random.Random(2)
+
+    def drop(wire: Wire) -> bool:
+        flapping = {wire.source.port, wire.destination.port} == {6001, 6003}
+        return (flapping and cluster.now % 10 < 5) or loss.random() < LOSS
+
+    cluster.drop = drop
+    sender = members[0]
+    count = 240
+    for i in range(count):  # two a second for two minutes
+        sender.node.broadcast("htable", f"m{i}".encode(), None, cluster.now)
+        cluster.advance(0.5)
+    removals = [e for e in sender.events if isinstance(e, NodeStatusChanged) and e.new is None]
+    assert len(removals) >= 3, "the flapping link made no removals to recover from"
+    cluster.drop = lambda wire: False
+    cluster.advance(30)
+    want = {f"m{i}".encode() for i in range(count)}
+    for member in members[1:]:
+        assert {m.body for m in member.received} == want, f"{member.port} lost messages"
+    assert not sender.node.stats.outbox_dropped
+    assert sender.node.stats.outbox_parked >= 3
+    assert sender.node.outboxes() == []
