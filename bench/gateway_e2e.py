@@ -746,7 +746,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         right.set_xticks(list(xs), [f"{o:g}/s" for o in offered])
         right.set_xlabel("offered rate")
         right.set_ylabel("messages per second")
-        right.set_ylim(0, max(offered + achieved) * 1.3)
+        right.set_ylim(0, max(offered + achieved) * 1.6)
         twin = right.twinx()
         p99 = [s["latency_ms"]["p99"] for s in steps]
         twin.plot(
@@ -762,6 +762,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 textcoords="offset points",
             )
         twin.set_yscale("log")
+        # Headroom above the line (and above the bars, below) for the legend.
+        twin.set_ylim(min(p99) / 1.5, max(p99) * 6)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         twin.yaxis.set_major_formatter(plain)
         twin.yaxis.set_minor_formatter(plain)
