@@ -671,6 +671,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
@@ -719,13 +720,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
         offered = [s["offered_rate"] for s in steps]
         achieved = [s["achieved_rate"] or 0 for s in steps]
         right.bar([x - 0.2 for x in xs], offered, 0.4, color="#cccccc", label="offered (msg/s)")
-        bars = right.bar(
-            [x + 0.2 for x in xs],
-            achieved,
-            0.4,
-            color=["#55a868" if s["passed"] else "#c44e52" for s in steps],
-            label="achieved (msg/s; green = no loss, >= 95 %)",
-        )
+        # Red means messages were lost, and only that: a step that delivered
+        # everything but below 95 % of the offered rate (or had a failed POST) did not
+        # pass, yet lost nothing, and is drawn amber.
+        colours = [
+            "#c44e52" if s["lost"] else ("#55a868" if s["passed"] else "#dd8452") for s in steps
+        ]
+        bars = right.bar([x + 0.2 for x in xs], achieved, 0.4, color=colours)
+        legend_bars = [
+            matplotlib.patches.Patch(color="#55a868", label="achieved: passed (all delivered)"),
+            matplotlib.patches.Patch(
+                color="#dd8452", label="achieved: all delivered, below 95 % or a POST failed"
+            ),
+            matplotlib.patches.Patch(color="#c44e52", label="achieved: messages lost"),
+        ]
         right.bar_label(
             bars,
             labels=[
@@ -738,15 +746,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
         right.set_xticks(list(xs), [f"{o:g}/s" for o in offered])
         right.set_xlabel("offered rate")
         right.set_ylabel("messages per second")
-        right.set_ylim(0, max(offered + achieved) * 1.3)
+        right.set_ylim(0, max(offered + achieved) * 1.6)
         twin = right.twinx()
         p99 = [s["latency_ms"]["p99"] for s in steps]
-        twin.plot(list(xs), p99, "o-", color="#8172b2", label="p99 latency (ms)")
+        twin.plot(
+            list(xs), p99, "o-", color="#8172b2", label="p99 latency of the step (ms, right axis)"
+        )
+        for x, value in zip(xs, p99, strict=True):
+            twin.annotate(
+                f"{value:.1f} ms",
+                (x, value),
+                fontsize=7,
+                color="#8172b2",
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
         twin.set_yscale("log")
+        # Headroom above the line (and above the bars, below) for the legend.
+        twin.set_ylim(min(p99) / 1.5, max(p99) * 6)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         twin.yaxis.set_major_formatter(plain)
         twin.yaxis.set_minor_formatter(plain)
-        twin.set_ylabel("p99 latency (ms, log)")
+        twin.set_ylabel(
+            "p99 latency, POST on A -> frame on B (ms, log scale; purple)", color="#8172b2"
+        )
         best = report.get("highest_sustained_rate")
         right.set_title(
             f"(b) steps of {report['parameters']['step_seconds']:g} s: highest sustained "
@@ -758,7 +781,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         handles = right.get_legend_handles_labels()
         twin_handles = twin.get_legend_handles_labels()
         right.legend(
-            handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize=8, loc="upper left"
+            handles[0] + legend_bars + twin_handles[0],
+            handles[1] + [b.get_label() for b in legend_bars] + twin_handles[1],
+            fontsize=7,
+            loc="upper left",
         )
         right.grid(axis="y", alpha=0.3)
     else:

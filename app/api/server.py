@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import resource
@@ -136,6 +137,7 @@ class GatewayServer(uvicorn.Server):
             host, port = self.config.host, self.config.port
             shown = f"[{host}]" if ":" in host else host
             log.info("API on http://%s:%d (docs at /docs)", shown, port)
+            freeze_startup_objects()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         gateway = getattr(self.gateway_app.state, "gateway", None)
@@ -146,6 +148,18 @@ class GatewayServer(uvicorn.Server):
             await gateway.subscriptions_ended(STOP_GRACE)
             await asyncio.sleep(0.01)
         await super().shutdown(sockets)
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive after start-up (modules, the app, its routes, the node:
+    some 70 000 objects) out of the cyclic collector's reach.
+
+    They live as long as the process, yet every full (generation 2) collection would
+    walk them again, a pause of tens of milliseconds in the middle of the traffic that
+    frees nothing. Garbage from start-up is collected first, so none is kept forever.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 #: Descriptors kept for what is not a connection (sockets, state files, DNS, logs).
@@ -178,8 +192,14 @@ def _raise_descriptor_limit(connections: int) -> None:
 
 def _listen_socket(host: str, port: int, flag: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP stated explicitly: asyncio's default loop turns Nagle off on an
+    # accepted socket only when its proto says TCP, and an accepted socket inherits
+    # the listener's 0. With Nagle on, a response written in two pieces (head, then
+    # body) waits for the client's delayed ACK, some 40 ms. TCP_NODELAY on the listener
+    # is inherited by every accepted socket (Linux), on any event loop.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -192,12 +192,23 @@ class TransactionLayer:
         #: Server transactions whose peer has not answered yet.
         self.servers: dict[str, ServerTransaction] = {}
         #: Answered server transactions (COMPLETED, over UDP): key -> (final response,
-        #: where it went, Timer J deadline).
-        self.completed: dict[str, tuple[bytes, Endpoint, float]] = {}
+        #: transport, host, port, connection, Timer J deadline). A plain tuple of
+        #: strings and numbers, which the cyclic collector stops tracking: at 1 000
+        #: requests a second Timer J keeps 32 000 of them, and a tracked object each
+        #: would be walked by every full collection (a NamedTuple is always tracked).
+        self.completed: dict[str, tuple[bytes, str, str, int, int | None, float]] = {}
         #: (Timer J deadline, key) in deadline order: Timer J is the same for every
-        #: transaction, so a FIFO is a priority queue here.
+        #: transaction, so a FIFO is a priority queue here, swept by one timer.
         self._expiry: deque[tuple[float, str]] = deque()
         self._sweeper: TimerHandle | None = None
+        #: Answered client transactions (COMPLETED, over UDP), absorbing retransmitted
+        #: final responses for Timer K: branch -> (method, Timer K deadline). The
+        #: transaction itself (its request, its result callback and all the callback
+        #: holds: the operation, its results) is let go as soon as the final response
+        #: is handed on, instead of living 5 s more in the collector's sight.
+        self.absorbing: dict[str, tuple[str, float]] = {}
+        self._k_expiry: deque[tuple[float, str]] = deque()
+        self._k_sweeper: TimerHandle | None = None
         self.stats = TransactionStats()
 
     # ------------------------------------------------------------------ client side
@@ -250,20 +261,19 @@ class TransactionLayer:
 
     def receive_response(self, response: SipResponse, top_via: Via, now: float) -> bool:
         """Hand a response to its client transaction; False when none matches."""
-        ct = self.clients.get(top_via.branch or "")
+        branch = top_via.branch or ""
+        ct = self.clients.get(branch)
         if ct is None:
+            absorbing = self.absorbing.get(branch)
+            if absorbing is not None and _cseq_method(response) in ("KDMQ", absorbing[0]):
+                # Timer K absorbs retransmitted final responses.
+                return True
             self.stats.stray_responses += 1
             return False
-        try:
-            _, method = parse_cseq(response.headers.get("cseq") or "")
-        except ValueError:
-            method = ""
+        method = _cseq_method(response)
         if method != "KDMQ" and method != _method_of(ct.data):
             self.stats.stray_responses += 1
             return False
-        if ct.state is ClientState.COMPLETED:
-            # Timer K absorbs retransmitted final responses.
-            return True
         if response.code < 200:
             self.stats.provisional_received += 1
             if ct.state is ClientState.TRYING:
@@ -275,19 +285,32 @@ class TransactionLayer:
             if handle is not None:
                 handle.cancel()
         ct.timer_e = ct.timer_f = None
+        del self.clients[ct.branch]
         if ct.destination.reliable:
             ct.state = ClientState.TERMINATED
-            del self.clients[ct.branch]
         else:
             ct.state = ClientState.COMPLETED
-            self.timers.call_at(now + self.settings.t4, self._timer_k, ct)
+            deadline = now + self.settings.t4
+            self.absorbing[ct.branch] = (_method_of(ct.data), deadline)
+            self._k_expiry.append((deadline, ct.branch))
+            if self._k_sweeper is None:
+                self._k_sweeper = self.timers.call_at(deadline, self._timer_k)
         ct.on_result(FinalResult(response.code, response.reason, response), now)
         return True
 
-    def _timer_k(self, now: float, ct: ClientTransaction) -> None:
-        ct.state = ClientState.TERMINATED
-        if self.clients.get(ct.branch) is ct:
-            del self.clients[ct.branch]
+    def _timer_k(self, now: float) -> None:
+        """Terminate every client transaction whose Timer K has fired (T4 is the same
+        for all, so the FIFO is in deadline order)."""
+        self._k_sweeper = None
+        expiry = self._k_expiry
+        absorbing = self.absorbing
+        while expiry and expiry[0][0] <= now:
+            deadline, branch = expiry.popleft()
+            entry = absorbing.get(branch)
+            if entry is not None and entry[1] == deadline:
+                del absorbing[branch]
+        if expiry:
+            self._k_sweeper = self.timers.call_at(expiry[0][0], self._timer_k)
 
     def transport_error(self, destination: Endpoint, now: float) -> int:
         """The driver could not reach ``destination``: fail its pending requests.
@@ -323,7 +346,7 @@ class TransactionLayer:
         done = self.completed.get(key)
         if done is not None:
             self.stats.responses_resent += 1
-            self.transmit(done[0], done[1])
+            self.transmit(done[0], Endpoint(done[1], done[2], done[3], done[4]))
             return None
         if key in self.servers:
             self.stats.retransmissions_absorbed += 1
@@ -346,7 +369,8 @@ class TransactionLayer:
             st.state = ServerState.TERMINATED
             return True
         deadline = now + self._timer_j_seconds
-        self.completed[st.key] = (data, destination, deadline)
+        transport, host, port, connection = destination
+        self.completed[st.key] = (data, transport, host, port, connection, deadline)
         self._expiry.append((deadline, st.key))
         if self._sweeper is None:
             self._sweeper = self.timers.call_at(deadline, self._timer_j)
@@ -360,10 +384,17 @@ class TransactionLayer:
         while expiry and expiry[0][0] <= now:
             deadline, key = expiry.popleft()
             entry = completed.get(key)
-            if entry is not None and entry[2] == deadline:
+            if entry is not None and entry[5] == deadline:
                 del completed[key]
         if expiry:
             self._sweeper = self.timers.call_at(expiry[0][0], self._timer_j)
+
+
+def _cseq_method(response: SipResponse) -> str:
+    try:
+        return parse_cseq(response.headers.get("cseq") or "")[1]
+    except ValueError:
+        return ""
 
 
 def _method_of(data: bytes) -> str:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Each registered peer is a :class:`PeerChannel`. A KDMQ request for it becomes a
-:class:`HistoryEntry` with the next *offset* of the channel's *epoch* (a random tag
+:data:`HistoryEntry` with the next *offset* of the channel's *epoch* (a random tag
 drawn when the peer is registered: offsets are only comparable within one epoch, which
 is how a client learns that the history it knew is gone). With the sqlite history
 store the epoch, the offsets and the history are kept in the state dir
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import time
@@ -59,9 +60,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
-from app.dmq.errors import ReplyNotPendingError
+from app.dmq.errors import NodeStoppedError, ReplyNotPendingError
 from app.dmq.node import ExtraHeaders
 from app.dmq.peers import ORIGIN_HEADER, PeerMessage, PeerReply
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
@@ -100,74 +101,48 @@ class Ending(Enum):
     STOPPING = "stopping"
 
 
-class HistoryEntry:
-    """One entry of a peer's history: a message, or (``gap`` set) a gap entry naming
-    what an origin's stream lost for good. Its JSON frame is built on first use and
-    kept, so a message nobody is subscribed to costs no serialisation."""
+#: One entry of a peer's history: ``(offset, at, peer_id, epoch, sender, content_type,
+#: body, gap)``; ``at`` is the Unix time it was stored (for ``history_max_age``), and
+#: ``gap`` is set on a gap entry naming what an origin's stream lost for good.
+#:
+#: A plain tuple of strings, numbers and bytes on purpose: the cyclic collector stops
+#: tracking such a tuple, whereas an object per message (a history holds thousands per
+#: peer) would be walked by every full collection, a pause that grows with the
+#: history and frees nothing. Its JSON frame is rendered when it is sent (once for all
+#: live subscribers), so a message nobody is subscribed to costs no serialisation.
+HistoryEntry = tuple[int, float, str, str, str, "str | None", bytes, "dict[str, Any] | None"]
 
-    __slots__ = (
-        "_frame",
-        "at",
-        "body",
-        "content_type",
-        "epoch",
-        "gap",
-        "id",
-        "offset",
-        "peer_id",
-        "sender",
-    )
+_OFFSET: Final = 0
+_AT: Final = 1
 
-    def __init__(
-        self,
-        peer_id: str,
-        epoch: str,
-        offset: int,
-        sender: str,
-        content_type: str | None,
-        body: bytes,
-        at: float,
-        gap: dict[str, Any] | None = None,
-    ) -> None:
-        self.peer_id = peer_id
-        self.epoch = epoch
-        self.offset = offset
-        self.id = f"{epoch}-{offset}"
-        self.sender = sender
-        self.content_type = content_type
-        self.body = body
-        #: Unix time it was stored (for ``history_max_age``).
-        self.at = at
-        self.gap = gap
-        self._frame: str | None = None
 
-    @property
-    def frame(self) -> str:
-        frame = self._frame
-        if frame is None:
-            frame = self._frame = self._render()
-        return frame
+def message_id(epoch: str, offset: int) -> str:
+    """The id a message frame carries, and a subscriber's reply names."""
+    return f"{epoch}-{offset}"
 
-    def _render(self) -> str:
-        if self.gap is not None:
-            return GapFrame.model_validate(
-                {"type": "gap", "epoch": self.epoch, "offset": self.offset, **self.gap}
-            ).text()
-        fields: dict[str, object] = {
-            "type": "message",
-            "offset": self.offset,
-            "epoch": self.epoch,
-            "id": self.id,
-            "peer": self.peer_id,
-            "from": self.sender,
-            "content_type": self.content_type,
-        }
-        try:
-            fields["body"] = self.body.decode("utf-8")
-        except UnicodeDecodeError:
-            fields["body"] = base64.b64encode(self.body).decode("ascii")
-            fields["encoding"] = "base64"
-        return MessageFrame.model_validate(fields).text()
+
+def render_frame(entry: HistoryEntry) -> str:
+    """The JSON text frame of a history entry."""
+    offset, _, peer_id, epoch, sender, content_type, body, gap = entry
+    if gap is not None:
+        return GapFrame.model_validate(
+            {"type": "gap", "epoch": epoch, "offset": offset, **gap}
+        ).text()
+    fields: dict[str, object] = {
+        "type": "message",
+        "offset": offset,
+        "epoch": epoch,
+        "id": message_id(epoch, offset),
+        "peer": peer_id,
+        "from": sender,
+        "content_type": content_type,
+    }
+    try:
+        fields["body"] = body.decode("utf-8")
+    except UnicodeDecodeError:
+        fields["body"] = base64.b64encode(body).decode("ascii")
+        fields["encoding"] = "base64"
+    return MessageFrame.model_validate(fields).text()
 
 
 class Subscriber:
@@ -283,14 +258,21 @@ class PeerChannel:
         if gap is None:
             self.received += 1
         now = time.time()
-        entry = HistoryEntry(
-            self.peer_id, self.epoch, self.offset, sender, content_type, body, now, gap
+        entry: HistoryEntry = (
+            self.offset,
+            now,
+            self.peer_id,
+            self.epoch,
+            sender,
+            content_type,
+            body,
+            gap,
         )
         if self.store is not None:
             self.store.append(
                 self.peer_id,
                 self.epoch,
-                entry.offset,
+                self.offset,
                 now,
                 sender,
                 content_type,
@@ -301,9 +283,9 @@ class PeerChannel:
         self.history.append(entry)
         self.retain(now)
         if self.subscribers:
-            frame = entry.frame
+            frame = render_frame(entry)
             for subscriber in self.subscribers:
-                subscriber.push(frame, entry.offset)
+                subscriber.push(frame, self.offset)
         return entry
 
     def retain(self, now: float, *, flush: bool = False) -> None:
@@ -316,11 +298,11 @@ class PeerChannel:
         max_age = self.settings.history_max_age
         if max_age > 0:
             oldest = now - max_age
-            while history and history[0].at < oldest:
+            while history and history[0][_AT] < oldest:
                 history.popleft()
         if self.store is None:
             return
-        dropped = history[0].offset - 1 if history else self.offset
+        dropped = history[0][_OFFSET] - 1 if history else self.offset
         if dropped > self.trimmed and (flush or dropped - self.trimmed >= TRIM_BATCH):
             self.store.trim(self.peer_id, self.epoch, dropped)
             self.trimmed = dropped
@@ -353,6 +335,13 @@ class Hub:
         self.origin = str(server.node.nodes.local.uri)
         self.origin_epoch = secrets.token_hex(4)
         self._origin_seq: dict[str, int] = {}
+        #: Group commit: core ids of the messages written in the open store
+        #: transaction, answered 200 once it is committed (:meth:`flush`).
+        self._batch: list[int] = []
+        self._batch_open = False
+        #: Batches committed, and messages answered through them (metrics, tests).
+        self.batches = 0
+        self.batched = 0
 
     # ------------------------------------------------------------------ registry
 
@@ -382,9 +371,7 @@ class Hub:
             channel.trimmed = stored.trimmed
             rows = store.load_history(peer_id, stored.epoch, stored.settings.history)
             channel.history.extend(
-                HistoryEntry(
-                    peer_id, r.epoch, r.offset, r.sender, r.content_type, r.body, r.at, r.gap
-                )
+                (r.offset, r.at, peer_id, r.epoch, r.sender, r.content_type, r.body, r.gap)
                 for r in rows
             )
             channel.offset = max(store.latest_offset(peer_id, stored.epoch), stored.trimmed)
@@ -419,6 +406,7 @@ class Hub:
         The core validates the peer id and the reply timeout (its errors say why and
         carry their HTTP status); nothing changes when it refuses.
         """
+        self.flush()
         channel = self.channels.get(peer_id)
         created = channel is None
         # Only a subscriber-mode handler defers its answer, so only there does the
@@ -451,6 +439,7 @@ class Hub:
     def unregister(self, peer_id: str) -> None:
         """Unregister a peer: the core answers every reply still pending, and the
         subscribers are let go; its history and stream state go too."""
+        self.flush()
         channel = self.channel(peer_id)
         del self.channels[peer_id]
         self.server.unregister_peer(peer_id)
@@ -470,6 +459,7 @@ class Hub:
         leaves no hole a receiver would wait for), and committed before the message
         leaves, so a restart never reuses one.
         """
+        self.flush()  # our seq must be committed before the message leaves
         stream = f"{peer_id}>{to}" if to else peer_id
         seq = self._origin_seq.get(stream, 0) + 1
         result = start(((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),))
@@ -484,11 +474,14 @@ class Hub:
         def handler(message: PeerMessage) -> PeerReply | None:
             stamp = parse_origin(message.origin)
             if channel.settings.reply is ReplyMode.AUTO:
+                # With a durable history the 200 waits for the batch's commit.
+                batched = channel.store is not None and self._open_batch()
                 if stamp is None:
                     self._commit(
                         lambda: channel.append(
                             str(message.sender), message.content_type, message.body
-                        )
+                        ),
+                        one_statement=True,
                     )
                 else:
                     self._offer(channel, stamp, message)
@@ -501,6 +494,9 @@ class Hub:
                         len(message.body),
                         message.body[:256].decode("utf-8", "replace"),
                     )
+                if batched:
+                    self._batch.append(message.id)
+                    return None  # answered by flush(), once committed
                 return _OK
             if not channel.subscribers:
                 return _NO_SUBSCRIBER
@@ -513,20 +509,74 @@ class Hub:
                 lambda: channel.append(str(message.sender), message.content_type, message.body)
             )
             pending = channel.pending
-            pending[entry.id] = message.id
+            pending[message_id(channel.epoch, entry[_OFFSET])] = message.id
             if len(pending) > PENDING_IDS_KEPT:
                 pending.popitem(last=False)
             return None  # a subscriber answers, through reply(); the core times it
 
         return handler
 
-    def _commit(self, write: Callable[[], _R]) -> _R:
-        """Run ``write`` in one store transaction (committed before the 200)."""
+    def _commit(self, write: Callable[[], _R], *, one_statement: bool = False) -> _R:
+        """Run ``write`` in one store transaction (committed before the 200): the open
+        batch's when there is one, else a transaction of its own. In a batch, a write
+        of several statements runs in a savepoint, so that one that fails halfway is
+        undone alone; ``one_statement`` (a single INSERT, atomic by itself) spares
+        the two statements a savepoint costs."""
         if not self.durable:
             return write()
         assert self.store is not None
+        if self._batch_open:
+            if one_statement:
+                return write()
+            with self.store.savepoint():
+                return write()
         with self.store.transaction():
             return write()
+
+    def _open_batch(self) -> bool:
+        """Make sure a store transaction is open for this loop turn's messages and
+        that :meth:`flush` will run once the turn's callbacks are done; False when
+        there is no loop to defer to (the caller then commits on its own)."""
+        if self._batch_open:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        assert self.store is not None
+        self.store.begin()
+        self._batch_open = True
+        loop.call_soon(self.flush)
+        return True
+
+    def flush(self) -> None:
+        """Commit the open batch, then answer each of its messages: 200, or 500 when
+        the commit failed (nothing is answered 200 before it is in the store).
+
+        Runs from ``call_soon`` after the loop turn in which the batch opened, and
+        before anything that must not wait for the batch (our own stamps, the peer
+        registry, stopping)."""
+        if not self._batch_open:
+            return
+        ids, self._batch = self._batch, []
+        self._batch_open = False
+        assert self.store is not None
+        reply = _OK
+        try:
+            self.store.commit()
+        except Exception:
+            log.exception("the history store could not commit %d messages", len(ids))
+            try:
+                self.store.rollback()
+            except Exception:
+                log.exception("the history store could not roll back")
+            reply = _NOT_STORED
+        self.batches += 1
+        self.batched += len(ids)
+        for core_id in ids:
+            # One answered meanwhile (its peer unregistered, the node stopped) is skipped.
+            with contextlib.suppress(ReplyNotPendingError, NodeStoppedError):
+                self.server.reply(core_id, reply)
 
     def _offer(self, channel: PeerChannel, stamp: OriginStamp, message: PeerMessage) -> None:
         key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
@@ -626,6 +676,7 @@ class Hub:
         self._arm()
 
     def stop_timer(self) -> None:
+        self.flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -657,7 +708,7 @@ class Hub:
         channel.retain(time.time())
         subscriber = Subscriber(channel, self.queue_limit)
         history = channel.history
-        oldest = history[0].offset if history else channel.offset + 1
+        oldest = history[0][_OFFSET] if history else channel.offset + 1
         gap: GapFrame | None = None
         start = channel.offset
         if since is not None:
@@ -695,8 +746,8 @@ class Hub:
                 )
             # Replay does not count against the live queue limit.
             for entry in history:
-                if entry.offset > start:
-                    subscriber.frames.append((entry.offset, entry.frame))
+                if entry[_OFFSET] > start:
+                    subscriber.frames.append((entry[_OFFSET], render_frame(entry)))
             if subscriber.frames:
                 subscriber.replay_end = subscriber.frames[-1][0]
                 subscriber.wakeup.set()
@@ -729,3 +780,4 @@ _R = TypeVar("_R")
 
 _OK = PeerReply()
 _NO_SUBSCRIBER = PeerReply(480, "Temporarily Unavailable")
+_NOT_STORED = PeerReply(500, "Server Internal Error")
