@@ -1300,7 +1300,9 @@ def _connect_reason(exc: BaseException) -> str:
 
 def _handshake_reason(exc: BaseException, timeout: float) -> str:
     """One readable clause for a failed inbound handshake."""
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "handshake" in str(exc)
+    ):
         return f"no TLS handshake within {timeout:g} s"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"its certificate was refused ({exc.verify_message})"
