@@ -93,8 +93,10 @@ def bus(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Bus]:
         a.start()
         b.start()
         wait_until(
-            lambda: (a.health() or {}).get("active_nodes") == 1
-            and (b.health() or {}).get("active_nodes") == 1,
+            lambda: (
+                (a.health() or {}).get("active_nodes") == 1
+                and (b.health() or {}).get("active_nodes") == 1
+            ),
             PATIENCE,
             "A and B to hold each other as active",
         )
@@ -239,9 +241,7 @@ def test_idle_tls_connections_are_closed(bus: Bus) -> None:
     bus.still_serving()
 
 
-def test_node_with_a_certificate_for_another_host_is_not_reached(
-    bus: Bus, pki: Pki
-) -> None:
+def test_node_with_a_certificate_for_another_host_is_not_reached(bus: Bus, pki: Pki) -> None:
     """D's certificate is from the CA but names 127.0.0.99, not the 127.0.0.1 it
     announces: A refuses to talk to it, with a line saying why."""
     d = Gateway(
