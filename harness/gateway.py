@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -139,9 +140,11 @@ class Gateway:
         return f"{scheme}://{self.host}:{self.http_port}"
 
     @property
-    def verify(self) -> str | bool:
+    def verify(self) -> ssl.SSLContext | bool:
         """What httpx's ``verify=`` needs to reach :attr:`url`."""
-        return self.http_tls.ca if self.http_tls is not None else True
+        if self.http_tls is None:
+            return True
+        return ssl.create_default_context(cafile=self.http_tls.ca)
 
     @property
     def headers(self) -> dict[str, str]:
