@@ -47,9 +47,11 @@ def test_debug_log_holds_no_token_and_no_key(tmp_path: Path, pki: Pki) -> None:
 
         wait_until(answered, 20, "the gateway to refuse a wrong token")
         assert httpx.get(f"{g.url}/v1/nodes", headers=right, timeout=5).status_code == 200
-        with pytest.raises(InvalidStatus):
-            with connect(f"{g.ws_url}/v1/peers/p/subscribe?token={WRONG}"):
-                pass
+        with (
+            pytest.raises(InvalidStatus),
+            connect(f"{g.ws_url}/v1/peers/p/subscribe?token={WRONG}"),
+        ):
+            pass
         with connect(f"{g.ws_url}/v1/peers/p/subscribe?token={TOKEN}") as websocket:
             websocket.recv(timeout=5)
         g.stop()
