@@ -89,8 +89,9 @@ class ServeSettings(BaseSettings):
         str,
         Option("URI"),
         Field(
-            description="SIP URI this node listens on (UDP and TCP) and announces; "
-            ";transport=tcp makes the bus use TCP to reach it; the port must be explicit",
+            description="SIP URI this node listens on (UDP, and TCP or TLS) and announces; "
+            ";transport=tcp makes the bus use TCP to reach it, ;transport=tls TLS (with "
+            "--tls-cert and --tls-key); the port must be explicit",
         ),
     ] = "sip:127.0.0.1:5060"
     notification_address: Annotated[

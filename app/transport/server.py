@@ -412,8 +412,6 @@ class DmqServer:
         core_config = replace(config, trusted=ALL_NETWORKS) if self._verify_peer else config
         self.node = DmqNode(core_config, resolver=self.resolver)
         self._tls: tls.TlsContexts | None = None
-        #: The listening context when the server address is ``;transport=tls``.
-        self._tls_server: ssl.SSLContext | None = None
         self._tls_listener: socket.socket | None = None
         self._accepting: asyncio.Future[None] | None = None
         #: Sources whose TLS refusal was logged (once per address).
@@ -482,7 +480,6 @@ class DmqServer:
         listen_tls = local.transport == "tls"
         if listen_tls or self.config.tls is not None:
             self._tls = tls.build_contexts(self.config.tls, listen=listen_tls)
-            self._tls_server = self._tls.server
         self._loop = loop
         bind_host = await self._resolve_start_host(local.host, "server_address")
         port = local.effective_port
