@@ -102,6 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = serve.gateway_config()
         limits = serve.limits()
         configure_logging(config.log_level, config.log_format)
+        if (warning := serve.cleartext_warning()) is not None:
+            logging.getLogger("dmq").warning("%s", warning)
         from app.api import server  # uvicorn and FastAPI: only when serving
 
         server.run(config, limits)

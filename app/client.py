@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -70,6 +71,18 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="TOKEN",
         help="API token, if the gateway needs one (default: the first token of "
         "DMQ_API_TOKEN, else none) [env DMQ_API_TOKEN]",
+    )
+    group.add_argument(
+        "--ca",
+        metavar="PATH",
+        help="PEM CA bundle an https:// gateway's certificate is checked against "
+        "(default: the system's) [env DMQ_CA]",
+    )
+    group.add_argument(
+        "--cert",
+        metavar="PATH",
+        help="PEM file with a client certificate and its key, for a gateway that asks "
+        "for one (--http-tls-ca) [env DMQ_CERT]",
     )
     group.add_argument(
         "--json",
@@ -198,13 +211,30 @@ def run(args: argparse.Namespace) -> int:
 class Gateway:
     """The gateway's API, over httpx."""
 
-    def __init__(self, url: str, token: str | None, *, as_json: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        as_json: bool = False,
+        ca: str | None = None,
+        cert: str | None = None,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ClientError(f"--url {url!r}: must be http://HOST:PORT or https://HOST:PORT")
         self.url = url.rstrip("/")
         self.token = token or None
         self.as_json = as_json
+        #: For https:// and wss://: the server's certificate is checked against ``ca``
+        #: (the system's CAs without it); ``cert`` is presented when the server asks.
+        self.ssl_context: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl_context = _ssl_context(ca, cert)
+        elif ca is not None or cert is not None:
+            raise ClientError(
+                f"--url {url!r}: --ca and --cert are for https:// gateways; use https://"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Gateway:
@@ -214,7 +244,9 @@ class Gateway:
             # DMQ_API_TOKEN may list several tokens for serve; any one of them will do.
             listed = os.environ.get("DMQ_API_TOKEN", "").replace(",", " ").split()
             token = listed[0] if listed else None
-        return cls(url, token, as_json=args.json)
+        ca = getattr(args, "ca", None) or os.environ.get("DMQ_CA") or None
+        cert = getattr(args, "cert", None) or os.environ.get("DMQ_CERT") or None
+        return cls(url, token, as_json=args.json, ca=ca, cert=cert)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -242,6 +274,7 @@ class Gateway:
                 content=content,
                 headers=headers,
                 timeout=timeout,
+                verify=self.ssl_context if self.ssl_context is not None else True,
             )
         except httpx.ConnectError as exc:
             raise ClientError(_cannot_connect(self.url, exc)) from None
@@ -252,6 +285,25 @@ class Gateway:
         if response.is_error:
             raise ClientError(_problem_line(response))
         return response
+
+
+def _ssl_context(ca: str | None, cert: str | None) -> ssl.SSLContext:
+    """A client context checking the gateway against ``ca`` (or the system's CAs)."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ClientError(f"--ca {ca!r}: cannot load it as a PEM CA bundle ({reason})") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ClientError(
+                f"--cert {cert!r}: cannot load a certificate and its key from it ({reason})"
+            ) from None
+    return context
 
 
 def _cannot_connect(url: str, exc: Exception) -> str:
@@ -529,7 +581,11 @@ def cmd_subscribe(gateway: Gateway, args: argparse.Namespace) -> int:
     received = 0
     try:
         with connect(
-            url, additional_headers=gateway.headers, open_timeout=HTTP_TIMEOUT, max_size=None
+            url,
+            additional_headers=gateway.headers,
+            open_timeout=HTTP_TIMEOUT,
+            max_size=None,
+            ssl=gateway.ssl_context,
         ) as websocket:
             if not gateway.as_json:
                 print(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import stat
 from collections.abc import Mapping
@@ -30,8 +31,14 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.api.limits import ApiLimits, ServeLimits
-from app.dmq.config import LOOPBACK_NETWORKS, IPNetwork, NodeConfig, is_valid_peer_id
+from app.api.limits import ApiLimits, HttpTls, ServeLimits
+from app.dmq.config import (
+    LOOPBACK_NETWORKS,
+    IPNetwork,
+    NodeConfig,
+    TlsConfig,
+    is_valid_peer_id,
+)
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
@@ -39,6 +46,9 @@ from app.gateway.config import GatewayConfig
 from app.gateway.reorder import DEFAULT_MAX_HELD, DEFAULT_MAX_WAIT
 from app.gateway.store import HistoryStore, HistorySync
 from app.transport.limits import TransportLimits
+from app.transport.tls import build_contexts
+
+log = logging.getLogger("dmq")
 
 ENV_PREFIX = "DMQ_"
 
@@ -79,8 +89,9 @@ class ServeSettings(BaseSettings):
         str,
         Option("URI"),
         Field(
-            description="SIP URI this node listens on (UDP and TCP) and announces; "
-            ";transport=tcp makes the bus use TCP to reach it; the port must be explicit",
+            description="SIP URI this node listens on (UDP, and TCP or TLS) and announces; "
+            ";transport=tcp makes the bus use TCP to reach it, ;transport=tls TLS (with "
+            "--tls-cert and --tls-key); the port must be explicit",
         ),
     ] = "sip:127.0.0.1:5060"
     notification_address: Annotated[
@@ -157,6 +168,46 @@ class ServeSettings(BaseSettings):
         Option("N"),
         Field(description="inbound SIP TCP connections held at once from one address"),
     ] = 32
+    tls_cert: Annotated[
+        Path | None,
+        Option("PATH"),
+        Field(
+            description="PEM certificate chain this node presents over SIP TLS "
+            "(;transport=tls), as server and as client",
+        ),
+    ] = None
+    tls_key: Annotated[
+        Path | None,
+        Option("PATH"),
+        Field(description="PEM private key of --tls-cert (read from the file, never logged)"),
+    ] = None
+    tls_ca: Annotated[
+        Path | None,
+        Option("PATH", default_text="the system's"),
+        Field(description="PEM CA bundle that other nodes' TLS certificates are checked against"),
+    ] = None
+    tls_verify_peer: Annotated[
+        bool,
+        Option(),
+        Field(
+            description="demand a certificate from --tls-ca of every node connecting over "
+            "TLS; such a node is then trusted whatever its address (plain UDP and TCP "
+            "still need --trusted)",
+        ),
+    ] = False
+    tls_allow_name: Annotated[
+        Repeated,
+        Option("NAME"),
+        Field(
+            description="with --tls-verify-peer: a name (certificate CN, DNS or IP SAN) a "
+            "connecting node's certificate must carry (repeatable; default any)",
+        ),
+    ] = []
+    tls_handshake_timeout: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="a SIP TLS handshake that takes longer is abandoned"),
+    ] = 10.0
     tcp_idle_timeout: Annotated[
         float,
         Option("SECONDS"),
@@ -242,6 +293,26 @@ class ServeSettings(BaseSettings):
             description="where the HTTP and WebSocket API listens; not loopback needs --api-token",
         ),
     ] = "127.0.0.1:8000"
+    http_tls_cert: Annotated[
+        Path | None,
+        Option("PATH"),
+        Field(
+            description="PEM certificate chain: the API speaks HTTPS and WSS (with --http-tls-key)"
+        ),
+    ] = None
+    http_tls_key: Annotated[
+        Path | None,
+        Option("PATH"),
+        Field(description="PEM private key of --http-tls-cert (read from the file, never logged)"),
+    ] = None
+    http_tls_ca: Annotated[
+        Path | None,
+        Option("PATH"),
+        Field(
+            description="PEM CA bundle: API clients must present a certificate from it "
+            "(mutual TLS, on top of --api-token)",
+        ),
+    ] = None
     api_token: Annotated[
         Repeated,
         Option("TOKEN"),
@@ -343,7 +414,9 @@ class ServeSettings(BaseSettings):
     #: The fields given on the command line; the others came from DMQ_* or defaults.
     _from_cli: frozenset[str] = PrivateAttr(default=frozenset())
 
-    @field_validator("notification_address", "peer", "trusted", "api_token", mode="before")
+    @field_validator(
+        "notification_address", "peer", "trusted", "api_token", "tls_allow_name", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: object) -> object:
         """DMQ_PEER='a, b c' is three peers; the command line gives a list already."""
@@ -442,6 +515,7 @@ class ServeSettings(BaseSettings):
                 "--api-token is set: pass --api-token (or DMQ_API_TOKEN), or bind the API "
                 "to 127.0.0.1"
             )
+        tls_config = self._tls_config(server, notification)
         try:
             node = NodeConfig(
                 server_address=server,
@@ -452,6 +526,7 @@ class ServeSettings(BaseSettings):
                 timers=TimerSettings(t1=self.t1, t2=self.t2, timer_f=self.timer_f),
                 trusted=trusted,
                 max_stream_message=self.max_tcp_message,
+                tls=tls_config,
             )
         except ConfigError as exc:
             raise ConfigError(self.describe(exc)) from None
@@ -472,6 +547,93 @@ class ServeSettings(BaseSettings):
             ws_deflate=self.ws_deflate,
             log_level=self.log_level,
             log_format=self.log_format,
+        )
+
+    def _tls_config(self, server: SipUri, notification: tuple[SipUri, ...]) -> TlsConfig | None:
+        """The node's TLS settings, every file read once now so that a bad one stops the
+        start with a sentence naming its option (the key's contents are never shown)."""
+        given = [n for n in ("tls_cert", "tls_key", "tls_ca") if getattr(self, n) is not None]
+        if self.tls_verify_peer or self.tls_allow_name:
+            given.append("tls_verify_peer")
+        if not given:
+            if server.transport == "tls":
+                raise ConfigError(
+                    f"{self.label('server_address')} {server}: a TLS address needs "
+                    f"{self.label('tls_cert')} and {self.label('tls_key')}"
+                )
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            missing = "tls_cert" if self.tls_cert is None else "tls_key"
+            raise ConfigError(
+                f"{self.label(missing)} is missing: TLS options need both "
+                f"{self.label('tls_cert')} and {self.label('tls_key')}"
+            )
+        uses_tls = server.transport == "tls" or any(n.transport == "tls" for n in notification)
+        if self.tls_verify_peer and server.transport != "tls":
+            raise ConfigError(
+                f"{self.label('tls_verify_peer')}: this node does not listen for TLS; give "
+                f"{self.label('server_address')} a ;transport=tls address"
+            )
+        try:
+            config = TlsConfig(
+                cert=str(self.tls_cert),
+                key=str(self.tls_key),
+                ca=None if self.tls_ca is None else str(self.tls_ca),
+                verify_peer=self.tls_verify_peer,
+                allow_names=tuple(self.tls_allow_name),
+                handshake_timeout=self.tls_handshake_timeout,
+            )
+            build_contexts(config, listen=server.transport == "tls")
+        except ConfigError as exc:
+            raise ConfigError(self.describe(exc)) from None
+        if not uses_tls:
+            # Harmless (node lists may name TLS nodes later), but likely a mistake.
+            log.info("TLS options given, but neither this node nor a notification address uses TLS")
+        return config
+
+    def http_tls(self) -> HttpTls | None:
+        """The API's HTTPS settings, every file checked now (one sentence per problem)."""
+        if self.http_tls_cert is None and self.http_tls_key is None:
+            if self.http_tls_ca is not None:
+                raise ConfigError(
+                    f"{self.label('http_tls_ca')}: client certificates need HTTPS; give "
+                    f"{self.label('http_tls_cert')} and {self.label('http_tls_key')}"
+                )
+            return None
+        if self.http_tls_cert is None or self.http_tls_key is None:
+            missing = "http_tls_cert" if self.http_tls_cert is None else "http_tls_key"
+            raise ConfigError(
+                f"{self.label(missing)} is missing: HTTPS needs both "
+                f"{self.label('http_tls_cert')} and {self.label('http_tls_key')}"
+            )
+        settings = HttpTls(
+            cert=str(self.http_tls_cert),
+            key=str(self.http_tls_key),
+            ca=None if self.http_tls_ca is None else str(self.http_tls_ca),
+        )
+        names = {"tls_cert": "http_tls_cert", "tls_key": "http_tls_key", "tls_ca": "http_tls_ca"}
+        try:
+            build_contexts(
+                TlsConfig(cert=settings.cert, key=settings.key, ca=settings.ca), listen=True
+            )
+        except ConfigError as exc:
+            option = names.get(exc.field or "", exc.field or "")
+            raise ConfigError(
+                f"{self.label(option)} {_shown(exc.value)}: {exc.reason}"
+                if exc.value is not None
+                else f"{self.label(option)}: {exc.reason}"
+            ) from None
+        return settings
+
+    def cleartext_warning(self) -> str | None:
+        """The warning to log when tokens would cross the network unencrypted."""
+        host, _ = self._host_port()
+        if _is_loopback(host) or self.http_tls_cert is not None:
+            return None
+        return (
+            f"the API listens on {self.http} beyond this machine without TLS: tokens and "
+            f"messages travel in clear; give {self.label('http_tls_cert')} and "
+            f"{self.label('http_tls_key')} for HTTPS and WSS"
         )
 
     def _token_file(self) -> tuple[str, ...]:
@@ -516,6 +678,7 @@ class ServeSettings(BaseSettings):
             "tcp_write_buffer",
             "tcp_max_buffered",
             "dns_max_lookups",
+            "tls_handshake_timeout",
             "http_max_connections",
             "http_header_timeout",
             "http_keep_alive_timeout",
@@ -548,7 +711,7 @@ class ServeSettings(BaseSettings):
             ws_max_frame=self.ws_max_frame,
             ws_frames_per_second=self.ws_max_frames_per_second,
         )
-        return ServeLimits(transport=transport, api=api)
+        return ServeLimits(transport=transport, api=api, http_tls=self.http_tls())
 
     def _uri(self, name: str, text: str) -> SipUri:
         try:
@@ -614,6 +777,11 @@ CONFIG_FIELDS: dict[str, str] = {
     "ws_deflate": "ws_deflate",
     "log_level": "log_level",
     "log_format": "log_format",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+    "tls_ca": "tls_ca",
+    "tls_allow_name": "tls_allow_name",
+    "tls_handshake_timeout": "tls_handshake_timeout",
 }
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,15 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of one TLS identity and the CA its peers are checked against."""
+
+    cert: str
+    key: str
+    ca: str
+
+
 class Gateway:
     """One ``dmq-gateway serve`` process; ``uri`` is its SIP address, ``url`` its API.
 
@@ -77,8 +88,16 @@ class Gateway:
         extra: Sequence[str] = (),
         host: str = "127.0.0.1",
         command_prefix: Sequence[str] = (),
+        tls: TlsFiles | None = None,
+        http_tls: TlsFiles | None = None,
     ) -> None:
         self.name = name
+        #: SIP TLS identity (``--tls-cert``, ``--tls-key``, ``--tls-ca``); with
+        #: ``transport="tls"`` the node listens for TLS.
+        self.tls = tls
+        #: The API's HTTPS identity: :attr:`url` is then ``https://``, checked against
+        #: its ``ca``.
+        self.http_tls = http_tls
         self.host = host
         self.command_prefix = tuple(command_prefix)
         self.transport = transport
@@ -112,11 +131,20 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        scheme = "https" if self.http_tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.http_port}"
+        scheme = "wss" if self.http_tls is not None else "ws"
+        return f"{scheme}://{self.host}:{self.http_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx's ``verify=`` needs to reach :attr:`url`."""
+        if self.http_tls is None:
+            return True
+        return ssl.create_default_context(cafile=self.http_tls.ca)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -151,6 +179,11 @@ class Gateway:
         ]
         for token in self.tokens:
             args += ["--api-token", token]
+        if self.tls is not None:
+            args += ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key]
+            args += ["--tls-ca", self.tls.ca]
+        if self.http_tls is not None:
+            args += ["--http-tls-cert", self.http_tls.cert, "--http-tls-key", self.http_tls.key]
         for target in self.notify:
             address = target.uri if isinstance(target, Gateway) else target
             args += ["--notification-address", address]
@@ -196,7 +229,11 @@ class Gateway:
         """
         try:
             response = httpx.get(
-                f"{self.url}/v1/health", headers=self.headers, timeout=timeout, trust_env=False
+                f"{self.url}/v1/health",
+                headers=self.headers,
+                timeout=timeout,
+                trust_env=False,
+                verify=self.verify,
             )
         except httpx.HTTPError:
             return None

@@ -51,7 +51,7 @@ __all__ = [
     "stop_all",
 ]
 
-Transport = Literal["udp", "tcp"]
+Transport = Literal["udp", "tcp", "tls"]
 
 KAMAILIO = "kamailio"
 KAMCMD = "kamcmd"
@@ -259,9 +259,14 @@ class KamailioNode:
         autostart: bool = True,
         host: str = LOOPBACK,
         command_prefix: Sequence[str] = (),
+        tls_files: tuple[str, str, str] | None = None,
     ) -> None:
-        if transport not in ("udp", "tcp"):
-            raise ValueError(f"transport must be 'udp' or 'tcp', not {transport!r}")
+        if transport not in ("udp", "tcp", "tls"):
+            raise ValueError(f"transport must be 'udp', 'tcp' or 'tls', not {transport!r}")
+        if transport == "tls" and tls_files is None:
+            raise ValueError("a TLS node needs tls_files=(certificate, key, CA) PEM paths")
+        #: (certificate, key, CA) PEM paths for the ``tls`` module.
+        self.tls_files = tls_files
         if ping_interval < 5:
             raise ValueError("Kamailio's minimum ping_interval is 5 s")
         if len(notification_addresses) > 1:
@@ -300,8 +305,8 @@ class KamailioNode:
 
     @property
     def server_address(self) -> str:
-        """The node's DMQ ``server_address``: ``sip:127.0.0.1:PORT[;transport=tcp]``."""
-        suffix = ";transport=tcp" if self.transport == "tcp" else ""
+        """The node's DMQ ``server_address``: ``sip:127.0.0.1:PORT[;transport=tcp|tls]``."""
+        suffix = "" if self.transport == "udp" else f";transport={self.transport}"
         return f"sip:{self._host}:{self.port}{suffix}"
 
     @property
@@ -338,6 +343,15 @@ class KamailioNode:
         ]
         if self.transport == "tcp":
             defines += ["WITH_TCP", f"LISTEN_TCP=tcp:{listen}"]
+        if self.transport == "tls" and self.tls_files is not None:
+            cert, key, ca = self.tls_files
+            defines += [
+                "WITH_TLS",
+                f"LISTEN_TLS=tls:{listen}",
+                f'TLS_CERT="{cert}"',
+                f'TLS_KEY="{key}"',
+                f'TLS_CA="{ca}"',
+            ]
         if self.notification_addresses:
             defines.append(f'NOTIFICATION_ADDRESS="{self.notification_addresses[0]}"')
         else:

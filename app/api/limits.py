@@ -8,7 +8,9 @@ and the API's :class:`ApiLimits`; the settings model builds it from the options,
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from app.dmq.errors import ConfigError
 from app.transport.limits import TransportLimits
@@ -64,8 +66,30 @@ class GuardStats:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpTls:
+    """The API's HTTPS (and WSS): file paths handed to uvicorn's own TLS support."""
+
+    #: PEM certificate chain the API presents.
+    cert: str
+    #: PEM private key of ``cert``.
+    key: str
+    #: PEM CA bundle whose client certificates are required; ``None``: none asked.
+    ca: str | None = None
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``uvicorn.Config`` that turn its TLS on."""
+        options: dict[str, Any] = {"ssl_certfile": self.cert, "ssl_keyfile": self.key}
+        if self.ca is not None:
+            options["ssl_ca_certs"] = self.ca
+            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        return options
+
+
+@dataclass(frozen=True, slots=True)
 class ServeLimits:
-    """Every bound of a gateway process: the SIP driver's and the API's."""
+    """Every bound of a gateway process: the SIP driver's and the API's, and how the
+    API is reached (HTTPS when ``http_tls`` is set)."""
 
     transport: TransportLimits = field(default_factory=TransportLimits)
     api: ApiLimits = field(default_factory=ApiLimits)
+    http_tls: HttpTls | None = None

@@ -74,6 +74,9 @@ async def serve(settings: GatewayConfig, limits: ServeLimits | None = None) -> N
         timeout_keep_alive=cast(int, api.keep_alive_timeout),
         h11_max_incomplete_event_size=api.max_head,
         ws_max_size=api.ws_max_frame,
+        # HTTPS and WSS through uvicorn's own TLS (--http-tls-cert, --http-tls-key,
+        # and client certificates with --http-tls-ca).
+        **(limits.http_tls.uvicorn_options() if limits.http_tls is not None else {}),
     )
     server = GatewayServer(config, app)
     started = time.monotonic()

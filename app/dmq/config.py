@@ -19,7 +19,51 @@ LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
 )
 
 DEFAULT_NOTIFICATION_CHANNEL = "notification_peer"
-SUPPORTED_TRANSPORTS = ("udp", "tcp")
+SUPPORTED_TRANSPORTS = ("udp", "tcp", "tls")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Where this node's TLS identity and trust come from: file paths and choices only.
+
+    The core never opens a file or a socket; the driver (``app.transport.tls``) reads
+    these files and builds the contexts, once, at start.
+    """
+
+    #: PEM certificate chain this node presents, as server and as client.
+    cert: str
+    #: PEM private key of ``cert``; read from the file, never logged.
+    key: str
+    #: PEM CA bundle that peers' certificates are checked against; ``None``: the
+    #: system's, and then only servers are checked (a client's certificate is not asked).
+    ca: str | None = None
+    #: Ask every TLS peer (inbound too) for a certificate from ``ca`` and refuse those
+    #: without one; such a peer is then trusted whatever its address (mutual TLS as
+    #: node trust, instead of ``trusted`` networks).
+    verify_peer: bool = False
+    #: With ``verify_peer``: the names (subject CN, DNS or IP SAN) a peer certificate
+    #: must carry one of; empty: any certificate from ``ca``.
+    allow_names: tuple[str, ...] = ()
+    #: Check that a server we connect to is the host its node URI names.
+    check_hostname: bool = True
+    #: Seconds a TLS handshake may take, inbound and outbound.
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.verify_peer and not self.ca:
+            raise ConfigError(
+                "verifying peers needs the CA their certificates come from", field="tls_ca"
+            )
+        if self.allow_names and not self.verify_peer:
+            raise ConfigError(
+                "an allow-list of names needs peer verification on", field="tls_allow_name"
+            )
+        if not (self.handshake_timeout > 0 and math.isfinite(self.handshake_timeout)):
+            raise ConfigError(
+                "must be a positive, finite number of seconds",
+                field="tls_handshake_timeout",
+                value=self.handshake_timeout,
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +119,9 @@ class NodeConfig:
     #: neighbour, trusted or not, can make us allocate and forward is bounded.
     max_new_nodes_per_list: int = 32
     max_new_nodes_per_second: float = 32.0
+    #: TLS identity and trust; needed when this node or a node it reaches uses
+    #: ``;transport=tls``.
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         """Refuse a bad setting with a :class:`ConfigError` that names the field (its
@@ -83,7 +130,7 @@ class NodeConfig:
         server = self.server_address
         if server.transport not in SUPPORTED_TRANSPORTS:
             raise ConfigError(
-                "the transport must be udp or tcp", field="server_address", value=server
+                "the transport must be udp, tcp or tls", field="server_address", value=server
             )
         if server.port is None:
             raise ConfigError(
@@ -99,7 +146,7 @@ class NodeConfig:
         for address in self.notification_addresses:
             if address.transport not in SUPPORTED_TRANSPORTS:
                 raise ConfigError(
-                    "the transport must be udp or tcp",
+                    "the transport must be udp, tcp or tls",
                     field="notification_addresses",
                     value=address,
                 )
@@ -157,6 +204,12 @@ class NodeConfig:
         if not (rate > 0 and math.isfinite(rate)):
             raise ConfigError(
                 "must be a positive, finite number", field="max_new_nodes_per_second", value=rate
+            )
+        if server.transport == "tls" and self.tls is None:
+            raise ConfigError(
+                "a TLS address needs a certificate and key (--tls-cert, --tls-key)",
+                field="server_address",
+                value=server,
             )
         if self.max_stream_message < 1024:
             raise ConfigError(

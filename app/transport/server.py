@@ -24,6 +24,16 @@ remembers a failure for ``dns_negative_ttl``, and reports back through
 ``DmqNode.host_resolved``. Until then, datagrams for that node are not sent (a socket
 given a name would resolve it synchronously); Timer E sends them again.
 
+TLS (``;transport=tls``): the stream socket of a TLS server address speaks TLS only
+(as Kamailio's ``tls:`` listener does; UDP stays on the same port). An accepted
+connection is counted against the TCP caps *before* its handshake, which
+``handshake_timeout`` bounds, so a client that connects and never says hello holds a
+slot for that long at most. Outbound connections to ``;transport=tls`` nodes are TLS,
+one per node, reused, as for TCP. With ``verify_peer`` a peer's certificate from the
+CA is its trust: the core is told to trust every source, and the driver applies the
+``trusted`` networks itself to what is not TLS (plain TCP closed on accept, UDP
+dropped), so a plain peer outside them never reaches a peer handler either.
+
 ``drop_rate`` drops that fraction of UDP datagrams, in and out, at the seam between
 socket and core: fault injection for tests of retransmission, nothing else.
 """
@@ -31,13 +41,15 @@ socket and core: fault injection for tests of retransmission, nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from app.dmq.cache import BoundedCache
@@ -49,7 +61,7 @@ from app.dmq.nodes import Node
 from app.dmq.peers import Peer, PeerHandler, PeerInit, PeerReply
 from app.dmq.sip import SipParseError, SipUri, StreamFramer
 from app.dmq.transaction import Endpoint
-from app.transport import dns
+from app.transport import dns, tls
 from app.transport.limits import UNTRUSTED_MAX_MESSAGE, RateLimitedLog, TransportLimits
 
 log = logging.getLogger("dmq.transport")
@@ -114,6 +126,15 @@ class TransportStats:
     log_lines_suppressed: int = 0
     #: Inbound TCP connections open now.
     tcp_connections: int = 0
+    #: Inbound TLS handshakes that failed or took over ``handshake_timeout``: plain
+    #: text on a TLS port, no certificate or one from another CA, an expired one...
+    tls_handshakes_failed: int = 0
+    #: Outbound TLS handshakes that failed (the node's certificate was refused...).
+    tls_connects_failed: int = 0
+    #: Verified TLS peers closed because no name of theirs is on the allow-list.
+    tls_names_refused: int = 0
+    #: With ``verify_peer``: UDP datagrams from outside the trusted networks dropped.
+    udp_untrusted_dropped: int = 0
 
 
 class _HostCache:
@@ -196,6 +217,11 @@ class _StreamProtocol(asyncio.Protocol):
         #: Why reading is paused: our replies are not read, or the backlog is long.
         self.write_paused = False
         self.draining = False
+        #: Whether this connection speaks TLS.
+        self.tls = False
+        #: Inbound TLS: counted against the caps by the accept loop, before its
+        #: handshake (connection_made comes after it).
+        self.admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -203,10 +229,12 @@ class _StreamProtocol(asyncio.Protocol):
         if peername:
             self.peer = (str(peername[0]), int(peername[1]))
         server = self.server
-        if self.remote is None and not server._admit(self):
-            self.closed = True
-            self.transport.abort()
-            return
+        if self.remote is None:
+            admitted = server._tls_admit(self) if self.admitted else server._admit(self)
+            if not admitted:
+                self.closed = True
+                self.transport.abort()
+                return
         self.transport.set_write_buffer_limits(high=server.limits.write_high_water)
         server._connections[self.id] = self
         for data in self.pending:
@@ -377,7 +405,17 @@ class DmqServer:
         self._buffered = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self.resolver = _HostCache(self._clock)
-        self.node = DmqNode(config, resolver=self.resolver)
+        self._verify_peer = config.tls is not None and config.tls.verify_peer
+        # A certificate from the CA is the trust of a TLS peer, whatever its address:
+        # the core trusts every source, the driver applies ``trusted`` to what is not
+        # TLS (see the module's docstring).
+        core_config = replace(config, trusted=ALL_NETWORKS) if self._verify_peer else config
+        self.node = DmqNode(core_config, resolver=self.resolver)
+        self._tls: tls.TlsContexts | None = None
+        self._tls_listener: socket.socket | None = None
+        self._accepting: asyncio.Future[None] | None = None
+        #: Sources whose TLS refusal was logged (once per address).
+        self._tls_refusals_logged: BoundedCache[str, bool] = BoundedCache(NAME_CACHE_SIZE)
         #: Seconds one host name look-up may take before it counts as failed.
         self.dns_timeout = dns_timeout
         #: Seconds a failed look-up is remembered before the name is asked about again.
@@ -438,17 +476,24 @@ class DmqServer:
     async def start(self) -> None:
         """Bind the sockets, resolve the notification addresses, join the bus."""
         loop = asyncio.get_running_loop()
-        self._loop = loop
         local = self.config.server_address
+        listen_tls = local.transport == "tls"
+        if listen_tls or self.config.tls is not None:
+            self._tls = tls.build_contexts(self.config.tls, listen=listen_tls)
+        self._loop = loop
         bind_host = await self._resolve_start_host(local.host, "server_address")
         port = local.effective_port
         self._udp, _ = await loop.create_datagram_endpoint(
             lambda: _UdpProtocol(self), local_addr=(bind_host, port)
         )
         _enlarge_buffers(self._udp)
-        self._tcp_server = await loop.create_server(
-            lambda: _StreamProtocol(self), bind_host, port, reuse_address=True
-        )
+        if listen_tls:
+            self._tls_listener = _listen(bind_host, port)
+            self._accepting = asyncio.ensure_future(self._accept_loop(self._tls_listener))
+        else:
+            self._tcp_server = await loop.create_server(
+                lambda: _StreamProtocol(self), bind_host, port, reuse_address=True
+            )
         for address in await self._notification_targets():
             self.node.add_notification_address(address)
         if _ip_literal(local.host) is None:
@@ -457,7 +502,13 @@ class DmqServer:
         self._arm_sweeper()
         self.node.start(loop.time())
         self._flush()
-        log.info("DMQ node %s listening on %s:%d (udp, tcp)", local, bind_host, port)
+        log.info(
+            "DMQ node %s listening on %s:%d (udp, %s)",
+            local,
+            bind_host,
+            port,
+            "tls" if listen_tls else "tcp",
+        )
 
     async def _resolve_start_host(self, host: str, field: str) -> str:
         literal = _ip_literal(host)
@@ -541,6 +592,12 @@ class DmqServer:
             self._udp.close()
         if self._tcp_server is not None:
             self._tcp_server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        if self._tls_listener is not None:
+            self._tls_listener.close()
+            self._tls_listener = None
         for connection in list(self._connections.values()):
             if connection.transport is not None:
                 connection.transport.close()
@@ -788,6 +845,20 @@ class DmqServer:
         loop = self._loop
         if loop is None:
             return
+        if self._verify_peer and not data.startswith(b"SIP/") and not self._is_trusted(addr[0]):
+            # The core trusts every source in this mode (a TLS peer's certificate is
+            # its trust); a plain request from outside ``trusted`` goes no further.
+            self.stats.udp_untrusted_dropped += 1
+            self._log_limited(
+                logging.WARNING,
+                str(addr[0]),
+                "untrusted",
+                "UDP request from untrusted %s:%s dropped (only TLS peers with a "
+                "certificate from the CA, or trusted networks, are served)",
+                addr[0],
+                addr[1],
+            )
+            return
         self.node.receive(data, Endpoint("udp", str(addr[0]), int(addr[1])), loop.time())
         self._flush()
 
@@ -795,7 +866,12 @@ class DmqServer:
         loop = self._loop
         if loop is None:
             return
-        source = Endpoint("tcp", connection.peer[0], connection.peer[1], connection.id)
+        source = Endpoint(
+            "tls" if connection.tls else "tcp",
+            connection.peer[0],
+            connection.peer[1],
+            connection.id,
+        )
         self.node.receive(data, source, loop.time())
         self._flush()
 
@@ -825,13 +901,120 @@ class DmqServer:
                 kind,
             )
             return False
+        trusted = self._is_trusted(source)
+        if self._verify_peer and not trusted and not connection.tls:
+            # Plain TCP from outside ``trusted`` while certificates are the trust.
+            self.stats.tcp_untrusted_closed += 1
+            self._log_limited(
+                logging.WARNING,
+                source,
+                "accept",
+                "TCP connection from untrusted %s:%s refused (only TLS peers with a "
+                "certificate from the CA, or trusted networks, are served)",
+                source,
+                connection.peer[1],
+            )
+            return False
         connection.counted = True
         self.stats.tcp_connections += 1
         self._sources[source] = self._sources.get(source, 0) + 1
-        connection.trusted = self._is_trusted(source)
+        # Under verify_peer a TLS connection that completes its handshake is trusted
+        # (_accept_tls); until then it is held to an untrusted peer's bounds.
+        connection.trusted = trusted
         if not connection.trusted:
             connection.framer.max_size = min(connection.framer.max_size, UNTRUSTED_MAX_MESSAGE)
         return True
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept TLS connections: each is counted against the caps *before* its
+        handshake, so a flood of clients that never say hello is bounded like any other."""
+        loop = self._loop
+        assert loop is not None
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                # Out of descriptors and the like: wait a little rather than spin.
+                self._log_limited(logging.WARNING, "accept", "accept", "TLS accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            connection = _StreamProtocol(self)
+            connection.peer = (str(address[0]), int(address[1]))
+            connection.tls = connection.admitted = True
+            if not self._admit(connection):
+                sock.close()
+                continue
+            self._spawn(self._accept_tls(connection, sock))
+
+    async def _accept_tls(self, connection: _StreamProtocol, sock: socket.socket) -> None:
+        """Run an accepted connection's handshake, bounded; a failed one is counted,
+        logged once per address, and the connection closed: it never reaches the SIP
+        layer. Once it succeeds the loop calls ``connection_made`` (:meth:`_tls_admit`)."""
+        loop = self._loop
+        contexts = self._tls
+        assert loop is not None and contexts is not None and contexts.server is not None
+        host, port = connection.peer
+        config = contexts.config
+        timeout = config.handshake_timeout if config is not None else 10.0
+        try:
+            async with asyncio.timeout(timeout + 1.0):
+                await loop.connect_accepted_socket(
+                    lambda: connection,
+                    sock,
+                    ssl=contexts.server,
+                    ssl_handshake_timeout=timeout,
+                )
+        except (Exception, asyncio.CancelledError) as exc:
+            if not connection.closed:
+                self.stats.tls_handshakes_failed += 1
+                if not isinstance(exc, asyncio.CancelledError):
+                    self._log_tls_refusal(host, port, _handshake_reason(exc, timeout))
+            connection.closed = True
+            if connection.transport is not None and not connection.transport.is_closing():
+                connection.transport.abort()
+            with contextlib.suppress(OSError):
+                sock.close()
+            self._connection_lost(connection)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def _tls_admit(self, connection: _StreamProtocol) -> bool:
+        """After an inbound handshake: apply the allow-list of names, and make a peer
+        verified by the CA trusted (``verify_peer``)."""
+        transport = connection.transport
+        config = self._tls.config if self._tls is not None else None
+        if transport is None or config is None or not config.verify_peer:
+            return True
+        cert = transport.get_extra_info("peercert")
+        if not tls.peer_allowed(cert, config.allow_names):
+            self.stats.tls_names_refused += 1
+            names = ", ".join(tls.certificate_names(cert or {})) or "none"
+            self._log_tls_refusal(
+                connection.peer[0],
+                connection.peer[1],
+                f"its certificate names ({names}) are not on --tls-allow-name",
+            )
+            self._connection_lost(connection)
+            return False
+        connection.trusted = True
+        connection.framer.max_size = self.config.max_stream_message
+        return True
+
+    def _log_tls_refusal(self, host: str, port: int, reason: str) -> None:
+        """Once per address: a scanner or a misconfigured node must not flood the log."""
+        if self._tls_refusals_logged.get(host) is not None:
+            log.debug("TLS connection from %s:%s refused: %s", host, port, reason)
+            return
+        self._tls_refusals_logged.put(host, True)
+        log.warning(
+            "TLS connection from %s:%s refused: %s (further refusals of this address "
+            "are counted, not logged)",
+            host,
+            port,
+            reason,
+        )
 
     def _is_trusted(self, host: str) -> bool:
         try:
@@ -1038,17 +1221,40 @@ class DmqServer:
                     # an undecodable name is a failed look-up), never by the socket.
                     host = await asyncio.shield(self._lookup(host.lower()))
                 # Bounded: during a partition, a SYN can go unanswered for minutes.
-                async with asyncio.timeout(self.config.timers.timer_f_value):
-                    await loop.create_connection(lambda: protocol, host, key[1])
+                # A TLS handshake has a bound of its own, which it may use in full.
+                bound = self.config.timers.timer_f_value
+                if destination.transport == "tls":
+                    protocol.tls = True
+                    contexts = self._tls or tls.build_contexts(None, listen=False)
+                    self._tls = contexts
+                    timeout = (
+                        contexts.config.handshake_timeout if contexts.config is not None else 10.0
+                    )
+                    bound += timeout
+                async with asyncio.timeout(bound):
+                    if destination.transport == "tls":
+                        await loop.create_connection(
+                            lambda: protocol,
+                            host,
+                            key[1],
+                            ssl=contexts.client,
+                            server_hostname=destination.host,
+                            ssl_handshake_timeout=timeout,
+                        )
+                    else:
+                        await loop.create_connection(lambda: protocol, host, key[1])
             except Exception as exc:
+                if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                    self.stats.tls_connects_failed += 1
                 self._log_limited(
                     logging.INFO,
                     key[0],
                     "connect",
-                    "TCP connect to %s:%s failed: %s",
+                    "%s connect to %s:%s failed: %s",
+                    destination.transport.upper(),
                     key[0],
                     key[1],
-                    exc or type(exc).__name__,
+                    _connect_reason(exc),
                 )
                 protocol.closed = True
                 if self._outbound.get(key) is protocol:
@@ -1059,6 +1265,58 @@ class DmqServer:
 
         self._spawn(connect())
         return protocol
+
+
+#: Every address: the core's trust when certificates are the trust (``verify_peer``).
+ALL_NETWORKS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for the TLS accept loop (what create_server would bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """One readable clause for a failed outbound connection."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate was refused ({exc.verify_message})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def _handshake_reason(exc: BaseException, timeout: float) -> str:
+    """One readable clause for a failed inbound handshake."""
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "handshake" in str(exc)
+    ):
+        return f"no TLS handshake within {timeout:g} s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate was refused ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        if "EXPIRED" in reason:
+            return "its certificate has expired"
+        if "UNKNOWN_CA" in reason or "CERTIFICATE_VERIFY_FAILED" in reason:
+            return "its certificate is not from the trusted CA"
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "NO_CERTIFICATE" in reason:
+            return "it presented no certificate"
+        if "WRONG_VERSION" in reason or "HTTP_REQUEST" in reason or "RECORD" in reason:
+            return "it does not speak TLS (plain text on a TLS port?)"
+        if "VERSION" in reason or "PROTOCOL" in reason:
+            return "it offers no TLS version this node accepts (1.2 at least)"
+        return f"TLS error {exc.reason or exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 #: Socket buffer size asked for; the kernel caps it at net.core.rmem_max/wmem_max.

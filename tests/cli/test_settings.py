@@ -297,7 +297,11 @@ def test_an_error_from_the_environment_names_the_variable(
     ("argv", "start", "why"),
     [
         (["--server-address", "sip:127.0.0.1"], "--server-address sip:127.0.0.1", "port"),
-        (["--server-address", "sip:127.0.0.1:5060;transport=tls"], "--server-address ", "udp"),
+        (
+            ["--server-address", "sip:127.0.0.1:5060;transport=sctp"],
+            "--server-address ",
+            "udp, tcp or tls",
+        ),
         (
             ["--notification-address", "sip:127.0.0.1:5061;transport=sctp"],
             "--notification-address sip:127.0.0.1:5061;transport=sctp",

@@ -22,9 +22,9 @@ def build(**settings: Any) -> NodeConfig:
 
 CASES = [
     (
-        {"server_address": SipUri.parse("sip:127.0.0.1:5060;transport=tls")},
+        {"server_address": SipUri.parse("sip:127.0.0.1:5060;transport=sctp")},
         "server_address",
-        "server_address sip:127.0.0.1:5060;transport=tls: the transport must be udp or tcp",
+        "server_address sip:127.0.0.1:5060;transport=sctp: the transport must be udp, tcp or tls",
     ),
     (
         {"server_address": SipUri.parse("sip:127.0.0.1")},
@@ -41,7 +41,7 @@ CASES = [
         {"notification_addresses": (SipUri.parse("sip:127.0.0.1:5061;transport=sctp"),)},
         "notification_addresses",
         "notification_addresses sip:127.0.0.1:5061;transport=sctp: "
-        "the transport must be udp or tcp",
+        "the transport must be udp, tcp or tls",
     ),
     (
         {"notification_channel": ""},
