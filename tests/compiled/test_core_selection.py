@@ -78,3 +78,27 @@ def test_unknown_core_choice_is_refused_with_its_name() -> None:
     result = _python("import app", DMQ_GATEWAY_CORE="fast")
     assert result.returncode != 0
     assert "DMQ_GATEWAY_CORE='fast'" in result.stderr and "pure" in result.stderr
+
+
+@pytest.mark.skipif(not BUILT, reason="no compiled core built (make compiled)")
+def test_an_extension_older_than_its_source_is_not_run(tmp_path: Path) -> None:
+    """A copy of the package whose sip.py changed after the build runs the sources."""
+    import shutil
+
+    shutil.copytree(REPO / "app", tmp_path / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    source = tmp_path / "app" / "dmq" / "sip.py"
+    extension = tmp_path / "app" / "dmq" / ("sip" + SUFFIX)
+    newer = extension.stat().st_mtime + 10
+    os.utime(source, (newer, newer))
+    environ = {k: v for k, v in os.environ.items() if k != app.CORE_ENV}
+    result = subprocess.run(
+        [sys.executable, "-c", "import app; from app.dmq import sip; print(sip.__file__)"],
+        cwd=tmp_path,
+        env={**environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(source)
+    assert "sip.py changed since the core was compiled" in result.stderr
