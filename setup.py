@@ -9,9 +9,9 @@ The sources stay in the package either way, so a missing extension falls back to
 
 Modules left out, and why (they stay Python and import the compiled ones):
 
-* ``app/dmq/transaction.py``, ``timers.py``, ``events.py``: their object lifetimes are
-  still changing; they compile, but keeping them Python leaves them free to change
-  without a compiled build to re-check.
+* ``app/dmq/transaction.py``, ``timers.py``, ``events.py``: not tried yet; their object
+  lifetimes are being reworked, and a compiled build would have to be re-checked with
+  every change. The transaction table is the next candidate once they settle.
 * ``app/dmq/cache.py``: a generic ``OrderedDict`` subclass with ``__slots__``; mypyc
   compiles it, and the compiled class crashes the interpreter (segmentation fault) on
   its first ``put``.
