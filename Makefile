@@ -10,7 +10,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench bench-kdmq bench-e2e bench-fanout bench-loss openapi demo demo-stop clean
+.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,22 @@ lint: $(STAMP)
 ## test: lint, then the whole suite (interop tests need the kamailio package)
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## compiled: build the sans-IO core (app/dmq) in place with mypyc (needs a C compiler, Python headers)
+compiled: $(STAMP)
+	$(BIN)/pip install --quiet 'mypy>=1.10' 'setuptools>=77'
+	DMQ_GATEWAY_COMPILE=1 $(BIN)/python setup.py build_ext --inplace
+	@$(BIN)/dmq-gateway --version
+
+## test-compiled: build the compiled core, then run the core's tests against it
+test-compiled: compiled
+	DMQ_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest -q -p no:cacheprovider tests/dmq tests/transport tests/compiled $(PYTEST_ARGS)
+
+## uncompiled: remove the compiled core's artefacts (back to pure Python)
+uncompiled:
+	rm -rf build
+	find app -name '*.so' -delete
+	rm -f *__mypyc*.so
 
 ## openapi: regenerate openapi/openapi.json and openapi/websocket.json from the code
 openapi: $(STAMP)
@@ -109,6 +125,6 @@ demo-stop:
 	    rm -f $$pidfile; \
 	done
 
-## clean: remove the virtualenv, caches and the demo's state
-clean:
+## clean: remove the virtualenv, caches, the demo's state and the compiled core
+clean: uncompiled
 	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache .hypothesis

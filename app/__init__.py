@@ -1,1 +1,89 @@
+"""dmq-gateway.
+
+The sans-IO core (:mod:`app.dmq`) may be compiled (``make compiled``: C extensions
+beside the sources). Which one runs is :func:`core`. ``DMQ_GATEWAY_CORE=pure`` in the
+environment makes this process import the Python sources even where extensions are
+built, so that both can be run, tested and measured from one tree. An extension older
+than its source (the source changed since ``make compiled``) would run stale code, so
+then the sources are imported instead, with a warning saying to rebuild.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
 __version__ = "0.1.0"
+
+#: The environment variable that forces the pure-Python core, and its one value.
+CORE_ENV = "DMQ_GATEWAY_CORE"
+#: The package whose modules may be compiled.
+CORE_PACKAGE = "app.dmq"
+
+
+class _SourceOnlyFinder(importlib.abc.MetaPathFinder):
+    """Finds ``app.dmq`` modules from their ``.py`` files only, never an extension."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(CORE_PACKAGE + ".") or not path:
+            return None
+        loader = (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES)
+        for entry in path:
+            spec = importlib.machinery.FileFinder(entry, loader).find_spec(fullname)
+            if spec is not None:
+                return spec
+        return None
+
+
+def _stale_extensions() -> list[str]:
+    """The compiled core modules whose ``.py`` changed after they were built."""
+    package = Path(__file__).resolve().parent / "dmq"
+    stale: list[str] = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for extension in package.glob(f"*{suffix}"):
+            source = package / (extension.name.removesuffix(suffix) + ".py")
+            if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
+                stale.append(source.name)
+    return sorted(stale)
+
+
+def _select_core() -> None:
+    value = os.environ.get(CORE_ENV, "")
+    if value == "pure":
+        sys.meta_path.insert(0, _SourceOnlyFinder())
+    elif value in ("", "auto"):
+        stale = _stale_extensions()
+        if stale:
+            print(
+                f"dmq-gateway: {', '.join(stale)} changed since the core was compiled; "
+                "running the pure-Python core (make compiled to rebuild)",
+                file=sys.stderr,
+            )
+            sys.meta_path.insert(0, _SourceOnlyFinder())
+    else:
+        raise SystemExit(
+            f"{CORE_ENV}={value!r} is not a core choice: use 'pure' (Python sources only) "
+            "or leave it unset (the compiled core when built)"
+        )
+
+
+_select_core()
+
+
+def core() -> str:
+    """``"compiled"`` when the codec and node run from C extensions, else ``"pure Python"``."""
+    from app.dmq import node, sip
+
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    compiled = all(str(m.__file__).endswith(suffixes) for m in (sip, node))
+    return "compiled" if compiled else "pure Python"

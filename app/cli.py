@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from app import __version__, client, settings
+from app import __version__, client, core, settings
 from app.dmq.errors import ConfigError
 from app.gateway.config import GatewayConfig
 
@@ -32,7 +32,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dmq-gateway", description="A Kamailio-compatible DMQ node.")
-    parser.add_argument("--version", action="version", version=f"dmq-gateway {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"dmq-gateway {__version__} (core: {core()})"
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = commands.add_parser(
         "serve",

@@ -10,6 +10,10 @@ sqlite``, every message a node takes written to SQLite before it answers) and wi
 in-memory history (``ours-memory``: ``--history-store memory``), side by side in one
 run; ``ratio_durable_over_memory`` is what durability costs. A ``dmq-gateway`` without
 that option (history in memory only) runs as ``ours``, and ``ours-memory`` fails.
+``ours-pure`` and ``ours-compiled`` are the in-memory node on each core, side by side:
+the compiled core must be built (``make compiled``), and ``ours-pure`` runs the Python
+sources beside it (``DMQ_GATEWAY_CORE=pure``); each run checks which core it got
+(``dmq-gateway --version``), ``ratio_compiled_over_pure`` is what compiling gave.
 
 For every target and every in-flight level (and every repeat), a fresh target is
 started on a free loopback UDP port, sipp sends ``--requests`` KDMQ htable "set"
@@ -105,10 +109,34 @@ TARGET_LABELS = {
     "kamailio": "Kamailio",
     "ours": "dmq-gateway (ours), durable history",
     "ours-memory": "dmq-gateway (ours), in-memory history",
+    "ours-pure": "dmq-gateway (ours), in-memory history, pure-Python core",
+    "ours-compiled": "dmq-gateway (ours), in-memory history, compiled core",
 }
 
+#: The core each of these targets must run (``DMQ_GATEWAY_CORE``; see app/__init__.py).
+CORES = {"ours-pure": "pure Python", "ours-compiled": "compiled"}
+
 #: The ``--history-store`` each of our targets runs with (ours: the durable default).
-HISTORY_STORES = {"ours": "sqlite", "ours-memory": "memory"}
+HISTORY_STORES = {
+    "ours": "sqlite",
+    "ours-memory": "memory",
+    "ours-pure": "memory",
+    "ours-compiled": "memory",
+}
+
+
+def gateway_core(pure: bool) -> str:
+    """The core ``dmq-gateway --version`` names, with or without ``DMQ_GATEWAY_CORE=pure``."""
+    from harness.gateway import clean_env, gateway_command
+
+    env = clean_env()
+    if pure:
+        env["DMQ_GATEWAY_CORE"] = "pure"
+    out = subprocess.run(
+        [*gateway_command(), "--version"], capture_output=True, text=True, timeout=60, env=env
+    ).stdout
+    match = re.search(r"\(core: ([^)]*)\)", out)
+    return match.group(1) if match else "pure Python"
 
 
 def history_store_supported() -> bool:
@@ -174,8 +202,12 @@ OURS_OPTIONS = "--peer htable"
 class OursTarget:
     """Our node (:func:`bench.common.bench_gateway`), started in a session of its own."""
 
-    def __init__(self, workdir: Path, options: str = OURS_OPTIONS) -> None:
+    def __init__(self, workdir: Path, options: str = OURS_OPTIONS, *, pure: bool = False) -> None:
         self.gateway = bench_gateway("ours", workdir, extra=shlex.split(options))
+        if pure:
+            # The Python sources even where the compiled core is built beside them.
+            self.gateway.command_prefix = ("env", "DMQ_GATEWAY_CORE=pure")
+        self.pure = pure
         self.gateway.start()
         self.port = self.gateway.sip_port
 
@@ -186,7 +218,11 @@ class OursTarget:
         self.gateway.stop()
 
     def describe(self) -> dict[str, Any]:
-        return {"command": " ".join(self.gateway.args[1:]), "python": sys.version.split()[0]}
+        return {
+            "command": " ".join(self.gateway.args[1:]),
+            "python": sys.version.split()[0],
+            "core": gateway_core(self.pure),
+        }
 
     def after_run(self) -> dict[str, Any]:
         return {}
@@ -541,7 +577,10 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
         # A --peer peer keeps its history in memory whatever the store: both targets
         # register htable through the API instead, with the same settings.
         options = args.ours_options.replace("--peer htable", "").strip()
-        target = OursTarget(workdir, f"{options} --history-store {HISTORY_STORES[name]}")
+        pure = name == "ours-pure"
+        if name in CORES and gateway_core(pure) != CORES[name]:
+            raise RuntimeError(f"{name} needs the {CORES[name]} core: build it with make compiled")
+        target = OursTarget(workdir, f"{options} --history-store {HISTORY_STORES[name]}", pure=pure)
         try:
             register_peer(target.gateway, "htable", history=1000)
         except BaseException:
@@ -636,7 +675,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes), 5.8), dpi=110)
     if len(modes) == 1:
         axes = [axes]
-    colours = {"kamailio": "#4c72b0", "ours": "#dd8452", "ours-memory": "#55a868"}
+    colours = {
+        "kamailio": "#4c72b0",
+        "ours": "#dd8452",
+        "ours-memory": "#55a868",
+        "ours-pure": "#8172b3",
+        "ours-compiled": "#c44e52",
+    }
     for ax, mode in zip(axes, modes, strict=True):
         data = report["modes"][mode]
         targets = [t for t in data["targets"] if data["targets"][t]["levels"]]
@@ -656,6 +701,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             durable = data.get("ratio_durable_over_memory", {}).get(str(lv))
             notes = [f"ours/Kamailio = {ratio:.2f}x"] if ratio is not None else []
             notes += [f"durable/in-memory = {durable:.2f}x"] if durable is not None else []
+            for core in CORES:
+                value = data.get(f"ratio_{core.replace('-', '_')}_over_kamailio", {}).get(str(lv))
+                notes += [f"{core}/Kamailio = {value:.2f}x"] if value is not None else []
             if notes:
                 ax.annotate(
                     "\n".join(notes), (j, top * 1.08), ha="center", fontsize=9, fontweight="bold"
@@ -693,7 +741,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--targets",
         default="kamailio,ours,ours-memory",
         help="comma-separated: kamailio, ours (durable history: --history-store sqlite), "
-        "ours-memory (--history-store memory)",
+        "ours-memory (--history-store memory), ours-pure and ours-compiled (in-memory "
+        "history on the pure-Python core and on the compiled one: make compiled first)",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs per target and level; the median is reported"
@@ -799,6 +848,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mem = memory.get(str(inflight), {}).get("requests_per_s")
                 data["ratio_durable_over_memory"][str(inflight)] = (
                     round(o / mem, 3) if mem and o is not None else None
+                )
+                for core in CORES:
+                    levels = data["targets"].get(core, {}).get("levels", {})
+                    c = levels.get(str(inflight), {}).get("requests_per_s")
+                    data.setdefault(f"ratio_{core.replace('-', '_')}_over_kamailio", {})[
+                        str(inflight)
+                    ] = round(c / k, 3) if k and c is not None else None
+                pure = data["targets"].get("ours-pure", {}).get("levels", {})
+                comp = data["targets"].get("ours-compiled", {}).get("levels", {})
+                p = pure.get(str(inflight), {}).get("requests_per_s")
+                c = comp.get(str(inflight), {}).get("requests_per_s")
+                data.setdefault("ratio_compiled_over_pure", {})[str(inflight)] = (
+                    round(c / p, 3) if p and c is not None else None
                 )
         json_path = args.out / "kdmq-throughput.json"
         json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -372,12 +372,12 @@ def test_core_errors_without_a_field_or_option_stand_as_they_are() -> None:
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    from app import __version__
+    from app import __version__, core
 
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
     assert exited.value.code == 0
-    assert capsys.readouterr().out == f"dmq-gateway {__version__}\n"
+    assert capsys.readouterr().out == f"dmq-gateway {__version__} (core: {core()})\n"
 
 
 def test_serve_help_shows_every_option_with_its_default_and_variable(
