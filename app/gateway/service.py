@@ -353,10 +353,15 @@ class Gateway:
                     f"message {index} of the batch: a body of {len(body)} bytes does not fit "
                     f"in one message on this transport (at most {limit} bytes)"
                 )
-        started = [
-            self.publish_nowait(peer_id, body, content_type, target)
-            for body, content_type in messages
-        ]
+        store = self._hub.store
+        # One commit of the origin sequence numbers for the whole batch instead of one
+        # per message: all of it runs in this one turn of the loop, so a crash can
+        # land between a send and its commit exactly as it can for a single message.
+        with store.transaction() if store is not None else contextlib.nullcontext():
+            started = [
+                self.publish_nowait(peer_id, body, content_type, target)
+                for body, content_type in messages
+            ]
         if not wait or not started:
             return [self.dispatch_of(op) for op, _ in started]
         stopping = self._stopping
