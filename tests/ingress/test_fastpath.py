@@ -53,6 +53,7 @@ def _masked(response: Any) -> tuple[int, str, str, Any]:
     return (
         response.status_code,
         response.headers.get("content-type"),
+        int(response.headers["content-length"]) == len(response.content),
         response.headers.get("www-authenticate"),
         text,
     )

@@ -16,6 +16,7 @@ size are checked before it reads a byte, exactly as for the routed endpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from urllib.parse import parse_qsl
@@ -131,9 +132,37 @@ class MessageFastPath:
         except (GatewayError, DmqUsageError) as exc:
             response = problems.problem(Request(scope), getattr(exc, "status_hint", 500), str(exc))
         else:
+            if dispatch.outcomes is None:
+                await _accepted(send, dispatch)
+                return
             model, status = answer(dispatch)
             response = JSONResponse(model.model_dump(mode="json"), status_code=status)
         await response(scope, receive, send)
+
+
+async def _accepted(send: Send, dispatch: Dispatch) -> None:
+    """The 202 answer, rendered as the routed endpoint's JSONResponse renders
+    SendAccepted (the same bytes and headers) without building the model: the common
+    answer of the fast path."""
+    targets = list(dispatch.targets)
+    body = json.dumps(
+        {"id": dispatch.id, "peer": dispatch.peer, "targets": len(targets), "nodes": targets},
+        ensure_ascii=False,
+        allow_nan=False,
+        indent=None,
+        separators=(",", ":"),
+    ).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 202,
+            "headers": [
+                (b"content-length", str(len(body)).encode("latin-1")),
+                (b"content-type", b"application/json"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _read_body(receive: Receive) -> bytes | None:
