@@ -5,7 +5,9 @@ the receiver."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +144,46 @@ def test_publishing_needs_the_token(tmp_path: Path) -> None:
         with client.websocket_connect(f"/v1/peers/{PEER}/publish?token=s3cret-token") as ws:
             ws.send_text(json.dumps({"type": "publish", "id": "a", "body": "x"}))
             assert json.loads(ws.receive_text())["type"] == "ack"
+
+
+def test_a_publisher_ahead_of_its_acks_is_not_read_until_acks_go_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flow control: with MAX_UNACKED publishes unacknowledged the gateway stops
+    reading the connection, so nothing more reaches the bus until an ack goes out."""
+    from app.api.routes import publish
+    from app.dmq.transaction import TimerSettings
+
+    monkeypatch.setattr(publish, "MAX_UNACKED", 3)
+    # A "node" that never answers: a UDP socket nobody reads. Acks wait for Timer F.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.settimeout(0.2)
+    uri = f"sip:127.0.0.1:{silent.getsockname()[1]}"
+    config = GatewayConfig(
+        node=node_config(timers=TimerSettings(t1=0.5, t2=1.0, timer_f=4.0)),
+        state_dir=tmp_path / "state",
+    )
+
+    def call_ids() -> set[bytes]:
+        seen = set()
+        with contextlib.suppress(TimeoutError):
+            while True:
+                data = silent.recv(65536)
+                if data.startswith(f"KDMQ sip:{PEER}@".encode()):
+                    seen.add(next(h for h in data.split(b"\r\n") if h.startswith(b"Call-ID")))
+        return seen
+
+    try:
+        with running(config) as client:
+            assert client.post("/v1/nodes", json={"uri": uri}).status_code == 201
+            with client.websocket_connect(f"/v1/peers/{PEER}/publish") as ws:
+                for i in range(6):
+                    ws.send_text(json.dumps({"type": "publish", "id": f"c{i}", "body": f"p{i}"}))
+                first = call_ids() | call_ids()
+                assert len(first) == 3  # the other three are not read yet
+                acks = [json.loads(ws.receive_text()) for _ in range(6)]
+            assert [a["id"] for a in acks] == [f"c{i}" for i in range(6)]
+            assert acks[0]["results"][0]["timeout"] is True
+    finally:
+        silent.close()
