@@ -22,7 +22,8 @@ from app.api.asyncapi import asyncapi_document
 from app.api.deps import require_token
 from app.api.guard import GuardMiddleware
 from app.api.limits import GuardStats, ServeLimits
-from app.api.routes import health, metrics, nodes, peers, subscribe
+from app.api.routes import health, metrics, nodes, peers, publish, subscribe
+from app.api.routes.fastpath import MessageFastPath
 from app.gateway.config import GatewayConfig
 from app.gateway.service import Gateway
 
@@ -83,6 +84,9 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
     app.state.api_tokens = config.api_tokens
     app.state.limits = limits
     app.state.guard_stats = stats = GuardStats()
+    # Inside the guard (added before it, so it runs after it): broadcast and send
+    # POSTs, checked by the guard, are answered without FastAPI's router.
+    app.add_middleware(MessageFastPath)
     # Outermost but for the error handler: the token and the body's size are checked
     # before any route (or FastAPI's body parsing) reads a byte of the body.
     app.add_middleware(
@@ -108,7 +112,8 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
 
     secured = [Depends(require_token)]
     app.include_router(health.router, dependencies=[] if config.public_health else secured)
-    for module in (nodes, peers, metrics):
+    for module in (nodes, peers, publish, metrics):
         app.include_router(module.router, dependencies=secured)
     app.include_router(subscribe.router)
+    app.include_router(publish.ws_router)
     return app

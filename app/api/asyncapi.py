@@ -15,7 +15,16 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from app import __version__
 from app.api.routes import subscribe
 from app.api.routes.peers import PEER_ID_DESCRIPTION
-from app.gateway.frames import ErrorFrame, GapFrame, MessageFrame, ReplyFrame, SubscribedFrame
+from app.gateway.frames import (
+    AckFrame,
+    ErrorFrame,
+    GapFrame,
+    MessageFrame,
+    PublishErrorFrame,
+    PublishFrame,
+    ReplyFrame,
+    SubscribedFrame,
+)
 
 #: The frames the server sends, with their message names in the AsyncAPI document.
 SERVER_FRAMES: tuple[tuple[str, type[BaseModel]], ...] = (
@@ -29,6 +38,14 @@ CLIENT_FRAMES: tuple[tuple[str, type[BaseModel]], ...] = (("reply", ReplyFrame),
 
 CHANNEL = "peerSubscribe"
 
+#: The publishing WebSocket's frames (``GET /v1/peers/{peer_id}/publish``).
+PUBLISH_SERVER_FRAMES: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("ack", AckFrame),
+    ("publishError", PublishErrorFrame),
+)
+PUBLISH_CLIENT_FRAMES: tuple[tuple[str, type[BaseModel]], ...] = (("publish", PublishFrame),)
+PUBLISH_CHANNEL = "peerPublish"
+
 
 def _summary(model: type[BaseModel]) -> str:
     return (model.__doc__ or model.__name__).strip().splitlines()[0]
@@ -36,7 +53,11 @@ def _summary(model: type[BaseModel]) -> str:
 
 def _frame_schemas() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        (model, "validation") for _, model in SERVER_FRAMES + CLIENT_FRAMES
+        (model, "validation")
+        for _, model in SERVER_FRAMES
+        + CLIENT_FRAMES
+        + PUBLISH_SERVER_FRAMES
+        + PUBLISH_CLIENT_FRAMES
     ]
     _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas: dict[str, Any] = top.get("$defs", {})
@@ -71,6 +92,84 @@ def asyncapi_document() -> dict[str, Any]:
     for name, model in CLIENT_FRAMES:
         messages[name] = _message(name, model, "Client to gateway")
     channel_messages = {name: {"$ref": f"#/components/messages/{name}"} for name in messages}
+    document = _subscribe_document(close_text, close_codes, messages, channel_messages)
+    _add_publish(document)
+    return document
+
+
+def _add_publish(document: dict[str, Any]) -> None:
+    """The publishing WebSocket: publish frames in, ack (or error) frames out, in order."""
+    from app.api.routes import publish
+
+    messages = document["components"]["messages"]
+    names = []
+    for name, model in PUBLISH_SERVER_FRAMES:
+        messages[name] = _message(name, model, "Gateway to client")
+        names.append(name)
+    for name, model in PUBLISH_CLIENT_FRAMES:
+        messages[name] = _message(name, model, "Client to gateway")
+        names.append(name)
+    channel_ref = {"$ref": f"#/channels/{PUBLISH_CHANNEL}"}
+    document["channels"][PUBLISH_CHANNEL] = {
+        "address": publish.PUBLISH_PATH,
+        "title": "publish to a peer",
+        "description": (
+            "Broadcast messages to a peer (or, with ?node=URI, send them to that node) over "
+            "one connection: one publish frame each, acknowledged in the order sent by an "
+            "ack frame with every node's result (as POST broadcast?wait=true), or an error "
+            "frame with the status the same refusal gets over HTTP. The messages leave in "
+            f"the order sent. With {publish.MAX_UNACKED} publishes unacknowledged the "
+            "gateway stops reading the connection until acks go out (TCP slows the "
+            "publisher). The handshake is refused (HTTP 403) without a valid API token "
+            "when the gateway has any; an unknown ?node closes with 1008."
+        ),
+        "parameters": {"peer_id": {"description": PEER_ID_DESCRIPTION}},
+        "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in names},
+        "bindings": {
+            "ws": {
+                "method": "GET",
+                "query": {
+                    "type": "object",
+                    "properties": {
+                        "node": {
+                            "type": "string",
+                            "description": "send every message to this node (its SIP URI) "
+                            "instead of broadcasting",
+                        },
+                        "token": dict(subscribe.QUERY_PARAMETERS["token"]),
+                    },
+                    "additionalProperties": False,
+                },
+                "bindingVersion": "0.1.0",
+            }
+        },
+    }
+    document["operations"]["acknowledgePublishes"] = {
+        "action": "send",
+        "channel": channel_ref,
+        "title": "acknowledge each publish, in order",
+        "messages": [
+            {"$ref": f"#/channels/{PUBLISH_CHANNEL}/messages/{name}"}
+            for name, _ in PUBLISH_SERVER_FRAMES
+        ],
+    }
+    document["operations"]["receivePublishes"] = {
+        "action": "receive",
+        "channel": channel_ref,
+        "title": "publish a message to the bus",
+        "messages": [
+            {"$ref": f"#/channels/{PUBLISH_CHANNEL}/messages/{name}"}
+            for name, _ in PUBLISH_CLIENT_FRAMES
+        ],
+    }
+
+
+def _subscribe_document(
+    close_text: str,
+    close_codes: list[dict[str, Any]],
+    messages: dict[str, Any],
+    channel_messages: dict[str, Any],
+) -> dict[str, Any]:
     channel_ref = {"$ref": f"#/channels/{CHANNEL}"}
     return {
         "asyncapi": "3.0.0",

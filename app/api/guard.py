@@ -129,7 +129,9 @@ def guarded_http_protocol(limits: ApiLimits, stats: GuardStats) -> type[HttpTool
 #: Paths open without a token: the documentation pages' static assets (Swagger UI and
 #: ReDoc's own scripts, nothing of this gateway's).
 _OPEN_PREFIXES = ("/docs-assets/",)
-_MESSAGE_ROUTE = re.compile(r"/v1/peers/[^/]+/(broadcast|send)")
+#: Routes whose bodies go to the bus (one message, or a batch of them): they take
+#: ``max_message_body`` bytes, the rest ``max_body``.
+_MESSAGE_ROUTE = re.compile(r"/v1/peers/[^/]+/(broadcast|send)(/batch)?")
 #: Methods whose requests carry no body a route reads.
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 

@@ -137,3 +137,30 @@ class SendResults(OutModel):
     peer: str
     targets: int
     results: list[NodeResultOut]
+
+
+class BatchMessageIn(StrictModel):
+    """One message of a batch."""
+
+    body: str = Field(description="the KDMQ body: text, or base64 with encoding")
+    content_type: Annotated[str, Field(max_length=256, pattern=r"^[^\r\n]*$")] | None = Field(
+        None, description="the KDMQ Content-Type (default application/json)"
+    )
+    encoding: Literal["base64"] | None = Field(None, description="body is base64 (binary)")
+
+
+class BatchAccepted(OutModel):
+    """wait=false: every message of the batch was accepted and is being sent, in order."""
+
+    peer: str
+    targets: int = Field(description="how many nodes each message is sent to")
+    nodes: list[str] = Field(description="the nodes each message is sent to")
+    ids: list[str] = Field(description="one message id per message, in the batch's order")
+
+
+class BatchResults(OutModel):
+    """wait=true: one result per message, in the batch's order, each with one result
+    per node."""
+
+    peer: str
+    results: list[SendResults]

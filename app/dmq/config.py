@@ -104,6 +104,12 @@ class NodeConfig:
     outbox_max_age: float = 600.0
     #: Resent messages in flight at once to one node that answers again.
     outbox_window: int = 16
+    #: Messages (broadcasts and sends) in flight at once to one node: beyond it a
+    #: message waits its turn, in order, until an earlier one is answered. A burst
+    #: (a batch, a fast publisher) then never has more requests on the way to a node
+    #: than its socket buffer can hold; retransmissions of an overflowed buffer would
+    #: cost far more than the wait.
+    max_in_flight_per_node: int = 256
     #: Before a missed ping disables (or removes) a node, look for other signs of
     #: life: a second ping sent halfway through Timer F when the first has no answer
     #: yet, any other answer, or a request from the node since the ping left. A node
@@ -187,6 +193,12 @@ class NodeConfig:
                 "must be a positive, finite number of seconds",
                 field="outbox_max_age",
                 value=self.outbox_max_age,
+            )
+        if not (isinstance(self.max_in_flight_per_node, int) and self.max_in_flight_per_node >= 1):
+            raise ConfigError(
+                "must be a whole number, at least 1",
+                field="max_in_flight_per_node",
+                value=self.max_in_flight_per_node,
             )
         if not (isinstance(self.outbox_window, int) and self.outbox_window >= 1):
             raise ConfigError(

@@ -54,6 +54,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -195,7 +196,11 @@ _OWN_HEADERS = frozenset(
     )
 )
 
-_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+#: A SIP token, and a character a header value may not hold (a control character
+#: but tab). Regular expressions: a check character by character in Python cost more
+#: than the rest of building a request.
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 #: Header lines after the fixed ones, as they go on the wire (validated).
 HeaderLines = tuple[str, ...]
@@ -213,7 +218,7 @@ def header_lines(headers: ExtraHeaders) -> HeaderLines:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise InvalidHeaderError(f"an extra header must be a (name, value) pair, not {item!r}")
         name, value = item
-        if not isinstance(name, str) or not name or not all(c in _TOKEN_CHARS for c in name):
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
             raise InvalidHeaderError(
                 f"header name {name!r} must be a SIP token (letters, digits, - . ! % * _ + ` ' ~)"
             )
@@ -221,9 +226,7 @@ def header_lines(headers: ExtraHeaders) -> HeaderLines:
             raise InvalidHeaderError(
                 f"header {name!r} is written by the DMQ node itself and cannot be given"
             )
-        if not isinstance(value, str) or any(
-            (ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value
-        ):
+        if not isinstance(value, str) or _CONTROL.search(value):
             raise InvalidHeaderError(
                 f"header {name} value {value!r} must be a single line of text without "
                 "control characters"
@@ -284,6 +287,14 @@ class _Parked:
 
 
 @dataclass(slots=True, eq=False)
+class _Lane:
+    """One node's user messages in flight, and those waiting for their turn."""
+
+    in_flight: int = 0
+    waiting: deque[tuple[SendOperation, OutboxMessage]] = field(default_factory=deque)
+
+
+@dataclass(slots=True, eq=False)
 class _Pending:
     """A request delivered to a peer whose handler will answer later."""
 
@@ -334,6 +345,9 @@ class DmqNode:
         #: oldest first (at most ``max_nodes``).
         self._parked: dict[NodeKey, _Parked] = {}
         self._age_timer: TimerHandle | None = None
+        #: Per node: user messages in flight, and those waiting for their turn
+        #: (NodeConfig.max_in_flight_per_node).
+        self._lanes: dict[Node, _Lane] = {}
         #: New nodes that may still be taken in now (max_new_nodes_per_second).
         self._new_node_tokens = float(config.max_new_nodes_per_list)
         self._new_node_tokens_at: float | None = None
@@ -530,6 +544,15 @@ class DmqNode:
         self._parked.clear()
         for node in list(self._outboxes):
             self._drop_outbox(node, DROP_STOPPED)
+        for node, lane in list(self._lanes.items()):
+            # Every message still waiting its turn is dropped, and its operation
+            # completes with that result.
+            while lane.waiting:
+                operation, _ = lane.waiting.popleft()
+                self._add_result(
+                    operation,
+                    NodeResult(node.uri, 0, "dropped: node stopped", outcome=Delivery.DROPPED),
+                )
         return self._operation(
             self.config.notification_channel,
             targets,
@@ -645,23 +668,19 @@ class DmqNode:
             message = OutboxMessage(
                 self._ids, peer_id, body, content_type, extra, max_forwards, now, size
             )
+        cap = self.config.max_in_flight_per_node
         for node in targets:
-            # A disabled node is known not to answer: its copy waits. A node that is
-            # not active yet (we asked it, it has not answered) is tried now, like an
-            # active one: if it does not answer either, the copy waits all the same.
-            if message is not None and (
-                node.status is NodeStatus.DISABLED or node in self._outboxes
-            ):
-                dropped = self._enqueue(node, message, now)
-                outcome = Delivery.QUEUED if dropped is None else Delivery.DROPPED
-                why = (
-                    f"queued: node is {node.status.value}"
-                    if dropped is None
-                    else (f"dropped: outbox bound ({dropped})")
-                )
-                self._add_result(operation, NodeResult(node.uri, 0, why, outcome=outcome))
-                if dropped is None:
-                    self._drain(node, now)
+            if message is not None:
+                lane = self._lanes.get(node)
+                if lane is None:
+                    lane = self._lanes[node] = _Lane()
+                if lane.waiting or lane.in_flight >= cap:
+                    # Behind the messages already waiting, so that order is kept.
+                    lane.waiting.append((operation, message))
+                    continue
+                self._deliver(node, lane, operation, message, now)
+                if not lane.in_flight:
+                    del self._lanes[node]  # into the outbox: nothing to keep a turn for
                 continue
             self._send_request(
                 node,
@@ -674,6 +693,61 @@ class DmqNode:
                 extra,
             )
         return operation
+
+    def _deliver(
+        self, node: Node, lane: _Lane, operation: SendOperation, message: OutboxMessage, now: float
+    ) -> None:
+        """Send a user message to one node now (its turn has come), or into its outbox."""
+        # A disabled node is known not to answer: its copy waits. A node that is
+        # not active yet (we asked it, it has not answered) is tried now, like an
+        # active one: if it does not answer either, the copy waits all the same.
+        if node.status is NodeStatus.DISABLED or node in self._outboxes:
+            dropped = self._enqueue(node, message, now)
+            outcome = Delivery.QUEUED if dropped is None else Delivery.DROPPED
+            why = (
+                f"queued: node is {node.status.value}"
+                if dropped is None
+                else (f"dropped: outbox bound ({dropped})")
+            )
+            self._add_result(operation, NodeResult(node.uri, 0, why, outcome=outcome))
+            if dropped is None:
+                self._drain(node, now)
+            return
+        lane.in_flight += 1
+        self._send_request(
+            node,
+            operation.peer_id,
+            message.body,
+            message.content_type,
+            message.max_forwards,
+            now,
+            self._lane_result(node, lane, self._operation_result(operation, node, message)),
+            message.extra,
+        )
+
+    def _lane_result(
+        self, node: Node, lane: _Lane, on_result: Callable[[FinalResult, float], None]
+    ) -> Callable[[FinalResult, float], None]:
+        def done(result: FinalResult, now: float) -> None:
+            lane.in_flight -= 1
+            on_result(result, now)
+            self._release(node, lane, now)
+
+        return done
+
+    def _release(self, node: Node, lane: _Lane, now: float) -> None:
+        """Send the messages waiting for a node, oldest first, while it has room."""
+        cap = self.config.max_in_flight_per_node
+        waiting = lane.waiting
+        while waiting and lane.in_flight < cap:
+            operation, message = waiting.popleft()
+            if self.stopped or not self._held(node):
+                why = "dropped: node stopped" if self.stopped else "dropped: node removed"
+                self._add_result(operation, NodeResult(node.uri, 0, why, outcome=Delivery.DROPPED))
+                continue
+            self._deliver(node, lane, operation, message, now)
+        if not waiting and lane.in_flight == 0 and self._lanes.get(node) is lane:
+            del self._lanes[node]
 
     def _add_result(self, operation: SendOperation, result: NodeResult) -> None:
         operation.results.append(result)

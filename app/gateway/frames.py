@@ -105,3 +105,54 @@ class ReplyFrame(BaseModel):
     content_type: Annotated[str, Field(max_length=256, pattern=r"^[^\r\n]*$")] | None = None
     body: str = ""
     encoding: Literal["base64"] | None = None
+
+
+class PublishFrame(BaseModel):
+    """Client -> server (``GET /v1/peers/{peer_id}/publish``): broadcast one message
+    to the peer (or send it to the connection's ``node``)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["publish"]
+    id: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        description="the client's id for this publish; its ack frame carries it back"
+    )
+    body: str = Field(description="the KDMQ body: text, or base64 with encoding")
+    content_type: Annotated[str, Field(max_length=256, pattern=r"^[^\r\n]*$")] | None = None
+    encoding: Literal["base64"] | None = None
+
+
+class NodeResultFrame(BaseModel):
+    """One node's answer to a published message (as in a broadcast with wait=true)."""
+
+    node: str
+    code: int | None = Field(description="final SIP status code, or null on timeout")
+    reason: str | None
+    content_type: str | None = None
+    body: str | None = Field(None, description="the reply body (base64 if not UTF-8)")
+    encoding: Literal["base64"] | None = None
+    timeout: bool
+    outcome: Literal["delivered", "queued", "dropped"] | None = None
+
+
+class AckFrame(_Frame):
+    """Server -> client (publish): a published message's fate, once every node has
+    answered (or Timer F passed): the same per-node results as a broadcast with
+    wait=true. Acks come in the order the publishes were sent."""
+
+    type: Literal["ack"]
+    id: str = Field(description="the client's id of the publish")
+    message_id: str = Field(description="the gateway's message id")
+    peer: str
+    targets: int
+    results: list[NodeResultFrame]
+
+
+class PublishErrorFrame(_Frame):
+    """Server -> client (publish): a publish frame was refused (not well formed, body
+    not base64, too large, unknown peer...) and nothing was sent for it."""
+
+    type: Literal["error"]
+    error: str
+    id: str | None = Field(default=None, description="the client's id of the refused publish")
+    status: int = Field(description="the HTTP status the same refusal gets from POST broadcast")

@@ -22,9 +22,9 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from app.dmq.errors import NodeStoppedError
+from app.dmq.errors import MessageTooLargeError, NodeStoppedError
 from app.dmq.events import Delivery, NodeResult, SendOperation
 from app.dmq.nodes import Node, NodeStatus
 from app.dmq.outbox import DROP_REASONS
@@ -323,6 +323,99 @@ class Gateway:
             ),
             wait,
             timeout,
+        )
+
+    async def send_batch(
+        self,
+        peer_id: str,
+        messages: Sequence[tuple[bytes, str | None]],
+        *,
+        node: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> list[Dispatch]:
+        """Broadcast (or, with ``node``, send to that node) each ``(body, content_type)``
+        in order; one :class:`Dispatch` per message, in the same order.
+
+        Every message is checked before the first is sent, so a refused batch sends
+        nothing. They leave in order in one turn of the loop; the node's cap on
+        messages in flight per node (``max_in_flight_per_node``) holds back the rest
+        of a large batch, in order, so that no receiver's socket buffer overflows.
+        """
+        if self.stopping:
+            raise NodeStoppedError("the gateway is stopping and sends nothing more")
+        target = await self.resolve_node(node) if node is not None else None
+        # The X-DMQ-Origin header the hub adds takes a little more than this.
+        limit = self._server.node.max_body_size - 256
+        for index, (body, _) in enumerate(messages):
+            if len(body) > limit:
+                raise MessageTooLargeError(
+                    f"message {index} of the batch: a body of {len(body)} bytes does not fit "
+                    f"in one message on this transport (at most {limit} bytes)"
+                )
+        store = self._hub.store
+        # One commit of the origin sequence numbers for the whole batch instead of one
+        # per message: all of it runs in this one turn of the loop, so a crash can
+        # land between a send and its commit exactly as it can for a single message.
+        with store.transaction() if store is not None else contextlib.nullcontext():
+            started = [
+                self.publish_nowait(peer_id, body, content_type, target)
+                for body, content_type in messages
+            ]
+        if not wait or not started:
+            return [self.dispatch_of(op) for op, _ in started]
+        stopping = self._stopping
+        assert stopping is not None
+        limit_s = timeout if timeout is not None else self.config.node.timers.timer_f_value + 1
+        waiters = [waiter for _, waiter in started]
+        everything = asyncio.ensure_future(asyncio.wait(waiters))
+        try:
+            await asyncio.wait(
+                (everything, stopping), timeout=limit_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            everything.cancel()
+        if stopping.done() and not all(w.done() and w.exception() is None for w in waiters):
+            raise NodeStoppedError("the gateway is stopping; the results will not be known")
+        return [self.dispatch_of(op, results=True) for op, _ in started]
+
+    def publish_nowait(
+        self, peer_id: str, body: bytes, content_type: str | None, target: SipUri | None = None
+    ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
+        """Broadcast one message (or send it to ``target``, a node :meth:`resolve_node`
+        returned) now; the future completes when every node has answered or timed out
+        (:meth:`dispatch_of` then gives the results), or fails when the node stops.
+        Raises what a broadcast raises (no such peer, too large, stopping)."""
+        if self.stopping:
+            raise NodeStoppedError("the gateway is stopping and sends nothing more")
+        server = self._server
+        if target is None:
+            start = self._hub.stamped(
+                peer_id,
+                "",
+                lambda headers: server.broadcast_nowait(
+                    peer_id, body, content_type, headers=headers
+                ),
+            )
+        else:
+            start = self._hub.stamped(
+                peer_id,
+                str(target).split(";", 1)[0],
+                lambda headers: server.send_nowait(
+                    peer_id, body, content_type, target, headers=headers
+                ),
+            )
+        start[1].add_done_callback(_retrieve)
+        return start
+
+    def dispatch_of(self, operation: SendOperation, *, results: bool = False) -> Dispatch:
+        """What the API says of a started message: its id and targets, and with
+        ``results`` every node's result so far (a node yet to answer: timed out)."""
+        return Dispatch(
+            f"{self.instance}-{operation.id}",
+            operation.peer_id,
+            tuple(str(t) for t in operation.targets),
+            _outcomes(operation) if results else None,
         )
 
     async def _dispatch(self, start: _Start, wait: bool, timeout: float | None) -> Dispatch:

@@ -28,6 +28,8 @@ OPERATIONS = {
     ("delete", "/v1/peers/{peer_id}"): "delete_peer",
     ("post", "/v1/peers/{peer_id}/broadcast"): "broadcast",
     ("post", "/v1/peers/{peer_id}/send"): "send",
+    ("post", "/v1/peers/{peer_id}/broadcast/batch"): "broadcast_batch",
+    ("post", "/v1/peers/{peer_id}/send/batch"): "send_batch",
     ("get", "/metrics"): "get_metrics",
 }
 

@@ -14,6 +14,7 @@ examples per operation, besides schemathesis' own example and coverage cases.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ CONFIG = schemathesis.Config.from_dict(
     }
 )
 schema = schemathesis.openapi.from_path(OPENAPI_JSON, config=CONFIG)
+
+
+@schemathesis.serializer("application/x-ndjson")
+def ndjson(ctx: Any, value: Any) -> bytes:
+    """A batch as NDJSON (documented as a string: one message object per line)."""
+    if isinstance(value, str):
+        return value.encode()
+    return json.dumps(value).encode()
 
 
 @dataclass(frozen=True)

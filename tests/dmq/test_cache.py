@@ -26,7 +26,13 @@ def test_a_size_below_one_is_refused() -> None:
 
 
 def test_caller_chosen_peer_ids_do_not_grow_the_node_without_bound() -> None:
-    node = DmqNode(NodeConfig(server_address=SipUri.parse("sip:127.0.0.1:5091")))
+    # Every send goes out at once (none waits behind the cap on messages in flight).
+    node = DmqNode(
+        NodeConfig(
+            server_address=SipUri.parse("sip:127.0.0.1:5091"),
+            max_in_flight_per_node=CACHE_SIZE + 50,
+        )
+    )
     node.add_node(SipUri.parse("sip:127.0.0.1:5090"), 0.0)
     for i in range(CACHE_SIZE + 50):
         node.send(f"peer{i}", b"x", None, SipUri.parse("sip:127.0.0.1:5090"), 0.0)

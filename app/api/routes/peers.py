@@ -96,8 +96,10 @@ async def delete_peer(peer_id: PeerId, gateway: GatewayDep) -> Response:
     return Response(status_code=204)
 
 
-async def _body(request: Request) -> tuple[bytes, str]:
-    content_type = request.headers.get("content-type") or DEFAULT_CONTENT_TYPE
+def content_type_of(header: str | None) -> str:
+    """The KDMQ Content-Type for a request's ``Content-Type`` header; a form encoding
+    is refused with 415 (shared with :mod:`app.api.routes.fastpath`)."""
+    content_type = header or DEFAULT_CONTENT_TYPE
     if content_type.split(";", 1)[0].strip().lower() in FORM_TYPES:
         raise ProblemError(
             415,
@@ -105,10 +107,15 @@ async def _body(request: Request) -> tuple[bytes, str]:
             "KDMQ body: set the body's Content-Type (curl -H 'content-type: "
             "application/json' ...)",
         )
+    return content_type
+
+
+async def _body(request: Request) -> tuple[bytes, str]:
+    content_type = content_type_of(request.headers.get("content-type"))
     return await request.body(), content_type
 
 
-def _outcome_out(outcome: NodeOutcome) -> NodeResultOut:
+def outcome_out(outcome: NodeOutcome) -> NodeResultOut:
     body: str | None = None
     encoding: Literal["base64"] | None = None
     if outcome.body:
@@ -133,21 +140,29 @@ def _outcome_out(outcome: NodeOutcome) -> NodeResultOut:
     )
 
 
-def _answer(dispatch: Dispatch, response: Response) -> SendAccepted | SendResults:
+def answer(dispatch: Dispatch) -> tuple[SendAccepted | SendResults, int]:
+    """The answer to a broadcast or send, and its status (202 at once, 200 with every
+    node's result)."""
     if dispatch.outcomes is None:
-        response.status_code = 202
-        return SendAccepted(
+        accepted = SendAccepted(
             id=dispatch.id,
             peer=dispatch.peer,
             targets=len(dispatch.targets),
             nodes=list(dispatch.targets),
         )
-    return SendResults(
+        return accepted, 202
+    results = SendResults(
         id=dispatch.id,
         peer=dispatch.peer,
         targets=len(dispatch.targets),
-        results=[_outcome_out(outcome) for outcome in dispatch.outcomes],
+        results=[outcome_out(outcome) for outcome in dispatch.outcomes],
     )
+    return results, 200
+
+
+def _answer(dispatch: Dispatch, response: Response) -> SendAccepted | SendResults:
+    model, response.status_code = answer(dispatch)
+    return model
 
 
 WaitQuery = Annotated[

@@ -1,0 +1,176 @@
+"""A raw ASGI path for ``POST /v1/peers/{peer_id}/broadcast`` and ``/send``.
+
+These two routes carry the bus's traffic: every message published over HTTP is one of
+them. Through FastAPI each costs routing, dependency injection (``solve_dependencies``
+alone was over a quarter of the CPU of a POST), a Request and a Response object and
+response validation: three times the DMQ send itself. :class:`MessageFastPath` answers
+the common request, one whose query parameters are plainly valid, itself, with the same
+status, headers and bytes the routed endpoint gives (``tests/ingress`` compares both
+for every status); anything else (a query that needs FastAPI's validation to be refused
+with its exact 422, another method) goes on to the routed app, which stays the one that
+is documented in the OpenAPI document.
+
+It sits inside :class:`~app.api.guard.GuardMiddleware`, so the token and the body's
+size are checked before it reads a byte, exactly as for the routed endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api import problems
+from app.api.routes.peers import answer, content_type_of
+from app.dmq.errors import DmqUsageError
+from app.gateway.errors import GatewayError
+from app.gateway.models import Dispatch
+from app.gateway.service import Gateway
+
+_MESSAGE_PATH = re.compile(r"/v1/peers/([^/]+)/(broadcast|send)")
+#: What pydantic's lax bool takes, lower-cased: anything else goes to the routed app
+#: for its 422.
+_BOOLS = {
+    "true": True, "1": True, "yes": True, "on": True, "t": True, "y": True,
+    "false": False, "0": False, "no": False, "off": False, "f": False, "n": False,
+}  # fmt: skip
+#: A timeout the fast path parses itself; any other spelling goes to the routed app.
+_PLAIN_NUMBER = re.compile(r"[0-9]{1,3}(\.[0-9]{1,9})?")
+
+
+class _Delegate(Exception):
+    """The request is not one the fast path answers: the routed app does."""
+
+
+def _query(scope: Scope, send_route: bool) -> tuple[bool, float | None, str | None]:
+    """``(wait, timeout, node)``, as the routed endpoint would validate them, or
+    :class:`_Delegate` when only FastAPI's validation can say how they are wrong."""
+    raw: bytes = scope.get("query_string", b"")
+    values: dict[str, str] = {}
+    if raw:
+        # Starlette keeps the last of repeated parameters for a single value.
+        values = dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+    wait = False
+    text = values.get("wait")
+    if text is not None:
+        parsed = _BOOLS.get(text.lower())
+        if parsed is None:
+            raise _Delegate
+        wait = parsed
+    timeout: float | None = None
+    text = values.get("timeout")
+    if text is not None:
+        if not _PLAIN_NUMBER.fullmatch(text):
+            raise _Delegate
+        timeout = float(text)
+        if not (0 < timeout <= 300 and math.isfinite(timeout)):
+            raise _Delegate
+    node = values.get("node")
+    if send_route and (node is None or not 5 <= len(node) <= 512):
+        raise _Delegate
+    return wait, timeout, node
+
+
+class MessageFastPath:
+    """ASGI middleware answering broadcast and send POSTs without FastAPI's router."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _MESSAGE_PATH.fullmatch(scope["path"])
+            if match is not None:
+                try:
+                    query = _query(scope, match.group(2) == "send")
+                except _Delegate:
+                    pass
+                else:
+                    await self._message(scope, receive, send, match.group(1), *query)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _message(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        peer_id: str,
+        wait: bool,
+        timeout: float | None,
+        node: str | None,
+    ) -> None:
+        gateway: Gateway = scope["app"].state.gateway
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                header = value.decode("latin-1")
+                break
+        try:
+            content_type = content_type_of(header)
+            body = await _read_body(receive)
+            if body is None:
+                return  # the client is gone, or the guard refused the body with 413
+            dispatch: Dispatch
+            if node is None:
+                dispatch = await gateway.broadcast(
+                    peer_id, body, content_type, wait=wait, timeout=timeout
+                )
+            else:
+                dispatch = await gateway.send(
+                    peer_id, node, body, content_type, wait=wait, timeout=timeout
+                )
+        except problems.ProblemError as exc:
+            response = problems.problem(
+                Request(scope), exc.status, exc.detail, type_=exc.type, headers=exc.headers
+            )
+        except (GatewayError, DmqUsageError) as exc:
+            response = problems.problem(Request(scope), getattr(exc, "status_hint", 500), str(exc))
+        else:
+            if dispatch.outcomes is None:
+                await _accepted(send, dispatch)
+                return
+            model, status = answer(dispatch)
+            response = JSONResponse(model.model_dump(mode="json"), status_code=status)
+        await response(scope, receive, send)
+
+
+async def _accepted(send: Send, dispatch: Dispatch) -> None:
+    """The 202 answer, rendered as the routed endpoint's JSONResponse renders
+    SendAccepted (the same bytes and headers) without building the model: the common
+    answer of the fast path."""
+    targets = list(dispatch.targets)
+    body = json.dumps(
+        {"id": dispatch.id, "peer": dispatch.peer, "targets": len(targets), "nodes": targets},
+        ensure_ascii=False,
+        allow_nan=False,
+        indent=None,
+        separators=(",", ":"),
+    ).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 202,
+            "headers": [
+                (b"content-length", str(len(body)).encode("latin-1")),
+                (b"content-type", b"application/json"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
