@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -193,6 +194,12 @@ class Gateway:
             duplicates=self._hub.duplicates,
             gaps=self._hub.reorderer.gaps,
             held=self._hub.reorderer.held(),
+            outbox_parked=stats.outbox_parked,
+            outbox_unparked=stats.outbox_unparked,
+            transport={
+                item.name: getattr(self._server.stats, item.name)
+                for item in dataclasses.fields(self._server.stats)
+            },
         )
 
     # ------------------------------------------------------------------ nodes
