@@ -60,6 +60,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import islice
 from typing import Any, Final, NamedTuple, TypeVar
 
 from app.dmq.errors import NodeStoppedError, ReplyNotPendingError
@@ -91,6 +92,8 @@ PENDING_IDS_KEPT = 4096
 
 #: History rows trimmed from the store in one statement (not one per message).
 TRIM_BATCH = 256
+#: Bytes of frames one subscriber may have queued: a replay page, or the live backlog.
+DEFAULT_QUEUE_BYTES = 4 * 1024 * 1024
 
 
 class Ending(Enum):
@@ -145,25 +148,74 @@ def render_frame(entry: HistoryEntry) -> str:
     return MessageFrame.model_validate(fields).text()
 
 
+class _FrameQueue(deque[tuple[int, str]]):
+    """A subscriber's frames, which counts their bytes and fetches the next page of a
+    replay when the WebSocket endpoint takes the last frame queued."""
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        super().__init__()
+        self.subscriber = subscriber
+        #: Characters of the frames queued (a frame is ASCII-safe JSON text mostly:
+        #: characters stand for its bytes).
+        self.size = 0
+        #: Of which replayed frames.
+        self.replay_size = 0
+
+    def append(self, item: tuple[int, str], /) -> None:
+        super().append(item)
+        self.size += len(item[1])
+
+    def append_replayed(self, item: tuple[int, str]) -> None:
+        self.append(item)
+        self.replay_size += len(item[1])
+
+    def popleft(self) -> tuple[int, str]:
+        item = super().popleft()
+        self.size -= len(item[1])
+        subscriber = self.subscriber
+        if item[0] <= subscriber.replay_end:
+            self.replay_size -= len(item[1])
+        if not self and subscriber.replay_next is not None and subscriber.ending is None:
+            subscriber.next_page()
+        return item
+
+    def clear(self) -> None:
+        super().clear()
+        self.size = self.replay_size = 0
+
+
 class Subscriber:
-    """One WebSocket client of a peer: a bounded queue of frames to send."""
+    """One WebSocket client of a peer: a bounded queue of frames to send.
+
+    The queue is bounded in frames (``limit``) and in bytes (``max_bytes``), replay
+    included: a replay larger than either is queued one page at a time, the next page
+    when the client has taken the last frame of the previous one, so that subscribers
+    that resume from far back and do not read hold one page each, not the history.
+    While a replay is paged, live messages are not queued: they are in the history,
+    and the pages reach them; then the subscriber goes live.
+    """
 
     __slots__ = (
         "channel",
         "ending",
         "frames",
         "limit",
+        "max_bytes",
         "on_overflow",
         "replay_end",
+        "replay_next",
         "sent_offset",
         "wakeup",
     )
 
-    def __init__(self, channel: PeerChannel, limit: int) -> None:
+    def __init__(
+        self, channel: PeerChannel, limit: int, max_bytes: int = DEFAULT_QUEUE_BYTES
+    ) -> None:
         self.channel = channel
         #: (offset, JSON text frame) waiting to be sent.
-        self.frames: deque[tuple[int, str]] = deque()
+        self.frames = _FrameQueue(self)
         self.limit = limit
+        self.max_bytes = max_bytes
         self.wakeup = asyncio.Event()
         #: Set once when the gateway ends the subscription; nothing is queued after.
         self.ending: Ending | None = None
@@ -172,6 +224,8 @@ class Subscriber:
         #: Offset of the last replayed frame (0: no replay). Replayed frames sit at the
         #: front of ``frames`` with consecutive offsets, and do not count against ``limit``.
         self.replay_end = 0
+        #: While a replay is paged: the offset the next page starts after (None: live).
+        self.replay_next: int | None = None
         #: Called once when the queue overflows, so that the WebSocket endpoint can stop
         #: a send that is stuck behind a full TCP buffer.
         self.on_overflow: Callable[[], None] | None = None
@@ -184,29 +238,86 @@ class Subscriber:
             backlog -= self.replay_end - frames[0][0] + 1
         return backlog
 
+    def replay(self, after: int) -> None:
+        """Queue the history after offset ``after``: its first page now, the others as
+        the client reads."""
+        self.replay_next = after
+        self.next_page()
+
+    def next_page(self) -> None:
+        """Queue the next page of the replay: at most ``limit`` frames and ``max_bytes``
+        (at least one frame); a gap frame first if the history was trimmed past where
+        the previous page ended. The last page makes the subscriber live."""
+        after = self.replay_next
+        if after is None:
+            return
+        channel = self.channel
+        history = channel.history
+        frames = self.frames
+        oldest = history[0][_OFFSET] if history else channel.offset + 1
+        if after + 1 < oldest:
+            gap = GapFrame.model_validate(
+                {
+                    "type": "gap",
+                    "reason": "messages no longer held in the peer's history",
+                    "epoch": channel.epoch,
+                    "from": after + 1,
+                    "to": oldest - 1,
+                }
+            )
+            frames.append_replayed((oldest - 1, gap.text()))
+            after = oldest - 1
+        # History offsets are consecutive: the page starts at a known index.
+        start = after + 1 - oldest
+        size = 0
+        count = 0
+        for entry in islice(history, max(start, 0), None):
+            offset = entry[_OFFSET]
+            if offset <= after:
+                continue
+            # Rendered for this page only: holding the frames of a whole replayed
+            # history would hold them all.
+            frame = render_frame(entry)
+            if count and (count >= self.limit or size + len(frame) > self.max_bytes):
+                break
+            frames.append_replayed((offset, frame))
+            size += len(frame)
+            count += 1
+            after = offset
+        if frames:
+            self.replay_end = frames[-1][0]
+            self.wakeup.set()
+        self.replay_next = None if after >= channel.offset else after
+
     def end(self, why: Ending) -> None:
         if self.ending is None:
             self.ending = why
         self.wakeup.set()
 
     def push(self, frame: str, offset: int) -> None:
-        if self.ending is not None:
+        if self.ending is not None or self.replay_next is not None:
+            # (While a replay is paged, its pages will reach this message.)
             return
+        frames = self.frames
+        live_bytes = frames.size - frames.replay_size
         # (len(frames) first: it bounds the live backlog and is all a subscriber that
         # did not resume needs.)
-        if len(self.frames) >= self.limit and self.live_backlog() >= self.limit:
-            self.frames.clear()
+        if (len(frames) >= self.limit and self.live_backlog() >= self.limit) or (
+            live_bytes and live_bytes + len(frame) > self.max_bytes
+        ):
+            frames.clear()
             self.channel.overflows += 1
             log.warning(
-                "peer %s: a subscriber fell %d messages behind and is cut off",
+                "peer %s: a subscriber fell %d messages or %d bytes behind and is cut off",
                 self.channel.peer_id,
                 self.limit,
+                self.max_bytes,
             )
             self.end(Ending.OVERFLOW)
             if self.on_overflow is not None:
                 self.on_overflow()
         else:
-            self.frames.append((offset, frame))
+            frames.append((offset, frame))
             self.wakeup.set()
 
 
@@ -326,6 +437,8 @@ class Hub:
         #: Keeps histories and reorder state (else only the registry and our stamps).
         self.durable = store is not None and history_store is HistoryStore.SQLITE
         self.queue_limit = queue_limit
+        #: Bytes of frames a subscriber may have queued, replay pages included.
+        self.queue_bytes = DEFAULT_QUEUE_BYTES
         self.channels: dict[str, PeerChannel] = {}
         self.reorderer: Reorderer[_Held] = Reorderer(reorder_wait, reorder_limit)
         self._timer: asyncio.TimerHandle | None = None
@@ -699,14 +812,19 @@ class Hub:
 
     # ------------------------------------------------------------------ subscribers
 
-    def subscribe(self, peer_id: str, since: int | None, epoch: str | None) -> Subscription:
+    def subscribe(
+        self, peer_id: str, since: int | None, epoch: str | None, queue_bytes: int | None = None
+    ) -> Subscription:
         """Register a subscriber; queue what it missed first (no await: no gap).
 
-        ``epoch`` goes with ``since`` (the API refuses it alone).
+        ``epoch`` goes with ``since`` (the API refuses it alone). ``queue_bytes``: the
+        subscriber's budget in bytes (the hub's ``queue_bytes`` when None).
         """
         channel = self.channel(peer_id)
         channel.retain(time.time())
-        subscriber = Subscriber(channel, self.queue_limit)
+        subscriber = Subscriber(
+            channel, self.queue_limit, self.queue_bytes if queue_bytes is None else queue_bytes
+        )
         history = channel.history
         oldest = history[0][_OFFSET] if history else channel.offset + 1
         gap: GapFrame | None = None
@@ -744,13 +862,10 @@ class Hub:
                         "to": oldest - 1,
                     }
                 )
-            # Replay does not count against the live queue limit.
-            for entry in history:
-                if entry[_OFFSET] > start:
-                    subscriber.frames.append((entry[_OFFSET], render_frame(entry)))
-            if subscriber.frames:
-                subscriber.replay_end = subscriber.frames[-1][0]
-                subscriber.wakeup.set()
+            # Replayed in pages bounded like the live queue, as the client reads.
+            # (From the oldest entry held: the gap frame above told what is missing.)
+            if start < channel.offset:
+                subscriber.replay(max(start, oldest - 1))
         subscriber.sent_offset = start
         channel.subscribers.add(subscriber)
         first = SubscribedFrame(

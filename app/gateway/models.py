@@ -152,3 +152,10 @@ class GatewayStats:
     duplicates: int = 0
     gaps: int = 0
     held: int = 0
+    #: Nodes removed after missed pings whose outbox was kept (parked) for them, and
+    #: parked nodes that came back and were taken into the node list again.
+    outbox_parked: int = 0
+    outbox_unparked: int = 0
+    #: The SIP driver's refusals and gauges (``TransportStats``, field name -> value):
+    #: every connection or look-up a bound refused, and the TCP connections open now.
+    transport: dict[str, int] = field(default_factory=dict)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -193,6 +194,12 @@ class Gateway:
             duplicates=self._hub.duplicates,
             gaps=self._hub.reorderer.gaps,
             held=self._hub.reorderer.held(),
+            outbox_parked=stats.outbox_parked,
+            outbox_unparked=stats.outbox_unparked,
+            transport={
+                item.name: getattr(self._server.stats, item.name)
+                for item in dataclasses.fields(self._server.stats)
+            },
         )
 
     # ------------------------------------------------------------------ nodes
@@ -440,11 +447,17 @@ class Gateway:
 
     # ------------------------------------------------------------------ subscribers
 
-    def subscribe(self, peer_id: str, since: int | None, epoch: str | None) -> Subscription:
-        """Subscribe to a peer: ``since`` resumes after that offset (of ``epoch``)."""
+    def subscribe(
+        self, peer_id: str, since: int | None, epoch: str | None, queue_bytes: int | None = None
+    ) -> Subscription:
+        """Subscribe to a peer: ``since`` resumes after that offset (of ``epoch``).
+
+        ``queue_bytes`` bounds the frames queued for the subscriber, replay pages
+        included (the hub's default, 4 MiB, when None).
+        """
         if self.stopping:
             raise NodeStoppedError("the gateway is stopping")
-        return self._hub.subscribe(peer_id, since, epoch)
+        return self._hub.subscribe(peer_id, since, epoch, queue_bytes)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._hub.unsubscribe(subscriber)

@@ -53,6 +53,9 @@ from app.gateway.models import PeerSettings
 log = logging.getLogger("dmq.gateway")
 
 DB_NAME = "gateway.db"
+#: Files a write interrupted by a crash can leave in the state dir (see
+#: StateStore._remove_temporaries); removed at every start.
+TEMPORARY_PATTERNS = (".peers-*.json", ".peers-*.json.tmp", "peers.json.tmp")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -171,6 +174,7 @@ class StateStore:
     def open(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._closed = False
+        self._remove_temporaries()
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
@@ -181,6 +185,24 @@ class StateStore:
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
             self._db = self._connect()
         self._import_peers_json()
+
+    def _remove_temporaries(self) -> None:
+        """Delete what a crash in the middle of a write can leave in the state dir.
+
+        The former ``peers.json`` registry was written to a ``.peers-*.json`` temporary
+        and renamed over the file; a process killed between the two left the
+        temporary behind, and nothing ever read or removed it. The database's own
+        ``-wal`` and ``-shm`` files are not temporaries (the WAL holds committed
+        messages) and are left to SQLite.
+        """
+        for pattern in TEMPORARY_PATTERNS:
+            for leftover in self.state_dir.glob(pattern):
+                try:
+                    leftover.unlink()
+                except OSError as exc:
+                    log.warning("cannot remove the leftover temporary %s: %s", leftover, exc)
+                else:
+                    log.info("removed the leftover temporary %s", leftover)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

@@ -37,21 +37,22 @@ def test_live_limit_is_reached_when_the_live_backlog_is_full() -> None:
     assert channel.overflows == 1
 
 
-def test_replay_does_not_count_and_does_not_raise_the_live_limit() -> None:
+def test_replay_comes_in_pages_and_does_not_raise_the_live_limit() -> None:
     hub, channel = hub_with_peer(queue_limit=5, history=100)
     arrive(channel, 20)
     subscriber = hub.subscribe("p", 0, channel.epoch).subscriber
-    # The whole replay is queued and counts for nothing: 5 live messages fit on top.
-    assert len(subscriber.frames) == 20
+    # One page of the replay is queued, no more than the queue limit.
+    assert [offset for offset, _ in subscriber.frames] == [1, 2, 3, 4, 5]
+    # Messages arriving during the replay do not overflow it: the pages reach them.
     arrive(channel, 5)
     assert subscriber.ending is None
-    # The client reads the replay, then part of the live messages...
-    for _ in range(22):
-        subscriber.frames.popleft()
-    assert len(subscriber.frames) == 3
-    # ...and stops: two more live messages fill its queue, the next one overflows it,
-    # as for any subscriber (not 20 messages later, as if the replay were still there).
-    arrive(channel, 2)
+    # The client reads all but the last three (each page queued as the last is taken)...
+    taken = [subscriber.frames.popleft()[0] for _ in range(22)]
+    assert taken == list(range(1, 23))
+    assert [offset for offset, _ in subscriber.frames] == [23, 24, 25]
+    # ...and stops: five live messages fill its queue, the next one overflows it, as
+    # for any subscriber (the replayed frames still queued count for nothing).
+    arrive(channel, 5)
     assert subscriber.ending is None
     arrive(channel, 1)
     assert subscriber.ending is Ending.OVERFLOW

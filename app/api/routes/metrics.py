@@ -17,16 +17,44 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.api.limits import GuardStats
 from app.gateway.service import Gateway
 
 router = APIRouter(prefix="/metrics", tags=["metrics"])
 
+#: ``TransportStats`` field -> the ``reason`` label of ``dmq_tcp_refused_total``: every
+#: TCP connection the driver closed (or never served) because a bound was reached.
+TCP_REFUSALS = {
+    "tcp_refused_total": "max_connections",
+    "tcp_refused_per_source": "max_per_source",
+    "tcp_idle_closed": "idle_timeout",
+    "tcp_message_timeouts": "message_timeout",
+    "tcp_untrusted_closed": "untrusted",
+    "tcp_write_overflows": "write_overflow",
+    "tcp_buffer_overflows": "buffer_overflow",
+    "stream_errors": "stream_error",
+}
+#: ``GuardStats`` field -> the ``reason`` label of ``dmq_http_refused_total``.
+HTTP_REFUSALS = {
+    "http_connections_refused": "max_connections",
+    "http_header_timeouts": "header_timeout",
+    "http_headers_too_large": "headers_too_large",
+    "http_unauthorized": "unauthorized",
+    "http_bodies_too_large": "body_too_large",
+    "ws_rate_limited": "ws_rate_limited",
+}
+
 
 class GatewayCollector(Collector):
-    """Every counter of the node and the gateway, read at scrape time."""
+    """Every counter of the node and the gateway, read at scrape time.
 
-    def __init__(self, gateway: Gateway) -> None:
+    ``guard`` is the API guard's refusal counters (``app.state.guard_stats``): they
+    belong to the app around the gateway, not to the gateway, so they are handed in.
+    """
+
+    def __init__(self, gateway: Gateway, guard: GuardStats | None = None) -> None:
         self.gateway = gateway
+        self.guard = guard
 
     def collect(self) -> Iterator[Metric]:
         stats = self.gateway.stats()
@@ -159,12 +187,89 @@ class GatewayCollector(Collector):
             "stamped messages held until the ones before them arrive",
             value=stats.held,
         )
+        for name, text, value in (
+            (
+                "dmq_outbox_parked",
+                "nodes removed after missed pings whose outbox was kept for their return",
+                stats.outbox_parked,
+            ),
+            (
+                "dmq_outbox_unparked",
+                "parked nodes that came back, their outbox with them",
+                stats.outbox_unparked,
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        yield from self._transport(stats.transport)
+        yield from self._guard()
+
+    @staticmethod
+    def _transport(transport: dict[str, int]) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "dmq_tcp_refused",
+            "SIP TCP connections closed or refused because a bound was reached, by reason",
+            labels=["reason"],
+        )
+        for field_name, reason in TCP_REFUSALS.items():
+            refused.add_metric([reason], transport.get(field_name, 0))
+        yield refused
+        for name, text, field_name in (
+            (
+                "dmq_tcp_read_paused",
+                "times a SIP TCP connection stopped being read: its peer did not read replies",
+                "tcp_read_paused",
+            ),
+            (
+                "dmq_tcp_outbound_reset",
+                "outbound SIP TCP connections torn down after a request went unanswered",
+                "tcp_outbound_reset",
+            ),
+            (
+                "dmq_dns_lookups_refused",
+                "host name look-ups not started: too many were in flight",
+                "dns_lookups_refused",
+            ),
+            (
+                "dmq_log_lines_suppressed",
+                "log lines left out by the per-source rate limit",
+                "log_lines_suppressed",
+            ),
+            (
+                "dmq_udp_datagrams_dropped",
+                "UDP datagrams dropped on purpose (the drop_rate test setting)",
+                "dropped_datagrams",
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=transport.get(field_name, 0))
+        yield GaugeMetricFamily(
+            "dmq_tcp_connections",
+            "inbound SIP TCP connections open now",
+            value=transport.get("tcp_connections", 0),
+        )
+
+    def _guard(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "dmq_http_refused",
+            "HTTP requests and WebSocket connections refused by the API's bounds, by reason",
+            labels=["reason"],
+        )
+        for field_name, reason in HTTP_REFUSALS.items():
+            refused.add_metric([reason], getattr(self.guard, field_name, 0))
+        yield refused
 
 
-def registry_for(gateway: Gateway) -> CollectorRegistry:
+class GatewayRegistry(CollectorRegistry):
+    """The registry of one app, which keeps its gateway collector at hand."""
+
+    def __init__(self, collector: GatewayCollector) -> None:
+        super().__init__(auto_describe=True)
+        self.gateway_collector = collector
+        self.register(collector)
+
+
+def registry_for(gateway: Gateway, guard: GuardStats | None = None) -> GatewayRegistry:
     """A registry of this gateway's metrics and the process's (RSS, CPU, fds, GC)."""
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(GatewayCollector(gateway))
+    registry = GatewayRegistry(GatewayCollector(gateway, guard))
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
@@ -188,5 +293,8 @@ def registry_for(gateway: Gateway) -> CollectorRegistry:
 async def get_metrics(request: Request) -> Response:
     """Counters and gauges in the Prometheus text format (or OpenMetrics)."""
     registry: CollectorRegistry = request.app.state.metrics
+    if isinstance(registry, GatewayRegistry) and registry.gateway_collector.guard is None:
+        # The guard's counters live on the app, which made the registry without them.
+        registry.gateway_collector.guard = getattr(request.app.state, "guard_stats", None)
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(registry), media_type=content_type)

@@ -144,7 +144,7 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
         await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=close_reason(query))
         return
     try:
-        subscription = gateway.subscribe(peer_id, *query)
+        subscription = gateway.subscribe(peer_id, *query, _queue_bytes(websocket))
     except (GatewayError, DmqUsageError) as exc:
         code = CLOSE_SERVICE_RESTART if gateway.stopping else CLOSE_PEER_REMOVED
         await websocket.close(code=code, reason=close_reason(str(exc)))
@@ -194,6 +194,14 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
             await asyncio.wait_for(
                 websocket.close(code=code, reason=close_reason(reason)), CLOSE_WAIT
             )
+
+
+def _queue_bytes(websocket: WebSocket) -> int | None:
+    """The subscriber's byte budget from the app's limits (``--ws-queue-bytes``), when
+    they carry one; the gateway's default otherwise."""
+    limits = getattr(websocket.app.state, "limits", None)
+    budget = getattr(getattr(limits, "api", None), "ws_queue_bytes", None)
+    return budget if isinstance(budget, int) else None
 
 
 async def _send_frames(websocket: WebSocket, subscriber: Subscriber, first: list[str]) -> None:
