@@ -100,7 +100,9 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = problems.document_problems(FastAPI.openapi(app))
+            app.openapi_schema = publish.document_batch_items(
+                problems.document_problems(FastAPI.openapi(app))
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from app.gateway.hub import Ending, PeerChannel, Subscriber
+from app.gateway.hub import Ending, PeerChannel, Subscriber, render_frame
 from app.gateway.models import PeerSettings
 
 BODY = b"b" * 100
@@ -31,7 +31,7 @@ def _drain(subscriber: Subscriber, *, largest_queue: list[int]) -> list[dict[str
 
 def test_a_replay_larger_than_the_budget_is_queued_page_by_page() -> None:
     channel = _channel(history=1000, messages=50)
-    frame_size = len(channel.history[0].frame)
+    frame_size = len(render_frame(channel.history[0]))
     subscriber = Subscriber(channel, limit=1000, max_bytes=5 * frame_size)
     channel.subscribers.add(subscriber)
     subscriber.replay(0)
@@ -62,7 +62,7 @@ def test_a_page_never_holds_more_frames_than_the_queue_limit() -> None:
 
 def test_history_trimmed_while_a_replay_is_paged_becomes_a_gap_frame() -> None:
     channel = _channel(history=20, messages=20)
-    frame_size = len(channel.history[0].frame)
+    frame_size = len(render_frame(channel.history[0]))
     subscriber = Subscriber(channel, limit=1000, max_bytes=2 * frame_size)
     channel.subscribers.add(subscriber)
     subscriber.replay(0)

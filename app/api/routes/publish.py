@@ -84,6 +84,22 @@ BATCH_BODY = {
         },
     }
 }
+
+
+def document_batch_items(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the schema of one batch message to the OpenAPI components.
+
+    The batch routes read their body themselves (JSON or NDJSON), so FastAPI never
+    sees the model and would leave the ``$ref`` above dangling (ReDoc then refuses the
+    whole document)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault(
+        "BatchMessageIn",
+        BatchMessageIn.model_json_schema(ref_template="#/components/schemas/{model}"),
+    )
+    return schema
+
+
 BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": BatchResults, "description": "wait=true: one result per message"},
     202: {"model": BatchAccepted, "description": "wait=false: accepted, being sent in order"},
