@@ -65,7 +65,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from app.dmq.errors import NodeStoppedError, ReplyNotPendingError
 from app.dmq.node import ExtraHeaders
-from app.dmq.peers import ORIGIN_HEADER, PeerMessage, PeerReply
+from app.dmq.peers import ORIGIN_HEADER, PeerHandler, PeerInit, PeerMessage, PeerReply
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
 from app.gateway.errors import PeerNotRegisteredError
 from app.gateway.frames import GapFrame, MessageFrame, SubscribedFrame
@@ -455,6 +455,9 @@ class Hub:
         #: Batches committed, and messages answered through them (metrics, tests).
         self.batches = 0
         self.batched = 0
+        #: Taps by peer id: typed mirrors of Kamailio's own peers (htable, usrloc,
+        #: dialog), which see every message of their peer id beside any raw peer.
+        self.taps: dict[str, _Tap] = {}
 
     # ------------------------------------------------------------------ registry
 
@@ -529,9 +532,11 @@ class Hub:
             channel = PeerChannel(peer_id, settings, ephemeral=ephemeral)
             if self.durable and not ephemeral:
                 channel.store = self.store
+            tap = self.taps.get(peer_id)
             self.server.register_peer(
                 peer_id,
                 self._handler(channel),
+                init=tap.init if tap is not None else None,
                 description=settings.description,
                 reply_timeout=reply_timeout,
             )
@@ -556,11 +561,39 @@ class Hub:
         channel = self.channel(peer_id)
         del self.channels[peer_id]
         self.server.unregister_peer(peer_id)
+        tap = self.taps.get(peer_id)
+        if tap is not None:  # the typed mirror answers its peer id alone again
+            self.server.register_peer(
+                peer_id, tap.handler, init=tap.init, description=tap.description
+            )
         self.reorderer.forget_peer(peer_id)
         for subscriber in list(channel.subscribers):
             subscriber.end(Ending.PEER_REMOVED)
         if self.store is not None and not channel.ephemeral:
             self.store.delete_peer(peer_id)
+
+    def attach_tap(
+        self,
+        peer_id: str,
+        handler: PeerHandler,
+        *,
+        init: PeerInit | None = None,
+        description: str = "",
+    ) -> None:
+        """Let ``handler`` see every message of ``peer_id``, whether or not a raw peer
+        of that id is registered.
+
+        With no raw peer the tap is the peer: its reply is the SIP reply (a typed
+        mirror answers as Kamailio would, 400 to a body it cannot read). With a raw
+        peer, the tap sees each message first and the raw peer answers it, so a raw
+        subscriber still gets every body exactly as sent. ``init`` runs once the node
+        first reaches another node (a mirror asks one node for a sync then).
+        """
+        if peer_id in self.taps:
+            raise ValueError(f"peer {peer_id!r} already has a tap")
+        self.taps[peer_id] = _Tap(handler, init, description)
+        if peer_id not in self.channels:
+            self.server.register_peer(peer_id, handler, init=init, description=description)
 
     # ------------------------------------------------------------------ our stamps
 
@@ -584,7 +617,16 @@ class Hub:
     # ------------------------------------------------------------------ incoming
 
     def _handler(self, channel: PeerChannel) -> Callable[[PeerMessage], PeerReply | None]:
+        taps = self.taps
+
         def handler(message: PeerMessage) -> PeerReply | None:
+            if taps:
+                tap = taps.get(channel.peer_id)
+                if tap is not None:
+                    try:
+                        tap.handler(message)  # the raw peer's answer is the reply
+                    except Exception:
+                        log.exception("tap of peer %s failed", channel.peer_id)
             stamp = parse_origin(message.origin)
             if channel.settings.reply is ReplyMode.AUTO:
                 # With a durable history the 200 waits for the batch's commit.
@@ -881,6 +923,14 @@ class Hub:
         for channel in self.channels.values():
             for subscriber in list(channel.subscribers):
                 subscriber.end(why)
+
+
+class _Tap(NamedTuple):
+    """A typed mirror's hooks on one peer id (:meth:`Hub.attach_tap`)."""
+
+    handler: PeerHandler
+    init: PeerInit | None
+    description: str
 
 
 class _Held(NamedTuple):

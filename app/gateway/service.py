@@ -29,7 +29,7 @@ from app.dmq.errors import MessageTooLargeError, NodeStoppedError
 from app.dmq.events import Delivery, NodeResult, SendOperation
 from app.dmq.nodes import Node, NodeStatus
 from app.dmq.outbox import DROP_REASONS
-from app.dmq.peers import PeerReply
+from app.dmq.peers import PeerHandler, PeerInit, PeerReply
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
 from app.gateway.errors import InvalidNodeUriError, LocalNodeError
@@ -461,6 +461,18 @@ class Gateway:
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._hub.unsubscribe(subscriber)
+
+    def attach_tap(
+        self,
+        peer_id: str,
+        handler: PeerHandler,
+        *,
+        init: PeerInit | None = None,
+        description: str = "",
+    ) -> None:
+        """Let a typed mirror see every message of ``peer_id``, beside any raw peer of
+        that id (see :meth:`Hub.attach_tap`). Call before :meth:`start`."""
+        self._hub.attach_tap(peer_id, handler, init=init, description=description)
 
     def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> None:
         """A subscriber's reply to a message of a ``reply: subscriber`` peer; raises
