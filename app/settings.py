@@ -31,7 +31,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.api.limits import ApiLimits, HttpTls, ServeLimits
+from app.api.limits import MIN_WS_QUEUE_BYTES, ApiLimits, HttpTls, ServeLimits
 from app.dmq.config import (
     LOOPBACK_NETWORKS,
     IPNetwork,
@@ -242,6 +242,66 @@ class ServeSettings(BaseSettings):
         Option("N"),
         Field(description="host name look-ups in flight at once; more fail for now"),
     ] = 64
+    dns_timeout: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="a host name look-up that takes longer counts as failed"),
+    ] = 5.0
+    dns_negative_ttl: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(description="a host name that failed to resolve is not looked up again this long"),
+    ] = 30.0
+    refusal_log_interval: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(
+            description="refusals (untrusted KDMQ, connections over a cap...) are logged at "
+            "most once per source and kind this often; each is counted in /metrics",
+        ),
+    ] = 10.0
+    max_nodes: Annotated[
+        int,
+        Option("N"),
+        Field(
+            description="other nodes the node list holds at most; more named in node lists "
+            "are refused (counted), an add fails",
+        ),
+    ] = 256
+    max_new_nodes_per_list: Annotated[
+        int,
+        Option("N"),
+        Field(description="new nodes taken from one node-list message at most"),
+    ] = 32
+    max_new_nodes_per_second: Annotated[
+        float,
+        Option("N"),
+        Field(
+            description="new nodes taken from node lists per second on average (bursts of "
+            "--max-new-nodes-per-list)",
+        ),
+    ] = 32.0
+    outbox_max_messages: Annotated[
+        int,
+        Option("N"),
+        Field(
+            description="messages waiting for one node that is down or did not answer; more "
+            "are dropped (counted, a gap at the receiver); 0 turns store-and-forward off",
+        ),
+    ] = 10_000
+    outbox_max_bytes: Annotated[
+        int,
+        Option("BYTES"),
+        Field(description="bytes of the messages waiting for one node; more are dropped"),
+    ] = 32 * 1024 * 1024
+    outbox_max_age: Annotated[
+        float,
+        Option("SECONDS"),
+        Field(
+            description="a message waiting for a node longer is dropped; a node removed after "
+            "missed pings keeps its outbox this long",
+        ),
+    ] = 600.0
     http_max_connections: Annotated[
         int,
         Option("N"),
@@ -384,6 +444,14 @@ class ServeSettings(BaseSettings):
             "off with close code 4008",
         ),
     ] = 1000
+    ws_queue_bytes: Annotated[
+        int,
+        Option("BYTES"),
+        Field(
+            description="bytes of frames queued for one WebSocket subscriber (a replay page, "
+            "or what a slow reader has not read); a live backlog over it is cut off with 4008",
+        ),
+    ] = 4 * 1024 * 1024
     ws_deflate: Annotated[
         bool,
         Option(),
@@ -527,6 +595,12 @@ class ServeSettings(BaseSettings):
                 trusted=trusted,
                 max_stream_message=self.max_tcp_message,
                 tls=tls_config,
+                max_nodes=self.max_nodes,
+                max_new_nodes_per_list=self.max_new_nodes_per_list,
+                max_new_nodes_per_second=self.max_new_nodes_per_second,
+                outbox_max_messages=self.outbox_max_messages,
+                outbox_max_bytes=self.outbox_max_bytes,
+                outbox_max_age=self.outbox_max_age,
             )
         except ConfigError as exc:
             raise ConfigError(self.describe(exc)) from None
@@ -678,6 +752,9 @@ class ServeSettings(BaseSettings):
             "tcp_write_buffer",
             "tcp_max_buffered",
             "dns_max_lookups",
+            "dns_timeout",
+            "dns_negative_ttl",
+            "refusal_log_interval",
             "tls_handshake_timeout",
             "http_max_connections",
             "http_header_timeout",
@@ -691,6 +768,11 @@ class ServeSettings(BaseSettings):
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{self.label(name)} {_shown(value)}: must be positive")
+        if self.ws_queue_bytes < MIN_WS_QUEUE_BYTES:
+            raise ConfigError(
+                f"{self.label('ws_queue_bytes')} {self.ws_queue_bytes}: must be at least "
+                f"{MIN_WS_QUEUE_BYTES} bytes"
+            )
         transport = TransportLimits(
             max_connections=self.tcp_max_connections,
             max_connections_per_source=self.tcp_max_connections_per_source,
@@ -700,6 +782,9 @@ class ServeSettings(BaseSettings):
             write_high_water=self.tcp_write_buffer,
             max_buffered=self.tcp_max_buffered,
             max_dns_lookups=self.dns_max_lookups,
+            dns_timeout=self.dns_timeout,
+            dns_negative_ttl=self.dns_negative_ttl,
+            log_interval=self.refusal_log_interval,
         )
         api = ApiLimits(
             max_connections=self.http_max_connections,
@@ -710,6 +795,7 @@ class ServeSettings(BaseSettings):
             max_message_body=self.max_tcp_message,
             ws_max_frame=self.ws_max_frame,
             ws_frames_per_second=self.ws_max_frames_per_second,
+            ws_queue_bytes=self.ws_queue_bytes,
         )
         return ServeLimits(transport=transport, api=api, http_tls=self.http_tls())
 
@@ -782,6 +868,12 @@ CONFIG_FIELDS: dict[str, str] = {
     "tls_ca": "tls_ca",
     "tls_allow_name": "tls_allow_name",
     "tls_handshake_timeout": "tls_handshake_timeout",
+    "max_nodes": "max_nodes",
+    "max_new_nodes_per_list": "max_new_nodes_per_list",
+    "max_new_nodes_per_second": "max_new_nodes_per_second",
+    "outbox_max_messages": "outbox_max_messages",
+    "outbox_max_bytes": "outbox_max_bytes",
+    "outbox_max_age": "outbox_max_age",
 }
 
 

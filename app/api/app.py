@@ -53,6 +53,8 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
     the driver's ``TransportStats``.
     """
     limits = limits or ServeLimits()
+    # The API guard's refusal counters: the guard writes them, /metrics reads them.
+    stats = GuardStats()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,7 +63,7 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
         # the node's settings alone).
         gateway._server.limits = limits.transport
         app.state.gateway = gateway
-        app.state.metrics = metrics.registry_for(gateway)
+        app.state.metrics = metrics.registry_for(gateway, stats)
         await gateway.start()
         try:
             yield
@@ -83,7 +85,7 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
     )
     app.state.api_tokens = config.api_tokens
     app.state.limits = limits
-    app.state.guard_stats = stats = GuardStats()
+    app.state.guard_stats = stats
     # Inside the guard (added before it, so it runs after it): broadcast and send
     # POSTs, checked by the guard, are answered without FastAPI's router.
     app.add_middleware(MessageFastPath)

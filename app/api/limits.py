@@ -15,6 +15,9 @@ from typing import Any
 from app.dmq.errors import ConfigError
 from app.transport.limits import TransportLimits
 
+#: The smallest byte budget of a WebSocket subscriber: room for a few frames at least.
+MIN_WS_QUEUE_BYTES = 1024
+
 
 @dataclass(frozen=True, slots=True)
 class ApiLimits:
@@ -39,12 +42,21 @@ class ApiLimits:
     #: Frames per second a WebSocket client may send (a burst of as many is allowed);
     #: more closes the connection with 1008.
     ws_frames_per_second: float = 100.0
+    #: Bytes of frames queued for one WebSocket subscriber (a replay page, or the live
+    #: backlog of a client that reads slowly); a live backlog over it closes with 4008.
+    ws_queue_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
             if not value > 0:
                 raise ConfigError("must be positive", field=item.name, value=value)
+        if self.ws_queue_bytes < MIN_WS_QUEUE_BYTES:
+            raise ConfigError(
+                f"must be at least {MIN_WS_QUEUE_BYTES} bytes",
+                field="ws_queue_bytes",
+                value=self.ws_queue_bytes,
+            )
 
 
 @dataclass(slots=True)

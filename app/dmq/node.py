@@ -165,6 +165,10 @@ UNKNOWN_PEER = "(unknown)"
 #: Refused nodes are logged at most once per this many seconds (with a count).
 REFUSAL_LOG_INTERVAL = 60.0
 
+#: KDMQ refused 403 for an untrusted source is logged at most once per source per this
+#: many seconds (the driver sets its own log interval); every refusal is counted.
+UNTRUSTED_LOG_INTERVAL = 10.0
+
 #: KDMQ is sent with this CSeq number on every request, as Kamailio does.
 CSEQ_NUMBER = 10
 
@@ -358,6 +362,10 @@ class DmqNode:
         #: themselves.
         self._tombstones: dict[NodeKey, float] = {}
         self._trust_cache: BoundedCache[str, bool] = BoundedCache(CACHE_SIZE)
+        #: Seconds between two log lines about one untrusted source.
+        self.untrusted_log_interval = UNTRUSTED_LOG_INTERVAL
+        #: Untrusted source host -> (time of its last log line, refusals left out since).
+        self._untrusted_logged: BoundedCache[str, tuple[float, int]] = BoundedCache(CACHE_SIZE)
         self._uri_cache: BoundedCache[str, str | None] = BoundedCache(CACHE_SIZE)
         self._sender_cache: BoundedCache[str, SipUri] = BoundedCache(CACHE_SIZE)
         self._from_cache: BoundedCache[str, str] = BoundedCache(CACHE_SIZE)
@@ -1341,7 +1349,7 @@ class DmqNode:
             return
         if not self._trusted(source.host):
             self.stats.forbidden += 1
-            log.warning("KDMQ from untrusted %s:%s refused", source.host, source.port)
+            self._log_untrusted(source, now)
             self._respond(None, request, destination, 403, "Forbidden", now)
             return
         st = self.transactions.receive_request(request, top_via, source)
@@ -1660,6 +1668,25 @@ class DmqNode:
             return "max_new_nodes_per_second"
         self._new_node_tokens -= 1
         return None
+
+    def _log_untrusted(self, source: Endpoint, now: float) -> None:
+        """A WARNING for a refused untrusted request, at most one per source host per
+        ``untrusted_log_interval``: a flood of refusals must not flood the log (each is
+        counted in ``stats.forbidden`` all the same)."""
+        last = self._untrusted_logged.get(source.host)
+        if last is not None and now - last[0] < self.untrusted_log_interval:
+            self._untrusted_logged[source.host] = (last[0], last[1] + 1)
+            return
+        self._untrusted_logged.put(source.host, (now, 0))
+        if last is not None and last[1]:
+            log.warning(
+                "KDMQ from untrusted %s:%s refused (%d more from this source left out of the log)",
+                source.host,
+                source.port,
+                last[1],
+            )
+        else:
+            log.warning("KDMQ from untrusted %s:%s refused", source.host, source.port)
 
     def _count_refusal(self, bound: str, uri: SipUri, speaker: NodeKey | None, now: float) -> None:
         self.stats.nodes_refused[bound] += 1

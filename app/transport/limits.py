@@ -49,6 +49,11 @@ class TransportLimits:
     max_buffered: int = 67_108_864
     #: Host name look-ups in flight at once; more are treated as failed for now.
     max_dns_lookups: int = 64
+    #: Seconds one host name look-up may take before it counts as failed.
+    dns_timeout: float = 5.0
+    #: Seconds a failed look-up is remembered: the name is not asked about again
+    #: meanwhile (a node list naming a host that does not resolve comes with every ping).
+    dns_negative_ttl: float = 30.0
     #: Seconds between two log lines of one kind about one source.
     log_interval: float = 10.0
 
@@ -63,7 +68,13 @@ class TransportLimits:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError("must be at least 1", field=name, value=getattr(self, name))
-        for name in ("idle_timeout", "message_timeout", "log_interval"):
+        for name in (
+            "idle_timeout",
+            "message_timeout",
+            "dns_timeout",
+            "dns_negative_ttl",
+            "log_interval",
+        ):
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError("must be a positive number of seconds", field=name, value=value)

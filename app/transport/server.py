@@ -69,10 +69,6 @@ log = logging.getLogger("dmq.transport")
 #: Messages of one TCP connection handled in one turn of the loop.
 MESSAGES_PER_TURN = 64
 
-#: Seconds a host name look-up may take before it counts as failed.
-DNS_TIMEOUT = 5.0
-#: Seconds a failed look-up is remembered (the name is not asked about meanwhile).
-DNS_NEGATIVE_TTL = 30.0
 #: Host names (and destination hosts) whose address or failure is remembered.
 NAME_CACHE_SIZE = 4096
 
@@ -390,8 +386,8 @@ class DmqServer:
         drop_rate: float = 0.0,
         seed: int | None = None,
         dns_resolver: Any = None,
-        dns_timeout: float = DNS_TIMEOUT,
-        dns_negative_ttl: float = DNS_NEGATIVE_TTL,
+        dns_timeout: float | None = None,
+        dns_negative_ttl: float | None = None,
         limits: TransportLimits | None = None,
     ) -> None:
         if not 0.0 <= drop_rate < 1.0:  # also refuses NaN
@@ -411,15 +407,17 @@ class DmqServer:
         # TLS (see the module's docstring).
         core_config = replace(config, trusted=ALL_NETWORKS) if self._verify_peer else config
         self.node = DmqNode(core_config, resolver=self.resolver)
+        self.node.untrusted_log_interval = self.limits.log_interval
         self._tls: tls.TlsContexts | None = None
         self._tls_listener: socket.socket | None = None
         self._accepting: asyncio.Future[None] | None = None
         #: Sources whose TLS refusal was logged (once per address).
         self._tls_refusals_logged: BoundedCache[str, bool] = BoundedCache(NAME_CACHE_SIZE)
-        #: Seconds one host name look-up may take before it counts as failed.
-        self.dns_timeout = dns_timeout
-        #: Seconds a failed look-up is remembered before the name is asked about again.
-        self.dns_negative_ttl = dns_negative_ttl
+        # The look-up bounds are the limits' unless given here (tests of the resolver).
+        if dns_timeout is not None:
+            self.dns_timeout = dns_timeout
+        if dns_negative_ttl is not None:
+            self.dns_negative_ttl = dns_negative_ttl
         #: Look-ups in progress, by lower-case name.
         self._lookups: dict[str, asyncio.Task[str]] = {}
         #: Destination host (as the core names it) -> address for the socket.
@@ -454,6 +452,14 @@ class DmqServer:
         #: high-water mark and two of the largest messages.
         self._write_ceiling = limits.write_high_water + 2 * self.config.max_stream_message
         self._limited_log = RateLimitedLog(log, limits.log_interval, self._clock)
+        #: Seconds one host name look-up may take before it counts as failed.
+        self.dns_timeout = limits.dns_timeout
+        #: Seconds a failed look-up is remembered before the name is asked about again.
+        self.dns_negative_ttl = limits.dns_negative_ttl
+        node: DmqNode | None = getattr(self, "node", None)
+        if node is not None:
+            # The core's own per-source log lines (untrusted KDMQ) keep the same pace.
+            node.untrusted_log_interval = limits.log_interval
 
     def _log_limited(self, level: int, source: str, kind: str, message: str, *args: object) -> None:
         self._limited_log.log(level, source, kind, message, *args)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.gateway import Gateway
 
@@ -147,3 +148,21 @@ def send_until_blocked(sock: socket.socket, data: bytes, limit: int, timeout: fl
         sent += n
         offset = (offset + n) % len(data)
     return sent
+
+
+def metric(gateway: Gateway, name: str, client: httpx.Client | None = None, **labels: str) -> float:
+    """The value of sample ``name`` (with these labels) on the gateway's ``/metrics``;
+    0 when it has no such sample (a series not created yet). ``client``: one kept open
+    by a caller that scrapes often."""
+    url = f"{gateway.url}/metrics"
+    if client is None:
+        with httpx.Client(headers=gateway.headers, timeout=5, trust_env=False) as one:
+            response = one.get(url)
+    else:
+        response = client.get(url)
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from app import cli
-from app.dmq.config import LOOPBACK_NETWORKS
+from app.api.limits import ServeLimits
+from app.dmq.config import LOOPBACK_NETWORKS, NodeConfig
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
-from app.gateway.config import GatewayConfig
+from app.gateway.config import DEFAULT_QUEUE_LIMIT, GatewayConfig
+from app.gateway.hub import DEFAULT_QUEUE_BYTES
 from app.settings import ServeSettings, env_name, flag_name, load
 
 TOKEN = "s3cret-token"
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(autouse=True)
@@ -428,6 +433,9 @@ BOUND_OPTIONS = [
     "--http-max-body",
     "--ws-max-frame",
     "--ws-max-frames-per-second",
+    "--dns-timeout",
+    "--dns-negative-ttl",
+    "--refusal-log-interval",
 ]
 
 
@@ -455,6 +463,129 @@ def test_bounds_reach_the_driver_and_the_api(monkeypatch: pytest.MonkeyPatch) ->
     assert limits.api.ws_max_frame == 1024
     assert limits.api.max_message_body == 9000  # a broadcast may carry one TCP message
     assert limits.api.max_body == 65_536
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ws-queue-bytes", "1023"], "--ws-queue-bytes 1023: must be at least 1024 bytes"),
+        (["--ws-queue-bytes", "4k"], "--ws-queue-bytes '4k': must be a whole number"),
+        (["--max-nodes", "0"], "--max-nodes 0: must be a whole number, at least 1"),
+        (
+            ["--max-new-nodes-per-list", "0"],
+            "--max-new-nodes-per-list 0: must be a whole number, at least 1",
+        ),
+        (
+            ["--max-new-nodes-per-second", "0"],
+            "--max-new-nodes-per-second 0: must be a positive, finite number",
+        ),
+        (
+            ["--outbox-max-messages", "-1"],
+            "--outbox-max-messages -1: must be a whole number, 0 or more",
+        ),
+        (["--outbox-max-bytes", "-1"], "--outbox-max-bytes -1: must be a whole number, 0 or more"),
+        (
+            ["--outbox-max-age", "0"],
+            "--outbox-max-age 0: must be a positive, finite number of seconds",
+        ),
+        (["--dns-negative-ttl", "inf"], "--dns-negative-ttl 'inf': must be a finite number"),
+        (["--refusal-log-interval", "-1"], "--refusal-log-interval -1: must be positive"),
+    ],
+)
+def test_each_bound_error_is_one_sentence_naming_the_option(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert error(capsys, *argv) == message
+
+
+def test_a_core_bound_from_the_environment_names_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DMQ_WS_QUEUE_BYTES", "100")
+    assert error(capsys) == "DMQ_WS_QUEUE_BYTES 100: must be at least 1024 bytes"
+    monkeypatch.delenv("DMQ_WS_QUEUE_BYTES")
+    monkeypatch.setenv("DMQ_MAX_NODES", "0")
+    assert error(capsys) == "DMQ_MAX_NODES 0: must be a whole number, at least 1"
+
+
+def test_every_bound_reaches_where_it_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DMQ_WS_QUEUE_BYTES", "65536")
+    monkeypatch.setenv("DMQ_OUTBOX_MAX_AGE", "30")
+    settings = load(
+        {
+            "dns_timeout": "1.5",
+            "dns_negative_ttl": "2",
+            "refusal_log_interval": "60",
+            "max_nodes": "8",
+            "max_new_nodes_per_list": "4",
+            "max_new_nodes_per_second": "0.5",
+            "outbox_max_messages": "0",
+            "outbox_max_bytes": "1000",
+        }
+    )
+    limits = settings.limits()
+    assert limits.api.ws_queue_bytes == 65_536
+    transport = limits.transport
+    assert (transport.dns_timeout, transport.dns_negative_ttl) == (1.5, 2.0)
+    assert transport.log_interval == 60.0
+    node = settings.gateway_config().node
+    assert (node.max_nodes, node.max_new_nodes_per_list) == (8, 4)
+    assert node.max_new_nodes_per_second == 0.5
+    assert (node.outbox_max_messages, node.outbox_max_bytes) == (0, 1000)
+    assert node.outbox_max_age == 30.0
+
+
+def test_the_options_defaults_are_the_bounds_defaults() -> None:
+    """One default per bound: the option's is the one the code applies when built
+    without options (tests, the library), so the README's table holds for both."""
+    limits, node = ServeLimits(), NodeConfig(server_address=SipUri.parse("sip:127.0.0.1:5060"))
+    defaults = {name: f.get_default() for name, f in ServeSettings.model_fields.items()}
+    pairs = {
+        "tcp_max_connections": limits.transport.max_connections,
+        "tcp_max_connections_per_source": limits.transport.max_connections_per_source,
+        "tcp_idle_timeout": limits.transport.idle_timeout,
+        "tcp_message_timeout": limits.transport.message_timeout,
+        "tcp_max_header": limits.transport.max_head,
+        "tcp_write_buffer": limits.transport.write_high_water,
+        "tcp_max_buffered": limits.transport.max_buffered,
+        "dns_max_lookups": limits.transport.max_dns_lookups,
+        "dns_timeout": limits.transport.dns_timeout,
+        "dns_negative_ttl": limits.transport.dns_negative_ttl,
+        "refusal_log_interval": limits.transport.log_interval,
+        "http_max_connections": limits.api.max_connections,
+        "http_header_timeout": limits.api.header_timeout,
+        "http_keep_alive_timeout": limits.api.keep_alive_timeout,
+        "http_max_header": limits.api.max_head,
+        "http_max_body": limits.api.max_body,
+        "max_tcp_message": limits.api.max_message_body,
+        "ws_max_frame": limits.api.ws_max_frame,
+        "ws_max_frames_per_second": limits.api.ws_frames_per_second,
+        "ws_queue_bytes": limits.api.ws_queue_bytes,
+        "ws_queue_limit": DEFAULT_QUEUE_LIMIT,
+        "max_nodes": node.max_nodes,
+        "max_new_nodes_per_list": node.max_new_nodes_per_list,
+        "max_new_nodes_per_second": node.max_new_nodes_per_second,
+        "outbox_max_messages": node.outbox_max_messages,
+        "outbox_max_bytes": node.outbox_max_bytes,
+        "outbox_max_age": node.outbox_max_age,
+    }
+    assert {name: defaults[name] for name in pairs} == pairs
+    assert limits.api.ws_queue_bytes == DEFAULT_QUEUE_BYTES  # the hub's own default
+
+
+def test_every_option_is_in_the_readme_with_its_variable() -> None:
+    """The README's option tables name every option of ``serve``, its variable, and
+    (for the bounds) its default as ``--help`` shows it."""
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| `--")]
+    for name, field in ServeSettings.model_fields.items():
+        flag = re.compile(f"`{flag_name(name)}[ `]")
+        row = next((r for r in rows if flag.search(r.split("|")[1])), None)
+        assert row is not None, f"{flag_name(name)} is not in the README's option tables"
+        assert env_name(name) in row, row
+        default = field.get_default()
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            assert f"`{shown}`" in row.split("|")[3], (name, row)
 
 
 def test_api_token_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -293,8 +293,5 @@ def registry_for(gateway: Gateway, guard: GuardStats | None = None) -> GatewayRe
 async def get_metrics(request: Request) -> Response:
     """Counters and gauges in the Prometheus text format (or OpenMetrics)."""
     registry: CollectorRegistry = request.app.state.metrics
-    if isinstance(registry, GatewayRegistry) and registry.gateway_collector.guard is None:
-        # The guard's counters live on the app, which made the registry without them.
-        registry.gateway_collector.guard = getattr(request.app.state, "guard_stats", None)
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(registry), media_type=content_type)

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.deps import token_ok
+from app.api.limits import ServeLimits
 from app.dmq.errors import DmqUsageError
 from app.dmq.peers import PeerReply
 from app.gateway.errors import GatewayError
@@ -197,11 +198,10 @@ async def subscribe(websocket: WebSocket, peer_id: str) -> None:
 
 
 def _queue_bytes(websocket: WebSocket) -> int | None:
-    """The subscriber's byte budget from the app's limits (``--ws-queue-bytes``), when
-    they carry one; the gateway's default otherwise."""
-    limits = getattr(websocket.app.state, "limits", None)
-    budget = getattr(getattr(limits, "api", None), "ws_queue_bytes", None)
-    return budget if isinstance(budget, int) else None
+    """The subscriber's byte budget from the app's limits (``--ws-queue-bytes``); the
+    gateway's default for an app built without limits."""
+    limits: ServeLimits | None = getattr(websocket.app.state, "limits", None)
+    return None if limits is None else limits.api.ws_queue_bytes
 
 
 async def _send_frames(websocket: WebSocket, subscriber: Subscriber, first: list[str]) -> None:
