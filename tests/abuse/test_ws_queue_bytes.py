@@ -131,7 +131,7 @@ def test_a_replay_is_paged_within_the_budget_and_complete(gateway: Gateway) -> N
     with _subscribe(gateway, "?since=0") as ws:
         subscribed = json.loads(ws.recv(timeout=10))
         assert subscribed["type"] == "subscribed"
-        offsets = []
+        offsets: list[int] = []
         while len(offsets) < latest:
             frame = json.loads(ws.recv(timeout=10))
             assert frame["type"] == "message", frame
