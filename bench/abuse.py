@@ -4,13 +4,17 @@ default limits of ``dmq-gateway serve``, while a normal client times ``GET /v1/h
 
 Each row records the gateway's RSS before, at its peak (sampled every 50 ms) and after,
 its descriptors, its CPU seconds, and what the attacker saw (bytes taken, status lines,
-how long a connection was held). ``--quick`` runs each at a tenth of its size.
+how long a connection was held). ``--quick`` runs each at a tenth of its size. The last
+row cuts a TCP link between two gateways for 60 s in a fault lab (root needed; recorded
+as skipped otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -26,13 +30,17 @@ from websockets.sync.client import connect as ws_connect
 from app.dmq import sip
 from bench.common import RESULTS, machine_info
 from harness.gateway import Gateway
+from harness.netns import lab_unavailable
 from harness.waiting import wait_until
+from tests.abuse.partition import run_partition
 from tests.abuse.support import (
     Probe,
     closed_by_peer,
     cpu_seconds,
     descriptors,
     kdmq,
+    metric,
+    refused_over_udp,
     rss_mb,
     send_until_blocked,
 )
@@ -110,6 +118,28 @@ def flood_unread(gateway: Gateway, requests: int) -> dict[str, Any]:
         )
     row["requests_taken"] = row["bytes_taken"] * 2000 // len(blob)
     return row
+
+
+def udp_untrusted(gateway: Gateway, requests: int) -> dict[str, Any]:
+    """``requests`` KDMQ over UDP from an address outside ``--trusted``: each answered
+    403 and counted, the log written once per source per interval."""
+    row: dict[str, Any] = {"requests": requests}
+    before = metric(gateway, "dmq_forbidden_total")
+    with measured(gateway, row):
+        row["answered_403"] = refused_over_udp(gateway, "127.0.0.1", requests)
+    row["counted_in_metrics"] = int(metric(gateway, "dmq_forbidden_total") - before)
+    return row
+
+
+def tcp_partition(cut_s: float) -> dict[str, Any]:
+    """Two gateways over TCP in a fault lab, the link between them cut ``cut_s``
+    seconds by nftables, then healed (tests/abuse/partition.py); needs root."""
+    reason = lab_unavailable()
+    if reason is not None:
+        return {"skipped": reason}
+    workdir = WORKDIR / f"partition-{os.getpid()}"
+    run = asyncio.run(run_partition(workdir, cut_s, rate=5.0, after_s=20.0, settle_s=120.0))
+    return run.as_dict()
 
 
 def half_sent(gateway: Gateway, connections: int, sources: int) -> dict[str, Any]:
@@ -322,6 +352,7 @@ def run(quick: bool) -> dict[str, Any]:
 
     def untrusted_rows(gateway: Gateway) -> None:
         rows["tcp_unread_replies_untrusted"] = flood_unread(gateway, 200_000 // scale)
+        rows["udp_untrusted_requests"] = udp_untrusted(gateway, 200_000 // scale)
 
     def http_rows(gateway: Gateway) -> None:
         rows["http_slowloris"] = slowloris(gateway, 2000 // scale)
@@ -340,6 +371,8 @@ def run(quick: bool) -> dict[str, Any]:
     )
     with_gateway("abuse-http", http_rows)
     results["framer_1mb_in_64_byte_reads"] = framer_cpu()
+    rows["tcp_partition_healed"] = tcp_partition(60.0 / scale)
+    results["loadavg_at_end"] = list(os.getloadavg())
     return results
 
 

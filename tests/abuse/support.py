@@ -166,3 +166,45 @@ def metric(gateway: Gateway, name: str, client: httpx.Client | None = None, **la
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+#: UDP datagrams sent before their answers are read: the socket buffers hold them all.
+UDP_BATCH = 50
+
+
+def udp_kdmq(port: int, source: tuple[str, int], peer: str = "htable") -> bytes:
+    """One KDMQ request over UDP to the node on ``port``, from ``source``."""
+    branch = f"z9hG4bKudp{next(_branches)}"
+    host, via_port = source
+    return (
+        f"KDMQ sip:{peer}@127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {host}:{via_port};branch={branch}\r\n"
+        f"From: <sip:{peer}@{host}:{via_port}>;tag=u1\r\n"
+        f"To: <sip:{peer}@127.0.0.1:{port}>\r\n"
+        f"Call-ID: {branch}@{host}\r\n"
+        "CSeq: 10 KDMQ\r\n"
+        "Max-Forwards: 1\r\n"
+        "Content-Type: text/plain\r\n"
+        "Content-Length: 1\r\n\r\nx"
+    ).encode()
+
+
+def refused_over_udp(gateway: Gateway, host: str, count: int) -> int:
+    """Send ``count`` distinct KDMQ requests over UDP from address ``host`` (a loopback
+    address the gateway does not trust); the 403s that came back."""
+    answers = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        sock.settimeout(5)  # generous: a loaded machine answers late, never not at all
+        source = sock.getsockname()
+        for start in range(0, count, UDP_BATCH):
+            batch = min(UDP_BATCH, count - start)
+            for _ in range(batch):
+                sock.sendto(udp_kdmq(gateway.sip_port, source), ("127.0.0.1", gateway.sip_port))
+            for _ in range(batch):
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    break
+                answers += data.startswith(b"SIP/2.0 403 ")
+    return answers
