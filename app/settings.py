@@ -302,6 +302,19 @@ class ServeSettings(BaseSettings):
             "missed pings keeps its outbox this long",
         ),
     ] = 600.0
+    outbox_window: Annotated[
+        int,
+        Option("N"),
+        Field(description="messages resent at once from an outbox to a node that answers again"),
+    ] = 16
+    max_in_flight_per_node: Annotated[
+        int,
+        Option("N"),
+        Field(
+            description="broadcasts and sends in flight at once to one node; more wait "
+            "their turn, in order",
+        ),
+    ] = 256
     http_max_connections: Annotated[
         int,
         Option("N"),
@@ -601,6 +614,8 @@ class ServeSettings(BaseSettings):
                 outbox_max_messages=self.outbox_max_messages,
                 outbox_max_bytes=self.outbox_max_bytes,
                 outbox_max_age=self.outbox_max_age,
+                outbox_window=self.outbox_window,
+                max_in_flight_per_node=self.max_in_flight_per_node,
             )
         except ConfigError as exc:
             raise ConfigError(self.describe(exc)) from None
@@ -874,6 +889,8 @@ CONFIG_FIELDS: dict[str, str] = {
     "outbox_max_messages": "outbox_max_messages",
     "outbox_max_bytes": "outbox_max_bytes",
     "outbox_max_age": "outbox_max_age",
+    "outbox_window": "outbox_window",
+    "max_in_flight_per_node": "max_in_flight_per_node",
 }
 
 

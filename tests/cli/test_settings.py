@@ -488,6 +488,11 @@ def test_bounds_reach_the_driver_and_the_api(monkeypatch: pytest.MonkeyPatch) ->
             ["--outbox-max-age", "0"],
             "--outbox-max-age 0: must be a positive, finite number of seconds",
         ),
+        (["--outbox-window", "0"], "--outbox-window 0: must be a whole number, at least 1"),
+        (
+            ["--max-in-flight-per-node", "0"],
+            "--max-in-flight-per-node 0: must be a whole number, at least 1",
+        ),
         (["--dns-negative-ttl", "inf"], "--dns-negative-ttl 'inf': must be a finite number"),
         (["--refusal-log-interval", "-1"], "--refusal-log-interval -1: must be positive"),
     ],
@@ -521,6 +526,8 @@ def test_every_bound_reaches_where_it_is_applied(monkeypatch: pytest.MonkeyPatch
             "max_new_nodes_per_second": "0.5",
             "outbox_max_messages": "0",
             "outbox_max_bytes": "1000",
+            "outbox_window": "2",
+            "max_in_flight_per_node": "3",
         }
     )
     limits = settings.limits()
@@ -533,6 +540,7 @@ def test_every_bound_reaches_where_it_is_applied(monkeypatch: pytest.MonkeyPatch
     assert node.max_new_nodes_per_second == 0.5
     assert (node.outbox_max_messages, node.outbox_max_bytes) == (0, 1000)
     assert node.outbox_max_age == 30.0
+    assert (node.outbox_window, node.max_in_flight_per_node) == (2, 3)
 
 
 def test_the_options_defaults_are_the_bounds_defaults() -> None:
@@ -568,6 +576,8 @@ def test_the_options_defaults_are_the_bounds_defaults() -> None:
         "outbox_max_messages": node.outbox_max_messages,
         "outbox_max_bytes": node.outbox_max_bytes,
         "outbox_max_age": node.outbox_max_age,
+        "outbox_window": node.outbox_window,
+        "max_in_flight_per_node": node.max_in_flight_per_node,
     }
     assert {name: defaults[name] for name in pairs} == pairs
     assert limits.api.ws_queue_bytes == DEFAULT_QUEUE_BYTES  # the hub's own default
