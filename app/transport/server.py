@@ -449,6 +449,9 @@ class DmqServer:
         self._tls: tls.TlsContexts | None = None
         self._tls_listener: socket.socket | None = None
         self._accepting: asyncio.Future[None] | None = None
+        #: (address, port) of a TLS node -> the host name its URI gave, for the
+        #: certificate check of a node no longer listed.
+        self._tls_names: BoundedCache[tuple[str, int], str] = BoundedCache(NAME_CACHE_SIZE)
         #: Sources whose TLS refusal was logged (once per address).
         self._tls_refusals_logged: BoundedCache[str, bool] = BoundedCache(NAME_CACHE_SIZE)
         #: Seconds one host name look-up may take before it counts as failed.
@@ -1259,8 +1262,13 @@ class DmqServer:
     def _tls_server_name(self, destination: Endpoint) -> str:
         """The name a TLS node's certificate must carry: the host of its node URI (a
         name stays a name, though the socket is given the address it resolved to)."""
+        where = (destination.host, destination.port)
         node = self.node.nodes.get((destination.host, destination.port, destination.transport))
-        return node.uri.host if node is not None else destination.host
+        if node is not None:
+            self._tls_names.put(where, node.uri.host)
+            return node.uri.host
+        # A node no longer listed (removed, its outbox parked) keeps the name it had.
+        return self._tls_names.get(where) or destination.host
 
     def _connect(self, key: tuple[str, int], destination: Endpoint) -> _StreamProtocol:
         protocol = _StreamProtocol(self, key)
@@ -1313,7 +1321,9 @@ class DmqServer:
                     self._count_tls_failure("out", kind)
                 self._log_limited(
                     logging.INFO,
-                    key[0],
+                    # Per node: nodes that share an address (one host, several
+                    # ports) each get their own line.
+                    f"{key[0]}:{key[1]}",
                     "connect",
                     "%s connect to %s failed: %s",
                     destination.transport.upper(),
@@ -1408,6 +1418,10 @@ def _handshake_failure(exc: BaseException, timeout: float) -> tuple[str, str]:
         if "VERSION" in reason or "PROTOCOL" in reason:
             return "protocol_version", "it offers no TLS version this node accepts (1.2 at least)"
         return "other", f"TLS error {exc.reason or exc}"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        # What a peer that refused our certificate does in TLS 1.3 (it has none to
+        # refuse in 1.2: the handshake fails with its alert instead).
+        return "other", "it closed the connection during the handshake (our certificate refused?)"
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return "other", text
 

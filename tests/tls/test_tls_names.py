@@ -5,13 +5,15 @@ A TLS node's certificate names a host, and a node URI names it the same way:
 (127.0.0.1, from ``/etc/hosts``) but checks the certificate against the *name*, and
 sends it as SNI. B's certificate is issued for ``localhost`` only (no IP address), so
 a check against the address would refuse it; C's names ``node.test``, so A must refuse
-it, with a log line saying why. B demands a certificate from the bus CA of every TLS
-peer (``--tls-verify-peer``) and listens for TLS only: a node it answers reached it
-over TLS. D has no TLS settings at all and refuses to add a TLS node, in one sentence.
+it, with a log line saying why, as it refuses E's expired one. B demands a
+certificate from the bus CA of every TLS peer (``--tls-verify-peer``) and listens for
+TLS only: a node it answers reached it over TLS. D has no TLS settings at all and
+refuses to add a TLS node, in one sentence.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,6 +59,7 @@ class Hosts:
     b: Gateway
     c: Gateway
     d: Gateway
+    e: Gateway
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +76,25 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Hosts]
     )
     c = Gateway("C", workdir, transport="tls", tls=pki.issue("node.test"), extra=probe)
     d = Gateway("D", workdir, extra=probe)
-    every = [a, b, c, d]
+    now = datetime.datetime.now(datetime.UTC)
+    stale = pki.issue(
+        "localhost",
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    e = Gateway("E", workdir, transport="tls", tls=stale, extra=probe)
+    every = [a, b, c, d, e]
     with running(every):
         for gateway in every:
             gateway.spawn()
         for gateway in every:
             gateway.wait_ready()
-        yield Hosts(a, b, c, d)
+        yield Hosts(a, b, c, d, e)
 
 
 @pytest.fixture(autouse=True)
 def _logs(request: pytest.FixtureRequest, hosts: Hosts) -> Iterator[None]:
-    with dump_logs_on_failure(request, lambda: [hosts.a, hosts.b, hosts.c, hosts.d]):
+    with dump_logs_on_failure(request, lambda: [hosts.a, hosts.b, hosts.c, hosts.d, hosts.e]):
         yield
 
 
@@ -154,6 +164,32 @@ def test_a_node_whose_certificate_names_another_host_is_refused(hosts: Hosts) ->
     assert metrics(a)[key] >= before + 1
     # C never heard from A: nothing reached it over a connection A refused.
     assert active_nodes(c) == 0
+
+
+def test_a_node_with_an_expired_certificate_is_refused(hosts: Hosts) -> None:
+    """E's certificate names the right host and comes from the CA, but has expired."""
+    a, e = hosts.a, hosts.e
+    key = (
+        "dmq_tls_handshakes_failed_total",
+        (("direction", "outbound"), ("reason", "expired_certificate")),
+    )
+    before = metrics(a)[key]
+    answer = add_node(a, f"sip:localhost:{e.sip_port};transport=tls")
+    assert answer.status_code == 201, answer.text
+    found: list[str] = []
+
+    def logged() -> bool:
+        found[:] = [
+            line
+            for line in a.log_text().splitlines()
+            if f"TLS connect to localhost (127.0.0.1:{e.sip_port}) failed" in line
+        ]
+        return bool(found)
+
+    wait_until(logged, PATIENCE, "A to log the expired certificate")
+    assert "certificate has expired" in found[0], found[0]
+    assert metrics(a)[key] >= before + 1
+    assert active_nodes(e) == 0
 
 
 def test_a_gateway_without_tls_settings_refuses_a_tls_node(hosts: Hosts) -> None:
