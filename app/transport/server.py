@@ -1313,17 +1313,19 @@ class DmqServer:
                     else:
                         await loop.create_connection(lambda: protocol, host, key[1])
             except Exception as exc:
+                source = key[0]
                 if destination.transport == "tls" and _tls_handshake_error(exc):
                     # Only the handshake's own failures: a refused or unanswered TCP
                     # connect is not one.
                     self.stats.tls_connects_failed += 1
                     kind, _ = _handshake_failure(exc, 0.0)
                     self._count_tls_failure("out", kind)
+                    # A refused certificate is a node's configuration: each node that
+                    # shares an address (one host, several ports) gets its own line.
+                    source = f"{key[0]}:{key[1]}"
                 self._log_limited(
                     logging.INFO,
-                    # Per node: nodes that share an address (one host, several
-                    # ports) each get their own line.
-                    f"{key[0]}:{key[1]}",
+                    source,
                     "connect",
                     "%s connect to %s failed: %s",
                     destination.transport.upper(),
