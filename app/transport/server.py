@@ -1275,10 +1275,12 @@ class DmqServer:
         self._outbound[key] = protocol
         loop = self._loop
         assert loop is not None
-        server_name = self._tls_server_name(destination)
         where = f"{key[0]}:{key[1]}"
-        if destination.transport == "tls" and server_name.lower() != key[0].lower():
-            where = f"{server_name} ({where})"
+        server_name = key[0]
+        if destination.transport == "tls":
+            server_name = self._tls_server_name(destination)
+            if server_name.lower() != key[0].lower():
+                where = f"{server_name} ({where})"
 
         async def connect() -> None:
             try:
