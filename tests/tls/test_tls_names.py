@@ -199,6 +199,14 @@ def test_a_gateway_without_tls_settings_refuses_a_tls_node(hosts: Hosts) -> None
     detail = answer.json()["detail"]
     assert "no TLS settings" in detail and "--tls-cert" in detail, detail
     assert active_nodes(hosts.d) == 0
+    # Its dmq_tls_* series are there all the same, at zero: a dashboard sees them.
+    samples = metrics(hosts.d)
+    for direction in ("inbound", "outbound"):
+        labels = (("direction", direction),)
+        assert samples[("dmq_tls_handshakes_completed_total", labels)] == 0
+        assert samples[("dmq_tls_handshake_timeouts_total", labels)] == 0
+    assert samples[("dmq_tls_peers_refused_total", (("reason", "no_certificate"),))] == 0
+    assert samples[("dmq_tls_connections", ())] == 0
 
 
 def test_an_unknown_transport_is_still_refused(hosts: Hosts) -> None:
