@@ -10,7 +10,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse openapi demo demo-stop clean
+.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ bench: bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse
 ## bench-kdmq: KDMQ throughput, ours vs Kamailio (needs kamailio and sipp)
 bench-kdmq: $(STAMP)
 	$(BIN)/python -m bench.kdmq_throughput $(BENCH_ARGS)
+
+## bench-tls: KDMQ over TLS next to TCP and UDP, ours and Kamailio, and the cost of a join
+bench-tls: $(STAMP)
+	$(BIN)/python -m bench.kdmq_tls $(BENCH_ARGS)
 
 ## bench-e2e: HTTP POST on one gateway to a WebSocket subscriber on another
 bench-e2e: $(STAMP)

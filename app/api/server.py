@@ -22,6 +22,7 @@ from app.api.routes.subscribe import SubscribeFastPath
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
+from app.transport import tls
 
 log = logging.getLogger("dmq")
 
@@ -53,7 +54,7 @@ async def serve(settings: GatewayConfig, limits: ServeLimits | None = None) -> N
     # the gateway with one sentence instead of a traceback from inside the lifespan.
     http_socket = _listen_socket(settings.http_host, settings.http_port, "--http")
     _check_sip_ports(settings.node.server_address)
-    config = uvicorn.Config(
+    config = HardenedConfig(
         SubscribeFastPath(app),
         host=settings.http_host,
         port=settings.http_port,
@@ -88,6 +89,19 @@ async def serve(settings: GatewayConfig, limits: ServeLimits | None = None) -> N
             f"--server-address {settings.node.server_address}: the node could not start "
             "(see the log above)"
         )
+
+
+class HardenedConfig(uvicorn.Config):
+    """uvicorn's configuration, with the API's HTTPS context held to the bus's TLS
+    defaults (:func:`app.transport.tls.harden`: TLS 1.2 at least, no compression, no
+    renegotiation). uvicorn builds the context from file names and offers no minimum
+    version of its own; it is set here, once the context exists, on any uvicorn."""
+
+    def load(self) -> None:
+        super().load()
+        context = getattr(self, "ssl", None)
+        if context is not None:
+            tls.harden(context)
 
 
 #: ``token=VALUE`` in a logged URL (a WebSocket's query string).

@@ -236,8 +236,19 @@ class Gateway:
         return uri
 
     async def add_node(self, text: str) -> NodeInfo:
-        """Add a node and send it our node list (Kamailio's ``dmq.add``)."""
+        """Add a node and send it our node list (Kamailio's ``dmq.add``).
+
+        A ``;transport=tls`` node needs this gateway's TLS settings: without a CA to
+        check its certificate against and an identity to present, it could not be
+        reached, and the caller is told so rather than left with a node that never
+        answers.
+        """
         uri = await self.resolve_node(text, must_resolve=True)
+        if uri.transport == "tls" and self._server.config.tls is None:
+            raise InvalidNodeUriError(
+                f"uri: {uri} is reached over TLS, and this gateway has no TLS settings "
+                "(start it with --tls-cert, --tls-key and --tls-ca)"
+            )
         if self._server.node.nodes.is_local(uri):
             raise LocalNodeError(f"{uri} is this node itself")
         return self._node_info(self._server.add_node(uri))
@@ -558,8 +569,10 @@ def _parse_node_uri(text: str) -> SipUri:
         uri = SipUri.parse(text)
     except ValueError as exc:
         raise InvalidNodeUriError(f"uri: {exc}") from None
-    if uri.transport not in ("udp", "tcp"):
-        raise InvalidNodeUriError(f"uri: transport {uri.transport!r} is not supported (udp, tcp)")
+    if uri.transport not in ("udp", "tcp", "tls"):
+        raise InvalidNodeUriError(
+            f"uri: transport {uri.transport!r} is not supported (udp, tcp, tls)"
+        )
     # Anything else would reach the resolver and the socket layer, which refuse it.
     if not _is_host(uri.host):
         raise InvalidNodeUriError(f"uri: {uri.host!r} is not an IP address or a host name")

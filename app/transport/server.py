@@ -124,11 +124,35 @@ class TransportStats:
     tcp_connections: int = 0
     #: Inbound TLS handshakes that failed or took over ``handshake_timeout``: plain
     #: text on a TLS port, no certificate or one from another CA, an expired one...
+    #: (the sum of the ``tls_in_*`` reasons below).
     tls_handshakes_failed: int = 0
-    #: Outbound TLS handshakes that failed (the node's certificate was refused...).
+    #: Outbound TLS handshakes that failed (the node's certificate was refused...):
+    #: the sum of the ``tls_out_*`` reasons below.
     tls_connects_failed: int = 0
     #: Verified TLS peers closed because no name of theirs is on the allow-list.
     tls_names_refused: int = 0
+    #: Inbound TLS handshakes that completed (before the allow-list is applied).
+    tls_handshakes_completed: int = 0
+    #: Outbound TLS handshakes that completed.
+    tls_connects_completed: int = 0
+    #: TLS connections open now (inbound ones past the allow-list, and outbound).
+    tls_connections: int = 0
+    #: Failed inbound handshakes, by reason (see ``TLS_FAILURE_REASONS``).
+    tls_in_timeout: int = 0
+    tls_in_not_tls: int = 0
+    tls_in_no_certificate: int = 0
+    tls_in_untrusted_certificate: int = 0
+    tls_in_expired_certificate: int = 0
+    tls_in_protocol_version: int = 0
+    tls_in_other: int = 0
+    #: Failed outbound handshakes, by reason.
+    tls_out_timeout: int = 0
+    tls_out_not_tls: int = 0
+    tls_out_untrusted_certificate: int = 0
+    tls_out_expired_certificate: int = 0
+    tls_out_hostname_mismatch: int = 0
+    tls_out_protocol_version: int = 0
+    tls_out_other: int = 0
     #: With ``verify_peer``: UDP datagrams from outside the trusted networks dropped.
     udp_untrusted_dropped: int = 0
 
@@ -218,6 +242,8 @@ class _StreamProtocol(asyncio.Protocol):
         #: Inbound TLS: counted against the caps by the accept loop, before its
         #: handshake (connection_made comes after it).
         self.admitted = False
+        #: Counted in ``tls_connections`` (its handshake done and it admitted).
+        self.tls_open = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -225,12 +251,21 @@ class _StreamProtocol(asyncio.Protocol):
         if peername:
             self.peer = (str(peername[0]), int(peername[1]))
         server = self.server
+        if self.tls:
+            # The loop calls connection_made once the handshake is done.
+            if self.remote is None:
+                server.stats.tls_handshakes_completed += 1
+            else:
+                server.stats.tls_connects_completed += 1
         if self.remote is None:
             admitted = server._tls_admit(self) if self.admitted else server._admit(self)
             if not admitted:
                 self.closed = True
                 self.transport.abort()
                 return
+        if self.tls:
+            self.tls_open = True
+            server.stats.tls_connections += 1
         self.transport.set_write_buffer_limits(high=server.limits.write_high_water)
         server._connections[self.id] = self
         for data in self.pending:
@@ -411,6 +446,9 @@ class DmqServer:
         self._tls: tls.TlsContexts | None = None
         self._tls_listener: socket.socket | None = None
         self._accepting: asyncio.Future[None] | None = None
+        #: (address, port) of a TLS node -> the host name its URI gave, for the
+        #: certificate check of a node no longer listed.
+        self._tls_names: BoundedCache[tuple[str, int], str] = BoundedCache(NAME_CACHE_SIZE)
         #: Sources whose TLS refusal was logged (once per address).
         self._tls_refusals_logged: BoundedCache[str, bool] = BoundedCache(NAME_CACHE_SIZE)
         # The look-up bounds are the limits' unless given here (tests of the resolver).
@@ -975,8 +1013,12 @@ class DmqServer:
         except (Exception, asyncio.CancelledError) as exc:
             if not connection.closed:
                 self.stats.tls_handshakes_failed += 1
-                if not isinstance(exc, asyncio.CancelledError):
-                    self._log_tls_refusal(host, port, _handshake_reason(exc, timeout))
+                if isinstance(exc, asyncio.CancelledError):
+                    self.stats.tls_in_other += 1
+                else:
+                    kind, reason = _handshake_failure(exc, timeout)
+                    self._count_tls_failure("in", kind)
+                    self._log_tls_refusal(host, port, reason)
             connection.closed = True
             if connection.transport is not None and not connection.transport.is_closing():
                 connection.transport.abort()
@@ -1007,6 +1049,13 @@ class DmqServer:
         connection.trusted = True
         connection.framer.max_size = self.config.max_stream_message
         return True
+
+    def _count_tls_failure(self, direction: str, kind: str) -> None:
+        """One failed handshake under its reason (``direction``: ``in`` or ``out``)."""
+        name = f"tls_{direction}_{kind}"
+        if not hasattr(self.stats, name):
+            name = f"tls_{direction}_other"
+        setattr(self.stats, name, getattr(self.stats, name) + 1)
 
     def _log_tls_refusal(self, host: str, port: int, reason: str) -> None:
         """Once per address: a scanner or a misconfigured node must not flood the log."""
@@ -1097,6 +1146,9 @@ class DmqServer:
         connection.closed = True
 
     def _connection_lost(self, connection: _StreamProtocol) -> None:
+        if connection.tls_open:
+            connection.tls_open = False
+            self.stats.tls_connections -= 1
         if connection.counted:
             connection.counted = False
             self.stats.tcp_connections -= 1
@@ -1213,11 +1265,28 @@ class DmqServer:
             outbound.awaiting_since = self._clock()
         outbound.write(data)
 
+    def _tls_server_name(self, destination: Endpoint) -> str:
+        """The name a TLS node's certificate must carry: the host of its node URI (a
+        name stays a name, though the socket is given the address it resolved to)."""
+        where = (destination.host, destination.port)
+        node = self.node.nodes.get((destination.host, destination.port, destination.transport))
+        if node is not None:
+            self._tls_names.put(where, node.uri.host)
+            return node.uri.host
+        # A node no longer listed (removed, its outbox parked) keeps the name it had.
+        return self._tls_names.get(where) or destination.host
+
     def _connect(self, key: tuple[str, int], destination: Endpoint) -> _StreamProtocol:
         protocol = _StreamProtocol(self, key)
         self._outbound[key] = protocol
         loop = self._loop
         assert loop is not None
+        where = f"{key[0]}:{key[1]}"
+        server_name = key[0]
+        if destination.transport == "tls":
+            server_name = self._tls_server_name(destination)
+            if server_name.lower() != key[0].lower():
+                where = f"{server_name} ({where})"
 
         async def connect() -> None:
             try:
@@ -1244,22 +1313,31 @@ class DmqServer:
                             host,
                             key[1],
                             ssl=contexts.client,
-                            server_hostname=destination.host,
+                            # SNI and the host name check: the name the node URI gives,
+                            # not the address it resolved to.
+                            server_hostname=server_name,
                             ssl_handshake_timeout=timeout,
                         )
                     else:
                         await loop.create_connection(lambda: protocol, host, key[1])
             except Exception as exc:
-                if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                source = key[0]
+                if destination.transport == "tls" and _tls_handshake_error(exc):
+                    # Only the handshake's own failures: a refused or unanswered TCP
+                    # connect is not one.
                     self.stats.tls_connects_failed += 1
+                    kind, _ = _handshake_failure(exc, 0.0)
+                    self._count_tls_failure("out", kind)
+                    # A refused certificate is a node's configuration: each node that
+                    # shares an address (one host, several ports) gets its own line.
+                    source = f"{key[0]}:{key[1]}"
                 self._log_limited(
                     logging.INFO,
-                    key[0],
+                    source,
                     "connect",
-                    "%s connect to %s:%s failed: %s",
+                    "%s connect to %s failed: %s",
                     destination.transport.upper(),
-                    key[0],
-                    key[1],
+                    where,
                     _connect_reason(exc),
                 )
                 protocol.closed = True
@@ -1271,6 +1349,19 @@ class DmqServer:
 
         self._spawn(connect())
         return protocol
+
+
+#: ``TransportStats`` reasons of a failed TLS handshake (``tls_in_*``, ``tls_out_*``).
+TLS_FAILURE_REASONS = (
+    "timeout",
+    "not_tls",
+    "no_certificate",
+    "untrusted_certificate",
+    "expired_certificate",
+    "hostname_mismatch",
+    "protocol_version",
+    "other",
+)
 
 
 #: Every address: the core's trust when certificates are the trust (``verify_peer``).
@@ -1301,28 +1392,48 @@ def _connect_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _handshake_reason(exc: BaseException, timeout: float) -> str:
-    """One readable clause for a failed inbound handshake."""
+def _tls_handshake_error(exc: BaseException) -> bool:
+    """Whether an outbound connection failed in its TLS handshake (not in its connect)."""
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return True
+    return isinstance(exc, ConnectionAbortedError) and "handshake" in str(exc)
+
+
+def _handshake_failure(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """A failed handshake's reason, as a key of ``TLS_FAILURE_REASONS`` (the label of
+    ``dmq_tls_handshakes_failed``) and as one readable clause."""
     if isinstance(exc, TimeoutError) or (
         isinstance(exc, ConnectionAbortedError) and "handshake" in str(exc)
     ):
-        return f"no TLS handshake within {timeout:g} s"
+        return "timeout", f"no TLS handshake within {timeout:g} s"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"its certificate was refused ({exc.verify_message})"
+        message = exc.verify_message or ""
+        if "expired" in message.lower():
+            kind = "expired_certificate"
+        elif "hostname" in message.lower() or "ip address mismatch" in message.lower():
+            kind = "hostname_mismatch"
+        else:
+            kind = "untrusted_certificate"
+        return kind, f"its certificate was refused ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").upper()
         if "EXPIRED" in reason:
-            return "its certificate has expired"
+            return "expired_certificate", "its certificate has expired"
         if "UNKNOWN_CA" in reason or "CERTIFICATE_VERIFY_FAILED" in reason:
-            return "its certificate is not from the trusted CA"
+            return "untrusted_certificate", "its certificate is not from the trusted CA"
         if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "NO_CERTIFICATE" in reason:
-            return "it presented no certificate"
+            return "no_certificate", "it presented no certificate"
         if "WRONG_VERSION" in reason or "HTTP_REQUEST" in reason or "RECORD" in reason:
-            return "it does not speak TLS (plain text on a TLS port?)"
+            return "not_tls", "it does not speak TLS (plain text on a TLS port?)"
         if "VERSION" in reason or "PROTOCOL" in reason:
-            return "it offers no TLS version this node accepts (1.2 at least)"
-        return f"TLS error {exc.reason or exc}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return "protocol_version", "it offers no TLS version this node accepts (1.2 at least)"
+        return "other", f"TLS error {exc.reason or exc}"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        # What a peer that refused our certificate does in TLS 1.3 (it has none to
+        # refuse in 1.2: the handshake fails with its alert instead).
+        return "other", "it closed the connection during the handshake (our certificate refused?)"
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return "other", text
 
 
 #: Socket buffer size asked for; the kernel caps it at net.core.rmem_max/wmem_max.

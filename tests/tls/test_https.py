@@ -7,9 +7,13 @@ reaches them with ``--ca`` (and ``--cert``), and refuses an unknown server clean
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import ssl
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import pytest
 from websockets.sync.client import connect
 
 from app import cli
+from app.api.server import HardenedConfig
 from harness.gateway import Gateway
 from harness.waiting import wait_until
 from tests.api.gateway_procs import dump_logs_on_failure, running
@@ -156,3 +161,88 @@ def test_client_certificate_required_by_http_tls_ca(
         code, out, err = run(capsys, *args, "--cert", good, "--json")
         assert (code, err) == (0, "")
         assert [node["uri"] for node in json.loads(out)] == [m.uri]
+
+
+def tls_client(pki: Pki, version: ssl.TLSVersion) -> ssl.SSLContext:
+    """A client that speaks ``version`` only (older versions need OpenSSL's security
+    level 0, which this client takes: it is the server that must refuse)."""
+    context = ssl.create_default_context(cafile=pki.ca_path)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is, on purpose
+        context.minimum_version = context.maximum_version = version
+    return context
+
+
+def test_https_refuses_tls_1_1_and_serves_tls_1_2(
+    gateways: tuple[Gateway, Gateway], pki: Pki
+) -> None:
+    """The API's HTTPS is held to TLS 1.2 at least: a client that offers 1.1 only is
+    refused by the server, while this same OpenSSL does speak 1.1 with a server that
+    allows it (checked first, so that the refusal is the gateway's and not the local
+    library's)."""
+    h, _ = gateways
+    old = ssl.TLSVersion.TLSv1_1
+    permissive = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    permissive.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        permissive.minimum_version = old
+    leaf = pki.issue("127.0.0.1")
+    permissive.load_cert_chain(leaf.cert, leaf.key)
+    if not _local_handshake(permissive, tls_client(pki, old)):
+        pytest.skip("this OpenSSL cannot make a TLS 1.1 handshake at all")
+    # The server ends the handshake: with a protocol_version alert, or (uvloop) by
+    # closing the connection; either way no TLS 1.1 session is made.
+    with (
+        pytest.raises(ssl.SSLError),
+        socket.create_connection(("127.0.0.1", h.http_port), timeout=PATIENCE) as raw,
+    ):
+        tls_client(pki, old).wrap_socket(raw, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", h.http_port), timeout=PATIENCE) as raw:
+        client = tls_client(pki, ssl.TLSVersion.TLSv1_2)
+        with client.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            assert sock.version() == "TLSv1.2"
+
+
+def _local_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> bool:
+    """Whether ``client`` and ``server`` complete a handshake over a socket pair."""
+    left, right = socket.socketpair()
+    outcome: list[bool] = []
+
+    def serve() -> None:
+        with contextlib.suppress(ssl.SSLError, OSError):
+            server.wrap_socket(right, server_side=True).close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        client.wrap_socket(left, server_hostname="127.0.0.1").close()
+        outcome.append(True)
+    except (ssl.SSLError, OSError):
+        outcome.append(False)
+    finally:
+        left.close()
+        thread.join(PATIENCE)
+        right.close()
+    return outcome[0]
+
+
+def test_the_https_context_holds_the_modern_defaults(pki: Pki) -> None:
+    """The context uvicorn builds from ``--http-tls-cert`` is hardened explicitly: the
+    minimum version, no compression and no renegotiation (the last is not OpenSSL's
+    default, so this fails if the hardening is ever lost)."""
+    files = pki.issue("127.0.0.1")
+    config = HardenedConfig(
+        _empty_app, ssl_certfile=files.cert, ssl_keyfile=files.key, log_config=None
+    )
+    config.load()
+    context = config.ssl
+    assert context is not None
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.options & ssl.OP_NO_COMPRESSION
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+
+
+async def _empty_app(scope: object, receive: object, send: object) -> None:
+    """An ASGI application that is never called: the test loads a configuration only."""

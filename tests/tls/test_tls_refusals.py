@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.gateway import Gateway, TlsFiles
 from harness.waiting import wait_until
@@ -256,3 +257,52 @@ def test_node_with_a_certificate_for_another_host_is_not_reached(bus: Bus, pki: 
         line = bus.wait_log(f"TLS connect to 127.0.0.1:{d.sip_port} failed")
         assert "certificate was refused" in line and "mismatch" in line
     bus.still_serving()
+
+
+def test_refusals_move_the_tls_counters(bus: Bus, rogue_pki: Pki) -> None:
+    """Each kind of refusal above, from an address of its own, moves its own series
+    of A's ``/metrics`` by exactly one; the completed handshakes and the open
+    connections (B's, at least) show too."""
+    before = scrape(bus.a)
+    with connect(bus, "127.0.0.20") as sock:
+        sock.sendall(kdmq(bus.a.sip_port, "probe"))
+        assert closed_by_peer(sock)
+    assert try_tls_kdmq(bus, "127.0.0.21", rogue_pki.issue("127.0.0.1", "b.bus"))
+    assert try_tls_kdmq(bus, "127.0.0.22", None)
+    assert try_tls_kdmq(bus, "127.0.0.23", expired(bus.pki))
+    assert try_tls_kdmq(bus, "127.0.0.24", bus.pki.issue("127.0.0.1", "intruder.bus"))
+    with connect(bus, "127.0.0.25") as sock:
+        sock.settimeout(PATIENCE)
+        assert closed_by_peer(sock)  # said nothing: closed at the handshake bound
+    for source in ("127.0.0.2" + str(n) for n in range(6)):
+        bus.wait_log(f"TLS connection from {source}")
+    after = scrape(bus.a)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before[key]
+
+    failed = "dmq_tls_handshakes_failed_total"
+    for reason in ("not_tls", "untrusted_certificate", "no_certificate", "expired_certificate"):
+        assert moved(failed, direction="inbound", reason=reason) == 1, reason
+    assert moved(failed, direction="inbound", reason="timeout") == 1
+    assert moved("dmq_tls_handshake_timeouts_total", direction="inbound") == 1
+    refused = "dmq_tls_peers_refused_total"
+    for reason in ("untrusted_certificate", "no_certificate", "expired_certificate"):
+        assert moved(refused, reason=reason) == 1, reason
+    assert moved(refused, reason="name_not_allowed") == 1
+    # The intruder's handshake itself completed: its names were refused after it.
+    assert moved("dmq_tls_handshakes_completed_total", direction="inbound") >= 1
+    assert after[("dmq_tls_connections", ())] >= 1  # B's connection to A
+    bus.still_serving()
+
+
+def scrape(gateway: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a gateway's ``/metrics``, by name and labels."""
+    response = httpx.get(f"{gateway.url}/metrics", timeout=PATIENCE, trust_env=False)
+    response.raise_for_status()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from app.api.limits import GuardStats
 from app.gateway.service import Gateway
+from app.transport.server import TLS_FAILURE_REASONS
 
 router = APIRouter(prefix="/metrics", tags=["metrics"])
 
@@ -33,6 +34,14 @@ TCP_REFUSALS = {
     "tcp_write_overflows": "write_overflow",
     "tcp_buffer_overflows": "buffer_overflow",
     "stream_errors": "stream_error",
+}
+#: ``TransportStats`` field -> the ``reason`` label of ``dmq_tls_peers_refused_total``:
+#: inbound TLS peers refused for their certificate (mutual TLS as node trust).
+TLS_PEER_REFUSALS = {
+    "tls_in_no_certificate": "no_certificate",
+    "tls_in_untrusted_certificate": "untrusted_certificate",
+    "tls_in_expired_certificate": "expired_certificate",
+    "tls_names_refused": "name_not_allowed",
 }
 #: ``GuardStats`` field -> the ``reason`` label of ``dmq_http_refused_total``.
 HTTP_REFUSALS = {
@@ -201,6 +210,7 @@ class GatewayCollector(Collector):
         ):
             yield CounterMetricFamily(name, text, value=value)
         yield from self._transport(stats.transport)
+        yield from self._tls(stats.transport)
         yield from self._guard()
 
     @staticmethod
@@ -245,6 +255,51 @@ class GatewayCollector(Collector):
             "dmq_tcp_connections",
             "inbound SIP TCP connections open now",
             value=transport.get("tcp_connections", 0),
+        )
+
+    @staticmethod
+    def _tls(transport: dict[str, int]) -> Iterator[Metric]:
+        """SIP over TLS: handshakes by direction and outcome, peers refused for their
+        certificate, connections open (all zero on a node without TLS)."""
+        completed = CounterMetricFamily(
+            "dmq_tls_handshakes_completed",
+            "SIP TLS handshakes completed, inbound (nodes connecting) and outbound",
+            labels=["direction"],
+        )
+        completed.add_metric(["inbound"], transport.get("tls_handshakes_completed", 0))
+        completed.add_metric(["outbound"], transport.get("tls_connects_completed", 0))
+        yield completed
+        failed = CounterMetricFamily(
+            "dmq_tls_handshakes_failed",
+            "SIP TLS handshakes that failed, by direction and reason",
+            labels=["direction", "reason"],
+        )
+        # The reasons are those of TransportStats' tls_in_* and tls_out_* fields.
+        for direction, prefix in (("inbound", "tls_in_"), ("outbound", "tls_out_")):
+            for reason in TLS_FAILURE_REASONS:
+                failed.add_metric([direction, reason], transport.get(prefix + reason, 0))
+        yield failed
+        timeouts = CounterMetricFamily(
+            "dmq_tls_handshake_timeouts",
+            "SIP TLS handshakes cut off at --tls-handshake-timeout, by direction",
+            labels=["direction"],
+        )
+        timeouts.add_metric(["inbound"], transport.get("tls_in_timeout", 0))
+        timeouts.add_metric(["outbound"], transport.get("tls_out_timeout", 0))
+        yield timeouts
+        refused = CounterMetricFamily(
+            "dmq_tls_peers_refused",
+            "nodes refused over TLS for their certificate (--tls-verify-peer, "
+            "--tls-allow-name), by reason",
+            labels=["reason"],
+        )
+        for field_name, reason in TLS_PEER_REFUSALS.items():
+            refused.add_metric([reason], transport.get(field_name, 0))
+        yield refused
+        yield GaugeMetricFamily(
+            "dmq_tls_connections",
+            "SIP TLS connections open now, inbound and outbound",
+            value=transport.get("tls_connections", 0),
         )
 
     def _guard(self) -> Iterator[Metric]:
