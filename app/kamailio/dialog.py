@@ -190,10 +190,12 @@ def parse(body: bytes) -> DialogMessage:
     # The caller's leg may repeat in an UPDATE (see the module's docstring).
     found = fields(root, "the body", repeatable=frozenset(_LEG1))
     if "action" not in found:
-        raise BodyError("the body: missing 'action'")
+        raise BodyError("missing", "the body: missing 'action'")
     action = integer(found, "action", "the body", 0, UINT32_MAX)
     if action not in tuple(Action):
-        raise BodyError(f"unknown action {action} (0 none, 1 update, 2 state, 3 rm, 4 sync)")
+        raise BodyError(
+            "action", f"unknown action {action} (0 none, 1 update, 2 state, 3 rm, 4 sync)"
+        )
     what = f"the body (action {action})"
     if action in (Action.NONE, Action.SYNC):
         _no_repeats(root, what)
@@ -201,7 +203,7 @@ def parse(body: bytes) -> DialogMessage:
         return SyncRequest() if action == Action.SYNC else Nop()
     for key in ("h_entry", "h_id", "state"):
         if key not in found:
-            raise BodyError(f"{what}: missing {key!r}")
+            raise BodyError("missing", f"{what}: missing {key!r}")
     h_entry = integer(found, "h_entry", what, 0, UINT32_MAX)
     h_id = integer(found, "h_id", what, 0, UINT32_MAX)
     state = integer(found, "state", what, DialogState.UNCONFIRMED, DialogState.DELETED)
@@ -262,7 +264,7 @@ def _repeats_only_in_timed_states(root: Pairs, state: int, what: str) -> None:
     for key, _ in root:
         counts[key] = counts.get(key, 0) + 1
         if counts[key] > 2:
-            raise BodyError(f"{what}: key {key!r} appears more than twice")
+            raise BodyError("duplicate", f"{what}: key {key!r} appears more than twice")
 
 
 def _leg(found: dict[str, Any], side: int, what: str) -> Leg:
@@ -289,12 +291,12 @@ def _profiles(text: str, what: str) -> tuple[Profile, ...]:
     try:
         inner = loads(text.encode())
     except BodyError as exc:
-        raise BodyError(f"{what} must hold a JSON document ({exc})") from None
+        raise BodyError("type", f"{what} must hold a JSON document ({exc})") from None
     top = fields(inner, what)
     exact_keys(top, ["profiles"], what)
     entries = top["profiles"]
     if not isinstance(entries, list):
-        raise BodyError(f"{what}: 'profiles' must be an array")
+        raise BodyError("type", f"{what}: 'profiles' must be an array")
     profiles = []
     for index, entry in enumerate(entries):
         where = f"{what}[{index}]"

@@ -154,15 +154,17 @@ def parse(body: bytes) -> UsrlocMessage:
     if "multi" in top:
         if len(top) != 1:
             others = sorted(k for k in top if k != "multi")
-            raise BodyError(f"a multi body has one key, 'multi'; it also has {others}")
+            raise BodyError("field", f"a multi body has one key, 'multi'; it also has {others}")
         batch = top["multi"]
         if not isinstance(batch, Pairs):
-            raise BodyError("'multi' must be an object of contacts keyed '1', '2', ...")
+            raise BodyError("shape", "'multi' must be an object of contacts keyed '1', '2', ...")
         items = []
         for key, member in batch:
             message = _parse_action(fields(member, f"multi[{key!r}]"), f"multi[{key!r}]")
             if not isinstance(message, ContactMessage):
-                raise BodyError(f"multi[{key!r}]: a batch holds contact updates and removals")
+                raise BodyError(
+                    "action", f"multi[{key!r}]: a batch holds contact updates and removals"
+                )
             items.append(message)
         return Multi(tuple(items))
     return _parse_action(top, "the body")
@@ -170,13 +172,15 @@ def parse(body: bytes) -> UsrlocMessage:
 
 def _parse_action(found: dict[str, Any], what: str) -> UsrlocMessage:
     if "action" not in found:
-        raise BodyError(f"{what}: missing 'action'")
+        raise BodyError("missing", f"{what}: missing 'action'")
     action = integer(found, "action", what, 0, UINT32_MAX)
     if action in (Action.NONE, Action.SYNC):
         exact_keys(found, ["action"], f"{what} (action {action})")
         return SyncRequest() if action == Action.SYNC else Nop()
     if action not in (Action.UPDATE, Action.RM):
-        raise BodyError(f"{what}: unknown action {action} (0 none, 1 update, 2 rm, 3 sync)")
+        raise BodyError(
+            "action", f"{what}: unknown action {action} (0 none, 1 update, 2 rm, 3 sync)"
+        )
     exact_keys(found, _CONTACT_KEYS, f"{what} (action {action})", optional=("sock",))
     values: dict[str, Any] = {k: string(found, k, what) for k in (*_STRINGS, *_STRINGS_AFTER_SOCK)}
     for name, low, high in _INTEGERS:
