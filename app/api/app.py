@@ -22,7 +22,17 @@ from app.api.asyncapi import asyncapi_document
 from app.api.deps import require_token
 from app.api.guard import GuardMiddleware
 from app.api.limits import GuardStats, ServeLimits
-from app.api.routes import health, htable, metrics, nodes, peers, publish, subscribe
+from app.api.routes import (
+    dialogs,
+    health,
+    htable,
+    metrics,
+    nodes,
+    peers,
+    publish,
+    registrations,
+    subscribe,
+)
 from app.api.routes.fastpath import MessageFastPath
 from app.gateway.config import GatewayConfig
 from app.gateway.service import Gateway
@@ -86,6 +96,14 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
                 "name": "htable",
                 "description": "Kamailio's htables: the replica, and writes to every node",
             },
+            {
+                "name": "registrations",
+                "description": "Kamailio's registrations (dmq_usrloc), cluster-wide: the replica",
+            },
+            {
+                "name": "dialogs",
+                "description": "Kamailio's dialogs (dialog enable_dmq), cluster-wide: the replica",
+            },
             {"name": "metrics", "description": "Prometheus metrics"},
         ],
     )
@@ -122,9 +140,11 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
 
     secured = [Depends(require_token)]
     app.include_router(health.router, dependencies=[] if config.public_health else secured)
-    for module in (nodes, peers, publish, htable, metrics):
+    for module in (nodes, peers, publish, htable, registrations, dialogs, metrics):
         app.include_router(module.router, dependencies=secured)
     app.include_router(subscribe.router)
     app.include_router(publish.ws_router)
     app.include_router(htable.ws_router)
+    app.include_router(registrations.ws_router)
+    app.include_router(dialogs.ws_router)
     return app

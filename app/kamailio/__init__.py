@@ -15,5 +15,7 @@ The shared framework every mirror is built on:
 * :mod:`app.kamailio.malformed` - per-sender accounting of unreadable bodies (400).
 
 The mirrors: :mod:`app.kamailio.htable` (with its codec in
-:mod:`app.kamailio.htable_codec`).
+:mod:`app.kamailio.htable_codec`), :mod:`app.kamailio.registrations` (peer ``usrloc``,
+codec :mod:`app.kamailio.usrloc`) and :mod:`app.kamailio.dialogs` (peer ``dialog``,
+codec :mod:`app.kamailio.dialog`).
 """

@@ -31,22 +31,45 @@ gateway joined.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from app.dmq.peers import PeerMessage, PeerReply
+from app.gateway.hub import Ending
+from app.kamailio.bootstrap import MIRROR_REPLY
 from app.kamailio.dialog import (
+    PEER_ID,
+    BodyError,
     DialogMessage,
     DialogState,
     Leg,
     Profile,
     Removal,
     StateChange,
+    SyncRequest,
     Timing,
     Update,
+    parse,
     state_label,
 )
+from app.kamailio.malformed import MalformedBodies
+from app.kamailio.stream import ChangeStream
+
+if TYPE_CHECKING:
+    from app.gateway.service import Gateway
+
+#: Dialogs the replica holds at most; beyond it new ones are refused (counted).
+MAX_DIALOGS = 1_000_000
+#: The name of the change stream (``GET /v1/dialogs/changes``).
+STREAM = "dialogs"
+_OK = PeerReply()
+#: What Kamailio answers to a STATE or RM for a dialog it does not hold.
+_SERVER_ERROR = PeerReply(500, "Server Internal Error")
 
 #: Seconds a DELETED dialog is kept waiting for its RM (Kamailio's is about 5 s).
 DELETED_GRACE = 30.0
@@ -170,7 +193,12 @@ class ApplyResult(StrEnum):
 
 
 class Dialogs:
-    def __init__(self) -> None:
+    """Every dialog the bus told us of, by (origin, h_entry, h_id)."""
+
+    def __init__(self, limit: int = MAX_DIALOGS) -> None:
+        self.limit = limit
+        #: New dialogs refused because the replica held ``limit`` already.
+        self.refused = 0
         self._dialogs: dict[tuple[str, int, int], Dialog] = {}
         self._by_id: dict[tuple[int, int], list[Dialog]] = {}
         self._deadlines: list[tuple[float, str, int, int]] = []
@@ -262,6 +290,9 @@ class Dialogs:
             events.append(DialogEvent(DialogEventKind.REMOVED, held, None, now))
             held = None
         if held is None:
+            if len(self._dialogs) >= self.limit:
+                self.refused += 1
+                return events
             dialog = Dialog(
                 node,
                 message.h_entry,
@@ -338,3 +369,103 @@ def _take_state(
         dialog.caller = caller
     if callee is not None:
         dialog.callee = callee
+
+
+class DialogsMirror:
+    """The tap on peer ``dialog``: replica, change stream, bad bodies.
+
+    It applies UPDATE, STATE and RM; answers a body it cannot read 400 (counted per
+    sender and kind, logged once), a STATE or RM for a dialog it does not hold 500 as
+    Kamailio does, and a sync request :data:`~app.kamailio.bootstrap.MIRROR_REPLY`.
+    It never asks for a sync itself (see the module: in 5.6 that is a broadcast storm).
+    """
+
+    name = "dialog"
+    peer_id = PEER_ID
+    description = "typed mirror of Kamailio's dialogs (dialog enable_dmq)"
+
+    def __init__(
+        self,
+        gateway: Gateway | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        queue_limit: int = 1000,
+        limit: int = MAX_DIALOGS,
+    ) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.replica = Dialogs(limit)
+        self.malformed = MalformedBodies(PEER_ID)
+        self.stream = ChangeStream(STREAM, queue_limit=queue_limit, clock=clock)
+        self.streams = {STREAM: self.stream}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.applied = 0
+        self.sync_requests_answered = 0
+
+    def handle(self, message: PeerMessage) -> PeerReply:
+        sender = str(message.sender.with_user(None))
+        try:
+            parsed = parse(message.body)
+        except BodyError as exc:
+            return self.malformed.refuse(sender, exc.kind, exc.detail)
+        if isinstance(parsed, SyncRequest):
+            self.sync_requests_answered += 1
+            return MIRROR_REPLY
+        result, events = self.replica.apply(parsed, sender, self.clock())
+        if result is ApplyResult.UNKNOWN_DIALOG:
+            return _SERVER_ERROR
+        self.applied += 1
+        self._publish(events, sender)
+        self._arm()
+        return _OK
+
+    def init(self) -> None:
+        """Nothing: a dialog sync is not requested (a 5.6 broadcast storm)."""
+
+    def _publish(self, events: list[DialogEvent], sender: str | None) -> None:
+        for event in events:
+            data = event.dialog.to_json()
+            if event.previous is not None:
+                data["previous"] = event.previous
+            self.stream.publish(event.kind.value, event.dialog.id, data, sender)
+
+    def _arm(self) -> None:
+        deadline = self.replica.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.expire_due()
+
+    def expire_due(self) -> None:
+        self._publish(self.replica.expire(self.clock()), None)
+        self._arm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.stream.end_all(Ending.STOPPING)
+
+    def stats(self) -> dict[str, float]:
+        stats: dict[str, float] = {
+            "dialogs": len(self.replica),
+            "applied": self.applied,
+            "unknown": self.replica.unknown,
+            "sync_requests_answered": self.sync_requests_answered,
+            "refused": self.replica.refused,
+        }
+        for state, count in self.replica.counts().items():
+            stats[f"state_{state}"] = count
+        return stats

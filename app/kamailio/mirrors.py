@@ -75,7 +75,21 @@ def _factories() -> dict[str, MirrorFactory]:
         )
 
     factories: dict[str, MirrorFactory] = {"htable": htable}
+    factories["usrloc"] = _usrloc
+    factories["dialog"] = _dialog
     return factories
+
+
+def _usrloc(gateway: Gateway, config: GatewayConfig) -> Mirror:
+    from app.kamailio.registrations import RegistrationsMirror
+
+    return RegistrationsMirror(gateway, queue_limit=config.queue_limit)
+
+
+def _dialog(gateway: Gateway, config: GatewayConfig) -> Mirror:
+    from app.kamailio.dialogs import DialogsMirror
+
+    return DialogsMirror(gateway, queue_limit=config.queue_limit)
 
 
 class Mirrors:

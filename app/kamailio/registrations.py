@@ -24,13 +24,42 @@ it expires.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import heapq
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.kamailio.usrloc import Action, Contact, ContactMessage, Multi, UsrlocMessage
+from app.dmq.peers import PeerMessage, PeerReply
+from app.gateway.hub import Ending
+from app.kamailio.bootstrap import MIRROR_REPLY, SyncBootstrap
+from app.kamailio.malformed import MalformedBodies
+from app.kamailio.stream import ChangeStream
+from app.kamailio.usrloc import (
+    PEER_ID,
+    Action,
+    BodyError,
+    Contact,
+    ContactMessage,
+    Multi,
+    SyncRequest,
+    UsrlocMessage,
+    build,
+    parse,
+)
+
+if TYPE_CHECKING:
+    from app.gateway.service import Gateway
+
+#: Contacts the replica holds at most; beyond it new ones are refused (counted)
+#: rather than the gateway's memory.
+MAX_CONTACTS = 1_000_000
+#: The name of the change stream (``GET /v1/registrations/changes``).
+STREAM = "registrations"
+_OK = PeerReply()
 
 
 class RegistrationEventKind(StrEnum):
@@ -90,7 +119,10 @@ class RegistrationEvent:
 class Registrations:
     """Every contact the bus replicated to us, by ``ruid`` and by AOR."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_CONTACTS) -> None:
+        self.limit = limit
+        #: New contacts refused because the replica held ``limit`` already.
+        self.refused = 0
         self._by_ruid: dict[str, Registration] = {}
         self._by_aor: dict[str, dict[str, Registration]] = {}
         #: Every AOR held, sorted: pages and prefix filters walk it.
@@ -172,6 +204,9 @@ class Registrations:
             return [RegistrationEvent(RegistrationEventKind.EXPIRE, held, now)]
         if held is not None and held.contact == contact:
             return []  # a repeat: sync answers send contacts many times
+        if held is None and len(self._by_ruid) >= self.limit:
+            self.refused += 1
+            return []
         registration = Registration(contact, node, now)
         if held is not None:
             self._remove(held)
@@ -218,3 +253,114 @@ def _contact_order(registration: Registration) -> tuple[int, int, str]:
     contact = registration.contact
     expires = contact.expires or 2**63  # permanent contacts last
     return (-contact.q, -expires, contact.ruid)
+
+
+class RegistrationsMirror:
+    """The tap on peer ``usrloc``: replica, change stream, bootstrap, bad bodies.
+
+    It applies every UPDATE and RM (a batched ``multi`` answer item by item), answers
+    a body it cannot read 400 (counted per sender and kind, logged once), a sync
+    request with :data:`~app.kamailio.bootstrap.MIRROR_REPLY` (a replica donates
+    nothing), and bootstraps by asking one node for a sync
+    (:class:`~app.kamailio.bootstrap.SyncBootstrap`): that node answers with every
+    contact it holds, one message per contact or in ``multi`` batches, and both are
+    applied the same way. Contacts expire on the mirror's own timer.
+    """
+
+    name = "usrloc"
+    peer_id = PEER_ID
+    description = "typed mirror of Kamailio's registrations (dmq_usrloc)"
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        clock: Callable[[], float] = time.time,
+        queue_limit: int = 1000,
+        limit: int = MAX_CONTACTS,
+    ) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.replica = Registrations(limit)
+        self.malformed = MalformedBodies(PEER_ID)
+        self.bootstrap = SyncBootstrap(gateway, PEER_ID, build(SyncRequest()))
+        self.stream = ChangeStream(STREAM, queue_limit=queue_limit, clock=clock)
+        self.streams = {STREAM: self.stream}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        #: Messages applied, contacts received (batched ones each), sync requests
+        #: answered (metrics).
+        self.applied = 0
+        self.contacts_received = 0
+        self.sync_requests_answered = 0
+
+    def handle(self, message: PeerMessage) -> PeerReply:
+        """Every KDMQ message of peer ``usrloc``; the reply counts when no raw peer
+        ``usrloc`` is registered (see :meth:`Gateway.attach_tap`)."""
+        self.bootstrap.observe(message)
+        sender = str(message.sender.with_user(None))
+        try:
+            parsed = parse(message.body)
+        except BodyError as exc:
+            return self.malformed.refuse(sender, exc.kind, exc.detail)
+        if isinstance(parsed, SyncRequest):
+            self.sync_requests_answered += 1
+            return MIRROR_REPLY
+        if isinstance(parsed, Multi | ContactMessage):
+            self.bootstrap.answer_seen(message.sender)
+            self.contacts_received += len(parsed.items) if isinstance(parsed, Multi) else 1
+        self.applied += 1
+        self._publish(self.replica.apply(parsed, sender, self.clock()), sender)
+        self._arm()
+        return _OK
+
+    def init(self) -> None:
+        self.bootstrap.init()
+
+    def _publish(self, events: list[RegistrationEvent], sender: str | None) -> None:
+        for event in events:
+            registration = event.registration
+            self.stream.publish(
+                event.kind.value, registration.contact.ruid, registration.to_json(), sender
+            )
+
+    def _arm(self) -> None:
+        deadline = self.replica.next_expiry()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a unit test): expire_due() is called by hand
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.expire_due()
+
+    def expire_due(self) -> None:
+        """Expire what is due now, publish it, arm the timer for the next."""
+        self._publish(self.replica.expire(self.clock()), None)
+        self._arm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.bootstrap.cancel()
+        self.stream.end_all(Ending.STOPPING)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "contacts": len(self.replica),
+            "aors": self.replica.aor_count,
+            "applied": self.applied,
+            "contacts_received": self.contacts_received,
+            "sync_requests_sent": self.bootstrap.status.requests_sent,
+            "sync_requests_answered": self.sync_requests_answered,
+            "refused": self.replica.refused,
+        }

@@ -62,6 +62,18 @@ CHANGE_CHANNELS: dict[str, tuple[str, str, dict[str, str]]] = {
         "an htable's changes (events set, delete, expire)",
         {"table": "the htable's name, as in Kamailio's configuration"},
     ),
+    "registrationsChanges": (
+        "/v1/registrations/changes",
+        "the registrations' changes (events register, refresh, unregister, expire; key: "
+        "the contact's ruid; data: the contact)",
+        {},
+    ),
+    "dialogsChanges": (
+        "/v1/dialogs/changes",
+        "the dialogs' changes (events created, state, removed, expired; key: the dialog's "
+        "id; data: the dialog, with previous for a state change)",
+        {},
+    ),
 }
 
 _CLOSE_FOR: dict[Ending, int] = {

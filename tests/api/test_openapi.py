@@ -37,6 +37,10 @@ OPERATIONS = {
     ("put", "/v1/htable/{table}/{key}"): "htable_set",
     ("delete", "/v1/htable/{table}/{key}"): "htable_delete",
     ("post", "/v1/htable/{table}/delete"): "htable_delete_matching",
+    ("get", "/v1/registrations"): "registrations_list",
+    ("get", "/v1/registrations/{aor}"): "registrations_aor",
+    ("get", "/v1/dialogs"): "dialogs_list",
+    ("get", "/v1/dialogs/{dialog_id}"): "dialogs_get",
 }
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
