@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 from websockets.sync.client import ClientConnection, connect
 
-from harness.gateway import Gateway
+from harness.gateway import Gateway, clean_env, gateway_command
 from harness.kamailio import REGISTRAR_CONFIG, KamailioNode
 from harness.ports import free_port
 from harness.waiting import wait_until
@@ -198,3 +199,15 @@ def replica_contacts(http: httpx.Client) -> dict[str, str]:
         after = page["next"]
         if after is None:
             return held
+
+
+def cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``dmq-gateway ARGS --url URL`` as a user would; its exit code and output."""
+    return subprocess.run(
+        [*gateway_command(), *args, "--url", gateway.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        check=False,
+    )
