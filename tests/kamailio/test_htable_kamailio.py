@@ -130,9 +130,9 @@ def next_change(
     deadline = time.monotonic() + timeout
     while True:
         frame = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
-        if frame["type"] == "change" and frame["key"] == key:
-            if event is None or frame["event"] == event:
-                return frame  # type: ignore[no-any-return]
+        wanted = event is None or frame.get("event") == event
+        if frame["type"] == "change" and frame["key"] == key and wanted:
+            return frame  # type: ignore[no-any-return]
 
 
 def test_a_put_is_readable_with_kamcmd_on_every_kamailio_node(bus: Bus) -> None:
