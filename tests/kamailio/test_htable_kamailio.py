@@ -21,6 +21,7 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from app.cli import main
 from harness.gateway import Gateway
 from harness.kamailio import STATE_CONFIG, KamailioNode
 from harness.ports import free_port
@@ -223,6 +224,42 @@ def test_a_malformed_body_is_400_and_the_replica_is_intact(bus: Bus) -> None:
     assert kind >= 1
     assert bus.value("ht", "intact") == "yes"
     assert bus.k1.htable_get("ht", "intact") == "yes"  # Kamailio refused it too
+
+
+def cli(capsys: pytest.CaptureFixture[str], bus: Bus, *args: str) -> tuple[int, str, str]:
+    code = main([*args, "--url", bus.gateway.url])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_htable_cli_sets_gets_lists_and_deletes(
+    bus: Bus, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("DMQ_URL", "DMQ_API_TOKEN", "DMQ_CA", "DMQ_CERT"):
+        monkeypatch.delenv(name, raising=False)
+    code, out, _ = cli(capsys, bus, "htable", "set", "ht", "cli-n", "41", "--int")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["ACTION", "NODE", "CODE", "REASON"]
+    assert sorted(line.split()[1:3] for line in lines[1:]) == sorted(
+        [[bus.k1.server_address, "200"], [bus.k2.server_address, "200"]]
+    )
+    assert bus.k2.htable_get("ht", "cli-n") == 41
+    assert cli(capsys, bus, "htable", "get", "ht", "cli-n")[1] == "41\n"
+    code, out, _ = cli(capsys, bus, "htable", "get", "ht", "cli-n", "--json")
+    assert json.loads(out)["value"] == 41 and json.loads(out)["type"] == "int"
+    code, out, _ = cli(capsys, bus, "htable", "ls", "ht", "--prefix", "cli-")
+    assert out.splitlines() == ["KEY    VALUE     EXPIRES", "cli-n  41 (int)  never"]
+    code, out, _ = cli(capsys, bus, "htable", "ls")
+    assert code == 0 and out.splitlines()[0].split() == ["TABLE", "KEYS", "EXPIRING"]
+    assert "sync: synced from" in out
+    code, out, _ = cli(capsys, bus, "htable", "del", "ht", "--prefix", "cli-")
+    assert code == 0 and bus.k1.htable_get("ht", "cli-n") is None
+    code, _, err = cli(capsys, bus, "htable", "get", "ht", "cli-n")
+    assert code == 1 and "no key 'cli-n'" in err
+    code, _, err = cli(capsys, bus, "htable", "set", "ht", "k", "2147483648", "--int")
+    assert code == 1 and "body.value" in err
+    assert bus.k1.htable_get("ht", "k") is None
 
 
 def test_a_late_gateway_converges_on_3000_keys_with_one_sync_request(
