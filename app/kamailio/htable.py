@@ -15,8 +15,9 @@
   same changes nothing (a donor answering twice costs no duplicate events).
 * DEL and the removals by regex (POSIX ERE, case-insensitive) or prefix, on names or
   string values.
-* a cell whose expiry has passed is gone for readers at once (Kamailio's reads skip it
-  too) and an ``expire`` change is published when the mirror's timer reaches it.
+* expiries are whole Unix seconds, as Kamailio keeps them, and a cell is gone once
+  the clock's whole seconds are past its expiry (Kamailio's ``expire < time(NULL)``):
+  readers no longer see it, and the mirror's timer publishes an ``expire`` change then.
 
 Every change is published to the table's :class:`~app.kamailio.stream.ChangeStream`
 (events ``set``, ``delete``, ``expire``).
@@ -89,7 +90,7 @@ class Entry:
     """One cell of the replica."""
 
     value: Value
-    #: Absolute Unix time it expires at; 0: never.
+    #: Absolute Unix time (whole seconds) it expires at; 0: never.
     expires: float
     #: Unix time it was last set.
     updated: float
@@ -102,6 +103,12 @@ class Entry:
             "type": "str" if isinstance(self.value, str) else "int",
             "expires": self.expires or None,
         }
+
+
+def _expired(entry: Entry, now: float) -> bool:
+    """Kamailio's test: expiries are whole seconds, and a cell is gone once the clock's
+    whole seconds are past it (``it->expire < time(NULL)``)."""
+    return bool(entry.expires) and entry.expires < int(now)
 
 
 class Change:
@@ -139,13 +146,13 @@ class HtableReplica:
 
     def get(self, table: str, key: str, now: float) -> Entry | None:
         entry = self.tables.get(table, {}).get(key)
-        if entry is None or (entry.expires and entry.expires <= now):
+        if entry is None or _expired(entry, now):
             return None
         return entry
 
     def items(self, table: str, now: float) -> Iterator[tuple[str, Entry]]:
         for key, entry in self.tables.get(table, {}).items():
-            if not entry.expires or entry.expires > now:
+            if not _expired(entry, now):
                 yield key, entry
 
     def has_autoexpire(self, table: str) -> bool:
@@ -172,7 +179,7 @@ class HtableReplica:
             self.refused += 1
             return None
         old = cells.get(key)
-        if old is not None and old.expires and old.expires <= now:
+        if old is not None and _expired(old, now):
             old = None  # expired already: this is a new cell
         if (
             old is not None
@@ -189,7 +196,7 @@ class HtableReplica:
         entry = Entry(value, expires, now, sender)
         cells[key] = entry
         if expires:
-            heapq.heappush(self._deadlines, (expires, table, key))
+            heapq.heappush(self._deadlines, (expires + 1, table, key))
         return Change("set", table, key, entry)
 
     def _delete(self, table: str, key: str, event: str = "delete") -> Change | None:
@@ -211,7 +218,7 @@ class HtableReplica:
             expires: float = 0
             seconds = self.autoexpire.get(message.htname)
             if seconds:
-                expires = now + seconds  # new, or updateexpire=1
+                expires = int(now) + seconds  # new, or updateexpire=1
             elif old is not None:
                 expires = old.expires
             change = self._put(message.htname, message.cname, message.value, expires, now, sender)
@@ -220,7 +227,7 @@ class HtableReplica:
         elif isinstance(message, SetCellExpire):
             entry = self.get(message.htname, message.cname, now)
             if entry is not None and self.has_autoexpire(message.htname):
-                expires = now + message.seconds if message.seconds > 0 else 0
+                expires = int(now) + message.seconds if message.seconds > 0 else 0
                 change = self._put(message.htname, message.cname, entry.value, expires, now, sender)
                 if change is not None:
                     changes.append(change)
@@ -246,7 +253,7 @@ class HtableReplica:
     def _apply_cell(self, cell: Cell, now: float, sender: str | None) -> list[Change]:
         if cell.expire:
             self.expiring.add(cell.htname)
-            if cell.expire <= now:
+            if cell.expire < int(now):
                 return []  # expired on the way: Kamailio would drop it at once too
         change = self._put(cell.htname, cell.cname, cell.value, float(cell.expire), now, sender)
         return [change] if change is not None else []
@@ -256,9 +263,9 @@ class HtableReplica:
         changes = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            expires, table, key = heapq.heappop(deadlines)
+            deadline, table, key = heapq.heappop(deadlines)
             entry = self.tables.get(table, {}).get(key)
-            if entry is None or entry.expires != expires:
+            if entry is None or entry.expires + 1 != deadline:
                 continue  # deleted, or set again since
             change = self._delete(table, key, "expire")
             if change is not None:
