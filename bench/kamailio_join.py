@@ -53,7 +53,7 @@ from typing import Any
 import httpx
 
 from bench.common import RESULTS, bench_gateway, machine_info, rnd
-from harness.kamailio import STATE_CONFIG, KamailioNode
+from harness.kamailio import STATE_CONFIG, KamailioError, KamailioNode
 from harness.ports import free_port
 from harness.waiting import wait_until
 
@@ -216,15 +216,7 @@ def measure_ours(cluster: Sequence[KamailioNode], keys: int, workdir: Path) -> d
 
 
 def measure_kamailio(cluster: Sequence[KamailioNode], keys: int, workdir: Path) -> dict[str, Any]:
-    port = free_port()
-    joiner = KamailioNode(
-        workdir / f"joiner-{time.monotonic_ns()}",
-        port,
-        notification_addresses=[cluster[0].server_address],
-        config=STATE_CONFIG,
-        children=2,
-        autostart=False,
-    )
+    joiner, port = _joiner(cluster, workdir)
 
     def count() -> int:
         stats = joiner.jsonrpc("htable.stats")
@@ -232,13 +224,38 @@ def measure_kamailio(cluster: Sequence[KamailioNode], keys: int, workdir: Path) 
 
     try:
         with Sniffer(port) as sniffer:
-            joiner.start()
+            started = time.monotonic()
+            try:
+                joiner.start()
+            except KamailioError as exc:
+                if "already in use" not in str(exc):
+                    raise
+                # Another process took the port between free_port() and the bind:
+                # measure the next joiner instead (this one sent nothing).
+                joiner, port = _joiner(cluster, workdir)
+                sniffer.traffic.port = port
+                joiner.start()
             seconds = converge(count, keys, sniffer)
+            if sniffer.traffic.first_out is not None and sniffer.traffic.first_out < started:
+                raise RuntimeError("traffic counted before the joiner started")
             time.sleep(TAIL)
         return result(sniffer.traffic, seconds)
     finally:
         joiner.stop()
         forget(cluster, port)
+
+
+def _joiner(cluster: Sequence[KamailioNode], workdir: Path) -> tuple[KamailioNode, int]:
+    port = free_port()
+    node = KamailioNode(
+        workdir / f"joiner-{time.monotonic_ns()}",
+        port,
+        notification_addresses=[cluster[0].server_address],
+        config=STATE_CONFIG,
+        children=2,
+        autostart=False,
+    )
+    return node, port
 
 
 def start_cluster(size: int, keys: int, workdir: Path) -> list[KamailioNode]:
