@@ -323,6 +323,15 @@ class HtableMirror:
         if isinstance(parsed, SyncAnswer):
             self.bootstrap.answer_seen(message.sender)
             self.sync_cells += len(parsed.cells)
+            # Answered at once, applied in the loop's next turn: a donor sends its
+            # chunks (60 KB, hundreds of cells) in a burst and retransmits each one
+            # not answered within its T1. Messages that arrive later are handled in
+            # later turns, so the order of application is kept.
+            try:
+                asyncio.get_running_loop().call_soon(self.apply, parsed, sender)
+            except RuntimeError:
+                self.apply(parsed, sender)  # no loop (a unit test)
+            return _OK
         try:
             self.apply(parsed, sender)
         except re.error as exc:
