@@ -15,18 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from harness.sip_phone import SipPhone, ul_dump
 from harness.waiting import wait_until
 from tests.interop.conftest import require_kamailio
 
 from .registrar_bus import (
-    SipPhone,
     changes,
     cli,
     gateway_on,
     next_change,
     registrar,
     replica_contacts,
-    ul_dump,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
