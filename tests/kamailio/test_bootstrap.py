@@ -110,3 +110,42 @@ async def _bootstrap(tmp_path: Path) -> None:
 
 def test_one_node_is_asked_at_a_time_and_each_request_is_sent_once(tmp_path: Path) -> None:
     asyncio.run(_bootstrap(tmp_path))
+
+
+async def _two_gateways(tmp_path: Path) -> None:
+    first_config = GatewayConfig(
+        node=node_config(), state_dir=tmp_path / "a", kamailio_mirrors=("htable",)
+    )
+    second_config = GatewayConfig(
+        node=node_config(str(first_config.node.server_address)),
+        state_dir=tmp_path / "b",
+        kamailio_mirrors=("htable",),
+    )
+    gateways = [Gateway(first_config), Gateway(second_config)]
+    mirrors = [
+        attach_mirrors(g, c) for g, c in zip(gateways, (first_config, second_config), strict=True)
+    ]
+    for gateway in gateways:
+        await gateway.start()
+    try:
+        for _ in range(300):
+            if all(g.health().active_nodes == 1 for g in gateways):
+                break
+            await asyncio.sleep(0.01)
+        assert all(g.health().active_nodes == 1 for g in gateways)
+        await asyncio.sleep(0.5)
+        for mirror in mirrors:
+            htable = mirror.get("htable")
+            assert isinstance(htable, HtableMirror)
+            # Each knows the other is a gateway, from its join or its answer.
+            assert htable.bootstrap.status.requests_sent == 0
+            assert htable.bootstrap.status.state == "waiting"
+        agents = [set(g.node_agents().values()) for g in gateways]
+        assert agents == [{"dmq-gateway/0.1"}, {"dmq-gateway/0.1"}]
+    finally:
+        for gateway in gateways:
+            await gateway.stop()
+
+
+def test_gateways_never_ask_each_other_for_a_sync(tmp_path: Path) -> None:
+    asyncio.run(_two_gateways(tmp_path))
