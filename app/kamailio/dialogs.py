@@ -24,9 +24,9 @@ confirmed dialog whose node never said it ended is dropped (``expired``) when it
 may be gone. State 3 (confirmed without ACK) is never replicated live by Kamailio.
 
 Bootstrap. A dialog sync in 5.6 makes **every** node broadcast **every** dialog it
-holds to **every** node, one message per dialog; the replica never asks for one by
-default, and so holds only the dialogs created, or changed by a profile, after the
-gateway joined.
+holds to **every** node, one message per dialog; the mirror never asks for one, and
+so holds only the dialogs created (or re-sent for a profile change) after the gateway
+joined, and those it sees when a Kamailio node joins and asks for a sync itself.
 """
 
 from __future__ import annotations
