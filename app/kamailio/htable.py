@@ -74,7 +74,10 @@ log = logging.getLogger("dmq.kamailio")
 PEER_ID = "htable"
 #: Tables a replica holds at most (Kamailio's are declared in its configuration: a
 #: few); streams for tables not seen yet count too.
-MAX_TABLES = 256
+MAX_TABLES = 64
+#: Changes each table's stream keeps for resuming clients: with MAX_TABLES, at most
+#: about 260 000 frames (some 50 MB) however many changes a bus sends.
+STREAM_CAPACITY = 4096
 #: Cells a replica holds at most, all tables together; beyond it new cells are
 #: refused (counted, logged once) rather than the gateway's memory.
 MAX_CELLS = 2_000_000
@@ -393,7 +396,10 @@ class HtableMirror:
             if len(self.streams) >= MAX_TABLES:
                 return None
             stream = self.streams[table] = ChangeStream(
-                f"htable/{table}", queue_limit=self.queue_limit, clock=self.clock
+                f"htable/{table}",
+                capacity=STREAM_CAPACITY,
+                queue_limit=self.queue_limit,
+                clock=self.clock,
             )
         return stream
 
