@@ -119,6 +119,14 @@ class Reorderer(Generic[T]):
         """Resume a stream persisted before a restart (next ``seq`` to deliver)."""
         self._stream(key).next = next_seq
 
+    def restore_unordered(self, key: StreamKey, seen: list[int]) -> None:
+        """Resume an unordered stream's deduplication: the ``seq`` s seen above its
+        watermark (the watermark itself comes back through :meth:`restore`)."""
+        stream = self._stream(key)
+        if stream.next is None:
+            stream.next = 1
+        stream.seen.update(seq for seq in seen if seq >= stream.next)
+
     def restore_held(self, key: StreamKey, seq: int, item: T, arrived: float) -> None:
         """Hold again a message that was held when the process stopped."""
         self._stream(key).held[seq] = (item, arrived)

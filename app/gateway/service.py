@@ -529,6 +529,7 @@ def _peer_info(channel: PeerChannel) -> PeerInfo:
         reply_timeout=settings.reply_timeout,
         history=settings.history,
         history_max_age=settings.history_max_age,
+        history_bytes=settings.history_bytes,
         epoch=channel.epoch,
         offset=channel.offset,
         history_size=len(channel.history),

@@ -101,8 +101,23 @@ CREATE TABLE IF NOT EXISTS held (
     body BLOB NOT NULL,
     PRIMARY KEY (peer_id, origin, origin_epoch, recipient, seq)
 ) WITHOUT ROWID;
+-- reply: subscriber peers: seqs delivered above the stream's watermark (streams.next_seq)
+CREATE TABLE IF NOT EXISTS seen (
+    peer_id TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    origin_epoch TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (peer_id, origin, origin_epoch, recipient, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS origin_seq (peer_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
+
+
+_INSERT_HISTORY = (
+    "INSERT OR REPLACE INTO history (peer_id, epoch, offset, at, sender, content_type, "
+    "body, gap, origin, origin_epoch, recipient, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class HistorySync(StrEnum):
@@ -168,6 +183,11 @@ class StateStore:
         #: checkpoint connection while a checkpoint runs on it crashes the process.
         self._checkpoint_lock = threading.Lock()
         self._closed = False
+        #: History rows appended in the open transaction and not written yet: they go
+        #: in with one ``executemany`` before anything else reads or trims the history,
+        #: and at the latest just before the commit (binding and stepping one prepared
+        #: statement for many rows, rather than one ``execute`` call per message).
+        self._rows: list[tuple[Any, ...]] = []
 
     # ------------------------------------------------------------------ opening
 
@@ -263,7 +283,9 @@ class StateStore:
         db.execute("BEGIN")
         try:
             yield db
+            self._write_rows()
         except BaseException:
+            self._rows.clear()
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
@@ -278,9 +300,11 @@ class StateStore:
     def commit(self) -> None:
         db = self.db
         if db.in_transaction:
+            self._write_rows()
             db.execute("COMMIT")
 
     def rollback(self) -> None:
+        self._rows.clear()
         db = self.db
         if db.in_transaction:
             db.execute("ROLLBACK")
@@ -288,16 +312,26 @@ class StateStore:
     @contextmanager
     def savepoint(self) -> Iterator[sqlite3.Connection]:
         """Inside an open transaction: what is written inside is undone alone if it
-        fails, so one message that cannot be stored does not take its batch with it."""
+        fails, so one message that cannot be stored does not take its batch with it
+        (history rows not written yet are simply taken back)."""
         db = self.db
+        pending = len(self._rows)
         db.execute("SAVEPOINT message")
         try:
             yield db
         except BaseException:
+            del self._rows[pending:]
             db.execute("ROLLBACK TO message")
             db.execute("RELEASE message")
             raise
         db.execute("RELEASE message")
+
+    def _write_rows(self) -> None:
+        """Write the history rows appended since the last call, in one statement."""
+        rows = self._rows
+        if rows:
+            self._rows = []
+            self.db.executemany(_INSERT_HISTORY, rows)
 
     def _import_peers_json(self) -> None:
         """Bring the peers of a ``peers.json`` (the registry's former home) in, once."""
@@ -345,8 +379,9 @@ class StateStore:
             )
 
     def delete_peer(self, peer_id: str) -> None:
+        self._write_rows()
         with self.transaction() as db:
-            for table in ("peers", "history", "streams", "held"):
+            for table in ("peers", "history", "streams", "held", "seen"):
                 db.execute(f"DELETE FROM {table} WHERE peer_id = ?", (peer_id,))
 
     # ------------------------------------------------------------------ history
@@ -364,12 +399,12 @@ class StateStore:
         stream: tuple[str, str, str, str, int] | None = None,
     ) -> None:
         """One row; ``stream``: (peer_id, origin, origin epoch, to, seq) of a message
-        delivered in order (the streams' next seqs are derived from these rows)."""
+        delivered in order (the streams' next seqs are derived from these rows).
+
+        Inside a transaction the row is buffered and written with the others of the
+        transaction (:meth:`_write_rows`) before it commits; outside one, at once."""
         origin, origin_epoch, to, seq = (None, None, None, None) if stream is None else stream[1:]
-        self.db.execute(
-            "INSERT OR REPLACE INTO history (peer_id, epoch, offset, at, sender, "
-            "content_type, body, gap, origin, origin_epoch, recipient, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._rows.append(
             (
                 peer_id,
                 epoch,
@@ -383,11 +418,14 @@ class StateStore:
                 origin_epoch,
                 to,
                 seq,
-            ),
+            )
         )
+        if not self.db.in_transaction:
+            self._write_rows()
 
     def load_history(self, peer_id: str, epoch: str, limit: int) -> list[StoredEntry]:
         """The newest ``limit`` entries of the peer's epoch, oldest first."""
+        self._write_rows()
         rows = self.db.execute(
             "SELECT offset, at, sender, content_type, body, gap FROM history "
             "WHERE peer_id = ? AND epoch = ? ORDER BY offset DESC LIMIT ?",
@@ -399,6 +437,7 @@ class StateStore:
         ]
 
     def latest_offset(self, peer_id: str, epoch: str) -> int:
+        self._write_rows()
         row = self.db.execute(
             "SELECT max(offset) FROM history WHERE peer_id = ? AND epoch = ?", (peer_id, epoch)
         ).fetchone()
@@ -408,6 +447,7 @@ class StateStore:
         """Drop the entries up to ``through_offset`` (one statement for the batch)."""
         if through_offset <= 0:
             return
+        self._write_rows()
         with self.transaction() as db:
             # The rows going away may be the last record of a stream's position.
             db.execute(
@@ -432,7 +472,7 @@ class StateStore:
     def forget_stream(self, key: tuple[str, str, str, str]) -> None:
         """The stream ended (a new origin epoch): its position and held messages go
         (rows in the history still name it, and would only restore its position)."""
-        for table in ("streams", "held"):
+        for table in ("streams", "held", "seen"):
             self.db.execute(
                 f"DELETE FROM {table} WHERE peer_id = ? AND origin = ? AND origin_epoch = ? "
                 "AND recipient = ?",
@@ -442,6 +482,7 @@ class StateStore:
     def load_streams(self) -> list[tuple[tuple[str, str, str, str], int]]:
         """Every stream's next seq: past the last one delivered (in the history), or
         what trimming recorded."""
+        self._write_rows()
         nexts: dict[tuple[str, str, str, str], int] = {}
         for p, o, e, t, n in self.db.execute(
             "SELECT peer_id, origin, origin_epoch, recipient, next_seq FROM streams"
@@ -453,6 +494,40 @@ class StateStore:
         ):
             nexts[(p, o, e, t)] = max(n, nexts.get((p, o, e, t), 0))
         return list(nexts.items())
+
+    def mark_seen(self, key: tuple[str, str, str, str], seq: int, watermark: int | None) -> None:
+        """An unordered stream (``reply: subscriber``) delivered ``seq``; ``watermark``:
+        its new next seq when it moved (every seq below counts as seen, and the rows
+        below go). Bounded like the memory state: at most ``--reorder-limit`` rows per
+        stream stay above the watermark."""
+        db = self.db
+        if watermark is None or seq >= watermark:
+            db.execute(
+                "INSERT OR IGNORE INTO seen (peer_id, origin, origin_epoch, recipient, seq) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (*key, seq),
+            )
+        if watermark is not None:
+            db.execute(
+                "INSERT INTO streams (peer_id, origin, origin_epoch, recipient, next_seq) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+                (*key, watermark),
+            )
+            db.execute(
+                "DELETE FROM seen WHERE peer_id = ? AND origin = ? AND origin_epoch = ? "
+                "AND recipient = ? AND seq < ?",
+                (*key, watermark),
+            )
+
+    def load_seen(self) -> dict[tuple[str, str, str, str], list[int]]:
+        """Every unordered stream's seqs seen above its watermark."""
+        seen: dict[tuple[str, str, str, str], list[int]] = {}
+        for p, o, e, t, s in self.db.execute(
+            "SELECT peer_id, origin, origin_epoch, recipient, seq FROM seen"
+        ):
+            seen.setdefault((p, o, e, t), []).append(s)
+        return seen
 
     def hold(self, row: HeldRow) -> None:
         self.db.execute(
