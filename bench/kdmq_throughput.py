@@ -73,6 +73,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import re
 import resource
 import shlex
@@ -639,6 +640,10 @@ def bench_level(
         )
     }
     summary["failed_all_runs"] = sum(r.failed for r in runs)
+    # CPU per request is what durability costs with the machine's load taken out: a
+    # request rate on a shared, loaded machine swings with the other processes.
+    cpu = sorted(1e6 * r.target_cpu_s / r.completed for r in runs if r.completed and r.target_cpu_s)
+    summary["target_cpu_us_per_request"] = round(cpu[(len(cpu) - 1) // 2], 1) if cpu else None
     summary["requests_per_s_all_runs"] = [r.requests_per_s for r in runs]
     summary["runs"] = [asdict(r) for r in runs]
     return summary, described
@@ -766,6 +771,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-probe", action="store_true", help="no precise latency probe next to sipp"
     )
     parser.add_argument("--keep-raw", action="store_true", help="keep sipp and target files")
+    parser.add_argument(
+        "--name",
+        default="kdmq-throughput",
+        help="results file name, without .json/.png (e.g. kdmq-durable for a run of ours "
+        "and ours-memory alone, leaving the Kamailio comparison's file as it is)",
+    )
     args = parser.parse_args(argv)
     args.inflight_levels = [int(x) for x in str(args.inflight).split(",") if x.strip()]
     args.target_names = [t.strip() for t in str(args.targets).split(",") if t.strip()]
@@ -849,6 +860,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data["ratio_durable_over_memory"][str(inflight)] = (
                     round(o / mem, 3) if mem and o is not None else None
                 )
+                # By CPU per request: memory's cost over durable's (1.0: no cost).
+                o_cpu = ours.get(str(inflight), {}).get("target_cpu_us_per_request")
+                mem_cpu = memory.get(str(inflight), {}).get("target_cpu_us_per_request")
+                data.setdefault("ratio_durable_over_memory_by_cpu", {})[str(inflight)] = (
+                    round(mem_cpu / o_cpu, 3) if mem_cpu and o_cpu else None
+                )
                 for core in CORES:
                     levels = data["targets"].get(core, {}).get("levels", {})
                     c = levels.get(str(inflight), {}).get("requests_per_s")
@@ -862,9 +879,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data.setdefault("ratio_compiled_over_pure", {})[str(inflight)] = (
                     round(c / p, 3) if p and c is not None else None
                 )
-        json_path = args.out / "kdmq-throughput.json"
+        report["loadavg_at_end"] = list(os.getloadavg())
+        json_path = args.out / f"{args.name}.json"
         json_path.write_text(json.dumps(report, indent=2) + "\n")
-        png_path = args.out / "kdmq-throughput.png"
+        png_path = args.out / f"{args.name}.png"
         plot(report, png_path)
         print(f"wrote {json_path} and {png_path}")
     finally:

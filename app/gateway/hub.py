@@ -496,7 +496,9 @@ class Hub:
                 continue
             channel.epoch = stored.epoch
             channel.trimmed = stored.trimmed
-            rows = store.load_history(peer_id, stored.epoch, stored.settings.history)
+            rows = store.load_history(
+                peer_id, stored.epoch, stored.settings.history, after=stored.trimmed
+            )
             channel.history.extend(
                 (r.offset, r.at, peer_id, r.epoch, r.sender, r.content_type, r.body, r.gap)
                 for r in rows

@@ -163,6 +163,13 @@ class GatewayStats:
     duplicates: int = 0
     gaps: int = 0
     held: int = 0
+    #: Holes in stamped streams that filled: (upper bound in seconds, count) per bucket
+    #: of the time from the first message held behind the hole to the missing one
+    #: (not cumulative; the last bound is infinity), and their sum.
+    hole_fills: tuple[tuple[float, int], ...] = ()
+    hole_fill_seconds: float = 0.0
+    #: Copies of messages declared lost (a gap) that arrived afterwards.
+    late_after_gap: int = 0
     #: Nodes removed after missed pings whose outbox was kept (parked) for them, and
     #: parked nodes that came back and were taken into the node list again.
     outbox_parked: int = 0

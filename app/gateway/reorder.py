@@ -28,6 +28,7 @@ persists what the actions say and arms one timer at :meth:`Reorderer.next_deadli
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, NamedTuple, TypeVar
@@ -37,6 +38,10 @@ T = TypeVar("T")
 #: Defaults of ``--reorder-wait`` and ``--reorder-limit``.
 DEFAULT_MAX_WAIT = 2.0
 DEFAULT_MAX_HELD = 1000
+#: Upper bounds (seconds) of the buckets of the hole-fill histogram (:attr:`Reorderer.fills`).
+FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+#: Gaps remembered per stream, to tell a copy that arrives after its gap was declared.
+LOST_KEPT = 16
 
 
 class StreamKey(NamedTuple):
@@ -95,6 +100,10 @@ class _Stream(Generic[T]):
     held: dict[int, tuple[T, float]] = field(default_factory=dict)
     #: Unordered streams: seqs seen above ``next``.
     seen: set[int] = field(default_factory=set)
+    #: When the current hole began: the arrival of the first message held behind it.
+    hole_since: float | None = None
+    #: The latest gaps declared, ``(first, last)``.
+    lost: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=LOST_KEPT))
 
 
 class Reorderer(Generic[T]):
@@ -112,6 +121,15 @@ class Reorderer(Generic[T]):
         self._current: dict[tuple[str, str, str], str] = {}
         self.duplicates = 0
         self.gaps = 0
+        #: How long holes took to fill: the time from the first message held behind a
+        #: missing seq to that seq's arrival, counted per bucket of :data:`FILL_BUCKETS`
+        #: (the last count: beyond the last bound), with their sum. What a reorder wait
+        #: must cover so that no message still on its way is declared lost.
+        self.fills = [0] * (len(FILL_BUCKETS) + 1)
+        self.fill_sum = 0.0
+        #: Copies of messages already declared lost that arrived afterwards: each one
+        #: is a message a longer reorder wait would have delivered.
+        self.late = 0
 
     # ------------------------------------------------------------------ state
 
@@ -129,7 +147,10 @@ class Reorderer(Generic[T]):
 
     def restore_held(self, key: StreamKey, seq: int, item: T, arrived: float) -> None:
         """Hold again a message that was held when the process stopped."""
-        self._stream(key).held[seq] = (item, arrived)
+        stream = self._stream(key)
+        stream.held[seq] = (item, arrived)
+        if stream.hole_since is None or arrived < stream.hole_since:
+            stream.hole_since = arrived
 
     def next_seq(self, key: StreamKey) -> int | None:
         stream = self._streams.get(key)
@@ -167,14 +188,22 @@ class Reorderer(Generic[T]):
             stream = self._stream(key)
         if (stream.next is not None and seq < stream.next) or seq in stream.held:
             self.duplicates += 1
+            if any(first <= seq <= last for first, last in stream.lost):
+                self.late += 1
             return Verdict.DUPLICATE, actions
         if stream.next is None and seq == 1:
             stream.next = 1
         if seq == stream.next:
             stream.next = seq + 1
             actions.append(Delivery(key, seq, item, was_held=False))
-            self._drain(key, stream, actions)
+            if stream.held:
+                if stream.hole_since is not None:
+                    self._filled(now - stream.hole_since)
+                self._drain(key, stream, actions)
+                self._hole_moved(stream)
             return Verdict.DELIVERED, actions
+        if not stream.held:
+            stream.hole_since = now
         stream.held[seq] = (item, now)
         if len(stream.held) > self.max_held:
             self._release(key, stream, actions, "more messages held than --reorder-limit")
@@ -223,6 +252,21 @@ class Reorderer(Generic[T]):
 
     # ------------------------------------------------------------------ internals
 
+    def _filled(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.fill_sum += seconds
+        for index, bound in enumerate(FILL_BUCKETS):
+            if seconds <= bound:
+                self.fills[index] += 1
+                return
+        self.fills[-1] += 1
+
+    @staticmethod
+    def _hole_moved(stream: _Stream[T]) -> None:
+        """After a drain: the next hole, if any, began when its first message came."""
+        held = stream.held
+        stream.hole_since = min(a for _, a in held.values()) if held else None
+
     def _drain(self, key: StreamKey, stream: _Stream[T], actions: list[Action[T]]) -> None:
         held = stream.held
         assert stream.next is not None
@@ -239,8 +283,10 @@ class Reorderer(Generic[T]):
         if stream.next is not None and lowest > stream.next:
             self.gaps += 1
             actions.append(Gap(key, stream.next, lowest - 1, reason))
+            stream.lost.append((stream.next, lowest - 1))
         stream.next = lowest
         self._drain(key, stream, actions)
+        self._hole_moved(stream)
 
     def _retire(self, key: StreamKey, actions: list[Action[T]]) -> None:
         stream = self._streams.pop(key, None)

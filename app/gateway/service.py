@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import re
 import secrets
 import sqlite3
@@ -44,6 +45,7 @@ from app.gateway.models import (
     PeerSettings,
     PeerStats,
 )
+from app.gateway.reorder import FILL_BUCKETS
 from app.gateway.store import StateStore
 from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
@@ -194,6 +196,11 @@ class Gateway:
             duplicates=self._hub.duplicates,
             gaps=self._hub.reorderer.gaps,
             held=self._hub.reorderer.held(),
+            hole_fills=tuple(
+                zip((*FILL_BUCKETS, math.inf), self._hub.reorderer.fills, strict=True)
+            ),
+            hole_fill_seconds=self._hub.reorderer.fill_sum,
+            late_after_gap=self._hub.reorderer.late,
             outbox_parked=stats.outbox_parked,
             outbox_unparked=stats.outbox_unparked,
             transport={
