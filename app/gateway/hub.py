@@ -618,17 +618,26 @@ class Hub:
         """Call ``start`` with the ``X-DMQ-Origin`` header of the next message we
         originate for a peer (a broadcast, or with ``to`` a send to that node).
 
-        The seq is used up only once ``start`` has returned (a send the node refuses
-        leaves no hole a receiver would wait for), and committed before the message
-        leaves, so a restart never reuses one.
+        The seq is committed before ``start`` sends the message, so a restart never
+        reuses one, even after a ``kill -9`` right after the send; a send the node
+        refuses gives it back (so it leaves no hole a receiver would wait for).
         """
-        self.flush()  # our seq must be committed before the message leaves
+        self.flush()  # (the open batch goes in the same commit's stead)
         stream = f"{peer_id}>{to}" if to else peer_id
-        seq = self._origin_seq.get(stream, 0) + 1
-        result = start(((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),))
+        previous = self._origin_seq.get(stream, 0)
+        seq = previous + 1
+        store = self.store
+        if store is not None:
+            store.save_origin_seq(stream, seq)
+        try:
+            result = start(
+                ((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),)
+            )
+        except BaseException:
+            if store is not None:
+                store.save_origin_seq(stream, previous)
+            raise
         self._origin_seq[stream] = seq
-        if self.store is not None:
-            self.store.save_origin_seq(stream, seq)
         return result
 
     # ------------------------------------------------------------------ incoming

@@ -5,14 +5,19 @@ What it keeps, so that a restart (SIGTERM or ``kill -9``) changes nothing a clie
 * ``peers``: one row per registered peer: its settings, its history epoch, and the
   highest offset trimmed away (so offsets go on where they stopped even when the
   history is empty). It replaces ``peers.json``, which is imported once.
-* ``history``: each peer's messages and gap entries, keyed by (peer, epoch, offset),
-  trimmed in batches to the peer's ``history`` count and ``history_max_age``.
+* ``pages``: each peer's messages and gap entries. One row (a *page*) holds the
+  entries ``first``..``last`` that one commit wrote for a peer's epoch, packed with
+  :mod:`marshal`: the group commit of a loop turn's messages is one INSERT, not one
+  per message, and trimming (to the peer's ``history`` count, ``history_max_age`` and
+  ``history_bytes``) deletes whole pages; the peer's ``trimmed`` offset says where the
+  history starts inside a page that straddles it. (The former ``history`` table, one
+  row per message, is moved into pages once at open.)
 * ``streams`` and ``held``: the receiver's next expected ``seq`` per (peer, origin,
-  origin epoch, to), and the messages held in the reorder buffer
-  (:mod:`app.gateway.reorder`). A history row of a stamped message delivered in order
-  names its stream and seq, so the next seq is derived from the history at start and
-  written to ``streams`` only when trimming removes those rows: one INSERT per
-  message, not two.
+  origin epoch, to), written in the same commit as the entries that moved it (one
+  UPSERT per stream and commit), and the messages held in the reorder buffer
+  (:mod:`app.gateway.reorder`).
+* ``seen``: for ``reply: subscriber`` peers, the seqs delivered above a stream's
+  watermark, so that deduplication survives a restart.
 * ``origin_seq`` and ``meta``: this gateway's own origin epoch and the last ``seq`` it
   stamped per peer (:mod:`app.gateway.origin`).
 
@@ -24,9 +29,9 @@ and this is what keeps the durable history near the speed of memory). With
 ``synchronous=NORMAL`` (``--history-sync normal``) a commit is a write to the WAL with
 no fsync: it survives the process crashing, not the machine losing power. ``full``
 fsyncs the WAL on every commit and survives power loss, at the price of one fsync per
-batch. The calls are synchronous on the event loop on purpose: each message is one
-prepared INSERT (plus one UPSERT for a stamped message), and each batch one commit, a
-few tens of microseconds, cheaper than a hop to a thread.
+batch. The calls are synchronous on the event loop on purpose: a message costs an
+append to a list, and a batch one page INSERT and one commit, a few tens of
+microseconds, cheaper than a hop to a thread.
 
 A database that cannot be opened or read (corrupt, not a database) is moved aside
 with one error log line and the gateway starts with a new one, as it did for a
