@@ -192,6 +192,7 @@ async def reorder_metrics(http: httpx.AsyncClient, gateway: Any) -> dict[str, An
                 "dmq_reorder_hole_fill_seconds_sum",
                 "dmq_gaps_total",
                 "dmq_reorder_late_total",
+                "dmq_reorder_held_peak",
             ):
                 found[sample.name] = sample.value
     buckets.sort()
@@ -206,6 +207,7 @@ async def reorder_metrics(http: httpx.AsyncClient, gateway: Any) -> dict[str, An
         "filled_later_than_s": longer,
         "gaps": int(found.get("dmq_gaps_total", 0)),
         "late_after_gap": int(found.get("dmq_reorder_late_total", 0)),
+        "held_peak": int(found.get("dmq_reorder_held_peak", 0)),
     }
 
 

@@ -170,6 +170,8 @@ class GatewayStats:
     hole_fill_seconds: float = 0.0
     #: Copies of messages declared lost (a gap) that arrived afterwards.
     late_after_gap: int = 0
+    #: The most messages one stream has held at once since the start.
+    held_peak: int = 0
     #: Nodes removed after missed pings whose outbox was kept (parked) for them, and
     #: parked nodes that came back and were taken into the node list again.
     outbox_parked: int = 0

@@ -130,6 +130,8 @@ class Reorderer(Generic[T]):
         #: Copies of messages already declared lost that arrived afterwards: each one
         #: is a message a longer reorder wait would have delivered.
         self.late = 0
+        #: The most messages one stream has held at once (what ``max_held`` must cover).
+        self.held_peak = 0
 
     # ------------------------------------------------------------------ state
 
@@ -205,6 +207,8 @@ class Reorderer(Generic[T]):
         if not stream.held:
             stream.hole_since = now
         stream.held[seq] = (item, now)
+        if len(stream.held) > self.held_peak:
+            self.held_peak = len(stream.held)
         if len(stream.held) > self.max_held:
             self._release(key, stream, actions, "more messages held than --reorder-limit")
         return Verdict.HELD, actions

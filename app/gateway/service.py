@@ -201,6 +201,7 @@ class Gateway:
             ),
             hole_fill_seconds=self._hub.reorderer.fill_sum,
             late_after_gap=self._hub.reorderer.late,
+            held_peak=self._hub.reorderer.held_peak,
             outbox_parked=stats.outbox_parked,
             outbox_unparked=stats.outbox_unparked,
             transport={

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from app.dmq.events import SendOperation
@@ -88,6 +89,15 @@ def test_stamped_messages_are_delivered_in_order_once(config: GatewayConfig) -> 
                 assert send(origin, gateway, seq, f"m{seq}") == 200
             assert bodies(history(client)) == ["m1", "m2", "m3", "m4", "m5"]
             assert client.get(f"/v1/peers/{PEER}").json()["received"] == 5
+            # One hole (2) filled; m3 and m4 were held behind it.
+            metrics = {
+                s.name: s.value
+                for family in text_string_to_metric_families(client.get("/metrics").text)
+                for s in family.samples
+            }
+            assert metrics["dmq_reorder_hole_fill_seconds_count"] == 1
+            assert metrics["dmq_reorder_held_peak"] == 2
+            assert metrics["dmq_reorder_late_total"] == 0
         finally:
             origin.stop()
 

@@ -178,3 +178,4 @@ def test_hole_fill_times_and_late_copies_are_measured() -> None:
     assert r.fills[FILL_BUCKETS.index(4.0)] == 1  # 3.5 s
     assert r.fill_sum == pytest.approx(3.8)
     assert r.late == 1
+    assert r.held_peak == 2  # m3 and m4

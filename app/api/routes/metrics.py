@@ -205,6 +205,12 @@ class GatewayCollector(Collector):
                 buckets=buckets,
                 sum_value=stats.hole_fill_seconds,
             )
+        yield GaugeMetricFamily(
+            "dmq_reorder_held_peak",
+            "the most stamped messages one origin's stream has held at once since the start "
+            "(what --reorder-limit must cover)",
+            value=stats.held_peak,
+        )
         yield CounterMetricFamily(
             "dmq_reorder_late",
             "copies of stamped messages that arrived after a gap had declared them lost",
