@@ -35,9 +35,26 @@ from typing import Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
-#: Defaults of ``--reorder-wait`` and ``--reorder-limit``.
+#: The reorderer's own default wait (the gateway derives its ``--reorder-wait`` from
+#: Timer F instead: :data:`WAIT_PER_TIMER_F`).
 DEFAULT_MAX_WAIT = 2.0
-DEFAULT_MAX_HELD = 1000
+#: ``--reorder-wait`` when not set: this many times the node's Timer F. A missing
+#: message is most often still on its way: retransmitted until Timer F, then resent
+#: from the sender's outbox once the node answers a ping again. Measured under 20% and
+#: 40% UDP loss (bench/results/reorder-wait.json), holes filled within 2 Timer F with
+#: the lab's timers (Timer F 2 s: the longest between 4 and 8 s at 40% loss) and
+#: within 0.5 Timer F with the default ones (Timer F 32 s: the longest between 8 and
+#: 16 s at 20% loss); a wait of 4 Timer F covers both with room, whereas the former
+#: fixed 2 s gave up messages that then arrived (one in 40 holes at the default timers).
+WAIT_PER_TIMER_F = 4.0
+#: Default of ``--reorder-limit``: early messages one stream may hold. A hole holds
+#: back what its origin sends until it fills, so the count needed is the origin's rate
+#: times the fill time: the measured peak was 23-31 at 100-200 messages/s with holes
+#: under 1 s, but a stream of 2 000 messages/s needs 2 000 per second of hole. It
+#: matches the sender's outbox bound (``outbox_max_messages``, 10 000): a receiver
+#: holds as much as a sender may queue for it, at the cost of memory for that many
+#: bodies per stream while a hole lasts.
+DEFAULT_MAX_HELD = 10_000
 #: Upper bounds (seconds) of the buckets of the hole-fill histogram (:attr:`Reorderer.fills`).
 FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 #: Gaps remembered per stream, to tell a copy that arrives after its gap was declared.

@@ -77,7 +77,7 @@ class Gateway:
             self._store,
             queue_limit=config.queue_limit,
             history_store=config.history_store,
-            reorder_wait=config.reorder_wait,
+            reorder_wait=config.effective_reorder_wait,
             reorder_limit=config.reorder_limit,
         )
         #: Tags message ids of this process, so ids from before a restart never clash.
