@@ -365,8 +365,9 @@ class PeerChannel:
     ) -> HistoryEntry:
         """Add a message (or a gap entry) to the history and fan it out.
 
-        With a store, the row is written here; the caller commits (before the node
-        answers 200). ``stream``: the ordered stream and seq the message was delivered
+        With a store, the entry is handed to it here (buffered, and written as one page
+        with the rest of the transaction); the caller commits before the node answers
+        200. ``stream``: the ordered stream and seq the message was delivered
         as; the row records them, which is how the store knows each stream's next seq
         without a second write per message.
         """
@@ -717,8 +718,9 @@ class Hub:
         """Run ``write`` in one store transaction (committed before the 200): the open
         batch's when there is one, else a transaction of its own. In a batch, a write
         of several statements runs in a savepoint, so that one that fails halfway is
-        undone alone; ``one_statement`` (a single INSERT, atomic by itself) spares
-        the two statements a savepoint costs."""
+        undone alone; ``one_statement`` (a write that cannot fail halfway: history
+        entries only, which the store buffers until the commit) spares the two
+        statements a savepoint costs."""
         if not self.durable:
             return write()
         assert self.store is not None
