@@ -706,6 +706,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             durable = data.get("ratio_durable_over_memory", {}).get(str(lv))
             notes = [f"ours/Kamailio = {ratio:.2f}x"] if ratio is not None else []
             notes += [f"durable/in-memory = {durable:.2f}x"] if durable is not None else []
+            by_cpu = data.get("ratio_durable_over_memory_by_cpu", {}).get(str(lv))
+            notes += [f"(by CPU per request: {by_cpu:.2f}x)"] if by_cpu is not None else []
             for core in CORES:
                 value = data.get(f"ratio_{core.replace('-', '_')}_over_kamailio", {}).get(str(lv))
                 notes += [f"{core}/Kamailio = {value:.2f}x"] if value is not None else []
