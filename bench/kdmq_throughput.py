@@ -592,11 +592,19 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
 
 
 def bench_level(
-    name: str, inflight: int, mode: str, args: argparse.Namespace, scratch: Path
+    name: str,
+    inflight: int,
+    mode: str,
+    args: argparse.Namespace,
+    scratch: Path,
+    reps: Sequence[int] | None = None,
+    runs: list[RunResult] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    runs: list[RunResult] = []
+    """Run ``reps`` (every repeat by default) of one target at one level, adding to
+    ``runs``; summarise all of ``runs`` (the median run by requests per second)."""
+    runs = [] if runs is None else runs
     described: dict[str, Any] = {}
-    for rep in range(args.repeats):
+    for rep in range(args.repeats) if reps is None else reps:
         workdir = scratch / f"{mode}-{name}-{inflight}-{rep}"
         target = start_target(name, workdir / "target", args)
         try:
@@ -774,6 +782,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-raw", action="store_true", help="keep sipp and target files")
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run the targets' repeats in turn (1, 2, 1, 2...) rather than one target's "
+        "repeats in a row, so that a loaded machine's swings fall on every target alike",
+    )
+    parser.add_argument(
         "--name",
         default="kdmq-throughput",
         help="results file name, without .json/.png (e.g. kdmq-durable for a run of ours "
@@ -823,6 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "machine": machine_info(),
         "history_store_option": args.history_store_supported,
+        "interleaved": args.interleave,
         "modes": {},
     }
     errors = 0
@@ -834,21 +849,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "ratio_durable_over_memory": {},
             }
             report["modes"][mode] = data
-            for name in args.target_names:
-                entry: dict[str, Any] = {"label": TARGET_LABELS[name], "levels": {}}
-                data["targets"][name] = entry
-                for inflight in args.inflight_levels:
-                    try:
-                        summary, described = bench_level(name, inflight, mode, args, scratch)
-                    except Exception as exc:
-                        errors += 1
-                        entry.setdefault("errors", {})[str(inflight)] = str(exc)
-                        print(
-                            f"  {mode} {name} inflight={inflight}: FAILED: {exc}", file=sys.stderr
-                        )
-                        continue
-                    entry["levels"][str(inflight)] = summary
-                    entry.setdefault("target", described)
+            order = [
+                (name, inflight, None)
+                for name in args.target_names
+                for inflight in args.inflight_levels
+            ]
+            if args.interleave:
+                order = [
+                    (name, inflight, rep)
+                    for inflight in args.inflight_levels
+                    for rep in range(args.repeats)
+                    for name in args.target_names
+                ]
+            done: dict[tuple[str, int], list[RunResult]] = {}
+            for name, inflight, one in order:
+                entry = data["targets"].setdefault(
+                    name, {"label": TARGET_LABELS[name], "levels": {}}
+                )
+                if str(inflight) in entry.get("errors", {}):
+                    continue
+                try:
+                    summary, described = bench_level(
+                        name,
+                        inflight,
+                        mode,
+                        args,
+                        scratch,
+                        reps=None if one is None else [one],
+                        runs=done.setdefault((name, inflight), []),
+                    )
+                except Exception as exc:
+                    errors += 1
+                    entry.setdefault("errors", {})[str(inflight)] = str(exc)
+                    print(f"  {mode} {name} inflight={inflight}: FAILED: {exc}", file=sys.stderr)
+                    continue
+                entry["levels"][str(inflight)] = summary
+                entry.setdefault("target", described)
             kam = data["targets"].get("kamailio", {}).get("levels", {})
             ours = data["targets"].get("ours", {}).get("levels", {})
             memory = data["targets"].get("ours-memory", {}).get("levels", {})
