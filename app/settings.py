@@ -43,7 +43,7 @@ from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
 from app.gateway.config import GatewayConfig
-from app.gateway.reorder import DEFAULT_MAX_HELD, DEFAULT_MAX_WAIT
+from app.gateway.reorder import DEFAULT_MAX_HELD
 from app.gateway.store import HistoryStore, HistorySync
 from app.transport.limits import TransportLimits
 from app.transport.tls import build_contexts
@@ -434,13 +434,14 @@ class ServeSettings(BaseSettings):
         ),
     ] = "normal"
     reorder_wait: Annotated[
-        float,
-        Option("SECONDS"),
+        float | None,
+        Option("SECONDS", default_text="4*Timer F"),
         Field(
             description="how long a message that arrived before earlier ones of its origin "
-            "waits for them; then they are given up and a gap entry says so",
+            "waits for them (which may still be retransmitted or resent from the sender's "
+            "outbox); then they are given up and a gap entry says so",
         ),
-    ] = DEFAULT_MAX_WAIT
+    ] = None
     reorder_limit: Annotated[
         int,
         Option("N"),
@@ -591,7 +592,7 @@ class ServeSettings(BaseSettings):
                 f"{self.label('drop_rate')} {_shown(self.drop_rate)}: must be at least 0 "
                 "and below 1"
             )
-        if not 0 <= self.reorder_wait <= 3600:
+        if self.reorder_wait is not None and not 0 <= self.reorder_wait <= 3600:
             raise ConfigError(
                 f"{self.label('reorder_wait')} {_shown(self.reorder_wait)}: must be 0 to 3600 "
                 "seconds"

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import RESULTS, machine_info, run_async
 from harness.delivery import Subscriber, parse_body
-from harness.labbus import PEER, LabBus, broadcast
+from harness.labbus import LAB_TIMERS, PEER, LabBus, broadcast
 from harness.netns import lab_unavailable
 
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -43,6 +44,10 @@ CONDITIONS: dict[str, dict[str, Any]] = {
     "udp-40": {"transport": "udp", "udp": 40, "tcp": 0},
     "tcp-40": {"transport": "tcp", "udp": 0, "tcp": 40},
 }
+
+
+#: SIP timer options per ``--timers``: the lab's fast ones, or none (the defaults).
+TIMERS: dict[str, tuple[str, ...]] = {"lab": LAB_TIMERS, "default": ()}
 
 
 def log(text: str) -> None:
@@ -161,10 +166,49 @@ async def run_condition(
                 },
             }
             log(f"  {phase}: {json.dumps(result[phase]['subscribers'])}")
+        result["reorder"] = {name: await reorder_metrics(http, bus[name]) for name in "bc"}
+        log(f"  reorder: {json.dumps(result['reorder'])}")
     for sub in subscribers.values():
         await sub.close()
     bus.lab.clear_loss()
     return result
+
+
+async def reorder_metrics(http: httpx.AsyncClient, gateway: Any) -> dict[str, Any]:
+    """How long a receiving gateway's holes took to fill (a histogram of the time from
+    the first message held behind a missing one to its arrival), the gaps it declared,
+    and the copies that came after their gap (what a longer reorder wait would have
+    delivered)."""
+    response = await http.get(f"{gateway.url}/metrics", headers=gateway.headers)
+    response.raise_for_status()
+    buckets: list[tuple[float, float]] = []
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "dmq_reorder_hole_fill_seconds_bucket":
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name in (
+                "dmq_reorder_hole_fill_seconds_count",
+                "dmq_reorder_hole_fill_seconds_sum",
+                "dmq_gaps_total",
+                "dmq_reorder_late_total",
+                "dmq_reorder_held_peak",
+            ):
+                found[sample.name] = sample.value
+    buckets.sort()
+    count = found.get("dmq_reorder_hole_fill_seconds_count", 0.0)
+    # Holes that took longer than each bound: what a reorder wait of that length gives up.
+    longer = {f"{bound:g}": int(count - cumulative) for bound, cumulative in buckets[:-1]}
+    return {
+        "holes_filled": int(count),
+        "fill_mean_s": round(found.get("dmq_reorder_hole_fill_seconds_sum", 0.0) / count, 3)
+        if count
+        else None,
+        "filled_later_than_s": longer,
+        "gaps": int(found.get("dmq_gaps_total", 0)),
+        "late_after_gap": int(found.get("dmq_reorder_late_total", 0)),
+        "held_peak": int(found.get("dmq_reorder_held_peak", 0)),
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -178,7 +222,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS)
     )
     parser.add_argument("--extra", default="", help="options added to every gateway")
+    parser.add_argument(
+        "--ping-interval", type=float, default=1.0, help="the gateways' ping interval (s)"
+    )
+    parser.add_argument(
+        "--timers",
+        choices=list(TIMERS),
+        default="lab",
+        help="SIP timers: lab (T1 0.1 s, T2 0.4 s, Timer F 2 s) or default (T1 0.5 s, "
+        "T2 4 s, Timer F 32 s)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
+    parser.add_argument(
+        "--name",
+        default="delivery-loss",
+        help="results file name without .json/.png; under another name than "
+        "delivery-loss the chart shows the hole-fill times instead (reorder-wait: the runs "
+        "that chose the reorder defaults)",
+    )
     return parser.parse_args(argv)
 
 
@@ -189,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"cannot run: {reason}")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "delivery-loss.json"
+    json_path = args.out / f"{args.name}.json"
     saved: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
     runs: dict[str, Any] = saved.get("runs", {})
     run: dict[str, Any] = {
@@ -197,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters": {
             "count": args.count,
             "concurrency_wait_true": args.concurrency,
-            "ping_interval_s": 1,
-            "timer_f_s": 2,
+            "ping_interval_s": args.ping_interval,
+            "timers": " ".join(TIMERS[args.timers]) or "defaults (T1 0.5 s, T2 4 s, Timer F 32 s)",
             "extra": args.extra,
         },
         "conditions": {},
@@ -210,7 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="delivery-loss-"))
         try:
             with LabBus(
-                workdir, ["a", "b", "c"], transport=cond["transport"], extra=args.extra.split()
+                workdir,
+                ["a", "b", "c"],
+                transport=cond["transport"],
+                extra=args.extra.split(),
+                ping_interval=args.ping_interval,
+                timers=TIMERS[args.timers],
             ) as bus:
                 run["conditions"][name] = run_async(run_condition(bus, args, cond))
         except Exception as exc:
@@ -243,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
     }
     json_path.write_text(json.dumps(saved, indent=2) + "\n")
-    png_path = args.out / "delivery-loss.png"
-    plot(saved, png_path)
+    png_path = args.out / f"{args.name}.png"
+    (plot if args.name == "delivery-loss" else plot_fills)(saved, png_path)
     log(f"wrote {json_path} and {png_path}")
     return code
 
@@ -298,6 +364,46 @@ def plot(saved: dict[str, Any], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Delivery through real packet loss: B's and C's subscribers (mean)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_fills(saved: dict[str, Any], path: Path) -> None:
+    """Holes filled later than each bound (mean of B and C), one line per label and
+    condition: where a line reaches zero, a reorder wait that long gives up nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for label, run in saved["runs"].items():
+        wait = "--reorder-wait" in run["parameters"].get("extra", "")
+        for cond, data in run["conditions"].items():
+            reorder = data.get("reorder") if isinstance(data, dict) else None
+            if not reorder:
+                continue
+            bounds = [float(b) for b in next(iter(reorder.values()))["filled_later_than_s"]]
+            means = [
+                sum(r["filled_later_than_s"][f"{b:g}"] for r in reorder.values()) / len(reorder)
+                for b in bounds
+            ]
+            gaps = sum(r["gaps"] for r in reorder.values())
+            ax.plot(
+                bounds,
+                [max(m, 0.05) for m in means],
+                marker="o",
+                linestyle="-" if wait else "--",
+                label=f"{label} {cond} (gaps: {gaps})",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds (a reorder wait of that length)")
+    ax.set_ylabel("holes filled later (mean of B and C; 0 drawn at 0.05)")
+    ax.set_title("How long holes in a stamped stream took to fill under UDP loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

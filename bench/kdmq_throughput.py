@@ -73,6 +73,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import re
 import resource
 import shlex
@@ -591,11 +592,19 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
 
 
 def bench_level(
-    name: str, inflight: int, mode: str, args: argparse.Namespace, scratch: Path
+    name: str,
+    inflight: int,
+    mode: str,
+    args: argparse.Namespace,
+    scratch: Path,
+    reps: Sequence[int] | None = None,
+    runs: list[RunResult] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    runs: list[RunResult] = []
+    """Run ``reps`` (every repeat by default) of one target at one level, adding to
+    ``runs``; summarise all of ``runs`` (the median run by requests per second)."""
+    runs = [] if runs is None else runs
     described: dict[str, Any] = {}
-    for rep in range(args.repeats):
+    for rep in range(args.repeats) if reps is None else reps:
         workdir = scratch / f"{mode}-{name}-{inflight}-{rep}"
         target = start_target(name, workdir / "target", args)
         try:
@@ -639,6 +648,10 @@ def bench_level(
         )
     }
     summary["failed_all_runs"] = sum(r.failed for r in runs)
+    # CPU per request is what durability costs with the machine's load taken out: a
+    # request rate on a shared, loaded machine swings with the other processes.
+    cpu = sorted(1e6 * r.target_cpu_s / r.completed for r in runs if r.completed and r.target_cpu_s)
+    summary["target_cpu_us_per_request"] = round(cpu[(len(cpu) - 1) // 2], 1) if cpu else None
     summary["requests_per_s_all_runs"] = [r.requests_per_s for r in runs]
     summary["runs"] = [asdict(r) for r in runs]
     return summary, described
@@ -701,6 +714,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             durable = data.get("ratio_durable_over_memory", {}).get(str(lv))
             notes = [f"ours/Kamailio = {ratio:.2f}x"] if ratio is not None else []
             notes += [f"durable/in-memory = {durable:.2f}x"] if durable is not None else []
+            by_cpu = data.get("ratio_durable_over_memory_by_cpu", {}).get(str(lv))
+            notes += [f"(by CPU per request: {by_cpu:.2f}x)"] if by_cpu is not None else []
             for core in CORES:
                 value = data.get(f"ratio_{core.replace('-', '_')}_over_kamailio", {}).get(str(lv))
                 notes += [f"{core}/Kamailio = {value:.2f}x"] if value is not None else []
@@ -766,6 +781,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-probe", action="store_true", help="no precise latency probe next to sipp"
     )
     parser.add_argument("--keep-raw", action="store_true", help="keep sipp and target files")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run the targets' repeats in turn (1, 2, 1, 2...) rather than one target's "
+        "repeats in a row, so that a loaded machine's swings fall on every target alike",
+    )
+    parser.add_argument(
+        "--name",
+        default="kdmq-throughput",
+        help="results file name, without .json/.png (e.g. kdmq-durable for a run of ours "
+        "and ours-memory alone, leaving the Kamailio comparison's file as it is)",
+    )
     args = parser.parse_args(argv)
     args.inflight_levels = [int(x) for x in str(args.inflight).split(",") if x.strip()]
     args.target_names = [t.strip() for t in str(args.targets).split(",") if t.strip()]
@@ -810,6 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "machine": machine_info(),
         "history_store_option": args.history_store_supported,
+        "interleaved": args.interleave,
         "modes": {},
     }
     errors = 0
@@ -821,21 +849,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "ratio_durable_over_memory": {},
             }
             report["modes"][mode] = data
-            for name in args.target_names:
-                entry: dict[str, Any] = {"label": TARGET_LABELS[name], "levels": {}}
-                data["targets"][name] = entry
-                for inflight in args.inflight_levels:
-                    try:
-                        summary, described = bench_level(name, inflight, mode, args, scratch)
-                    except Exception as exc:
-                        errors += 1
-                        entry.setdefault("errors", {})[str(inflight)] = str(exc)
-                        print(
-                            f"  {mode} {name} inflight={inflight}: FAILED: {exc}", file=sys.stderr
-                        )
-                        continue
-                    entry["levels"][str(inflight)] = summary
-                    entry.setdefault("target", described)
+            order = [
+                (name, inflight, None)
+                for name in args.target_names
+                for inflight in args.inflight_levels
+            ]
+            if args.interleave:
+                order = [
+                    (name, inflight, rep)
+                    for inflight in args.inflight_levels
+                    for rep in range(args.repeats)
+                    for name in args.target_names
+                ]
+            done: dict[tuple[str, int], list[RunResult]] = {}
+            for name, inflight, one in order:
+                entry = data["targets"].setdefault(
+                    name, {"label": TARGET_LABELS[name], "levels": {}}
+                )
+                if str(inflight) in entry.get("errors", {}):
+                    continue
+                try:
+                    summary, described = bench_level(
+                        name,
+                        inflight,
+                        mode,
+                        args,
+                        scratch,
+                        reps=None if one is None else [one],
+                        runs=done.setdefault((name, inflight), []),
+                    )
+                except Exception as exc:
+                    errors += 1
+                    entry.setdefault("errors", {})[str(inflight)] = str(exc)
+                    print(f"  {mode} {name} inflight={inflight}: FAILED: {exc}", file=sys.stderr)
+                    continue
+                entry["levels"][str(inflight)] = summary
+                entry.setdefault("target", described)
             kam = data["targets"].get("kamailio", {}).get("levels", {})
             ours = data["targets"].get("ours", {}).get("levels", {})
             memory = data["targets"].get("ours-memory", {}).get("levels", {})
@@ -848,6 +897,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mem = memory.get(str(inflight), {}).get("requests_per_s")
                 data["ratio_durable_over_memory"][str(inflight)] = (
                     round(o / mem, 3) if mem and o is not None else None
+                )
+                # By CPU per request: memory's cost over durable's (1.0: no cost).
+                o_cpu = ours.get(str(inflight), {}).get("target_cpu_us_per_request")
+                mem_cpu = memory.get(str(inflight), {}).get("target_cpu_us_per_request")
+                data.setdefault("ratio_durable_over_memory_by_cpu", {})[str(inflight)] = (
+                    round(mem_cpu / o_cpu, 3) if mem_cpu and o_cpu else None
                 )
                 for core in CORES:
                     levels = data["targets"].get(core, {}).get("levels", {})
@@ -862,9 +917,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data.setdefault("ratio_compiled_over_pure", {})[str(inflight)] = (
                     round(c / p, 3) if p and c is not None else None
                 )
-        json_path = args.out / "kdmq-throughput.json"
+        report["loadavg_at_end"] = list(os.getloadavg())
+        json_path = args.out / f"{args.name}.json"
         json_path.write_text(json.dumps(report, indent=2) + "\n")
-        png_path = args.out / "kdmq-throughput.png"
+        png_path = args.out / f"{args.name}.png"
         plot(report, png_path)
         print(f"wrote {json_path} and {png_path}")
     finally:

@@ -55,6 +55,7 @@ class LabBus:
         transport: str = "udp",
         extra: Sequence[str] = (),
         ping_interval: float = 1.0,
+        timers: Sequence[str] = LAB_TIMERS,
     ) -> None:
         self.workdir = workdir
         self.lab = Lab([*gateways, *kamailios])
@@ -63,6 +64,8 @@ class LabBus:
         self.transport = transport
         self.extra = tuple(extra)
         self.ping_interval = ping_interval
+        #: SIP timer options of the gateways (() for the defaults: T1 0.5 s, Timer F 32 s).
+        self.timers = tuple(timers)
         self.gateways: dict[str, Gateway] = {}
         self.kamailios: dict[str, KamailioNode] = {}
 
@@ -94,7 +97,7 @@ class LabBus:
                 tokens=(self.lab.token,),
                 transport=self.transport,
                 ping_interval=self.ping_interval,
-                timers=LAB_TIMERS,
+                timers=self.timers,
                 extra=("--trusted", str(self.lab.network), *self.extra),
                 host=host.address,
                 command_prefix=host.command_prefix,

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.gateway.frames import ErrorFrame, GapFrame, MessageFrame, ReplyFrame, SubscribedFrame
-from app.gateway.models import ReplyMode
+from app.gateway.models import DEFAULT_HISTORY_BYTES, ReplyMode
 
 #: The WebSocket frames, for clients of the API that import them from here.
 __all__ = ["ErrorFrame", "GapFrame", "MessageFrame", "ReplyFrame", "SubscribedFrame"]
@@ -87,6 +87,12 @@ class PeerIn(StrictModel):
         description="seconds a message is kept for subscribers that resume (0: no age "
         "limit; history still bounds the count)",
     )
+    history_bytes: Annotated[int, Field(ge=0, le=1 << 40)] = Field(
+        DEFAULT_HISTORY_BYTES,
+        description="bytes of message bodies kept for subscribers that resume: the oldest "
+        "entries are trimmed once the sum passes it (the newest message is kept however "
+        "large); a client resuming from a trimmed entry gets a gap frame",
+    )
 
 
 class PeerOut(OutModel):
@@ -96,6 +102,7 @@ class PeerOut(OutModel):
     reply_timeout: float
     history: int
     history_max_age: float
+    history_bytes: int
     epoch: str = Field(description="history epoch; offsets are comparable only within it")
     offset: int = Field(
         description="offset of the latest history entry (0: none yet); with the sqlite "

@@ -77,9 +77,14 @@ class SendCompleted:
 
 @dataclass(frozen=True, slots=True)
 class OutboxDropped:
-    """``count`` messages of ``peer_id`` for ``node`` left its outbox undelivered;
-    ``reason`` is one of ``removed``, ``count``, ``bytes``, ``age``, ``stopped``
-    (:data:`app.dmq.outbox.DROP_REASONS`)."""
+    """``count`` messages of ``peer_id`` for ``node`` left its outbox undelivered.
+
+    ``reason`` is one of :data:`app.dmq.outbox.DROP_REASONS`: ``removed`` (an operator
+    removed the node), ``count``, ``bytes`` or ``age`` (an outbox bound was hit),
+    ``stopped`` (this node stopped), ``expired`` (a node parked after missed pings did
+    not come back within the age bound) or ``park_limit`` (more nodes were parked than
+    the bound allows, and the one parked longest was let go). The receiver sees each
+    dropped message as a gap; ``/metrics`` counts them by reason."""
 
     node: SipUri
     peer_id: str

@@ -615,10 +615,15 @@ class DmqNode:
         headers: ExtraHeaders = (),
     ) -> SendOperation:
         """Send to one node of the list, whatever its status: now, or through its
-        outbox when it is disabled, as :meth:`broadcast` does."""
+        outbox when it is disabled, as :meth:`broadcast` does. A node removed after
+        missed pings whose outbox is parked is a target too, as for a broadcast: the
+        message waits in that outbox and is sent, in order, when the node answers."""
         extra = header_lines(headers)
         self._check_user_send(peer_id, body, extra)
         target = self.nodes.find(node)
+        if target is None:
+            park = self._parked.get(self.nodes.key_of(node, ask=False))
+            target = park.node if park is not None else None
         if target is None or target.local:
             raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
         return self._operation(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.dmq.config import NodeConfig
-from app.gateway.reorder import DEFAULT_MAX_HELD, DEFAULT_MAX_WAIT
+from app.gateway.reorder import DEFAULT_MAX_HELD, WAIT_PER_TIMER_F
 from app.gateway.store import HistoryStore, HistorySync
 
 #: Frames a WebSocket subscriber may have queued before it is cut off.
@@ -36,8 +36,9 @@ class GatewayConfig:
     history_store: HistoryStore = HistoryStore.SQLITE
     #: normal: a commit survives a process crash; full: also power loss (fsync each).
     history_sync: HistorySync = HistorySync.NORMAL
-    #: Seconds an early stamped message waits for the ones before it.
-    reorder_wait: float = DEFAULT_MAX_WAIT
+    #: Seconds an early stamped message waits for the ones before it (None:
+    #: :data:`~app.gateway.reorder.WAIT_PER_TIMER_F` times the node's Timer F).
+    reorder_wait: float | None = None
     #: Early messages one stream may hold before the missing ones are given up.
     reorder_limit: int = DEFAULT_MAX_HELD
     #: Frames a WebSocket subscriber may have queued before it is cut off.
@@ -60,3 +61,10 @@ class GatewayConfig:
     log_level: str = "info"
     #: text, or json for one JSON object per line.
     log_format: str = "text"
+
+    @property
+    def effective_reorder_wait(self) -> float:
+        """``reorder_wait``, or the wait derived from the node's Timer F."""
+        if self.reorder_wait is not None:
+            return self.reorder_wait
+        return WAIT_PER_TIMER_F * self.node.timers.timer_f_value

@@ -22,7 +22,9 @@ Stamped messages (``X-DMQ-Origin``, :mod:`app.gateway.origin`) go through the
 * ``reply: subscriber`` - delivered at once, deduplicated only: the subscriber's reply
   is the SIP reply and holding a message back would eat into its ``reply_timeout``. A
   repeated copy (the sender never got the first answer) is answered 200 without asking
-  the subscriber again; the deduplication state is in memory only.
+  the subscriber again. The deduplication state (a watermark and the seqs seen above
+  it, at most ``--reorder-limit`` per stream) is kept in the store with the message,
+  so that a copy resent after a restart is recognised too.
 
 Unstamped messages (Kamailio's) are delivered as they come, as before.
 
@@ -117,6 +119,7 @@ HistoryEntry = tuple[int, float, str, str, str, "str | None", bytes, "dict[str, 
 
 _OFFSET: Final = 0
 _AT: Final = 1
+_BODY: Final = 6
 
 
 def message_id(epoch: str, offset: int) -> str:
@@ -349,6 +352,8 @@ class PeerChannel:
     store: StateStore | None = None
     #: Highest offset trimmed from the store (the store is trimmed in batches).
     trimmed: int = 0
+    #: Bytes of the bodies in ``history`` (for ``history_bytes``).
+    history_bytes: int = 0
 
     def append(
         self,
@@ -360,8 +365,9 @@ class PeerChannel:
     ) -> HistoryEntry:
         """Add a message (or a gap entry) to the history and fan it out.
 
-        With a store, the row is written here; the caller commits (before the node
-        answers 200). ``stream``: the ordered stream and seq the message was delivered
+        With a store, the entry is handed to it here (buffered, and written as one page
+        with the rest of the transaction); the caller commits before the node answers
+        200. ``stream``: the ordered stream and seq the message was delivered
         as; the row records them, which is how the store knows each stream's next seq
         without a second write per message.
         """
@@ -392,6 +398,7 @@ class PeerChannel:
                 None if stream is None else (*stream[0], stream[1]),
             )
         self.history.append(entry)
+        self.history_bytes += len(body)
         self.retain(now)
         if self.subscribers:
             frame = render_frame(entry)
@@ -400,17 +407,22 @@ class PeerChannel:
         return entry
 
     def retain(self, now: float, *, flush: bool = False) -> None:
-        """Apply ``history`` and ``history_max_age``: in memory at once, in the store
-        once a batch has built up (or with ``flush``)."""
+        """Apply ``history``, ``history_max_age`` and ``history_bytes``: in memory at
+        once, in the store once a batch has built up (or with ``flush``). The byte
+        bound keeps the newest entry however large, so that it can still be replayed
+        to a subscriber that was one message behind."""
         history = self.history
-        limit = self.settings.history
-        while len(history) > limit:
-            history.popleft()
-        max_age = self.settings.history_max_age
-        if max_age > 0:
-            oldest = now - max_age
-            while history and history[0][_AT] < oldest:
-                history.popleft()
+        settings = self.settings
+        limit = settings.history
+        max_age = settings.history_max_age
+        max_bytes = settings.history_bytes
+        oldest = now - max_age if max_age > 0 else 0.0
+        while history and (
+            len(history) > limit
+            or history[0][_AT] < oldest
+            or (self.history_bytes > max_bytes and len(history) > 1)
+        ):
+            self.history_bytes -= len(history.popleft()[_BODY])
         if self.store is None:
             return
         dropped = history[0][_OFFSET] - 1 if history else self.offset
@@ -485,17 +497,23 @@ class Hub:
                 continue
             channel.epoch = stored.epoch
             channel.trimmed = stored.trimmed
-            rows = store.load_history(peer_id, stored.epoch, stored.settings.history)
+            rows = store.load_history(
+                peer_id, stored.epoch, stored.settings.history, after=stored.trimmed
+            )
             channel.history.extend(
                 (r.offset, r.at, peer_id, r.epoch, r.sender, r.content_type, r.body, r.gap)
                 for r in rows
             )
+            channel.history_bytes = sum(len(r.body) for r in rows)
             channel.offset = max(store.latest_offset(peer_id, stored.epoch), stored.trimmed)
             channel.retain(time.time(), flush=True)
         if self.durable:
             for stream, next_seq in store.load_streams():
                 if stream[0] in self.channels:
                     self.reorderer.restore(StreamKey(*stream), next_seq)
+            for stream, seqs in store.load_seen().items():
+                if stream[0] in self.channels:
+                    self.reorderer.restore_unordered(StreamKey(*stream), seqs)
             for row in store.load_held():
                 if row.peer_id in self.channels:
                     key = StreamKey(row.peer_id, row.origin, row.origin_epoch, row.to)
@@ -601,17 +619,26 @@ class Hub:
         """Call ``start`` with the ``X-DMQ-Origin`` header of the next message we
         originate for a peer (a broadcast, or with ``to`` a send to that node).
 
-        The seq is used up only once ``start`` has returned (a send the node refuses
-        leaves no hole a receiver would wait for), and committed before the message
-        leaves, so a restart never reuses one.
+        The seq is committed before ``start`` sends the message, so a restart never
+        reuses one, even after a ``kill -9`` right after the send; a send the node
+        refuses gives it back (so it leaves no hole a receiver would wait for).
         """
-        self.flush()  # our seq must be committed before the message leaves
+        self.flush()  # (the open batch goes in the same commit's stead)
         stream = f"{peer_id}>{to}" if to else peer_id
-        seq = self._origin_seq.get(stream, 0) + 1
-        result = start(((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),))
+        previous = self._origin_seq.get(stream, 0)
+        seq = previous + 1
+        store = self.store
+        if store is not None:
+            store.save_origin_seq(stream, seq)
+        try:
+            result = start(
+                ((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),)
+            )
+        except BaseException:
+            if store is not None:
+                store.save_origin_seq(stream, previous)
+            raise
         self._origin_seq[stream] = seq
-        if self.store is not None:
-            self.store.save_origin_seq(stream, seq)
         return result
 
     # ------------------------------------------------------------------ incoming
@@ -632,12 +659,15 @@ class Hub:
                 # With a durable history the 200 waits for the batch's commit.
                 batched = channel.store is not None and self._open_batch()
                 if stamp is None:
-                    self._commit(
-                        lambda: channel.append(
-                            str(message.sender), message.content_type, message.body
-                        ),
-                        one_statement=True,
-                    )
+                    if batched:  # one buffered row: written with the batch
+                        channel.append(str(message.sender), message.content_type, message.body)
+                    else:
+                        self._commit(
+                            lambda: channel.append(
+                                str(message.sender), message.content_type, message.body
+                            ),
+                            one_statement=True,
+                        )
                 else:
                     self._offer(channel, stamp, message)
                 if not channel.subscribers and log.isEnabledFor(logging.INFO):
@@ -655,14 +685,27 @@ class Hub:
                 return _OK
             if not channel.subscribers:
                 return _NO_SUBSCRIBER
+            seen: tuple[StreamKey, int, int | None] | None = None
             if stamp is not None:
                 key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
-                if not self.reorderer.offer_unordered(key, stamp.seq):
+                reorderer = self.reorderer
+                before = reorderer.next_seq(key)
+                if not reorderer.offer_unordered(key, stamp.seq):
                     self.duplicates += 1
                     return _OK  # delivered to a subscriber before: not asked again
-            entry = self._commit(
-                lambda: channel.append(str(message.sender), message.content_type, message.body)
-            )
+                after = reorderer.next_seq(key)
+                seen = (key, stamp.seq, after if after != before else None)
+            store = self.store if self.durable else None
+
+            def write() -> HistoryEntry:
+                entry = channel.append(str(message.sender), message.content_type, message.body)
+                if seen is not None and store is not None:
+                    # Kept with the message, so a copy resent after a restart is
+                    # recognised too.
+                    store.mark_seen(*seen)
+                return entry
+
+            entry = self._commit(write)
             pending = channel.pending
             pending[message_id(channel.epoch, entry[_OFFSET])] = message.id
             if len(pending) > PENDING_IDS_KEPT:
@@ -675,8 +718,9 @@ class Hub:
         """Run ``write`` in one store transaction (committed before the 200): the open
         batch's when there is one, else a transaction of its own. In a batch, a write
         of several statements runs in a savepoint, so that one that fails halfway is
-        undone alone; ``one_statement`` (a single INSERT, atomic by itself) spares
-        the two statements a savepoint costs."""
+        undone alone; ``one_statement`` (a write that cannot fail halfway: history
+        entries only, which the store buffers until the commit) spares the two
+        statements a savepoint costs."""
         if not self.durable:
             return write()
         assert self.store is not None
@@ -728,10 +772,10 @@ class Hub:
             reply = _NOT_STORED
         self.batches += 1
         self.batched += len(ids)
-        for core_id in ids:
-            # One answered meanwhile (its peer unregistered, the node stopped) is skipped.
-            with contextlib.suppress(ReplyNotPendingError, NodeStoppedError):
-                self.server.reply(core_id, reply)
+        # All answered in one pass, sent together; one answered meanwhile (its peer
+        # unregistered) is skipped, and none is when the node has stopped.
+        with contextlib.suppress(NodeStoppedError):
+            self.server.reply_many(ids, reply)
 
     def _offer(self, channel: PeerChannel, stamp: OriginStamp, message: PeerMessage) -> None:
         key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
@@ -760,7 +804,12 @@ class Hub:
             self._apply(actions)
 
         if verdict is not Verdict.DUPLICATE or actions:
-            self._commit(write)
+            # Delivering in order only appends history rows, which cannot fail halfway:
+            # no savepoint is needed for them.
+            simple = verdict is not Verdict.HELD and all(
+                type(action) is Delivery and not action.was_held for action in actions
+            )
+            self._commit(write, one_statement=simple)
         if verdict is Verdict.HELD:
             self._arm()
 

@@ -7,6 +7,12 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+#: Bytes of message bodies a peer's history keeps by default (``history_bytes``): with
+#: the default count of 1 000 messages, bodies of up to 16 KiB each fit; larger bodies
+#: make the byte bound the one that trims first, so a peer of large messages cannot make
+#: the history (held in memory as well as in the store) grow to gigabytes.
+DEFAULT_HISTORY_BYTES = 16 * 1024 * 1024
+
 
 class ReplyMode(StrEnum):
     AUTO = "auto"
@@ -25,6 +31,9 @@ class PeerSettings:
     history: int = 1000
     #: Seconds a message is kept for replay (0: no age limit).
     history_max_age: float = 0.0
+    #: Bytes of message bodies kept for replay: the oldest entries go first once the
+    #: sum passes it (the newest message is always kept, however large).
+    history_bytes: int = DEFAULT_HISTORY_BYTES
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -39,6 +48,7 @@ class PeerSettings:
             reply_timeout=float(data.get("reply_timeout", 5.0)),
             history=int(data.get("history", 1000)),
             history_max_age=float(data.get("history_max_age", 0.0)),
+            history_bytes=int(data.get("history_bytes", DEFAULT_HISTORY_BYTES)),
         )
 
 
@@ -67,6 +77,7 @@ class PeerInfo:
     reply_timeout: float
     history: int
     history_max_age: float
+    history_bytes: int
     epoch: str
     offset: int
     history_size: int
@@ -152,6 +163,15 @@ class GatewayStats:
     duplicates: int = 0
     gaps: int = 0
     held: int = 0
+    #: Holes in stamped streams that filled: (upper bound in seconds, count) per bucket
+    #: of the time from the first message held behind the hole to the missing one
+    #: (not cumulative; the last bound is infinity), and their sum.
+    hole_fills: tuple[tuple[float, int], ...] = ()
+    hole_fill_seconds: float = 0.0
+    #: Copies of messages declared lost (a gap) that arrived afterwards.
+    late_after_gap: int = 0
+    #: The most messages one stream has held at once since the start.
+    held_peak: int = 0
     #: Nodes removed after missed pings whose outbox was kept (parked) for them, and
     #: parked nodes that came back and were taken into the node list again.
     outbox_parked: int = 0

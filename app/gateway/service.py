@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import re
 import secrets
 import sqlite3
@@ -44,6 +45,7 @@ from app.gateway.models import (
     PeerSettings,
     PeerStats,
 )
+from app.gateway.reorder import FILL_BUCKETS
 from app.gateway.store import StateStore
 from app.transport.dns import DnsResolutionError
 from app.transport.server import DmqServer
@@ -75,7 +77,7 @@ class Gateway:
             self._store,
             queue_limit=config.queue_limit,
             history_store=config.history_store,
-            reorder_wait=config.reorder_wait,
+            reorder_wait=config.effective_reorder_wait,
             reorder_limit=config.reorder_limit,
         )
         #: Tags message ids of this process, so ids from before a restart never clash.
@@ -203,6 +205,12 @@ class Gateway:
             duplicates=self._hub.duplicates,
             gaps=self._hub.reorderer.gaps,
             held=self._hub.reorderer.held(),
+            hole_fills=tuple(
+                zip((*FILL_BUCKETS, math.inf), self._hub.reorderer.fills, strict=True)
+            ),
+            hole_fill_seconds=self._hub.reorderer.fill_sum,
+            late_after_gap=self._hub.reorderer.late,
+            held_peak=self._hub.reorderer.held_peak,
             outbox_parked=stats.outbox_parked,
             outbox_unparked=stats.outbox_unparked,
             transport={
@@ -565,6 +573,7 @@ def _peer_info(channel: PeerChannel) -> PeerInfo:
         reply_timeout=settings.reply_timeout,
         history=settings.history,
         history_max_age=settings.history_max_age,
+        history_bytes=settings.history_bytes,
         epoch=channel.epoch,
         offset=channel.offset,
         history_size=len(channel.history),

@@ -5,14 +5,19 @@ What it keeps, so that a restart (SIGTERM or ``kill -9``) changes nothing a clie
 * ``peers``: one row per registered peer: its settings, its history epoch, and the
   highest offset trimmed away (so offsets go on where they stopped even when the
   history is empty). It replaces ``peers.json``, which is imported once.
-* ``history``: each peer's messages and gap entries, keyed by (peer, epoch, offset),
-  trimmed in batches to the peer's ``history`` count and ``history_max_age``.
+* ``pages``: each peer's messages and gap entries. One row (a *page*) holds the
+  entries ``first``..``last`` that one commit wrote for a peer's epoch, packed with
+  :mod:`marshal`: the group commit of a loop turn's messages is one INSERT, not one
+  per message, and trimming (to the peer's ``history`` count, ``history_max_age`` and
+  ``history_bytes``) deletes whole pages; the peer's ``trimmed`` offset says where the
+  history starts inside a page that straddles it. (The former ``history`` table, one
+  row per message, is moved into pages once at open.)
 * ``streams`` and ``held``: the receiver's next expected ``seq`` per (peer, origin,
-  origin epoch, to), and the messages held in the reorder buffer
-  (:mod:`app.gateway.reorder`). A history row of a stamped message delivered in order
-  names its stream and seq, so the next seq is derived from the history at start and
-  written to ``streams`` only when trimming removes those rows: one INSERT per
-  message, not two.
+  origin epoch, to), written in the same commit as the entries that moved it (one
+  UPSERT per stream and commit), and the messages held in the reorder buffer
+  (:mod:`app.gateway.reorder`).
+* ``seen``: for ``reply: subscriber`` peers, the seqs delivered above a stream's
+  watermark, so that deduplication survives a restart.
 * ``origin_seq`` and ``meta``: this gateway's own origin epoch and the last ``seq`` it
   stamped per peer (:mod:`app.gateway.origin`).
 
@@ -24,9 +29,9 @@ and this is what keeps the durable history near the speed of memory). With
 ``synchronous=NORMAL`` (``--history-sync normal``) a commit is a write to the WAL with
 no fsync: it survives the process crashing, not the machine losing power. ``full``
 fsyncs the WAL on every commit and survives power loss, at the price of one fsync per
-batch. The calls are synchronous on the event loop on purpose: each message is one
-prepared INSERT (plus one UPSERT for a stamped message), and each batch one commit, a
-few tens of microseconds, cheaper than a hop to a thread.
+batch. The calls are synchronous on the event loop on purpose: a message costs an
+append to a list, and a batch one page INSERT and one commit, a few tens of
+microseconds, cheaper than a hop to a thread.
 
 A database that cannot be opened or read (corrupt, not a database) is moved aside
 with one error log line and the gateway starts with a new one, as it did for a
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import marshal
 import os
 import secrets
 import sqlite3
@@ -81,6 +87,16 @@ CREATE TABLE IF NOT EXISTS history (
     seq INTEGER,
     PRIMARY KEY (peer_id, epoch, offset)
 ) WITHOUT ROWID;
+-- the history: each page holds the entries first..last of one peer's epoch, as written
+-- by one commit (one row per batch rather than one per message)
+CREATE TABLE IF NOT EXISTS pages (
+    peer_id TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    entries BLOB NOT NULL,
+    PRIMARY KEY (peer_id, epoch, first)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
     peer_id TEXT NOT NULL,
     origin TEXT NOT NULL,
@@ -101,8 +117,39 @@ CREATE TABLE IF NOT EXISTS held (
     body BLOB NOT NULL,
     PRIMARY KEY (peer_id, origin, origin_epoch, recipient, seq)
 ) WITHOUT ROWID;
+-- reply: subscriber peers: seqs delivered above the stream's watermark (streams.next_seq)
+CREATE TABLE IF NOT EXISTS seen (
+    peer_id TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    origin_epoch TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (peer_id, origin, origin_epoch, recipient, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS origin_seq (peer_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
+
+
+_UPSERT_STREAM = (
+    "INSERT INTO streams (peer_id, origin, origin_epoch, recipient, next_seq) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)"
+)
+#: Entries per page when rows of the former one-row-per-message table are moved over.
+MIGRATED_PAGE = 256
+
+
+def _unpack(data: bytes) -> list[tuple[Any, ...]]:
+    """The entries of a page: ``(offset, at, sender, content_type, body, gap)`` each;
+    ValueError when the page is not what :meth:`StateStore._write_rows` wrote."""
+    try:
+        entries = marshal.loads(data)
+    except (EOFError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a page: {exc}") from None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, tuple) and len(e) == 6 for e in entries
+    ):
+        raise ValueError("not a list of entries")
+    return entries
 
 
 class HistorySync(StrEnum):
@@ -168,6 +215,11 @@ class StateStore:
         #: checkpoint connection while a checkpoint runs on it crashes the process.
         self._checkpoint_lock = threading.Lock()
         self._closed = False
+        #: History rows appended in the open transaction and not written yet: they go
+        #: in with one ``executemany`` before anything else reads or trims the history,
+        #: and at the latest just before the commit (binding and stepping one prepared
+        #: statement for many rows, rather than one ``execute`` call per message).
+        self._rows: list[tuple[Any, ...]] = []
 
     # ------------------------------------------------------------------ opening
 
@@ -185,6 +237,51 @@ class StateStore:
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
             self._db = self._connect()
         self._import_peers_json()
+        self._migrate_history()
+
+    def _migrate_history(self) -> None:
+        """Move the rows of the former ``history`` table (one per message) into pages,
+        once: their streams' positions first, then the entries, in pages of
+        :data:`MIGRATED_PAGE`."""
+        db = self.db
+        if db.execute("SELECT 1 FROM history LIMIT 1").fetchone() is None:
+            return
+        moved = 0
+        with self.transaction():
+            db.execute(
+                "INSERT INTO streams (peer_id, origin, origin_epoch, recipient, next_seq) "
+                "SELECT peer_id, origin, origin_epoch, recipient, max(seq) + 1 FROM history "
+                "WHERE seq IS NOT NULL GROUP BY peer_id, origin, origin_epoch, recipient "
+                "ON CONFLICT DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)"
+            )
+            page: list[tuple[Any, ...]] = []
+            where: tuple[str, str] | None = None
+            rows = db.execute(
+                "SELECT peer_id, epoch, offset, at, sender, content_type, body, gap "
+                "FROM history ORDER BY peer_id, epoch, offset"
+            ).fetchall()
+            for peer_id, epoch, offset, at, sender, content_type, body, gap in rows:
+                if where != (peer_id, epoch) or len(page) >= MIGRATED_PAGE:
+                    if page and where is not None:
+                        self._rows.extend((*where, entry, None) for entry in page)
+                        self._write_rows()
+                    page, where = [], (peer_id, epoch)
+                page.append(
+                    (
+                        offset,
+                        at,
+                        sender,
+                        content_type,
+                        bytes(body),
+                        None if gap is None else json.loads(gap),
+                    )
+                )
+                moved += 1
+            if page and where is not None:
+                self._rows.extend((*where, entry, None) for entry in page)
+                self._write_rows()
+            db.execute("DELETE FROM history")
+        log.info("moved %d history rows into pages in %s", moved, self.path)
 
     def _remove_temporaries(self) -> None:
         """Delete what a crash in the middle of a write can leave in the state dir.
@@ -263,7 +360,9 @@ class StateStore:
         db.execute("BEGIN")
         try:
             yield db
+            self._write_rows()
         except BaseException:
+            self._rows.clear()
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
@@ -278,9 +377,11 @@ class StateStore:
     def commit(self) -> None:
         db = self.db
         if db.in_transaction:
+            self._write_rows()
             db.execute("COMMIT")
 
     def rollback(self) -> None:
+        self._rows.clear()
         db = self.db
         if db.in_transaction:
             db.execute("ROLLBACK")
@@ -288,16 +389,49 @@ class StateStore:
     @contextmanager
     def savepoint(self) -> Iterator[sqlite3.Connection]:
         """Inside an open transaction: what is written inside is undone alone if it
-        fails, so one message that cannot be stored does not take its batch with it."""
+        fails, so one message that cannot be stored does not take its batch with it
+        (history rows not written yet are simply taken back)."""
         db = self.db
+        pending = len(self._rows)
         db.execute("SAVEPOINT message")
         try:
             yield db
         except BaseException:
+            del self._rows[pending:]
             db.execute("ROLLBACK TO message")
             db.execute("RELEASE message")
             raise
         db.execute("RELEASE message")
+
+    def _write_rows(self) -> None:
+        """Write the history entries appended since the last call: one page row per
+        peer (usually one for the whole batch), and one UPSERT per ordered stream
+        whose position moved."""
+        rows = self._rows
+        if not rows:
+            return
+        self._rows = []
+        db = self.db
+        pages: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        streams: dict[tuple[str, str, str, str], int] = {}
+        for peer_id, epoch, entry, stream in rows:
+            page = pages.get((peer_id, epoch))
+            if page is None:
+                page = pages[(peer_id, epoch)] = []
+            page.append(entry)
+            if stream is not None:
+                key = stream[:4]
+                seq = stream[4]
+                if seq >= streams.get(key, 0):
+                    streams[key] = seq + 1
+        for (peer_id, epoch), entries in pages.items():
+            db.execute(
+                "INSERT OR REPLACE INTO pages (peer_id, epoch, first, last, entries) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (peer_id, epoch, entries[0][0], entries[-1][0], marshal.dumps(entries)),
+            )
+        for key, next_seq in streams.items():
+            db.execute(_UPSERT_STREAM, (*key, next_seq))
 
     def _import_peers_json(self) -> None:
         """Bring the peers of a ``peers.json`` (the registry's former home) in, once."""
@@ -345,8 +479,9 @@ class StateStore:
             )
 
     def delete_peer(self, peer_id: str) -> None:
+        self._write_rows()
         with self.transaction() as db:
-            for table in ("peers", "history", "streams", "held"):
+            for table in ("peers", "pages", "history", "streams", "held", "seen"):
                 db.execute(f"DELETE FROM {table} WHERE peer_id = ?", (peer_id,))
 
     # ------------------------------------------------------------------ history
@@ -363,63 +498,71 @@ class StateStore:
         gap: dict[str, Any] | None = None,
         stream: tuple[str, str, str, str, int] | None = None,
     ) -> None:
-        """One row; ``stream``: (peer_id, origin, origin epoch, to, seq) of a message
-        delivered in order (the streams' next seqs are derived from these rows)."""
-        origin, origin_epoch, to, seq = (None, None, None, None) if stream is None else stream[1:]
-        self.db.execute(
-            "INSERT OR REPLACE INTO history (peer_id, epoch, offset, at, sender, "
-            "content_type, body, gap, origin, origin_epoch, recipient, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                peer_id,
-                epoch,
-                offset,
-                at,
-                sender,
-                content_type,
-                body,
-                None if gap is None else json.dumps(gap),
-                origin,
-                origin_epoch,
-                to,
-                seq,
-            ),
-        )
+        """One entry; ``stream``: (peer_id, origin, origin epoch, to, seq) of a message
+        delivered in order (its stream's position is written with it).
 
-    def load_history(self, peer_id: str, epoch: str, limit: int) -> list[StoredEntry]:
-        """The newest ``limit`` entries of the peer's epoch, oldest first."""
-        rows = self.db.execute(
-            "SELECT offset, at, sender, content_type, body, gap FROM history "
-            "WHERE peer_id = ? AND epoch = ? ORDER BY offset DESC LIMIT ?",
-            (peer_id, epoch, limit),
-        ).fetchall()
-        return [
-            StoredEntry(epoch, o, at, s, ct, bytes(b), None if g is None else json.loads(g))
-            for o, at, s, ct, b, g in reversed(rows)
-        ]
+        Inside a transaction the entry is buffered and written with the others of the
+        transaction as one page (:meth:`_write_rows`) before it commits; outside one,
+        at once."""
+        self._rows.append((peer_id, epoch, (offset, at, sender, content_type, body, gap), stream))
+        if not self.db.in_transaction:
+            with self.transaction():
+                pass
+
+    def load_history(
+        self, peer_id: str, epoch: str, limit: int, after: int = 0
+    ) -> list[StoredEntry]:
+        """The newest ``limit`` entries of the peer's epoch after offset ``after`` (what
+        trimming removed: a page may straddle it), oldest first. A page that cannot be
+        read is logged and left out."""
+        self._write_rows()
+        newest: list[StoredEntry] = []
+        if limit <= 0:
+            return newest
+        for first, last, data in self.db.execute(
+            "SELECT first, last, entries FROM pages WHERE peer_id = ? AND epoch = ? "
+            "AND last > ? ORDER BY first DESC",
+            (peer_id, epoch, after),
+        ):
+            try:
+                entries = _unpack(data)
+            except ValueError as exc:
+                log.error(
+                    "history page %d..%d of peer %s is unreadable (%s); left out",
+                    first,
+                    last,
+                    peer_id,
+                    exc,
+                )
+                continue
+            for offset, at, sender, content_type, body, gap in reversed(entries):
+                if offset <= after:
+                    break
+                newest.append(StoredEntry(epoch, offset, at, sender, content_type, body, gap))
+                if len(newest) >= limit:
+                    break
+            if len(newest) >= limit:
+                break
+        newest.reverse()
+        return newest
 
     def latest_offset(self, peer_id: str, epoch: str) -> int:
+        self._write_rows()
         row = self.db.execute(
-            "SELECT max(offset) FROM history WHERE peer_id = ? AND epoch = ?", (peer_id, epoch)
+            "SELECT max(last) FROM pages WHERE peer_id = ? AND epoch = ?", (peer_id, epoch)
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
     def trim(self, peer_id: str, epoch: str, through_offset: int) -> None:
-        """Drop the entries up to ``through_offset`` (one statement for the batch)."""
+        """Drop the entries up to ``through_offset``: every page that ends there or
+        before (a page straddling it is dropped with its last entry; ``trimmed`` in the
+        peer's row says where the history starts)."""
         if through_offset <= 0:
             return
+        self._write_rows()
         with self.transaction() as db:
-            # The rows going away may be the last record of a stream's position.
             db.execute(
-                "INSERT INTO streams (peer_id, origin, origin_epoch, recipient, next_seq) "
-                "SELECT peer_id, origin, origin_epoch, recipient, max(seq) + 1 FROM history "
-                "WHERE peer_id = ? AND (epoch != ? OR offset <= ?) AND seq IS NOT NULL "
-                "GROUP BY origin, origin_epoch, recipient "
-                "ON CONFLICT DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-                (peer_id, epoch, through_offset),
-            )
-            db.execute(
-                "DELETE FROM history WHERE peer_id = ? AND (epoch != ? OR offset <= ?)",
+                "DELETE FROM pages WHERE peer_id = ? AND (epoch != ? OR last <= ?)",
                 (peer_id, epoch, through_offset),
             )
             db.execute(
@@ -430,9 +573,9 @@ class StateStore:
     # ------------------------------------------------------------------ streams
 
     def forget_stream(self, key: tuple[str, str, str, str]) -> None:
-        """The stream ended (a new origin epoch): its position and held messages go
-        (rows in the history still name it, and would only restore its position)."""
-        for table in ("streams", "held"):
+        """The stream ended (a new origin epoch): its position and held messages go."""
+        self._write_rows()  # (entries buffered before would write its position again)
+        for table in ("streams", "held", "seen"):
             self.db.execute(
                 f"DELETE FROM {table} WHERE peer_id = ? AND origin = ? AND origin_epoch = ? "
                 "AND recipient = ?",
@@ -440,19 +583,43 @@ class StateStore:
             )
 
     def load_streams(self) -> list[tuple[tuple[str, str, str, str], int]]:
-        """Every stream's next seq: past the last one delivered (in the history), or
-        what trimming recorded."""
-        nexts: dict[tuple[str, str, str, str], int] = {}
-        for p, o, e, t, n in self.db.execute(
-            "SELECT peer_id, origin, origin_epoch, recipient, next_seq FROM streams"
+        """Every stream's next seq (written with the entries that moved it)."""
+        self._write_rows()
+        return [
+            ((p, o, e, t), n)
+            for p, o, e, t, n in self.db.execute(
+                "SELECT peer_id, origin, origin_epoch, recipient, next_seq FROM streams"
+            )
+        ]
+
+    def mark_seen(self, key: tuple[str, str, str, str], seq: int, watermark: int | None) -> None:
+        """An unordered stream (``reply: subscriber``) delivered ``seq``; ``watermark``:
+        its new next seq when it moved (every seq below counts as seen, and the rows
+        below go). Bounded like the memory state: at most ``--reorder-limit`` rows per
+        stream stay above the watermark."""
+        db = self.db
+        if watermark is None or seq >= watermark:
+            db.execute(
+                "INSERT OR IGNORE INTO seen (peer_id, origin, origin_epoch, recipient, seq) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (*key, seq),
+            )
+        if watermark is not None:
+            db.execute(_UPSERT_STREAM, (*key, watermark))
+            db.execute(
+                "DELETE FROM seen WHERE peer_id = ? AND origin = ? AND origin_epoch = ? "
+                "AND recipient = ? AND seq < ?",
+                (*key, watermark),
+            )
+
+    def load_seen(self) -> dict[tuple[str, str, str, str], list[int]]:
+        """Every unordered stream's seqs seen above its watermark."""
+        seen: dict[tuple[str, str, str, str], list[int]] = {}
+        for p, o, e, t, s in self.db.execute(
+            "SELECT peer_id, origin, origin_epoch, recipient, seq FROM seen"
         ):
-            nexts[(p, o, e, t)] = n
-        for p, o, e, t, n in self.db.execute(
-            "SELECT peer_id, origin, origin_epoch, recipient, max(seq) + 1 FROM history "
-            "WHERE seq IS NOT NULL GROUP BY peer_id, origin, origin_epoch, recipient"
-        ):
-            nexts[(p, o, e, t)] = max(n, nexts.get((p, o, e, t), 0))
-        return list(nexts.items())
+            seen.setdefault((p, o, e, t), []).append(s)
+        return seen
 
     def hold(self, row: HeldRow) -> None:
         self.db.execute(

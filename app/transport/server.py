@@ -48,13 +48,13 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
-from app.dmq.errors import ConfigError, NodeStoppedError
+from app.dmq.errors import ConfigError, NodeStoppedError, ReplyNotPendingError
 from app.dmq.events import Event, HostLookupNeeded, SendCompleted, SendOperation
 from app.dmq.node import DmqNode, ExtraHeaders
 from app.dmq.nodes import Node
@@ -704,6 +704,25 @@ class DmqServer:
             raise NodeStoppedError("the DMQ node is not running")
         self.node.reply(message_id, reply, self._loop.time())
         self._flush()
+
+    def reply_many(self, message_ids: Iterable[int], reply: PeerReply) -> None:
+        """Answer several deferred messages alike, then send every answer in one pass
+        (the gateway's group commit answers a batch at once, not a flush per message).
+
+        Ids that no longer wait (answered meanwhile, their peer unregistered) are
+        skipped; raises :class:`NodeStoppedError` when the node is not running.
+        """
+        loop = self._loop
+        if loop is None:
+            raise NodeStoppedError("the DMQ node is not running")
+        node = self.node
+        now = loop.time()
+        try:
+            for message_id in message_ids:
+                with contextlib.suppress(ReplyNotPendingError):
+                    node.reply(message_id, reply, now)
+        finally:
+            self._flush()
 
     def broadcast_nowait(
         self,

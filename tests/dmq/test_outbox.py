@@ -7,10 +7,13 @@ misses A's ping at 1010 and is disabled at 1012, and removed when it misses the 
 
 from __future__ import annotations
 
+import pytest
+
+from app.dmq.errors import UnknownNodeError
 from app.dmq.events import Delivery, OutboxDropped, SendCompleted
 from app.dmq.nodes import NodeStatus
 from app.dmq.peers import ORIGIN_HEADER
-from app.dmq.sip import SipRequest
+from app.dmq.sip import SipRequest, SipUri
 from app.dmq.transaction import TimerSettings
 from tests.dmq.helpers import Cluster, Member, Wire
 
@@ -273,6 +276,23 @@ def test_a_parked_node_that_answers_a_ping_is_taken_back() -> None:
         (None, NodeStatus.ACTIVE, "answered again after its removal")
     ]
     assert [m.body for m in b.received] == [b"while-cut"]
+
+
+def test_a_send_to_a_parked_node_waits_in_its_outbox_and_is_expired_with_it() -> None:
+    """A send to one node removed after missed pings is queued like a broadcast, not
+    refused as an unknown node, while the node's outbox is parked; after the park
+    expires the node is unknown again."""
+    cluster, a, _b = b_disabled(outbox_max_age=40.0)
+    cluster.advance_to(1022.5)  # removed at 1022, parked
+    assert B not in a.statuses()
+    uri = SipUri.parse(f"sip:127.0.0.1:{B}")
+    operation = a.node.send("htable", b"one", None, uri, cluster.now)
+    assert [r.outcome for r in operation.results] == [Delivery.QUEUED]
+    assert [box.messages for box in a.node.outboxes()] == [1]
+    cluster.advance_to(1062.1)  # the park expires: the message is dropped, counted
+    assert a.node.stats.outbox_dropped == {"expired": 1}
+    with pytest.raises(UnknownNodeError):
+        a.node.send("htable", b"two", None, uri, cluster.now)
 
 
 def test_a_node_that_left_gracefully_and_restarts_gets_what_was_sent_meanwhile() -> None:

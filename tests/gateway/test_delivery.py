@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from app.dmq.events import SendOperation
@@ -88,6 +89,15 @@ def test_stamped_messages_are_delivered_in_order_once(config: GatewayConfig) -> 
                 assert send(origin, gateway, seq, f"m{seq}") == 200
             assert bodies(history(client)) == ["m1", "m2", "m3", "m4", "m5"]
             assert client.get(f"/v1/peers/{PEER}").json()["received"] == 5
+            # One hole (2) filled; m3 and m4 were held behind it.
+            metrics = {
+                s.name: s.value
+                for family in text_string_to_metric_families(client.get("/metrics").text)
+                for s in family.samples
+            }
+            assert metrics["dmq_reorder_hole_fill_seconds_count"] == 1
+            assert metrics["dmq_reorder_held_peak"] == 2
+            assert metrics["dmq_reorder_late_total"] == 0
         finally:
             origin.stop()
 
@@ -371,3 +381,81 @@ def test_a_streams_position_outlives_the_history_rows_that_recorded_it(
     with running(config) as client:
         assert client.put(f"/v1/peers/{PEER}", json={"history": 0}).status_code == 200
     assert offset_after_copy(5) == 5  # nothing held any more, the position is kept
+
+
+def test_subscriber_mode_deduplication_survives_a_restart(config: GatewayConfig) -> None:
+    """Copies of messages a subscriber already answered, resent after the gateway
+    restarted (the sender never got those answers), are answered 200 by the gateway
+    and never shown to a subscriber again; one not seen before still is."""
+    settings = {"reply": "subscriber", "reply_timeout": 0.9}
+
+    def deliver(client: TestClient, origin: Node, gateway: str, seqs: tuple[int, ...]) -> None:
+        with client.websocket_connect(f"/v1/peers/{PEER}/subscribe") as ws:
+            assert frame(ws)["type"] == "subscribed"
+            for seq in seqs:
+                sent = origin.call(_start_send, origin, gateway, seq)
+                message = frame(ws)
+                assert message["body"] == f"m{seq}"
+                ws.send_text(json.dumps({"type": "reply", "id": message["id"], "code": 202}))
+                assert origin.call(_wait, sent) == 202
+
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json=settings).status_code == 201
+            # 1 and 2 move the watermark; 4 is seen above it (3 has not come yet).
+            deliver(client, origin, join(client, origin), (1, 2, 4))
+        finally:
+            origin.stop()
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            gateway = join(client, origin)
+            with client.websocket_connect(f"/v1/peers/{PEER}/subscribe") as ws:
+                assert frame(ws)["type"] == "subscribed"
+                for seq in (1, 2, 4):
+                    assert send(origin, gateway, seq, f"m{seq}") == 200
+            assert client.get(f"/v1/peers/{PEER}").json()["offset"] == 3
+            # 3 was never delivered: it still reaches the subscriber.
+            deliver(client, origin, gateway, (3,))
+            assert client.get(f"/v1/peers/{PEER}").json()["offset"] == 4
+        finally:
+            origin.stop()
+
+
+def test_retention_by_bytes(config: GatewayConfig) -> None:
+    """history_bytes trims the oldest entries once the bodies pass it (the newest is
+    kept however large); a client resuming from a trimmed entry gets a gap frame, and
+    the bound and what it trimmed outlive a restart."""
+    with running(config) as client:
+        origin = Node(client, node_config()).start()
+        try:
+            assert client.put(f"/v1/peers/{PEER}", json={"history": 100}).status_code == 201
+            assert client.get(f"/v1/peers/{PEER}").json()["history_bytes"] == 16 * 1024 * 1024
+            put = client.put(f"/v1/peers/{PEER}", json={"history": 100, "history_bytes": 10})
+            assert put.json()["history_bytes"] == 10
+            gateway = join(client, origin)
+            for seq in range(1, 6):
+                send(origin, gateway, seq, f"m{seq}xx")  # 4 bytes each: 2 fit in 10
+            info = client.get(f"/v1/peers/{PEER}").json()
+            assert (info["offset"], info["history_size"]) == (5, 2)
+            with client.websocket_connect(f"/v1/peers/{PEER}/subscribe?since=1") as ws:
+                assert frame(ws)["type"] == "subscribed"
+                gap = frame(ws)
+                assert (gap["type"], gap["from"], gap["to"]) == ("gap", 2, 3)
+                assert [frame(ws)["body"] for _ in range(2)] == ["m4xx", "m5xx"]
+            send(origin, gateway, 6, "x" * 50)  # larger than the bound: kept alone
+            assert bodies(history(client, since=5)) == ["x" * 50]
+            assert client.get(f"/v1/peers/{PEER}").json()["history_size"] == 1
+        finally:
+            origin.stop()
+    with running(config) as client:
+        info = client.get(f"/v1/peers/{PEER}").json()
+        assert (info["history_bytes"], info["offset"], info["history_size"]) == (10, 6, 1)
+
+
+def test_history_bytes_is_validated(config: GatewayConfig) -> None:
+    with running(config) as client:
+        response = client.put(f"/v1/peers/{PEER}", json={"history_bytes": -1})
+        assert response.status_code == 422
+        assert "history_bytes" in response.text

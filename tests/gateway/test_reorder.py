@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from app.gateway.reorder import Delivery, Gap, Reorderer, Retired, StreamKey, Verdict
+from app.gateway.reorder import (
+    FILL_BUCKETS,
+    Delivery,
+    Gap,
+    Reorderer,
+    Retired,
+    StreamKey,
+    Verdict,
+)
 
 A = StreamKey("htable", "sip:127.0.0.1:5070", "e1")
 
@@ -145,3 +153,29 @@ def test_unordered_deduplication_bounds_its_memory() -> None:
 def test_bad_bounds_are_refused(wait: float, held: int) -> None:
     with pytest.raises(ValueError, match="must be at least"):
         Reorderer(wait, held)
+
+
+def test_hole_fill_times_and_late_copies_are_measured() -> None:
+    """A hole's fill time runs from the first message held behind it to the missing
+    one's arrival; a copy that arrives after its gap was declared counts as late."""
+    r: Reorderer[str] = Reorderer(2.0, 10)
+    r.offer(A, 1, "m1", now=0.0)
+    r.offer(A, 3, "m3", now=1.0)  # the hole at 2 opens
+    r.offer(A, 4, "m4", now=1.1)
+    r.offer(A, 2, "m2", now=1.3)  # filled after 0.3 s
+    r.offer(A, 6, "m6", now=2.0)  # a hole at 5
+    assert r.expire(now=4.0) == [
+        Gap(A, 5, 5, "not received within --reorder-wait (2 s)"),
+        Delivery(A, 6, "m6", was_held=True),
+    ]
+    assert r.offer(A, 5, "m5", now=9.0)[0] is Verdict.DUPLICATE  # too late
+    assert r.offer(A, 4, "m4", now=9.1)[0] is Verdict.DUPLICATE  # delivered: not late
+    r.offer(A, 8, "m8", now=10.0)
+    r.offer(A, 9, "m9", now=11.0)
+    r.offer(A, 7, "m7", now=13.5)  # filled after 3.5 s (from m8's arrival)
+    assert sum(r.fills) == 2
+    assert r.fills[FILL_BUCKETS.index(0.5)] == 1  # 0.3 s
+    assert r.fills[FILL_BUCKETS.index(4.0)] == 1  # 3.5 s
+    assert r.fill_sum == pytest.approx(3.8)
+    assert r.late == 1
+    assert r.held_peak == 2  # m3 and m4

@@ -18,7 +18,11 @@ def test_defaults(clean_env: Path) -> None:
     settings = config()
     assert settings.history_store is HistoryStore.SQLITE
     assert settings.history_sync is HistorySync.NORMAL
-    assert (settings.reorder_wait, settings.reorder_limit) == (2.0, 1000)
+    assert (settings.reorder_wait, settings.reorder_limit) == (None, 10_000)
+    # Derived from Timer F: 4 x 32 s with the default T1, 4 x 2 s with --timer-f 2.
+    assert settings.effective_reorder_wait == 128.0
+    assert config("--timer-f", "2").effective_reorder_wait == 8.0
+    assert config("--reorder-wait", "3").effective_reorder_wait == 3.0
 
 
 def test_from_the_command_line_and_the_environment(

@@ -53,18 +53,20 @@ async def test_no_200_goes_out_before_its_message_is_committed(
     # A second connection sees only what is committed.
     reader = sqlite3.connect(store.path)
     answered: list[tuple[int, int]] = []
-    reply = hub.server.reply
+    reply_many = hub.server.reply_many
 
-    def watched(message_id: int, answer: PeerReply) -> None:
-        committed = reader.execute("SELECT count(*) FROM history").fetchone()[0]
-        answered.append((answer.code, committed))
-        reply(message_id, answer)
+    def watched(message_ids: list[int], answer: PeerReply) -> None:
+        committed = reader.execute(
+            "SELECT coalesce(sum(last - first + 1), 0) FROM pages"
+        ).fetchone()[0]
+        answered.extend((answer.code, committed) for _ in message_ids)
+        reply_many(message_ids, answer)
 
-    hub.server.reply = watched  # type: ignore[method-assign]
+    hub.server.reply_many = watched  # type: ignore[method-assign,assignment]
     try:
         codes = await burst(a, MESSAGES)
     finally:
-        del hub.server.reply
+        del hub.server.reply_many
         reader.close()
 
     assert codes == [200] * MESSAGES
@@ -88,5 +90,5 @@ async def test_a_failed_commit_answers_500_and_the_next_batch_recovers(
     assert await burst(a, 5) == [500] * 5
     monkeypatch.undo()
     assert await burst(a, 5) == [200] * 5
-    rows = store.db.execute("SELECT count(*) FROM history").fetchone()[0]
+    rows = store.db.execute("SELECT coalesce(sum(last - first + 1), 0) FROM pages").fetchone()[0]
     assert rows == 5, "the rows of the failed batch were rolled back"

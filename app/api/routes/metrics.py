@@ -14,7 +14,12 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from app.api.limits import GuardStats
@@ -195,6 +200,30 @@ class GatewayCollector(Collector):
             "dmq_reorder_held",
             "stamped messages held until the ones before them arrive",
             value=stats.held,
+        )
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in stats.hole_fills:
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
+        if buckets:
+            yield HistogramMetricFamily(
+                "dmq_reorder_hole_fill_seconds",
+                "time from the first stamped message held behind a missing one to that "
+                "one's arrival (what --reorder-wait must cover)",
+                buckets=buckets,
+                sum_value=stats.hole_fill_seconds,
+            )
+        yield GaugeMetricFamily(
+            "dmq_reorder_held_peak",
+            "the most stamped messages one origin's stream has held at once since the start "
+            "(what --reorder-limit must cover)",
+            value=stats.held_peak,
+        )
+        yield CounterMetricFamily(
+            "dmq_reorder_late",
+            "copies of stamped messages that arrived after a gap had declared them lost",
+            value=stats.late_after_gap,
         )
         for name, text, value in (
             (

@@ -82,6 +82,7 @@ async def put_peer(
         reply_timeout=body.reply_timeout,
         history=body.history,
         history_max_age=body.history_max_age,
+        history_bytes=body.history_bytes,
     )
     peer, created = gateway.put_peer(peer_id, settings)
     response.status_code = 201 if created else 200
