@@ -162,8 +162,8 @@ def test_a_put_with_expires_disappears_when_kamailios_does(bus: Bus) -> None:
         # The SET, then the SET_EXPIRE (a set of the same value with its new expiry).
         assert next_change(ws, "short")["data"]["expires"] > time.time() + 200
         expires = next_change(ws, "short")["data"]["expires"]
-        assert expires == pytest.approx(time.time() + 2, abs=1.5)
-        expired = next_change(ws, "short", timeout=6)
+        assert expires == pytest.approx(time.time() + 2, abs=3)
+        expired = next_change(ws, "short", timeout=10)
         assert expired["event"] == "expire" and expired["from"] is None
         assert time.time() >= expires - 0.01
     for k in (bus.k1, bus.k2):
