@@ -186,17 +186,18 @@ class MessageFront:
         await self.app(scope, receive, send)
 
 
+#: JSONResponse's rendering (``json.dumps`` with these options), built once: dumps
+#: with options builds an encoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
 async def _accepted(send: Send, dispatch: Dispatch) -> None:
     """The 202 answer, rendered as the routed endpoint's JSONResponse renders
     SendAccepted (the same bytes and headers) without building the model: the common
     answer of the fast path."""
     targets = list(dispatch.targets)
-    body = json.dumps(
-        {"id": dispatch.id, "peer": dispatch.peer, "targets": len(targets), "nodes": targets},
-        ensure_ascii=False,
-        allow_nan=False,
-        indent=None,
-        separators=(",", ":"),
+    body = _ENCODER.encode(
+        {"id": dispatch.id, "peer": dispatch.peer, "targets": len(targets), "nodes": targets}
     ).encode("utf-8")
     await send(
         {
