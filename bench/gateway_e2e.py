@@ -104,6 +104,9 @@ if importlib.util.find_spec("sniffio") is None:
 
 # --------------------------------------------------------------------------- the run
 
+#: The end-to-end p99 the gateway aims at, by offered rate (msg/s -> ms).
+P99_TARGETS_MS = {500.0: 5.0, 1000.0: 10.0}
+
 
 def make_body(seq: int, sent: float, size: int) -> bytes:
     head = f'{{"seq":{seq},"t":{sent:.9f},"pad":"'
@@ -761,9 +764,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 xytext=(4, 4),
                 textcoords="offset points",
             )
+        # The p99 targets (below 5 ms at 500 msg/s, below 10 ms at 1 000 msg/s), as
+        # short dashes at the steps they apply to: a dot above its dash missed it.
+        targets = [
+            (x, P99_TARGETS_MS[o]) for x, o in zip(xs, offered, strict=True) if o in P99_TARGETS_MS
+        ]
+        for x, target in targets:
+            twin.hlines(target, x - 0.35, x + 0.35, colors="#8172b2", linestyles="dashed")
+            twin.annotate(
+                f"target {target:g} ms",
+                (x - 0.35, target),
+                fontsize=7,
+                color="#8172b2",
+                xytext=(0, -10),
+                textcoords="offset points",
+            )
         twin.set_yscale("log")
         # Headroom above the line (and above the bars, below) for the legend.
-        twin.set_ylim(min(p99) / 1.5, max(p99) * 6)
+        low = min(p99 + [t for _, t in targets])
+        twin.set_ylim(low / 1.5, max(p99) * 6)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         twin.yaxis.set_major_formatter(plain)
         twin.yaxis.set_minor_formatter(plain)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from app.api.app import create_app
 from app.api.guard import guarded_http_protocol
 from app.api.limits import GuardStats, ServeLimits
+from app.api.routes.fastpath import MessageFront
 from app.api.routes.subscribe import SubscribeFastPath
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
@@ -55,7 +56,7 @@ async def serve(settings: GatewayConfig, limits: ServeLimits | None = None) -> N
     http_socket = _listen_socket(settings.http_host, settings.http_port, "--http")
     _check_sip_ports(settings.node.server_address)
     config = HardenedConfig(
-        SubscribeFastPath(app),
+        MessageFront(SubscribeFastPath(app), app),
         host=settings.http_host,
         port=settings.http_port,
         loop="none",

@@ -89,8 +89,13 @@ def display_name(name: str) -> str:
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 
 
+#: Tokens every DMQ message carries (methods); checked by a set look-up before the
+#: regular expression, which costs a call and a match for each.
+_KNOWN_TOKENS = frozenset(("KDMQ", "OPTIONS", "ACK", "INVITE", "BYE", "CANCEL", "REGISTER"))
+
+
 def _is_token(text: str) -> bool:
-    return _TOKEN_RE.fullmatch(text) is not None
+    return text in _KNOWN_TOKENS or _TOKEN_RE.fullmatch(text) is not None
 
 
 class SipParseError(Exception):
@@ -117,7 +122,7 @@ class Headers:
     (Via, From, To, Call-ID, CSeq) of every message.
     """
 
-    __slots__ = ("_first", "_items", "_vias")
+    __slots__ = ("_items", "_vias", "first")
 
     def __init__(
         self,
@@ -134,7 +139,10 @@ class Headers:
             for name, value in self._items:
                 if name not in first:
                     first[name] = value
-        self._first = first
+        #: Canonical name -> its first value. Read it directly on a hot path (one
+        #: C-level dict look-up instead of a method call) with a canonical name; do
+        #: not modify it: :meth:`add`, :meth:`set` and :meth:`remove` keep it right.
+        self.first = first
 
     @staticmethod
     def canonical(name: str) -> str:
@@ -143,9 +151,9 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of a header, or ``default``."""
-        value = self._first.get(name)
+        value = self.first.get(name)
         if value is None:
-            value = self._first.get(self.canonical(name))
+            value = self.first.get(self.canonical(name))
         return default if value is None else value
 
     def get_all(self, name: str) -> list[str]:
@@ -167,12 +175,12 @@ class Headers:
         for name, value in self._items:
             if name not in first:
                 first[name] = value
-        self._first = first
+        self.first = first
 
     def add(self, name: str, value: str) -> None:
         key = self.canonical(name)
         self._items.append((key, value))
-        self._first.setdefault(key, value)
+        self.first.setdefault(key, value)
         if key == "via":
             self._vias = None
 
@@ -208,7 +216,7 @@ class Headers:
         return len(self._items)
 
     def copy(self) -> Headers:
-        return Headers(list(self._items), dict(self._first))
+        return Headers(list(self._items), dict(self.first))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Headers) and self._items == other._items
@@ -357,35 +365,36 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
     ):
         raise SipParseError("stray CR or LF inside the headers")
     start_line = lines[0]
-    message: SipMessage
+    # The start line is read into plain values and the message built once its headers
+    # and body are known: building it first would build a Headers to throw away.
+    method: str | None = None
+    uri = reason = ""
+    code = 0
     version_error: SipParseError | None = None
     if start_line.startswith("SIP/"):
-        message = _parse_status_line(start_line)
+        code, reason = _parse_status_line(start_line)
     else:
-        try:
-            message = _parse_request_line(start_line)
-        except SipParseError as exc:
-            if exc.request is None:
-                raise
+        method, uri, version = _parse_request_line(start_line)
+        if version != SIP_VERSION:
             # A 505 reply copies Via, From, To, Call-ID and CSeq like any other
             # (RFC 3261 section 8.2.6.2): read the headers before raising it.
-            message, version_error = exc.request, exc
+            version_error = SipParseError(f"unsupported version {version[:20]!r}", status=505)
 
     header_lines = lines[1:]
     if "\n " in head or "\n\t" in head:
-        header_lines = _unfold(message, header_lines)
+        header_lines = _unfold(method, uri, header_lines)
     items: list[tuple[str, str]] = []
     first: dict[str, str] = {}
     vias: list[str] = []
     for raw in header_lines:
         raw_name, sep, value = raw.partition(":")
         if not sep:
-            raise _error(message, f"header line without a colon: {raw[:40]!r}")
+            raise _error(method, uri, f"header line without a colon: {raw[:40]!r}")
         cached = _NAME_CACHE.get(raw_name)
         if cached is None:
             cached = _canonical_name(raw_name)
             if cached is None:
-                raise _error(message, f"bad header name {raw_name.strip()[:40]!r}")
+                raise _error(method, uri, f"bad header name {raw_name.strip()[:40]!r}")
         name = cached
         value = value.strip()
         if name == "via":
@@ -399,8 +408,9 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
         items.append((name, value))
         if name not in first:
             first[name] = value
-    message.headers = Headers(items, first, vias)
+    headers = Headers(items, first, vias)
     if version_error is not None:
+        version_error.request = SipRequest(method or "", uri, headers)
         raise version_error
     content_length = first.get("content-length")
 
@@ -409,17 +419,26 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
         try:
             length = int(content_length)
         except ValueError:
-            raise _error(message, f"Content-Length is not a number: {content_length!r}") from None
+            raise _error(
+                method, uri, f"Content-Length is not a number: {content_length!r}", headers
+            ) from None
         if length < 0:
-            raise _error(message, "Content-Length is negative")
+            raise _error(method, uri, "Content-Length is negative", headers)
         if len(body) < length:
-            raise _error(message, f"body has {len(body)} bytes but Content-Length says {length}")
-        body = body[:length]
-    message.body = body
-    return message
+            raise _error(
+                method,
+                uri,
+                f"body has {len(body)} bytes but Content-Length says {length}",
+                headers,
+            )
+        if len(body) > length:
+            body = body[:length]
+    if method is None:
+        return SipResponse(code, reason, headers, body)
+    return SipRequest(method, uri, headers, body)
 
 
-def _unfold(message: SipMessage, lines: list[str]) -> list[str]:
+def _unfold(method: str | None, uri: str, lines: list[str]) -> list[str]:
     """Join continuation lines to the header line they continue.
 
     RFC 3261 section 7.3.1: a line starting with white space continues the previous
@@ -431,20 +450,28 @@ def _unfold(message: SipMessage, lines: list[str]) -> list[str]:
     for raw in lines:
         if raw[:1] in (" ", "\t"):
             if not out:
-                raise _error(message, "header block starts with a continuation line")
+                raise _error(method, uri, "header block starts with a continuation line")
             out[-1] = f"{out[-1]} {raw.strip()}"
         else:
             out.append(raw)
     return out
 
 
-def _error(message: SipMessage, reason: str, status: int = 400) -> SipParseError:
-    return SipParseError(
-        reason, status=status, request=message if isinstance(message, SipRequest) else None
-    )
+def _error(
+    method: str | None, uri: str, reason: str, headers: Headers | None = None
+) -> SipParseError:
+    """A 400 that carries the request as far as it was read: its start line, and its
+    headers when they were all read (``method`` is None for a response)."""
+    request = None
+    if method is not None:
+        request = SipRequest(method, uri, headers if headers is not None else Headers())
+    return SipParseError(reason, status=400, request=request)
 
 
-def _parse_request_line(line: str) -> SipRequest:
+def _parse_request_line(line: str) -> tuple[str, str, str]:
+    """The method, Request-URI and version of a request line; the version is checked
+    by the caller, since an unsupported one is answered (505) once the headers are
+    read."""
     parts = line.split(" ")
     if len(parts) != 3:
         raise SipParseError(f"bad request line {line[:60]!r}")
@@ -453,13 +480,10 @@ def _parse_request_line(line: str) -> SipRequest:
         raise SipParseError(f"bad method {method[:20]!r}")
     if not uri or ":" not in uri:
         raise SipParseError(f"bad Request-URI {uri[:60]!r}")
-    request = SipRequest(method, uri)
-    if version != SIP_VERSION:
-        raise SipParseError(f"unsupported version {version[:20]!r}", status=505, request=request)
-    return request
+    return method, uri, version
 
 
-def _parse_status_line(line: str) -> SipResponse:
+def _parse_status_line(line: str) -> tuple[int, str]:
     version, _, rest = line.partition(" ")
     code_text, _, reason = rest.partition(" ")
     if version != SIP_VERSION:
@@ -471,7 +495,7 @@ def _parse_status_line(line: str) -> SipResponse:
         or not 100 <= int(code_text) <= 699
     ):
         raise SipParseError(f"bad status code {code_text[:20]!r}")
-    return SipResponse(int(code_text), reason)
+    return int(code_text), reason
 
 
 class StreamFramer:

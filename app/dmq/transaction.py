@@ -29,10 +29,18 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from app.dmq.sip import SipRequest, SipResponse, Via, parse_cseq
 from app.dmq.timers import TimerHandle, TimerQueue
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # without mypy, nothing is compiled and the mark means nothing
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
+
 
 #: RFC 3261 section 8.1.1.7: branches of RFC 3261 elements start with this cookie.
 MAGIC_COOKIE = "z9hG4bK"
@@ -56,6 +64,10 @@ class Endpoint(NamedTuple):
         return self.transport != "udp"
 
 
+# A plain Python class even in the compiled core: a compiled one would store an ``int``
+# given for a ``float`` field as a float, and the configuration's error sentences
+# (``t1 -1: must be...``) would change. It is read at start only.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class TimerSettings:
     """SIP timer values in seconds (RFC 3261 table 4)."""

@@ -173,10 +173,15 @@ class _HostCache:
         self.addresses: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
         #: name -> loop time until which its failure is remembered.
         self.failed: BoundedCache[str, float] = BoundedCache(NAME_CACHE_SIZE)
+        #: host text -> its normalised address, or "" for a name: the core asks for the
+        #: sender of every request, and parsing an IP address costs microseconds.
+        self.literals: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
 
     def __call__(self, host: str) -> str | None:
-        literal = _ip_literal(host)
-        if literal is not None:
+        literal = self.literals.get(host)
+        if literal is None:
+            literal = self.literals.put(host, _ip_literal(host) or "")
+        if literal:
             return literal
         name = host.lower()
         address = self.addresses.get(name)
