@@ -1452,7 +1452,7 @@ class DmqNode:
             self._respond_error(st, request, destination, 400, "bad Max-Forwards", now)
             return
         held = self.nodes.find(sender)
-        agent = headers.get("user-agent")
+        agent = first.get("user-agent")
         if held is not None:
             held.last_heard = now  # a sign of life, whatever the request is
             if agent:
