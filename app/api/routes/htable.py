@@ -24,7 +24,7 @@ from fastapi import APIRouter, Path, Query, Request, WebSocket
 from pydantic import Field, field_validator
 
 from app.api.deps import GatewayDep
-from app.api.problems import ProblemError
+from app.api.problems import UNREADABLE_BODY, ProblemError
 from app.api.routes.peers import RESERVED, TimeoutQuery, answer
 from app.api.schemas import OutModel, Problem, SendResults, StrictModel
 from app.kamailio.htable import MAX_NAME, PEER_ID, HtableMirror
@@ -170,6 +170,8 @@ WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "description": "the gateway is stopping"},
     **RESERVED,
 }
+#: A route with a JSON body may also meet a body that is not JSON at all.
+BODY_WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {**WRITE_RESPONSES, **UNREADABLE_BODY}
 
 
 def _mirror(request: Request | WebSocket) -> HtableMirror:
@@ -260,7 +262,7 @@ async def get_key(table: Table, key: Key, request: Request) -> CellOut:
     return _cell(key, entry)
 
 
-@router.put("/{table}/{key:path}", operation_id="htable_set", responses=WRITE_RESPONSES)
+@router.put("/{table}/{key:path}", operation_id="htable_set", responses=BODY_WRITE_RESPONSES)
 async def set_key(
     table: Table,
     key: Key,
@@ -296,7 +298,9 @@ async def delete_key(
     )
 
 
-@router.post("/{table}/delete", operation_id="htable_delete_matching", responses=WRITE_RESPONSES)
+@router.post(
+    "/{table}/delete", operation_id="htable_delete_matching", responses=BODY_WRITE_RESPONSES
+)
 async def delete_matching(
     table: Table,
     body: HtableDeleteIn,
