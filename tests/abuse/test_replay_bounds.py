@@ -39,7 +39,8 @@ def _fill_history(state_dir: Path) -> None:
     store = StateStore(state_dir)
     store.open()
     try:
-        store.save_peer(PEER, PeerSettings(history=MESSAGES), EPOCH)
+        # 50 MB of bodies: beyond the default byte bound, which is not what this tests.
+        store.save_peer(PEER, PeerSettings(history=MESSAGES, history_bytes=1 << 30), EPOCH)
         with store.transaction():
             for offset in range(1, MESSAGES + 1):
                 store.append(PEER, EPOCH, offset, time.time(), "sip:127.0.0.1:5", None, BODY)
