@@ -714,6 +714,9 @@ def cmd_subscribe(gateway: Gateway, args: argparse.Namespace) -> int:
             url,
             additional_headers=gateway.headers,
             open_timeout=HTTP_TIMEOUT,
+            # Ctrl-C must end the command promptly even when the gateway is slow to
+            # answer the closing handshake (the default waits 10 s for it).
+            close_timeout=2,
             max_size=None,
             ssl=gateway.ssl_context,
         ) as websocket:
