@@ -10,7 +10,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse openapi demo demo-stop clean
+.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse openapi screenshots demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ bench-fanout: $(STAMP)
 ## bench-abuse: every attack the bounds are for, at full size, while /v1/health is timed (BENCH_ARGS=--quick: a tenth)
 bench-abuse: $(STAMP)
 	$(BIN)/python -m bench.abuse $(BENCH_ARGS)
+
+## screenshots: the console's pictures in docs/console-*.png (three gateways, headless chromium)
+screenshots: $(STAMP)
+	$(BIN)/python -m tests.console.screenshots
 
 # Exits 0 when every gateway whose HTTP port is given sees all the others active.
 export JOINED := import json, sys, urllib.request as r; ports = sys.argv[1:]; sys.exit(any(json.load(r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1))["active_nodes"] < len(ports) - 1 for p in ports))
