@@ -233,12 +233,14 @@
       width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label,
     });
     const title = svg("title");
-    title.textContent = label;
+    title.textContent = `${label} (peak ${fmtRate(top)}/s)`;
     chart.append(title);
     chart.append(svg("line", { x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5, stroke: "#d5dae1" }));
+    // The time axis spans the last minute at first, then grows to HISTORY seconds.
+    const span = Math.min(HISTORY, Math.max(60, seriesIn.length, (seriesOut || []).length));
     for (const [series, colour] of [[seriesIn, "var(--in)"], [seriesOut, "var(--out)"]]) {
       if (!series || series.length < 2) continue;
-      const step = width / (HISTORY - 1);
+      const step = width / (span - 1);
       const start = width - step * (series.length - 1);
       const points = series.map((v, i) =>
         `${(start + i * step).toFixed(1)},${(height - 1 - (v / top) * (height - 3)).toFixed(1)}`);
@@ -399,9 +401,9 @@
         (statuses.not_active ? `, ${statuses.not_active} not active` : ""),
         { key: "active-nodes", alert: health.active_nodes < others }),
       card("KDMQ in /s", fmtRate(kIn.value), "requests received from other nodes",
-        { key: "kdmq-in", chart: sparkline(kIn.series, null, "KDMQ in per second, last 5 minutes", 160, 26) }),
+        { key: "kdmq-in", chart: sparkline(kIn.series, null, "KDMQ in per second, last minutes", 160, 26) }),
       card("KDMQ out /s", fmtRate(kOut.value), "requests sent to other nodes",
-        { key: "kdmq-out", chart: sparkline([], kOut.series, "KDMQ out per second, last 5 minutes", 160, 26) }),
+        { key: "kdmq-out", chart: sparkline([], kOut.series, "KDMQ out per second, last minutes", 160, 26) }),
       card("Retransmissions", fmtInt(retrans), "UDP requests sent again (no answer yet)",
         { key: "retransmissions" }),
       card("Timeouts", fmtInt(timeouts), "requests no node answered in time (Timer F)",
@@ -550,7 +552,7 @@
         h("td", { class: "num" }, fmtInt(peer.subscribers)),
         h("td", { class: "num", "data-rate": "in" }, fmtRate(rIn.value)),
         h("td", { class: "num", "data-rate": "out" }, fmtRate(rOut.value)),
-        h("td", {}, sparkline(rIn.series, rOut.series, `${peer.peer_id}: messages per second in (blue) and out (orange), last 5 minutes`)),
+        h("td", {}, sparkline(rIn.series, rOut.series, `${peer.peer_id}: messages per second in (blue) and out (orange), last minutes`)),
         h("td", { class: "row-actions" },
           h("button", { type: "button", class: "secondary", onclick: () => tailPeer(peer.peer_id) }, "Tail"), " ",
           h("button", { type: "button", class: "secondary", onclick: () => editPeer(peer.peer_id) }, "Edit"), " ",
