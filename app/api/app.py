@@ -22,7 +22,8 @@ from app.api.asyncapi import asyncapi_document
 from app.api.deps import require_token
 from app.api.guard import GuardMiddleware
 from app.api.limits import GuardStats, ServeLimits
-from app.api.routes import console, health, metrics, nodes, peers, publish, subscribe
+from app.api.routes import health, metrics, nodes, peers, publish, subscribe
+from app.api.routes.console import router as console_router
 from app.api.routes.fastpath import MessageFastPath
 from app.gateway.config import GatewayConfig
 from app.gateway.service import Gateway
@@ -112,13 +113,14 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
     async def get_asyncapi() -> JSONResponse:
         return JSONResponse(document)
 
+    # The console page and its files carry no data of the gateway: open, like the
+    # documentation's assets (the page sends the token with each API call it makes).
+    app.include_router(console_router)
+
     secured = [Depends(require_token)]
     app.include_router(health.router, dependencies=[] if config.public_health else secured)
     for module in (nodes, peers, publish, metrics):
         app.include_router(module.router, dependencies=secured)
     app.include_router(subscribe.router)
     app.include_router(publish.ws_router)
-    # The console page and its files carry no data of the gateway: open, like the
-    # documentation's assets (the page sends the token with each API call it makes).
-    app.include_router(console.router)
     return app
