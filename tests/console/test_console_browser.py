@@ -217,7 +217,8 @@ def test_the_page_shows_every_node_and_this_one_marked(bus: Bus, page: Any) -> N
 
 
 def test_a_node_added_on_the_page_is_in_the_node_list(bus: Bus, page: Any) -> None:
-    lone = Gateway("lone", bus.workdir)
+    # It pings A only once a minute: removed from A, it does not come back meanwhile.
+    lone = Gateway("lone", bus.workdir, ping_interval=60)
     with running([lone]):
         lone.start()
         fill(page, "#node-uri-input", lone.uri)
@@ -448,8 +449,13 @@ def kdmq(sender: Gateway, peer: str, body: bytes, node: str | None = None) -> No
         trust_env=False,
     )
     assert response.status_code == 200, response.text
-    results = response.json()["results"]
-    assert results and all(r["code"] == 200 for r in results), results
+    # The gateways of the bus answer; a node killed by an earlier test may be a target
+    # too (its outbox is kept for its return), with the message queued.
+    results = {r["node"]: r for r in response.json()["results"]}
+    answered = [r for r in results.values() if r["outcome"] == "delivered"]
+    assert answered and all(r["code"] == 200 for r in answered), results
+    if node:
+        assert results[node]["code"] == 200, results
 
 
 def test_kamailio_state_on_the_page(bus: Bus, page: Any) -> None:
