@@ -541,3 +541,25 @@ def test_without_the_kamailio_api_the_page_says_so(tmp_path: Path) -> None:
             )
             assert "Not available on this gateway" in box.text, box.text
             assert mirror in box.text, box.text
+
+
+def test_tailing_a_subscriber_mode_peer_asks_first(bus: Bus, page: Any) -> None:
+    """The tail never answers; on a reply=subscriber peer it would turn every 480 into
+    a 408 after the reply timeout, so the page asks before it subscribes."""
+    response = httpx.put(
+        f"{bus.a.url}/v1/peers/console-answered",
+        json={"reply": "subscriber", "reply_timeout": 0.5},
+        timeout=5,
+        trust_env=False,
+    )
+    assert response.status_code in (200, 201), response.text
+    eventually(lambda: row(page, "#peers-body", "console-answered"), 10, "the peer listed")
+    choose(page, "#tail-peer", "console-answered")
+    by_css(page, "#tail-start").click()
+    alert = page.switch_to.alert
+    assert "never answers" in alert.text
+    alert.dismiss()
+    time.sleep(POLL)
+    assert "listening to" not in by_css(page, "#tail-status").text
+    peer = httpx.get(f"{bus.a.url}/v1/peers/console-answered", timeout=5, trust_env=False)
+    assert peer.json()["subscribers"] == 0

@@ -641,6 +641,12 @@
     retry: null,
 
     start(peer, replay) {
+      if (info(peer) === "subscriber" && !confirm(
+        `Peer ${peer} is in reply=subscriber mode: its subscribers answer its messages. ` +
+        "The console only watches and never answers: while it is the only subscriber, " +
+        "each message gets 408 after the reply timeout instead of 480 at once.\n\nListen anyway?")) {
+        return;
+      }
       this.stop();
       this.wanted = true;
       this.peer = peer;
