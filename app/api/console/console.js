@@ -135,6 +135,10 @@
     return `${status}: ${fallback}`;
   }
 
+  // API paths are resolved against the page's own URL, so a console served by a
+  // reverse proxy under a sub-path (https://host/dmq/) reaches the API under it too.
+  function relative(path) { return path.replace(/^\//, ""); }
+
   async function api(method, path, options) {
     options = options || {};
     const headers = Object.assign({}, options.headers || {});
@@ -144,7 +148,7 @@
       headers["Content-Type"] = "application/json";
       body = JSON.stringify(options.json);
     }
-    const response = await fetch(path, { method, headers, body, cache: "no-store" });
+    const response = await fetch(relative(path), { method, headers, body, cache: "no-store" });
     const type = response.headers.get("content-type") || "";
     let data = null;
     if (response.status !== 204) {
@@ -667,10 +671,10 @@
         query.set("since", String(Math.max(0, info.offset - 20)));
       }
       if (token) query.set("token", token);
-      const scheme = location.protocol === "https:" ? "wss:" : "ws:";
       const qs = query.toString();
-      const url = `${scheme}//${location.host}/v1/peers/${encodeURIComponent(this.peer)}/subscribe${qs ? "?" + qs : ""}`;
-      const socket = new WebSocket(url);
+      const url = new URL(relative(`/v1/peers/${encodeURIComponent(this.peer)}/subscribe${qs ? "?" + qs : ""}`), location.href);
+      url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+      const socket = new WebSocket(url.href);
       this.socket = socket;
       status(`connecting to peer ${this.peer}…`);
       socket.onmessage = (event) => this.frame(JSON.parse(event.data));
