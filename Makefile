@@ -10,7 +10,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse openapi screenshots demo demo-stop clean
+.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,7 @@ bench-abuse: $(STAMP)
 	$(BIN)/python -m bench.abuse $(BENCH_ARGS)
 
 ## screenshots: the console's pictures in docs/console-*.png (three gateways, headless chromium)
+.PHONY: screenshots
 screenshots: $(STAMP)
 	$(BIN)/python -m tests.console.screenshots
 

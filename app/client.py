@@ -1,10 +1,10 @@
 """The client commands of ``dmq-gateway``: talk to a running gateway's API.
 
-``nodes``, ``peers``, ``broadcast``, ``send`` and ``subscribe`` print readable tables
-and lines, or the API's JSON with ``--json``. The gateway is found with ``--url`` (env
-``DMQ_URL``, default ``http://127.0.0.1:8000``) and authenticated with ``--token`` (env
-``DMQ_API_TOKEN``). An error prints one line to stderr (the API's problem ``detail``)
-and exits 1; a usage error exits 2.
+``nodes``, ``peers``, ``broadcast``, ``send``, ``subscribe``, ``registrations`` and
+``dialogs`` print readable tables and lines, or the API's JSON with ``--json``. The
+gateway is found with ``--url`` (env ``DMQ_URL``, default ``http://127.0.0.1:8000``)
+and authenticated with ``--token`` (env ``DMQ_API_TOKEN``). An error prints one line
+to stderr (the API's problem ``detail``) and exits 1; a usage error exits 2.
 
 ``subscribe`` tracks the epoch and the last offset it received, and however the
 subscription ends (Ctrl-C, ``--count``, the gateway closing it) prints to stderr the
@@ -178,6 +178,54 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="N",
         type=_positive,
         help="stop after N messages (default: no limit)",
+    )
+
+    add_state_commands(commands, common)
+
+
+def add_state_commands(
+    commands: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
+) -> None:
+    """``registrations`` and ``dialogs``: Kamailio's replicated state, cluster-wide."""
+    registrations = commands.add_parser(
+        "registrations",
+        parents=[common],
+        help="list the registrations of the bus (Kamailio's usrloc, cluster-wide)",
+        description="List every contact registered on the bus, from the gateway's replica "
+        "of Kamailio's dmq_usrloc: one AOR's contacts, or every AOR (starting with "
+        "--prefix), one row per contact.",
+    )
+    registrations.add_argument(
+        "aor", metavar="AOR", nargs="?", help="only this AOR's contacts (default: every AOR)"
+    )
+    registrations.add_argument(
+        "--prefix", metavar="TEXT", default="", help="only AORs starting with TEXT"
+    )
+    registrations.add_argument(
+        "--limit",
+        metavar="N",
+        type=_positive,
+        default=1000,
+        help="list at most N AORs (default: 1000)",
+    )
+    dialogs = commands.add_parser(
+        "dialogs",
+        parents=[common],
+        help="list the calls up on the bus (Kamailio's dialogs, cluster-wide)",
+        description="List the dialogs of the bus, from the gateway's replica of Kamailio's "
+        "dialog replication, with the count in each state.",
+    )
+    dialogs.add_argument(
+        "--state",
+        choices=["unconfirmed", "early", "confirmed_na", "confirmed", "deleted"],
+        help="only dialogs in this state (default: every live one)",
+    )
+    dialogs.add_argument(
+        "--limit",
+        metavar="N",
+        type=_positive,
+        default=1000,
+        help="list at most N dialogs (default: 1000)",
     )
 
 
@@ -719,10 +767,105 @@ def close_error(exc: ConnectionClosed, position: Position, gateway: Gateway) -> 
     )
 
 
+def _pages(
+    gateway: Gateway, path: str, params: dict[str, str], limit: int
+) -> tuple[dict[str, Any], list[Any], bool]:
+    """Follow ``next`` until ``limit`` items: the last page, every item, and whether
+    more were left."""
+    items: list[Any] = []
+    while True:
+        page: dict[str, Any] = gateway.request(
+            "GET", path, params={**params, "limit": str(min(1000, limit - len(items)))}
+        ).json()
+        items += page["items"]
+        if page["next"] is None:
+            return page, items, False
+        if len(items) >= limit:
+            return page, items, True
+        params = {**params, "after": page["next"]}
+
+
+def _expires_in(expires: int, now: float) -> str:
+    if expires == 0:
+        return "permanent"
+    return f"{max(0, round(expires - now))}s"
+
+
+def cmd_registrations(gateway: Gateway, args: argparse.Namespace) -> int:
+    now = time.time()
+    headers = ["AOR", "CONTACT", "EXPIRES IN", "Q", "USER AGENT", "NODE", "RUID"]
+
+    def row(aor: str, contact: dict[str, Any]) -> list[str]:
+        q = contact["q"]
+        return [
+            aor,
+            contact["contact"],
+            _expires_in(contact["expires"], now),
+            "-" if q is None else f"{q:g}",
+            contact["user_agent"] or "-",
+            contact["node"],
+            contact["ruid"],
+        ]
+
+    if args.aor is not None:
+        data = gateway.request("GET", "/v1/registrations/" + quote(args.aor, safe="@")).json()
+        if gateway.as_json:
+            _print_json(data, sys.stdout)
+            return 0
+        sys.stdout.write(table(headers, [row(data["aor"], c) for c in data["contacts"]]))
+        return 0
+    params = {"prefix": args.prefix} if args.prefix else {}
+    page, items, more = _pages(gateway, "/v1/registrations", params, args.limit)
+    if gateway.as_json:
+        _print_json({**page, "items": items, "next": page["next"] if more else None}, sys.stdout)
+        return 0
+    rows = [row(item["aor"], contact) for item in items for contact in item["contacts"]]
+    if rows:
+        sys.stdout.write(table(headers, rows))
+    sync = page["sync"]
+    donor = f" from {sync['donor']}" if sync.get("donor") else ""
+    print(
+        f"{page['matched']} AORs shown of {page['aors']}, {page['contacts']} contacts "
+        f"in all (sync: {sync['state']}{donor})"
+    )
+    if more:
+        print(f"more AORs after {items[-1]['aor']!r}: raise --limit", file=sys.stderr)
+    return 0
+
+
+def cmd_dialogs(gateway: Gateway, args: argparse.Namespace) -> int:
+    params = {"state": args.state} if args.state else {}
+    page, items, more = _pages(gateway, "/v1/dialogs", params, args.limit)
+    if gateway.as_json:
+        _print_json({**page, "items": items, "next": page["next"] if more else None}, sys.stdout)
+        return 0
+    now = time.time()
+    rows = [
+        [
+            d["id"],
+            d["state"],
+            d["callid"],
+            d["from_uri"],
+            d["to_uri"],
+            f"{max(0, round(now - d['start_ts']))}s" if d["start_ts"] else "-",
+        ]
+        for d in items
+    ]
+    if rows:
+        sys.stdout.write(table(["ID", "STATE", "CALL-ID", "FROM", "TO", "UP FOR"], rows))
+    counts = ", ".join(f"{state} {n}" for state, n in page["counts"].items())
+    print(f"{page['total']} dialogs ({counts})")
+    if more:
+        print("more dialogs: raise --limit", file=sys.stderr)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[Gateway, argparse.Namespace], int]] = {
     "nodes": cmd_nodes,
     "peers": cmd_peers,
     "broadcast": cmd_broadcast,
     "send": cmd_send,
     "subscribe": cmd_subscribe,
+    "registrations": cmd_registrations,
+    "dialogs": cmd_dialogs,
 }

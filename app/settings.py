@@ -392,6 +392,22 @@ class ServeSettings(BaseSettings):
             "45 KB more memory per connection)",
         ),
     ] = False
+    kamailio_mirrors: Annotated[
+        str,
+        Option("NAMES"),
+        Field(
+            description="the typed mirrors of Kamailio's own peers to run, comma-separated "
+            "(htable, usrloc, dialog), or none",
+        ),
+    ] = "htable,usrloc,dialog"
+    htable_autoexpire: Annotated[
+        Repeated,
+        Option("TABLE=SECONDS"),
+        Field(
+            description="an htable with Kamailio's autoexpire, as in its htable modparam, "
+            "so that the mirror expires its cells when Kamailio does (repeatable)",
+        ),
+    ] = []
     log_level: Annotated[
         LogLevel,
         Option("LEVEL"),
@@ -415,7 +431,13 @@ class ServeSettings(BaseSettings):
     _from_cli: frozenset[str] = PrivateAttr(default=frozenset())
 
     @field_validator(
-        "notification_address", "peer", "trusted", "api_token", "tls_allow_name", mode="before"
+        "notification_address",
+        "peer",
+        "trusted",
+        "api_token",
+        "tls_allow_name",
+        "htable_autoexpire",
+        mode="before",
     )
     @classmethod
     def _split_list(cls, value: object) -> object:
@@ -501,6 +523,7 @@ class ServeSettings(BaseSettings):
             raise ConfigError(
                 f"{self.label('ws_queue_limit')} {self.ws_queue_limit}: must be at least 1"
             )
+        mirrors, autoexpire = self._mirrors()
         http_host, http_port = self._host_port()
         tokens = tuple(self.api_token) + self._token_file()
         if any(len(token) < 8 or not token.isprintable() or " " in token for token in tokens):
@@ -547,7 +570,35 @@ class ServeSettings(BaseSettings):
             ws_deflate=self.ws_deflate,
             log_level=self.log_level,
             log_format=self.log_format,
+            kamailio_mirrors=mirrors,
+            htable_autoexpire=autoexpire,
         )
+
+    def _mirrors(self) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+        """--kamailio-mirrors as names, --htable-autoexpire as (table, seconds)."""
+        from app.kamailio.mirrors import MIRROR_NAMES
+
+        text = self.kamailio_mirrors.strip().lower()
+        names: list[str] = []
+        if text not in ("", "none"):
+            for name in text.replace(",", " ").split():
+                if name not in MIRROR_NAMES:
+                    raise ConfigError(
+                        f"{self.label('kamailio_mirrors')} {self.kamailio_mirrors!r}: "
+                        f"{name!r} is not a mirror ({', '.join(MIRROR_NAMES)}, or none)"
+                    )
+                if name not in names:
+                    names.append(name)
+        tables: list[tuple[str, int]] = []
+        for item in self.htable_autoexpire:
+            table, _, seconds = item.partition("=")
+            if not table or not seconds.isdigit() or not 0 < int(seconds) < 2**31:
+                raise ConfigError(
+                    f"{self.label('htable_autoexpire')} {item!r}: must be TABLE=SECONDS, "
+                    "SECONDS a positive whole number"
+                )
+            tables.append((table, int(seconds)))
+        return tuple(names), tuple(tables)
 
     def _tls_config(self, server: SipUri, notification: tuple[SipUri, ...]) -> TlsConfig | None:
         """The node's TLS settings, every file read once now so that a bad one stops the
@@ -777,6 +828,8 @@ CONFIG_FIELDS: dict[str, str] = {
     "ws_deflate": "ws_deflate",
     "log_level": "log_level",
     "log_format": "log_format",
+    "kamailio_mirrors": "kamailio_mirrors",
+    "htable_autoexpire": "htable_autoexpire",
     "tls_cert": "tls_cert",
     "tls_key": "tls_key",
     "tls_ca": "tls_ca",

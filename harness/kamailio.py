@@ -60,6 +60,9 @@ DEFAULT_TABLE = "ht"
 
 #: The configuration every node runs: the example users start from.
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "kamailio" / "kamailio.cfg"
+#: The same node as a registrar and call proxy replicating registrations and dialogs
+#: (dmq_usrloc, dialog) beside the htable; it takes the same defines, and more.
+REGISTRAR_CONFIG = EXAMPLE_CONFIG.with_name("registrar.cfg")
 
 # Where distribution packages put the modules. If none of these exists, no -L is
 # given and Kamailio uses its compiled-in module path.
@@ -260,6 +263,8 @@ class KamailioNode:
         host: str = LOOPBACK,
         command_prefix: Sequence[str] = (),
         tls_files: tuple[str, str, str] | None = None,
+        config: Path = EXAMPLE_CONFIG,
+        extra_defines: Sequence[str] = (),
     ) -> None:
         if transport not in ("udp", "tcp", "tls"):
             raise ValueError(f"transport must be 'udp', 'tcp' or 'tls', not {transport!r}")
@@ -281,6 +286,9 @@ class KamailioNode:
         self.children = children
         self.dmq_workers = dmq_workers
         self.log_level = log_level
+        #: The configuration file run, and defines added after the node's own.
+        self.config = config
+        self.extra_defines = list(extra_defines)
         self.startup_timeout = startup_timeout
         # Another address and a prefix such as ``ip netns exec NS`` run the node on a
         # host of a harness.netns.Lab; kamcmd still reaches it through the ctl socket,
@@ -360,11 +368,11 @@ class KamailioNode:
             defines.append(f"DMQ_WORKERS={self.dmq_workers}")
         if self.multi_notify:
             defines.append("MULTI_NOTIFY")
-        return defines
+        return defines + self.extra_defines
 
     def command(self) -> list[str]:
         """The kamailio command line: foreground, logging to stderr, 64 MB shared memory."""
-        cmd = [_binary(KAMAILIO), "-DD", "-E", "-f", str(EXAMPLE_CONFIG)]
+        cmd = [_binary(KAMAILIO), "-DD", "-E", "-f", str(self.config)]
         module_dir = next((d for d in _DEBIAN_MODULE_DIRS if d.is_dir()), None)
         if module_dir is not None:
             cmd += ["-L", str(module_dir)]

@@ -22,11 +22,22 @@ from app.api.asyncapi import asyncapi_document
 from app.api.deps import require_token
 from app.api.guard import GuardMiddleware
 from app.api.limits import GuardStats, ServeLimits
-from app.api.routes import health, metrics, nodes, peers, publish, subscribe
+from app.api.routes import (
+    dialogs,
+    health,
+    htable,
+    metrics,
+    nodes,
+    peers,
+    publish,
+    registrations,
+    subscribe,
+)
 from app.api.routes.console import router as console_router
 from app.api.routes.fastpath import MessageFastPath
 from app.gateway.config import GatewayConfig
 from app.gateway.service import Gateway
+from app.kamailio.mirrors import MirrorCollector, attach_mirrors
 
 log = logging.getLogger("dmq.gateway")
 
@@ -62,7 +73,10 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
         # the node's settings alone).
         gateway._server.limits = limits.transport
         app.state.gateway = gateway
+        # Kamailio's own peers, typed (--kamailio-mirrors): tapped before the start.
+        app.state.mirrors = mirrors = attach_mirrors(gateway, config)
         app.state.metrics = metrics.registry_for(gateway)
+        app.state.metrics.register(MirrorCollector(mirrors))
         await gateway.start()
         try:
             yield
@@ -79,6 +93,18 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
             {"name": "health", "description": "Is this node up"},
             {"name": "nodes", "description": "The DMQ node list (dmq.list_nodes/add/remove)"},
             {"name": "peers", "description": "Peers, broadcast and send"},
+            {
+                "name": "htable",
+                "description": "Kamailio's htables: the replica, and writes to every node",
+            },
+            {
+                "name": "registrations",
+                "description": "Kamailio's registrations (dmq_usrloc), cluster-wide: the replica",
+            },
+            {
+                "name": "dialogs",
+                "description": "Kamailio's dialogs (dialog enable_dmq), cluster-wide: the replica",
+            },
             {"name": "metrics", "description": "Prometheus metrics"},
         ],
     )
@@ -119,8 +145,11 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
 
     secured = [Depends(require_token)]
     app.include_router(health.router, dependencies=[] if config.public_health else secured)
-    for module in (nodes, peers, publish, metrics):
+    for module in (nodes, peers, publish, htable, registrations, dialogs, metrics):
         app.include_router(module.router, dependencies=secured)
     app.include_router(subscribe.router)
     app.include_router(publish.ws_router)
+    app.include_router(htable.ws_router)
+    app.include_router(registrations.ws_router)
+    app.include_router(dialogs.ws_router)
     return app

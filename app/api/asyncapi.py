@@ -94,7 +94,60 @@ def asyncapi_document() -> dict[str, Any]:
     channel_messages = {name: {"$ref": f"#/components/messages/{name}"} for name in messages}
     document = _subscribe_document(close_text, close_codes, messages, channel_messages)
     _add_publish(document)
+    _add_changes(document)
     return document
+
+
+def _add_changes(document: dict[str, Any]) -> None:
+    """The Kamailio mirrors' change streams (``GET .../changes``): the subscribe path's
+    subscribed and gap frames, then change frames; same query, same resume rules."""
+    from app.kamailio import ws
+    from app.kamailio.frames import ChangeFrame
+
+    _, top = models_json_schema(
+        [(ChangeFrame, "validation")], ref_template="#/components/schemas/{model}"
+    )
+    document["components"]["schemas"].update(top.get("$defs", {}))
+    messages = document["components"]["messages"]
+    messages["change"] = _message("change", ChangeFrame, "Gateway to client")
+    names = ("subscribed", "gap", "change", "error")
+    close_codes = [
+        {"code": code, "meaning": meaning} for code, meaning in sorted(ws.CLOSE_CODES.items())
+    ]
+    for channel, (address, title, parameters) in ws.CHANGE_CHANNELS.items():
+        document["channels"][channel] = {
+            "address": address,
+            "title": title,
+            "description": (
+                "Stream the changes of a mirror of Kamailio's state, as the gateway "
+                "applies them to its replica: a subscribed frame first (peer is the "
+                "stream's name), a gap frame when a resume asks for more than the stream "
+                "holds (it keeps the latest changes, in memory: every start of the gateway "
+                "is a new epoch), then one change frame per change. since, epoch and "
+                "token work as on the subscribe path. The client sends nothing (an error "
+                "frame answers anything it sends)."
+            ),
+            "parameters": {name: {"description": text} for name, text in parameters.items()},
+            "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in names},
+            "bindings": {
+                "ws": {
+                    "method": "GET",
+                    "query": {
+                        "type": "object",
+                        "properties": dict(subscribe.QUERY_PARAMETERS),
+                        "additionalProperties": False,
+                    },
+                    "bindingVersion": "0.1.0",
+                }
+            },
+            "x-close-codes": close_codes,
+        }
+        document["operations"][f"stream{channel[0].upper()}{channel[1:]}"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "title": title,
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{name}"} for name in names],
+        }
 
 
 def _add_publish(document: dict[str, Any]) -> None:

@@ -617,6 +617,22 @@ class DmqNode:
             peer_id, [target], body, content_type, max_forwards, now, extra, store=True
         )
 
+    def send_once(
+        self, peer_id: str, body: bytes, content_type: str | None, node: SipUri, now: float
+    ) -> SendOperation:
+        """Send to one node exactly once: no UDP retransmission, no outbox, no resend.
+
+        For a request the receiver does not deduplicate and answers with work of its
+        own for every copy: a Kamailio 5.6 node dumps its whole table to the sender for
+        each copy of a sync request that reaches it. The result is the node's answer,
+        or a timeout at Timer F when the one datagram (or its answer) was lost; the
+        caller decides whether to ask again, and whom."""
+        self._check_user_send(peer_id, body)
+        target = self.nodes.find(node)
+        if target is None or target.local:
+            raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
+        return self._operation(peer_id, [target], body, content_type, 1, now, retransmit=False)
+
     def _check_user_send(self, peer_id: str, body: bytes, extra: HeaderLines = ()) -> None:
         if self.stopped:
             raise NodeStoppedError("this node has left the bus")
@@ -654,6 +670,7 @@ class DmqNode:
         extra: HeaderLines = (),
         *,
         store: bool = False,
+        retransmit: bool = True,
     ) -> SendOperation:
         """Send one message to ``targets``; with ``store``, a target that cannot take
         it now gets it through its outbox (never for membership messages)."""
@@ -691,6 +708,7 @@ class DmqNode:
                 now,
                 self._operation_result(operation, node, message),
                 extra,
+                retransmit=retransmit,
             )
         return operation
 
@@ -1086,6 +1104,8 @@ class DmqNode:
         now: float,
         on_result: Callable[[FinalResult, float], None],
         extra: HeaderLines = (),
+        *,
+        retransmit: bool = True,
     ) -> None:
         rng = self.rng
         branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
@@ -1115,7 +1135,9 @@ class DmqNode:
             stats[(peer_id, result.code)] += 1
             on_result(result, now)
 
-        self.transactions.send_request(branch, data, destination, now, counted)
+        self.transactions.send_request(
+            branch, data, destination, now, counted, retransmit=retransmit
+        )
 
     def _from_uri(self, peer_id: str) -> str:
         cached = self._from_cache.get(peer_id)
@@ -1402,6 +1424,9 @@ class DmqNode:
         held = self.nodes.find(sender)
         if held is not None:
             held.last_heard = now  # a sign of life, whatever the request is
+            agent = headers.get("user-agent")
+            if agent:
+                held.agent = agent[:128]
         if peer_id is None:
             self._respond_error(
                 st, request, destination, 404, "the Request-URI names no peer id", now
@@ -1746,6 +1771,10 @@ class DmqNode:
         if result.code == 200:
             node.last_reply = now
             node.failures = 0
+            if result.response is not None:
+                agent = result.response.headers.get("server")
+                if agent:
+                    node.agent = agent[:128]
             if node.status is not NodeStatus.ACTIVE and not self.stopped:
                 old: NodeStatus = node.status
                 node.status = NodeStatus.ACTIVE

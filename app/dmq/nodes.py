@@ -84,6 +84,10 @@ class Node:
     #: ``now`` of the last sign of life from it: any answer to one of our requests,
     #: or a request of its own.
     last_heard: float | None = None
+    #: What it says it runs (the User-Agent of its requests, the Server header of its
+    #: answers, at most 128 characters): a Kamailio node or a gateway, for mirrors
+    #: that ask a node holding data for a sync.
+    agent: str = ""
 
     @property
     def host(self) -> str:

@@ -220,11 +220,17 @@ class TransactionLayer:
         destination: Endpoint,
         now: float,
         on_result: ResultCallback,
+        *,
+        retransmit: bool = True,
     ) -> ClientTransaction:
-        """Start a client transaction: send now, retransmit (UDP) until answered."""
+        """Start a client transaction: send now, retransmit (UDP) until answered.
+
+        ``retransmit=False`` sends a UDP request once (Timer F still ends the wait):
+        for a request whose receiver does not absorb retransmissions and would do its
+        work again for each copy (a Kamailio 5.6 node answering a sync request)."""
         ct = ClientTransaction(branch, data, destination, on_result)
         self.clients[branch] = ct
-        if not destination.reliable:
+        if not destination.reliable and retransmit:
             ct.interval = self.settings.t1
             ct.timer_e = self.timers.call_at(now + ct.interval, self._timer_e, ct)
         ct.timer_f = self.timers.call_at(now + self.settings.timer_f_value, self._timer_f, ct)

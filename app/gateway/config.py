@@ -51,6 +51,11 @@ class GatewayConfig:
     http_port: int = 8000
     #: Offer permessage-deflate to WebSocket clients.
     ws_deflate: bool = False
+    #: The Kamailio mirrors to run (app.kamailio: htable, usrloc, dialog); `serve`
+    #: runs them all unless told otherwise, a config built in code none.
+    kamailio_mirrors: tuple[str, ...] = ()
+    #: (table, seconds): htables with Kamailio's autoexpire, for the htable mirror.
+    htable_autoexpire: tuple[tuple[str, int], ...] = ()
     #: debug, info, warning or error.
     log_level: str = "info"
     #: text, or json for one JSON object per line.

@@ -83,6 +83,9 @@ class Gateway:
         self._checkpoints: asyncio.Task[None] | None = None
         #: Completed by begin_stop(); requests waiting for results wait on it too.
         self._stopping: asyncio.Future[None] | None = None
+        #: Run by begin_stop(): what else streams to clients (the Kamailio mirrors'
+        #: change streams) ends its subscriptions then too.
+        self._stop_callbacks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,6 +117,12 @@ class Gateway:
         if self._stopping is not None and not self._stopping.done():
             self._stopping.set_result(None)
         self._hub.end_subscriptions(Ending.STOPPING)
+        for callback in self._stop_callbacks:
+            callback()
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when a stop is asked for (:meth:`begin_stop`)."""
+        self._stop_callbacks.append(callback)
 
     async def subscriptions_ended(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until every subscriber has been let go."""
@@ -207,6 +216,11 @@ class Gateway:
     def nodes(self) -> list[NodeInfo]:
         """Every node of the bus as this node sees it, this node first."""
         return [self._node_info(node) for node in self._server.node.nodes]
+
+    def node_agents(self) -> dict[str, str]:
+        """``host:port`` -> what each other node says it runs (its User-Agent or Server
+        header; empty until it has sent us a request or answered a membership message)."""
+        return {f"{node.host}:{node.port}": node.agent for node in self._server.node.nodes.others()}
 
     async def resolve_node(self, text: str, *, must_resolve: bool = False) -> SipUri:
         """Parse a node URI and resolve its host name without blocking the loop.
@@ -473,6 +487,17 @@ class Gateway:
         """Let a typed mirror see every message of ``peer_id``, beside any raw peer of
         that id (see :meth:`Hub.attach_tap`). Call before :meth:`start`."""
         self._hub.attach_tap(peer_id, handler, init=init, description=description)
+
+    def send_once(
+        self, peer_id: str, node: SipUri, body: bytes, content_type: str | None
+    ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
+        """Send to one node exactly once: no retransmission, no outbox, no origin stamp
+        (a sync request, which a Kamailio node would answer again for every copy)."""
+        if self.stopping:
+            raise NodeStoppedError("the gateway is stopping and sends nothing more")
+        operation, waiter = self._server.send_once_nowait(peer_id, body, content_type, node)
+        waiter.add_done_callback(_retrieve)
+        return operation, waiter
 
     def reply(self, peer_id: str, message_id: str, reply: PeerReply) -> None:
         """A subscriber's reply to a message of a ``reply: subscriber`` peer; raises

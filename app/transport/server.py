@@ -695,6 +695,16 @@ class DmqServer:
         self._flush()
         return operation, waiter
 
+    def send_once_nowait(
+        self, peer_id: str, body: bytes, content_type: str | None, node: SipUri
+    ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
+        """Send to one node exactly once (:meth:`DmqNode.send_once`): no retransmission,
+        no outbox; the future completes with its answer or a timeout at Timer F."""
+        operation = self.node.send_once(peer_id, body, content_type, node, self._send_clock())
+        waiter = self._waiter(operation)
+        self._flush()
+        return operation, waiter
+
     async def broadcast(
         self,
         peer_id: str,

@@ -31,6 +31,16 @@ OPERATIONS = {
     ("post", "/v1/peers/{peer_id}/broadcast/batch"): "broadcast_batch",
     ("post", "/v1/peers/{peer_id}/send/batch"): "send_batch",
     ("get", "/metrics"): "get_metrics",
+    ("get", "/v1/htable"): "htable_tables",
+    ("get", "/v1/htable/{table}"): "htable_table",
+    ("get", "/v1/htable/{table}/{key}"): "htable_get",
+    ("put", "/v1/htable/{table}/{key}"): "htable_set",
+    ("delete", "/v1/htable/{table}/{key}"): "htable_delete",
+    ("post", "/v1/htable/{table}/delete"): "htable_delete_matching",
+    ("get", "/v1/registrations"): "registrations_list",
+    ("get", "/v1/registrations/{aor}"): "registrations_aor",
+    ("get", "/v1/dialogs"): "dialogs_list",
+    ("get", "/v1/dialogs/{dialog_id}"): "dialogs_get",
 }
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}

@@ -5,7 +5,9 @@ Three real gateways on loopback (A, B, C), a few peers, traffic from B and C for
 enough that the sparklines have a shape, and headless Chromium on A's console at a
 laptop's size. Writes ``docs/console-overview.png`` (the top of the page),
 ``docs/console-peers.png``, ``docs/console-traffic.png`` (a live tail and a broadcast's
-answers) and ``docs/console-bus.png`` (C killed, shown disabled as it happens).
+answers), ``docs/console-kamailio.png`` (htable keys, an AOR and dialogs, from Kamailio's
+own bodies sent by B) and ``docs/console-bus.png`` (C killed, shown disabled as it
+happens).
 
 Run from the top of the repository: ``python -m tests.console.screenshots [--out DIR]``.
 """
@@ -26,7 +28,7 @@ import httpx
 
 from harness.gateway import Gateway
 from harness.waiting import wait_until
-from tests.console import browser
+from tests.console import bodies, browser
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Seconds of traffic before the pictures are taken (the sparklines' width).
@@ -46,6 +48,27 @@ def _put_peer(gateway: Gateway, peer: str, description: str) -> None:
         timeout=5,
         trust_env=False,
     ).raise_for_status()
+
+
+def _kdmq(sender: Gateway, peer: str, body: bytes, node: str | None = None) -> None:
+    query = f"?node={node}" if node else ""
+    httpx.post(
+        f"{sender.url}/v1/peers/{peer}/{'send' if node else 'broadcast'}{query}",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=5,
+        trust_env=False,
+    ).raise_for_status()
+
+
+def _kamailio_state(b: Gateway, a: Gateway) -> None:
+    """What Kamailio nodes would have replicated: a few htable keys, registrations, a call."""
+    for key, value in (("blocked:+3312345", "fraud"), ("route:emergency", "sip:112@psap")):
+        _kdmq(b, "htable", bodies.htable_set("routing", key, value))
+    for user, agent in (("alice", "Linphone/5.2"), ("bob", "Zoiper 5"), ("carol", "Yealink T54W")):
+        _kdmq(b, "usrloc", bodies.registration(user, f"sip:{user}@192.0.2.10:5060", agent))
+    for body in bodies.DIALOG_CALL:
+        _kdmq(b, "dialog", body, node=a.uri)
 
 
 def _traffic(sender: Gateway, peer: str, stop: threading.Event, base: float) -> None:
@@ -136,6 +159,29 @@ def take(out: Path) -> list[Path]:
                 written.append(_shot(driver, out / "console-overview.png"))
                 written.append(_section(driver, "peers", out / "console-peers.png"))
                 written.append(_section(driver, "traffic", out / "console-traffic.png"))
+                _kamailio_state(b, a)
+                driver.execute_script(
+                    "document.querySelector('#kam-aor').value = 'alice';"
+                    "document.querySelector('#kam-registrations form button').click();"
+                )
+                _wait(
+                    driver,
+                    "const b = document.querySelector("
+                    "'#kam-htable tr[data-table=\"routing\"] button');"
+                    "if (b) b.click(); return b !== null",
+                    "the routing table",
+                )
+                _wait(
+                    driver,
+                    "return document.querySelector('#kam-htable tr[data-key]') !== null && "
+                    "document.querySelector('#kam-dialogs tr[data-state]') !== null && "
+                    "document.querySelector('#kam-registrations .kam-aor tbody tr') !== null && "
+                    "document.querySelector('[data-count=\"aors\"]').textContent === '3' && "
+                    "document.querySelector('[data-count=\"dialogs\"]').textContent === '1' && "
+                    "document.querySelectorAll('#kam-htable tr[data-key]').length === 2",
+                    "the Kamailio state on the page",
+                )
+                written.append(_section(driver, "kamailio", out / "console-kamailio.png"))
                 stop.set()
                 c.kill()
                 _wait(
@@ -166,9 +212,16 @@ def _section(driver: Any, section: str, path: Path) -> Path:
     from selenium.webdriver.common.by import By
 
     element = driver.find_element(By.ID, section)
+    size = driver.get_window_size()
+    # The browser draws only what fits its window: one as tall as the section for it.
+    chrome = size["height"] - driver.execute_script("return window.innerHeight")
+    height = element.size["height"] + 80 + chrome
+    if height > size["height"]:
+        driver.set_window_size(size["width"], height)
     driver.execute_script("arguments[0].scrollIntoView()", element)
-    time.sleep(0.3)
+    time.sleep(0.5)
     element.screenshot(str(path))
+    driver.set_window_size(size["width"], size["height"])
     return path
 
 

@@ -39,12 +39,15 @@ def test_the_page_loads_without_the_token(gateway: Gateway) -> None:
     page = get(gateway, "/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    # The page names every file it loads, each from the console's own prefix.
-    for path in re.findall(r'(?:src|href)="(/[^"]*)"', page.text):
-        assert path.startswith(console.ASSETS + "/"), path
-        asset = get(gateway, path)
-        assert asset.status_code == 200, path
-        assert asset.content, path
+    # The page names every file it loads, each from the console's own prefix, relative
+    # to the page (so that it works under a reverse proxy's sub-path too).
+    files = re.findall(r'(?:src|href)="([^"#]+)"', page.text)
+    assert len(files) == len(console.FILES), files
+    for name in files:
+        assert name.startswith(console.ASSETS[1:] + "/"), name
+        asset = get(gateway, "/" + name)
+        assert asset.status_code == 200, name
+        assert asset.content, name
 
 
 def test_every_file_carries_the_same_origin_policy(gateway: Gateway) -> None:

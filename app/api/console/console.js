@@ -135,6 +135,10 @@
     return `${status}: ${fallback}`;
   }
 
+  // API paths are resolved against the page's own URL, so a console served by a
+  // reverse proxy under a sub-path (https://host/dmq/) reaches the API under it too.
+  function relative(path) { return path.replace(/^\//, ""); }
+
   async function api(method, path, options) {
     options = options || {};
     const headers = Object.assign({}, options.headers || {});
@@ -144,7 +148,7 @@
       headers["Content-Type"] = "application/json";
       body = JSON.stringify(options.json);
     }
-    const response = await fetch(path, { method, headers, body, cache: "no-store" });
+    const response = await fetch(relative(path), { method, headers, body, cache: "no-store" });
     const type = response.headers.get("content-type") || "";
     let data = null;
     if (response.status !== 204) {
@@ -320,8 +324,8 @@
   function startPolling() {
     if (polling) return;
     polling = true;
+    buildKamailio();
     poll();
-    checkKamailio();
   }
   function stopPolling() {
     polling = false;
@@ -343,6 +347,7 @@
       renderHealth(health.data, metrics, now);
       renderNodes(nodeList.data, now);
       renderPeers(peerList.data, metrics, now);
+      refreshKamailio(false);
       banner("");
       setLive("on", "live · " + clock());
     } catch (err) {
@@ -640,6 +645,12 @@
     retry: null,
 
     start(peer, replay) {
+      if (info(peer) === "subscriber" && !confirm(
+        `Peer ${peer} is in reply=subscriber mode: its subscribers answer its messages. ` +
+        "The console only watches and never answers: while it is the only subscriber, " +
+        "each message gets 408 after the reply timeout instead of 480 at once.\n\nListen anyway?")) {
+        return;
+      }
       this.stop();
       this.wanted = true;
       this.peer = peer;
@@ -660,10 +671,10 @@
         query.set("since", String(Math.max(0, info.offset - 20)));
       }
       if (token) query.set("token", token);
-      const scheme = location.protocol === "https:" ? "wss:" : "ws:";
       const qs = query.toString();
-      const url = `${scheme}//${location.host}/v1/peers/${encodeURIComponent(this.peer)}/subscribe${qs ? "?" + qs : ""}`;
-      const socket = new WebSocket(url);
+      const url = new URL(relative(`/v1/peers/${encodeURIComponent(this.peer)}/subscribe${qs ? "?" + qs : ""}`), location.href);
+      url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+      const socket = new WebSocket(url.href);
       this.socket = socket;
       status(`connecting to peer ${this.peer}…`);
       socket.onmessage = (event) => this.frame(JSON.parse(event.data));
@@ -849,21 +860,262 @@
   }
 
   // ------------------------------------------------------------------ kamailio
-  async function checkKamailio() {
-    const box = $("kamailio-body");
+  // The typed mirrors of Kamailio's htable, usrloc and dialog peers (/v1/htable,
+  // /v1/registrations, /v1/dialogs), read every KAM_EVERY polls. A gateway without
+  // them (404 from the router, or a mirror that is not running) says so per part.
+  const KAM_EVERY = 5;
+  const kam = { round: 0, table: null, prefix: "", pages: [null], page: 0, aor: "" };
+
+  function kamNotAvailable(err) {
+    if (!(err instanceof ApiError) || (err.status !== 404 && err.status !== 405)) return null;
+    const detail = err.problem && err.problem.detail;
+    // The router's own 404 ("Not Found") means this gateway has no such API at all.
+    return detail && detail !== "Not Found"
+      ? `Not available on this gateway: ${detail}.`
+      : "Not available on this gateway: this version has no typed API for it.";
+  }
+
+  function kamPart(id, title, explain) {
+    return h("div", { id, class: "kam-part" }, h("h3", {}, title),
+      h("p", { class: "explain" }, explain), h("div", { class: "kam-content" }, h("p", { class: "muted" }, "reading…")));
+  }
+
+  function buildKamailio() {
+    $("kamailio-body").replaceChildren(h("div", { class: "kam-grid" },
+      kamPart("kam-htable", "Shared tables (htable)",
+        "Key-value tables Kamailio nodes replicate over the bus, as this gateway holds them. " +
+        "A write is sent to every node, as Kamailio's own htable actions."),
+      kamPart("kam-registrations", "Registrations (usrloc)",
+        "Where each user (address of record, AOR) is registered, anywhere on the bus."),
+      kamPart("kam-dialogs", "Dialogs",
+        "Calls in progress that the Kamailio nodes share, counted by state.")));
+  }
+
+  function kamContent(id) { return document.querySelector(`#${id} .kam-content`); }
+
+  async function kamRead(id, path, render) {
+    const box = kamContent(id);
     try {
-      await api("GET", "/v1/htable");
+      const { data } = await api("GET", path);
+      render(box, data);
+      box.closest(".kam-part").setAttribute("data-state", "available");
+    } catch (err) {
+      if (err instanceof AuthError) { askToken("The gateway refused the token: " + err.message); return; }
+      const missing = kamNotAvailable(err);
+      box.closest(".kam-part").setAttribute("data-state", missing ? "unavailable" : "error");
+      box.replaceChildren(h("p", { class: missing ? "muted" : "result bad" }, missing || err.message));
+    }
+  }
+
+  function syncLine(sync) {
+    if (!sync) return null;
+    const text = {
+      waiting: "waiting for a Kamailio node to copy the state from",
+      requesting: "asking a Kamailio node for its state",
+      synced: `copied from ${sync.donor || "a node"}, then kept up to date`,
+      failed: "no node answered the request for its state; kept from updates only",
+    }[sync.state] || sync.state;
+    return h("p", { class: "hint", "data-sync": sync.state }, "State: " + text + ".");
+  }
+
+  function refreshKamailio(force) {
+    if (!force && kam.round++ % KAM_EVERY !== 0) return;
+    kamRead("kam-htable", "/v1/htable", renderTables);
+    kamRead("kam-registrations", "/v1/registrations?limit=1", renderRegistrations);
+    kamRead("kam-dialogs", "/v1/dialogs?limit=1", renderDialogs);
+  }
+
+  // ---- htable
+  function renderTables(box, data) {
+    if (!box.querySelector(".kam-tables")) {
+      box.replaceChildren(
+        h("div", { class: "kam-tables" }),
+        h("div", { class: "kam-keys" }, h("p", { class: "muted" }, "Choose a table to see its keys.")),
+        htableForm());
+    }
+    const tables = data.tables.map((t) => h("tr", { "data-table": t.table, class: t.table === kam.table ? "selected" : null },
+      h("td", {}, h("button", { type: "button", class: "link-button", onclick: () => openTable(t.table) }, t.table)),
+      h("td", { class: "num" }, fmtInt(t.cells)),
+      h("td", {}, t.autoexpire ? `${t.autoexpire} s` : t.expiring ? "yes" : "no")));
+    box.querySelector(".kam-tables").replaceChildren(
+      syncLine(data.sync),
+      data.tables.length
+        ? h("table", { class: "grid" },
+          h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Table"), h("th", { scope: "col", class: "num" }, "Keys"),
+            h("th", { scope: "col", title: "whether its keys expire (--htable-autoexpire, or seen in a sync)" }, "Expiry"))),
+          h("tbody", {}, ...tables))
+        : h("p", { class: "muted" }, "No table yet: none was set or copied since the gateway started."));
+    if (kam.table) readKeys();
+  }
+
+  function openTable(name) {
+    kam.table = name;
+    kam.prefix = "";
+    kam.pages = [null];
+    kam.page = 0;
+    document.querySelectorAll("#kam-htable tr[data-table]").forEach((tr) =>
+      tr.classList.toggle("selected", tr.getAttribute("data-table") === name));
+    const form = document.querySelector("#kam-htable .kam-write");
+    if (form) form.elements.table.value = name;
+    readKeys();
+  }
+
+  async function readKeys() {
+    const box = document.querySelector("#kam-htable .kam-keys");
+    if (!box || !kam.table) return;
+    const query = new URLSearchParams({ limit: "25" });
+    if (kam.prefix) query.set("prefix", kam.prefix);
+    const after = kam.pages[kam.page];
+    if (after) query.set("after", after);
+    let data;
+    try {
+      ({ data } = await api("GET", `/v1/htable/${encodeURIComponent(kam.table)}?${query}`));
     } catch (err) {
       if (err instanceof AuthError) return;
-      if (err instanceof ApiError && (err.status === 404 || err.status === 405)) {
-        box.replaceChildren(h("p", { class: "muted", "data-state": "unavailable" },
-          "Not available on this gateway: this version has no typed htable, registrations or dialogs API."));
-        return;
-      }
       box.replaceChildren(h("p", { class: "result bad" }, err.message));
       return;
     }
-    box.replaceChildren(h("p", {}, "Available."));
+    const table = kam.table;
+    const filter = h("form", { class: "inline-form", onsubmit: (e) => {
+      e.preventDefault();
+      kam.prefix = e.target.elements.prefix.value;
+      kam.pages = [null];
+      kam.page = 0;
+      readKeys();
+    } },
+      h("label", { for: "kam-prefix" }, "Keys starting with"),
+      h("input", { id: "kam-prefix", name: "prefix", value: kam.prefix, spellcheck: "false" }),
+      h("button", { type: "submit", class: "secondary" }, "Filter"));
+    const rows = data.keys.map((cell) => h("tr", { "data-key": cell.key },
+      h("td", { class: "mono" }, cell.key),
+      h("td", { class: "mono" }, String(cell.value), cell.type === "int" ? h("span", { class: "hint" }, " (int)") : null),
+      h("td", {}, cell.expires ? "in " + fmtDuration(cell.expires - Date.now() / 1000) : "never"),
+      h("td", { class: "mono", title: "the node whose message set it" }, cell.source || "this gateway"),
+      h("td", { class: "row-actions" }, h("button", {
+        type: "button", class: "danger", "aria-label": `delete ${cell.key}`,
+        onclick: () => deleteKey(table, cell.key),
+      }, "Delete"))));
+    const nav = h("div", { class: "buttons" },
+      h("button", { type: "button", class: "secondary", disabled: kam.page === 0,
+        onclick: () => { kam.page--; readKeys(); } }, "Previous"),
+      h("span", { class: "hint" }, `${fmtInt(data.cells)} key(s)` + (kam.prefix ? ` starting with “${kam.prefix}”` : "")),
+      h("button", { type: "button", class: "secondary", disabled: !data.next,
+        onclick: () => { kam.pages[kam.page + 1] = data.next; kam.page++; readKeys(); } }, "Next"));
+    const focused = document.activeElement && document.activeElement.id === "kam-prefix";
+    box.replaceChildren(h("h4", {}, "Table ", h("span", { class: "mono" }, table)), filter,
+      rows.length
+        ? h("table", { class: "grid" }, h("thead", {}, h("tr", {},
+          ...["Key", "Value", "Expires", "Set by"].map((t) => h("th", { scope: "col" }, t)), h("th", {}, h("span", { class: "sr" }, "actions")))),
+          h("tbody", {}, ...rows))
+        : h("p", { class: "muted" }, "No key."),
+      nav);
+    if (focused) $("kam-prefix").focus();
+  }
+
+  function htableForm() {
+    const form = h("form", { class: "stack-form kam-write", autocomplete: "off" },
+      h("h4", {}, "Set a key on every node"),
+      h("label", {}, "Table", h("input", { name: "table", required: true, spellcheck: "false", value: kam.table || "" })),
+      h("label", {}, "Key", h("input", { name: "key", required: true, spellcheck: "false" })),
+      h("label", {}, "Value", h("input", { name: "value", spellcheck: "false" })),
+      h("label", { class: "check" }, h("input", { type: "checkbox", name: "integer" }), "the value is an integer"),
+      h("label", {}, "Expires in (s, optional)", h("input", { name: "expires", type: "number", min: "1" })),
+      h("div", { class: "buttons" }, h("button", { type: "submit" }, "Set key"),
+        h("span", { class: "result", role: "status", id: "kam-write-result" })));
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const f = form.elements;
+      const body = { value: f.integer.checked ? Number(f.value.value) : f.value.value };
+      if (f.expires.value) body.expires = Number(f.expires.value);
+      const table = f.table.value.trim();
+      const key = f.key.value;
+      try {
+        const { data } = await api("PUT", `/v1/htable/${encodeURIComponent(table)}/${key.split("/").map(encodeURIComponent).join("/")}`, { json: body });
+        formResult("kam-write-result", `Set ${key} in ${table}: ${writeSummary(data)}`, true);
+        if (!kam.table) kam.table = table;
+        refreshKamailio(true);
+      } catch (err) {
+        handleActionError(err, "kam-write-result");
+      }
+    });
+    return form;
+  }
+
+  function writeSummary(data) {
+    const results = (data.results && data.results.results) || [];
+    const ok = results.filter((r) => r.code !== null && r.code >= 200 && r.code < 300).length;
+    const queued = results.filter((r) => r.outcome === "queued").length;
+    if (!results.length) return "no other node on the bus.";
+    return `${ok} of ${results.length} node(s) answered 2xx` +
+      (queued ? `; ${queued} queued for a node that is down, resent when it answers.` : ".");
+  }
+
+  async function deleteKey(table, key) {
+    if (!confirm(`Delete ${key} from table ${table} on every node of the bus?`)) return;
+    try {
+      const { data } = await api("DELETE", `/v1/htable/${encodeURIComponent(table)}/${key.split("/").map(encodeURIComponent).join("/")}`);
+      formResult("kam-write-result", `Deleted ${key} from ${table}: ${writeSummary(data)}`, true);
+      refreshKamailio(true);
+    } catch (err) {
+      handleActionError(err, "kam-write-result");
+    }
+  }
+
+  // ---- registrations
+  function renderRegistrations(box, data) {
+    if (!box.querySelector(".kam-counts")) {
+      const form = h("form", { class: "inline-form", autocomplete: "off", onsubmit: (e) => {
+        e.preventDefault();
+        kam.aor = e.target.elements.aor.value.trim();
+        lookupAor();
+      } },
+        h("label", { for: "kam-aor" }, "Look up an AOR"),
+        h("input", { id: "kam-aor", name: "aor", required: true, placeholder: "alice or alice@example.com", spellcheck: "false" }),
+        h("button", { type: "submit" }, "Look up"));
+      box.replaceChildren(h("div", { class: "kam-counts" }), form, h("div", { class: "kam-aor", role: "status" }));
+    }
+    box.querySelector(".kam-counts").replaceChildren(
+      h("p", {}, h("strong", { "data-count": "aors" }, fmtInt(data.aors)), " AOR(s) with ",
+        h("strong", { "data-count": "contacts" }, fmtInt(data.contacts)), " contact(s)."),
+      syncLine(data.sync));
+  }
+
+  async function lookupAor() {
+    const out = document.querySelector("#kam-registrations .kam-aor");
+    if (!kam.aor) return;
+    try {
+      const { data } = await api("GET", "/v1/registrations/" + encodeURIComponent(kam.aor));
+      out.replaceChildren(h("table", { class: "grid" },
+        h("thead", {}, h("tr", {}, ...["Contact", "Expires", "User agent", "Registered on"].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, ...data.contacts.map((c) => h("tr", { "data-ruid": c.ruid },
+          h("td", { class: "mono" }, c.contact, c.received ? h("span", { class: "peer-desc" }, "from " + c.received) : null),
+          h("td", {}, c.expires ? "in " + fmtDuration(c.expires - Date.now() / 1000) : "permanent"),
+          h("td", {}, c.user_agent || "–"),
+          h("td", { class: "mono" }, c.node))))));
+    } catch (err) {
+      if (err instanceof AuthError) { askToken("The gateway refused the token: " + err.message); return; }
+      out.replaceChildren(h("p", { class: err.status === 404 ? "muted" : "result bad" },
+        err.status === 404 ? `${kam.aor} is not registered anywhere on the bus.` : err.message));
+    }
+  }
+
+  // ---- dialogs
+  const DIALOG_STATES = {
+    unconfirmed: "unconfirmed (INVITE sent)",
+    early: "early (ringing)",
+    confirmed_na: "answered, ACK not seen yet",
+    confirmed: "confirmed (in a call)",
+    deleted: "ended (kept a while)",
+  };
+  function renderDialogs(box, data) {
+    const states = Object.entries(data.counts || {});
+    box.replaceChildren(
+      h("p", {}, h("strong", { "data-count": "dialogs" }, fmtInt(data.total)), " dialog(s) up."),
+      states.length
+        ? h("table", { class: "grid" }, h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "State"), h("th", { scope: "col", class: "num" }, "Dialogs"))),
+          h("tbody", {}, ...states.map(([state, count]) => h("tr", { "data-state": state },
+            h("td", {}, DIALOG_STATES[state] || state), h("td", { class: "num" }, fmtInt(count))))))
+        : null);
   }
 
   // ------------------------------------------------------------------ start

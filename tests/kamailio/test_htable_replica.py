@@ -1,0 +1,112 @@
+"""The htable replica applies each action as a Kamailio 5.6 node does (time given).
+
+Sans I/O: the replica takes the time as an argument, so expiries are checked at exact
+instants. What Kamailio does is from ht_api.c / ht_dmq.c (5.6): expiry only in
+autoexpire tables, values matched by removals only when they are strings.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app.kamailio.htable import HtableReplica
+from app.kamailio.htable_codec import (
+    Cell,
+    DeleteCell,
+    RemoveCells,
+    SetCell,
+    SetCellExpire,
+    SyncAnswer,
+)
+
+T0 = 1_800_000_000.0
+
+
+def values(replica: HtableReplica, table: str, now: float = T0) -> dict[str, str | int]:
+    return {key: entry.value for key, entry in replica.items(table, now)}
+
+
+def test_set_replace_delete() -> None:
+    replica = HtableReplica()
+    [change] = replica.apply(SetCell("ht", "k", "v"), T0, "sip:a:1")
+    assert (change.event, change.table, change.key) == ("set", "ht", "k")
+    replica.apply(SetCell("ht", "k", 7), T0)
+    assert values(replica, "ht") == {"k": 7}
+    [change] = replica.apply(DeleteCell("ht", "k"), T0)
+    assert change.event == "delete" and change.entry is None
+    assert replica.apply(DeleteCell("ht", "k"), T0) == []  # nothing to delete
+    assert replica.cells == 0
+
+
+def test_the_same_value_again_changes_nothing() -> None:
+    replica = HtableReplica()
+    answer = SyncAnswer((Cell("ht", "a", "1"), Cell("ht", "b", 2)))
+    assert len(replica.apply(answer, T0)) == 2
+    assert replica.apply(answer, T0 + 1) == []  # a donor that answered twice
+    # "1" and 1 are different values in Kamailio (string vs integer).
+    assert len(replica.apply(SetCell("ht", "b", "2"), T0)) == 1
+
+
+def test_expiry_only_in_an_autoexpire_table() -> None:
+    replica = HtableReplica(autoexpire={"hx": 300})
+    replica.apply(SetCell("ht", "k", "v"), T0)
+    assert replica.apply(SetCellExpire("ht", "k", 5), T0) == []  # ignored, as in 5.6
+    replica.apply(SetCell("hx", "k", "v"), T0)
+    assert replica.get("hx", "k", T0).expires == T0 + 300  # type: ignore[union-attr]
+    replica.apply(SetCellExpire("hx", "k", 5), T0)
+    assert replica.get("hx", "k", T0 + 4.9) is not None
+    assert replica.get("hx", "k", T0 + 5) is None  # gone for readers at once
+    assert replica.next_deadline() == T0 + 5
+    [change] = replica.expire(T0 + 5)
+    assert (change.event, change.key) == ("expire", "k")
+    assert values(replica, "ht") == {"k": "v"}
+
+
+def test_a_set_restarts_autoexpire_and_expire_zero_means_never() -> None:
+    replica = HtableReplica(autoexpire={"hx": 10})
+    replica.apply(SetCell("hx", "k", "v"), T0)
+    replica.apply(SetCell("hx", "k", "w"), T0 + 8)  # updateexpire=1 (the default)
+    assert replica.expire(T0 + 12) == []
+    assert values(replica, "hx", T0 + 12) == {"k": "w"}
+    replica.apply(SetCellExpire("hx", "k", 0), T0 + 12)
+    assert replica.expire(T0 + 10_000) == []
+    assert values(replica, "hx", T0 + 10_000) == {"k": "w"}
+
+
+def test_sync_cells_carry_absolute_expiries_and_mark_the_table() -> None:
+    replica = HtableReplica()
+    replica.apply(
+        SyncAnswer((Cell("hy", "a", "x", int(T0) + 30), Cell("hy", "old", "x", int(T0) - 1))),
+        T0,
+    )
+    assert values(replica, "hy") == {"a": "x"}  # the expired one is not kept
+    assert replica.has_autoexpire("hy")
+    replica.apply(SetCellExpire("hy", "a", 3), T0)  # now honoured: the table expires
+    assert [c.event for c in replica.expire(T0 + 3)] == ["expire"]
+
+
+def test_removals_by_regex_and_prefix_on_names_and_values() -> None:
+    replica = HtableReplica()
+    for key, value in [
+        ("tmp_a", "x"),
+        ("TMP_b", "x"),
+        ("pre_1", "old-1"),
+        ("keep", "OLD-2"),
+        ("n", 5),
+    ]:
+        replica.apply(SetCell("ht", key, value), T0)
+    # regex on names: case-insensitive (REG_ICASE)
+    removed = replica.apply(RemoveCells("ht", "re", "name", "^tmp_"), T0)
+    assert sorted(c.key for c in removed) == ["TMP_b", "tmp_a"]
+    # regex on values: strings only
+    removed = replica.apply(RemoveCells("ht", "re", "value", "^old-"), T0)
+    assert sorted(c.key for c in removed) == ["keep", "pre_1"]
+    # prefix: case-sensitive; an integer value never matches
+    replica.apply(SetCell("ht", "Pre_2", "5"), T0)
+    assert replica.apply(RemoveCells("ht", "sw", "name", "pre_"), T0) == []
+    assert replica.apply(RemoveCells("ht", "sw", "value", "5"), T0)[0].key == "Pre_2"
+    assert values(replica, "ht") == {"n": 5}
+    with pytest.raises(re.error):
+        replica.apply(RemoveCells("ht", "re", "name", "("), T0)

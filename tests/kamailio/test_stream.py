@@ -1,0 +1,122 @@
+"""ChangeStream: offsets, resume with since/epoch, gap frames, bounded queues.
+
+The rules are the peers' subscribe path's (app.gateway.hub.Hub.subscribe); these tests
+pin each case on the stream itself, frames decoded as a client reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from app.gateway.hub import Ending
+from app.kamailio.stream import ChangeStream, ChangeSubscription
+
+
+def frames(subscription: ChangeSubscription) -> list[dict[str, Any]]:
+    """Every frame the client would get now: the first frames, then the queue."""
+    first = [json.loads(text) for text in subscription.first_frames]
+    queued = [json.loads(text) for _, text in subscription.subscriber.frames]
+    return first + queued
+
+
+def publish(stream: ChangeStream, count: int) -> None:
+    for n in range(count):
+        stream.publish("set", f"k{n}", {"value": n, "type": "int", "expires": None}, "sip:x:1")
+
+
+def test_live_subscription_starts_after_the_latest_change() -> None:
+    stream = ChangeStream("htable/ht", clock=lambda: 100.0)
+    publish(stream, 3)
+    subscription = stream.subscribe(None, None)
+    publish(stream, 1)
+    got = frames(subscription)
+    assert got[0] == {
+        "type": "subscribed",
+        "peer": "htable/ht",
+        "epoch": stream.epoch,
+        "offset": 3,
+        "since": 3,
+    }
+    assert got[1] == {
+        "type": "change",
+        "offset": 4,
+        "epoch": stream.epoch,
+        "stream": "htable/ht",
+        "event": "set",
+        "key": "k0",
+        "data": {"value": 0, "type": "int", "expires": None},
+        "from": "sip:x:1",
+        "at": 100.0,
+    }
+    assert len(got) == 2
+
+
+def test_resume_replays_what_came_after_since_then_goes_live() -> None:
+    stream = ChangeStream("s")
+    publish(stream, 5)
+    subscription = stream.subscribe(2, stream.epoch)
+    publish(stream, 1)
+    got = frames(subscription)
+    assert got[0]["since"] == 2
+    assert [f["offset"] for f in got[1:]] == [3, 4, 5, 6]
+
+
+def test_resume_past_what_is_held_gets_a_gap_then_what_is_held() -> None:
+    stream = ChangeStream("s", capacity=3)
+    publish(stream, 10)  # 8, 9, 10 held
+    got = frames(stream.subscribe(2, stream.epoch))
+    assert got[1] == {
+        "type": "gap",
+        "reason": "changes no longer held by the stream",
+        "epoch": stream.epoch,
+        "from": 3,
+        "to": 7,
+    }
+    assert [f["offset"] for f in got[2:]] == [8, 9, 10]
+
+
+@pytest.mark.parametrize("case", ["other epoch", "beyond the latest"])
+def test_another_epoch_restarts_the_stream_after_a_gap(case: str) -> None:
+    stream = ChangeStream("s")
+    publish(stream, 2)
+    since, epoch = (1, "0badc0de") if case == "other epoch" else (50, None)
+    got = frames(stream.subscribe(since, epoch))
+    assert got[0]["since"] == 0
+    assert got[1]["type"] == "gap" and got[1]["from"] is None and got[1]["to"] == 0
+    assert got[1]["client_epoch"] == epoch
+    assert [f["offset"] for f in got[2:]] == [1, 2]
+
+
+def test_a_slow_subscriber_is_cut_off_and_the_others_are_not() -> None:
+    stream = ChangeStream("s", queue_limit=3)
+    cut: list[str] = []
+    slow = stream.subscribe(None, None).subscriber
+    slow.on_overflow = lambda: cut.append("cut")
+    fast = stream.subscribe(None, None).subscriber
+    for n in range(4):
+        stream.publish("set", str(n))
+        if fast.frames:
+            fast.frames.popleft()  # fast reads each frame as it comes
+    assert slow.ending is Ending.OVERFLOW and cut == ["cut"]
+    assert fast.ending is None and stream.overflows == 1
+    assert slow not in stream.subscribers and fast in stream.subscribers
+
+
+def test_a_replay_larger_than_the_queue_limit_is_not_an_overflow() -> None:
+    stream = ChangeStream("s", queue_limit=2)
+    publish(stream, 10)
+    subscription = stream.subscribe(0, stream.epoch)
+    stream.publish("set", "live")
+    assert subscription.subscriber.ending is None
+    assert len(subscription.subscriber.frames) == 11
+
+
+def test_end_all_ends_every_subscription() -> None:
+    stream = ChangeStream("s")
+    subscribers = [stream.subscribe(None, None).subscriber for _ in range(3)]
+    stream.end_all(Ending.STOPPING)
+    assert all(s.ending is Ending.STOPPING for s in subscribers)
+    assert not stream.subscribers
