@@ -1,10 +1,11 @@
 """The client commands of ``dmq-gateway``: talk to a running gateway's API.
 
-``nodes``, ``peers``, ``broadcast``, ``send``, ``subscribe``, ``registrations`` and
-``dialogs`` print readable tables and lines, or the API's JSON with ``--json``. The
-gateway is found with ``--url`` (env ``DMQ_URL``, default ``http://127.0.0.1:8000``)
-and authenticated with ``--token`` (env ``DMQ_API_TOKEN``). An error prints one line
-to stderr (the API's problem ``detail``) and exits 1; a usage error exits 2.
+``nodes``, ``peers``, ``broadcast``, ``send``, ``subscribe``, ``htable``,
+``registrations`` and ``dialogs`` print readable tables and lines, or the API's JSON
+with ``--json``. The gateway is found with ``--url`` (env ``DMQ_URL``, default
+``http://127.0.0.1:8000``) and authenticated with ``--token`` (env ``DMQ_API_TOKEN``).
+An error prints one line to stderr (the API's problem ``detail``) and exits 1; a usage
+error exits 2.
 
 ``subscribe`` tracks the epoch and the last offset it received, and however the
 subscription ends (Ctrl-C, ``--count``, the gateway closing it) prints to stderr the
@@ -180,7 +181,88 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="stop after N messages (default: no limit)",
     )
 
+    add_htable_commands(commands, common)
     add_state_commands(commands, common)
+
+
+def add_htable_commands(commands: argparse._SubParsersAction[Any], common: Any) -> None:
+    """``dmq-gateway htable set|get|del|ls``: Kamailio's htables through the gateway."""
+    htable = commands.add_parser(
+        "htable",
+        help="read Kamailio's htables from the gateway's replica, set and delete keys on "
+        "every node",
+        description="Kamailio's htables: read from the gateway's replica (kept live from "
+        "the bus), written to every node of the bus as Kamailio's own htable actions.",
+    )
+    actions = htable.add_subparsers(dest="htable_command", required=True)
+    wait = argparse.ArgumentParser(add_help=False)
+    wait.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        help="seconds to wait for every node's answer (default: the gateway's Timer F + 1)",
+    )
+    set_ = actions.add_parser(
+        "set",
+        parents=[common, wait],
+        help="set a key on every node",
+        description="Set TABLE=>KEY to VALUE on every node (and in the replica); print "
+        "every node's answer; exit 1 unless all answered 2xx.",
+    )
+    set_.add_argument("table", metavar="TABLE")
+    set_.add_argument("key", metavar="KEY")
+    set_.add_argument("value", metavar="VALUE")
+    set_.add_argument(
+        "--int",
+        action="store_true",
+        help="VALUE is an integer (32 bits), as kamcmd htable.seti (default: a string)",
+    )
+    set_.add_argument(
+        "--expires",
+        metavar="S",
+        type=_positive,
+        help="the key expires in S seconds (tables with autoexpire; default: never)",
+    )
+    get = actions.add_parser(
+        "get",
+        parents=[common],
+        help="a key's value from the replica",
+        description="Print "
+        "TABLE=>KEY's value from the gateway's replica; exit 1 if there is no such key.",
+    )
+    get.add_argument("table", metavar="TABLE")
+    get.add_argument("key", metavar="KEY")
+    delete = actions.add_parser(
+        "del",
+        parents=[common, wait],
+        help="delete a key, or the keys matching a regex or prefix, on every node",
+        description="Delete TABLE=>KEY on every node, or with --regex/--prefix every key "
+        "whose name (or with --on value, string value) matches; print every node's answer.",
+    )
+    delete.add_argument("table", metavar="TABLE")
+    delete.add_argument("key", metavar="KEY", nargs="?")
+    how = delete.add_mutually_exclusive_group()
+    how.add_argument("--regex", metavar="RE", help="a POSIX extended regex, case-insensitive")
+    how.add_argument("--prefix", metavar="TEXT", help="keys (or values) starting with TEXT")
+    delete.add_argument(
+        "--on",
+        choices=["name", "value"],
+        default="name",
+        help="with --regex/--prefix: match key names or string values (default: name)",
+    )
+    ls = actions.add_parser(
+        "ls",
+        parents=[common],
+        help="list the tables, or a table's keys",
+        description="Without TABLE, the replica's tables and how its sync went; with "
+        "TABLE, its keys and values in key order, a page at a time.",
+    )
+    ls.add_argument("table", metavar="TABLE", nargs="?")
+    ls.add_argument("--prefix", metavar="TEXT", default="", help="keys starting with TEXT")
+    ls.add_argument("--after", metavar="KEY", help="the page after KEY (the last one shown)")
+    ls.add_argument(
+        "--limit", metavar="N", type=_positive, default=100, help="keys per page (default: 100)"
+    )
 
 
 def add_state_commands(
@@ -767,6 +849,149 @@ def close_error(exc: ConnectionClosed, position: Position, gateway: Gateway) -> 
     )
 
 
+# ---------------------------------------------------------------------- htable
+
+
+def _htable_path(table: str, key: str | None = None) -> str:
+    path = "/v1/htable/" + quote(table, safe="")
+    return path if key is None else path + "/" + quote(key, safe="")
+
+
+def _write_results(gateway: Gateway, data: dict[str, Any]) -> int:
+    """Print every node's answer to an htable write; 1 unless all answered 2xx."""
+    sent = [data["results"]] + ([data["expire"]] if data.get("expire") else [])
+    if gateway.as_json:
+        _print_json(data, sys.stdout)
+    failed = 0
+    total = 0
+    for results in sent:
+        for r in results["results"]:
+            total += 1
+            failed += r["code"] is None or not 200 <= r["code"] < 300
+    if not gateway.as_json:
+        rows = [
+            [
+                "set expiry" if index else "write",
+                r["node"],
+                "timeout" if r["timeout"] else str(r["code"]),
+                r["reason"] or "",
+            ]
+            for index, results in enumerate(sent)
+            for r in results["results"]
+        ]
+        if rows:
+            sys.stdout.write(table(["ACTION", "NODE", "CODE", "REASON"], rows))
+        else:
+            print("no other node on the bus: applied to the gateway's replica only")
+    if failed:
+        print(f"dmq-gateway: {failed} of {total} answers were not 2xx", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _shown_value(cell: dict[str, Any]) -> str:
+    value = str(cell["value"]).replace("\r", "\\r").replace("\n", "\\n")
+    return value if cell["type"] == "str" else f"{value} (int)"
+
+
+def cmd_htable(gateway: Gateway, args: argparse.Namespace) -> int:
+    command = args.htable_command
+    timeout = getattr(args, "timeout", None)
+    params: dict[str, str] = {}
+    if timeout is not None:
+        if not 0 < timeout <= 300:
+            raise ClientError(f"--timeout {timeout:g}: must be above 0 and at most 300", 2)
+        params["timeout"] = f"{timeout:g}"
+    read_timeout = (timeout if timeout is not None else DEFAULT_WAIT) + WAIT_MARGIN
+    if command == "set":
+        value: str | int = args.value
+        if args.int:
+            try:
+                value = int(args.value)
+            except ValueError:
+                raise ClientError(f"--int: {args.value!r} is not an integer", 2) from None
+        body: dict[str, Any] = {"value": value}
+        if args.expires is not None:
+            body["expires"] = args.expires
+        response = gateway.request(
+            "PUT",
+            _htable_path(args.table, args.key),
+            params=params,
+            content=json.dumps(body).encode(),
+            content_type="application/json",
+            read_timeout=read_timeout,
+        )
+        return _write_results(gateway, response.json())
+    if command == "del":
+        if (args.key is None) == (args.regex is None and args.prefix is None):
+            raise ClientError("del: give a KEY, or --regex or --prefix (not both)", 2)
+        if args.key is not None:
+            response = gateway.request(
+                "DELETE",
+                _htable_path(args.table, args.key),
+                params=params,
+                read_timeout=read_timeout,
+            )
+        else:
+            match = "regex" if args.regex is not None else "prefix"
+            body = {"match": match, "on": args.on, "pattern": args.regex or args.prefix}
+            response = gateway.request(
+                "POST",
+                _htable_path(args.table) + "/delete",
+                params=params,
+                content=json.dumps(body).encode(),
+                content_type="application/json",
+                read_timeout=read_timeout,
+            )
+        return _write_results(gateway, response.json())
+    if command == "get":
+        cell = gateway.request("GET", _htable_path(args.table, args.key)).json()
+        if gateway.as_json:
+            _print_json(cell, sys.stdout)
+        else:
+            print(cell["value"])
+        return 0
+    if args.table is None:
+        data = gateway.request("GET", "/v1/htable").json()
+        if gateway.as_json:
+            _print_json(data, sys.stdout)
+            return 0
+        rows = [
+            [t["table"], str(t["cells"]), "yes" if t["expiring"] else "no"] for t in data["tables"]
+        ]
+        sys.stdout.write(table(["TABLE", "KEYS", "EXPIRING"], rows))
+        sync = data["sync"]
+        donor = f" from {sync['donor']}" if sync["donor"] else ""
+        print(f"sync: {sync['state']}{donor} ({sync['requests_sent']} requests sent)")
+        return 0
+    query = {"prefix": args.prefix, "limit": str(args.limit)}
+    if args.after is not None:
+        query["after"] = args.after
+    data = gateway.request("GET", _htable_path(args.table), params=query).json()
+    if gateway.as_json:
+        _print_json(data, sys.stdout)
+        return 0
+    now = time.time()
+    rows = [
+        [
+            cell["key"],
+            _shown_value(cell),
+            "never" if cell["expires"] is None else f"in {max(0, cell['expires'] - now):.0f}s",
+        ]
+        for cell in data["keys"]
+    ]
+    sys.stdout.write(table(["KEY", "VALUE", "EXPIRES"], rows))
+    if data["next"] is not None:
+        print(
+            f"{len(rows)} of {data['cells']} keys; next page: dmq-gateway htable ls "
+            f"{shlex.quote(args.table)}"
+            + (f" --prefix {shlex.quote(args.prefix)}" if args.prefix else "")
+            + f" --after {shlex.quote(data['next'])}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _pages(
     gateway: Gateway, path: str, params: dict[str, str], limit: int
 ) -> tuple[dict[str, Any], list[Any], bool]:
@@ -866,6 +1091,7 @@ _COMMANDS: dict[str, Callable[[Gateway, argparse.Namespace], int]] = {
     "broadcast": cmd_broadcast,
     "send": cmd_send,
     "subscribe": cmd_subscribe,
+    "htable": cmd_htable,
     "registrations": cmd_registrations,
     "dialogs": cmd_dialogs,
 }

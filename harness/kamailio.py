@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -34,7 +36,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol, Self, TypedDict
+from typing import Any, Literal, Protocol, Self, TypedDict
 
 import psutil
 
@@ -63,6 +65,9 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "kamailio" /
 #: The same node as a registrar and call proxy replicating registrations and dialogs
 #: (dmq_usrloc, dialog) beside the htable; it takes the same defines, and more.
 REGISTRAR_CONFIG = EXAMPLE_CONFIG.with_name("registrar.cfg")
+#: A node whose htable (ht, hx with autoexpire, big), usrloc and dialog state is
+#: replicated over DMQ, with SIP routes that fill and prune tables (the mirror tests).
+STATE_CONFIG = Path(__file__).resolve().parent / "kamailio_state.cfg"
 
 # Where distribution packages put the modules. If none of these exists, no -L is
 # given and Kamailio uses its compiled-in module path.
@@ -266,6 +271,11 @@ class KamailioNode:
         config: Path = EXAMPLE_CONFIG,
         extra_defines: Sequence[str] = (),
     ) -> None:
+        #: The configuration file run (:data:`EXAMPLE_CONFIG`, :data:`STATE_CONFIG` or
+        #: :data:`REGISTRAR_CONFIG`) and defines added to :meth:`defines`
+        #: (``HX_EXPIRE=5``...).
+        self.config = Path(config)
+        self.extra_defines = list(extra_defines)
         if transport not in ("udp", "tcp", "tls"):
             raise ValueError(f"transport must be 'udp', 'tcp' or 'tls', not {transport!r}")
         if transport == "tls" and tls_files is None:
@@ -286,9 +296,6 @@ class KamailioNode:
         self.children = children
         self.dmq_workers = dmq_workers
         self.log_level = log_level
-        #: The configuration file run, and defines added after the node's own.
-        self.config = config
-        self.extra_defines = list(extra_defines)
         self.startup_timeout = startup_timeout
         # Another address and a prefix such as ``ip netns exec NS`` run the node on a
         # host of a harness.netns.Lab; kamcmd still reaches it through the ctl socket,
@@ -364,6 +371,11 @@ class KamailioNode:
             defines.append(f'NOTIFICATION_ADDRESS="{self.notification_addresses[0]}"')
         else:
             defines.append("SEED_NODE")
+        if self.config == STATE_CONFIG:
+            defines += [
+                f'JSONRPC_FIFO="{self.workdir / "rpc.fifo"}"',
+                f'JSONRPC_REPLY_DIR="{self.workdir}/"',
+            ]
         if self.dmq_workers is not None:
             defines.append(f"DMQ_WORKERS={self.dmq_workers}")
         if self.multi_notify:
@@ -597,6 +609,103 @@ class KamailioNode:
                 return None
             raise
         return _parse_htable_item(out)
+
+    def htable_setex(self, table: str, key: str, seconds: int) -> None:
+        """``htable.setex``: the key expires in ``seconds`` (autoexpire tables only)."""
+        self.kamcmd("htable.setex", f"s:{table}", f"s:{key}", str(int(seconds)))
+
+    def jsonrpc(self, method: str, *params: str | int, timeout: float = 30.0) -> Any:
+        """A JSON-RPC call through the state config's FIFO (no size limit, unlike
+        kamcmd's replies); the ``result``, or KamcmdError with the ``error``."""
+        reply_name = f"reply-{os.urandom(4).hex()}"
+        reply_path = self.workdir / reply_name
+        os.mkfifo(reply_path)
+        request = {
+            "jsonrpc": "2.0",
+            "method": method,
+            "params": list(params),
+            "reply_name": reply_name,
+            "id": 1,
+        }
+        result: dict[str, Any] = {}
+
+        def read() -> None:
+            with open(reply_path, "rb") as reply:
+                result["data"] = reply.read()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            with open(self.workdir / "rpc.fifo", "w") as fifo:
+                fifo.write(json.dumps(request) + "\n")
+            reader.join(timeout)
+            if "data" not in result:
+                with open(reply_path, "wb"):  # unblock the reader
+                    pass
+                raise KamcmdError(f"jsonrpc {method}: no reply in {timeout} s")
+        finally:
+            with contextlib.suppress(OSError):
+                reply_path.unlink()
+        answer = json.loads(result["data"])
+        if "error" in answer:
+            raise KamcmdError(f"jsonrpc {method}: {answer['error']}")
+        return answer.get("result")
+
+    def htable_dump(self, table: str) -> dict[str, str | int]:
+        """``htable.dump`` (JSON-RPC): every key of the table and its value."""
+        cells: dict[str, str | int] = {}
+        for slot in self.jsonrpc("htable.dump", table) or []:
+            for entry in slot.get("slot", []):
+                value = entry["value"]
+                cells[entry["name"]] = int(value) if entry.get("type") == "int" else value
+        return cells
+
+    def message(self, user: str, headers: dict[str, str], timeout: float = 60.0) -> str:
+        """Send a SIP MESSAGE to ``user`` at this node over UDP; return its status line
+        (the state config's ``fill`` and ``rm`` routes answer once done)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((LOOPBACK, 0))
+            sock.settimeout(timeout)
+            port = sock.getsockname()[1]
+            tag = os.urandom(4).hex()
+            extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            request = (
+                f"MESSAGE sip:{user}@{self._host}:{self.port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {LOOPBACK}:{port};branch=z9hG4bK{tag}\r\n"
+                f"From: <sip:harness@{LOOPBACK}:{port}>;tag={tag}\r\n"
+                f"To: <sip:{user}@{self._host}:{self.port}>\r\n"
+                f"Call-ID: {tag}@harness\r\nCSeq: 1 MESSAGE\r\nMax-Forwards: 10\r\n"
+                f"{extra}Content-Length: 0\r\n\r\n"
+            )
+            sock.sendto(request.encode(), (self._host, self.port))
+            while True:
+                data, _ = sock.recvfrom(65535)
+                line = data.split(b"\r\n", 1)[0].decode(errors="replace")
+                if not line.startswith("SIP/2.0 1"):
+                    return line
+        finally:
+            sock.close()
+
+    def fill_htable(self, count: int, prefix: str = "key-") -> None:
+        """Set ``big=>PREFIX<i>`` for i < count in one request (state config only)."""
+        status = self.message("fill", {"X-Count": str(count), "X-Prefix": prefix})
+        if not status.startswith("SIP/2.0 200"):
+            raise KamailioError(f"fill of {count} keys: {status}")
+
+    def dmq_broadcast(self, peer: str, body: str) -> None:
+        """``dmq_bcast_message(peer, body, "application/json")`` from this node's script
+        (state config only): any body, one a module would refuse included."""
+        status = self.message("bcast", {"X-Peer": peer, "X-Body": body})
+        if not status.startswith("SIP/2.0 200"):
+            raise KamailioError(f"broadcast on {peer}: {status}")
+
+    def htable_rm(self, op: str, on: str, pattern: str) -> None:
+        """``sht_rm_name_re``/``sht_rm_value_re``/``sht_rm_name``/``sht_rm_value`` on
+        table ``ht`` (``op`` re or sw, ``on`` name or value; state config only)."""
+        status = self.message("rm", {"X-Op": op, "X-On": on, "X-Pattern": pattern})
+        if not status.startswith("SIP/2.0 200"):
+            raise KamailioError(f"removal {op} {on} {pattern!r}: {status}")
 
 
 def _parse_htable_item(out: str) -> str | int | None:

@@ -1422,9 +1422,9 @@ class DmqNode:
             self._respond_error(st, request, destination, 400, "bad Max-Forwards", now)
             return
         held = self.nodes.find(sender)
+        agent = headers.get("user-agent")
         if held is not None:
             held.last_heard = now  # a sign of life, whatever the request is
-            agent = headers.get("user-agent")
             if agent:
                 held.agent = agent[:128]
         if peer_id is None:
@@ -1434,6 +1434,10 @@ class DmqNode:
             return
         if peer_id == self.config.notification_channel:
             self._on_notification(st, request, destination, sender, max_forwards, now)
+            if held is None and agent:  # a joining node is in the list only now
+                joined = self.nodes.find(sender)
+                if joined is not None:
+                    joined.agent = agent[:128]
             return
         peer = self.peers.get(peer_id)
         if peer is None:

@@ -18,4 +18,15 @@ The mirrors: :mod:`app.kamailio.htable` (with its codec in
 :mod:`app.kamailio.htable_codec`), :mod:`app.kamailio.registrations` (peer ``usrloc``,
 codec :mod:`app.kamailio.usrloc`) and :mod:`app.kamailio.dialogs` (peer ``dialog``,
 codec :mod:`app.kamailio.dialog`).
+
+Adding a mirror: a module here with a class that has the attributes and
+methods of :class:`~app.kamailio.mirrors.Mirror` (``handle`` parses with a strict codec
+and answers :data:`~app.kamailio.malformed.BAD_REQUEST` through its
+:class:`~app.kamailio.malformed.MalformedBodies`; ``init`` calls a
+:class:`~app.kamailio.bootstrap.SyncBootstrap`, and ``handle`` tells it of each sync
+answer with ``answer_seen``; changes go to its ``streams``); one line in
+``mirrors._factories``; its routes in ``app/api/routes/`` (HTTP router with the token
+dependency, WebSocket router calling :func:`~app.kamailio.ws.serve_changes`), included
+in ``app/api/app.py``; its ``.../changes`` path in :data:`app.kamailio.ws.CHANGE_CHANNELS`
+for the AsyncAPI document.
 """

@@ -19,8 +19,8 @@ answered again in full. :class:`SyncBootstrap` does neither:
   :meth:`answer_seen` for each sync answer), or that node answers 200.
 
 The mirror hands :meth:`init` to :meth:`Gateway.attach_tap` as the peer's init hook,
-which the node runs once it first reaches another node; the bootstrap waits
-``settle`` seconds first so that the node list learnt from that node is in.
+which the node runs once it first reaches another node, after merging the node list
+that node answered with (``settle`` adds a delay, none by default).
 When the gateway itself is asked for a sync, the mirror answers :data:`MIRROR_REPLY`:
 a replica is not an authority, and answering with it would add one more donor to a
 5.6 join's storm.
@@ -55,8 +55,9 @@ GATEWAY_AGENT = "dmq-gateway"
 
 #: Seconds to wait for the node asked to answer (its first sync answer, or its 200).
 DEFAULT_ANSWER_TIMEOUT = 5.0
-#: Seconds after the node first reaches the bus before the first request.
-DEFAULT_SETTLE = 0.5
+#: Seconds after the node first reaches the bus before the first request: none, as the
+#: node list the first answer carried is merged before the init hook runs.
+DEFAULT_SETTLE = 0.0
 #: Seconds between rounds when no node could donate.
 DEFAULT_RETRY_INTERVAL = 5.0
 #: Rounds over every active node before giving up (logged).
@@ -169,7 +170,8 @@ class SyncBootstrap:
 
     async def _run(self) -> None:
         status = self.status
-        await asyncio.sleep(self.settle)
+        if self.settle > 0:
+            await asyncio.sleep(self.settle)
         failed_rounds = 0
         while failed_rounds < self.max_rounds:
             asked: set[str] = set()

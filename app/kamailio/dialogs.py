@@ -24,15 +24,16 @@ confirmed dialog whose node never said it ended is dropped (``expired``) when it
 may be gone. State 3 (confirmed without ACK) is never replicated live by Kamailio.
 
 Bootstrap. A dialog sync in 5.6 makes **every** node broadcast **every** dialog it
-holds to **every** node, one message per dialog; the replica never asks for one by
-default, and so holds only the dialogs created, or changed by a profile, after the
-gateway joined.
+holds to **every** node, one message per dialog; the mirror never asks for one, and
+so holds only the dialogs created (or re-sent for a profile change) after the gateway
+joined, and those it sees when a Kamailio node joins and asks for a sync itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ STREAM = "dialogs"
 _OK = PeerReply()
 #: What Kamailio answers to a STATE or RM for a dialog it does not hold.
 _SERVER_ERROR = PeerReply(500, "Server Internal Error")
+log = logging.getLogger("dmq.kamailio")
 
 #: Seconds a DELETED dialog is kept waiting for its RM (Kamailio's is about 5 s).
 DELETED_GRACE = 30.0
@@ -412,7 +414,11 @@ class DialogsMirror:
         if isinstance(parsed, SyncRequest):
             self.sync_requests_answered += 1
             return MIRROR_REPLY
-        result, events = self.replica.apply(parsed, sender, self.clock())
+        try:
+            result, events = self.replica.apply(parsed, sender, self.clock())
+        except Exception:  # a bug, not the sender's fault: the replica keeps serving
+            log.exception("dialog: applying a message from %s failed", sender)
+            return _SERVER_ERROR
         if result is ApplyResult.UNKNOWN_DIALOG:
             return _SERVER_ERROR
         self.applied += 1

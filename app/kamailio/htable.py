@@ -15,8 +15,9 @@
   same changes nothing (a donor answering twice costs no duplicate events).
 * DEL and the removals by regex (POSIX ERE, case-insensitive) or prefix, on names or
   string values.
-* a cell whose expiry has passed is gone for readers at once (Kamailio's reads skip it
-  too) and an ``expire`` change is published when the mirror's timer reaches it.
+* expiries are whole Unix seconds, as Kamailio keeps them, and a cell is gone once
+  the clock's whole seconds are past its expiry (Kamailio's ``expire < time(NULL)``):
+  readers no longer see it, and the mirror's timer publishes an ``expire`` change then.
 
 Every change is published to the table's :class:`~app.kamailio.stream.ChangeStream`
 (events ``set``, ``delete``, ``expire``).
@@ -73,7 +74,10 @@ log = logging.getLogger("dmq.kamailio")
 PEER_ID = "htable"
 #: Tables a replica holds at most (Kamailio's are declared in its configuration: a
 #: few); streams for tables not seen yet count too.
-MAX_TABLES = 256
+MAX_TABLES = 64
+#: Changes each table's stream keeps for resuming clients: with MAX_TABLES, at most
+#: about 260 000 frames (some 50 MB) however many changes a bus sends.
+STREAM_CAPACITY = 4096
 #: Cells a replica holds at most, all tables together; beyond it new cells are
 #: refused (counted, logged once) rather than the gateway's memory.
 MAX_CELLS = 2_000_000
@@ -89,7 +93,7 @@ class Entry:
     """One cell of the replica."""
 
     value: Value
-    #: Absolute Unix time it expires at; 0: never.
+    #: Absolute Unix time (whole seconds) it expires at; 0: never.
     expires: float
     #: Unix time it was last set.
     updated: float
@@ -102,6 +106,12 @@ class Entry:
             "type": "str" if isinstance(self.value, str) else "int",
             "expires": self.expires or None,
         }
+
+
+def _expired(entry: Entry, now: float) -> bool:
+    """Kamailio's test: expiries are whole seconds, and a cell is gone once the clock's
+    whole seconds are past it (``it->expire < time(NULL)``)."""
+    return bool(entry.expires) and entry.expires < int(now)
 
 
 class Change:
@@ -139,13 +149,13 @@ class HtableReplica:
 
     def get(self, table: str, key: str, now: float) -> Entry | None:
         entry = self.tables.get(table, {}).get(key)
-        if entry is None or (entry.expires and entry.expires <= now):
+        if entry is None or _expired(entry, now):
             return None
         return entry
 
     def items(self, table: str, now: float) -> Iterator[tuple[str, Entry]]:
         for key, entry in self.tables.get(table, {}).items():
-            if not entry.expires or entry.expires > now:
+            if not _expired(entry, now):
                 yield key, entry
 
     def has_autoexpire(self, table: str) -> bool:
@@ -172,7 +182,7 @@ class HtableReplica:
             self.refused += 1
             return None
         old = cells.get(key)
-        if old is not None and old.expires and old.expires <= now:
+        if old is not None and _expired(old, now):
             old = None  # expired already: this is a new cell
         if (
             old is not None
@@ -189,7 +199,7 @@ class HtableReplica:
         entry = Entry(value, expires, now, sender)
         cells[key] = entry
         if expires:
-            heapq.heappush(self._deadlines, (expires, table, key))
+            heapq.heappush(self._deadlines, (expires + 1, table, key))
         return Change("set", table, key, entry)
 
     def _delete(self, table: str, key: str, event: str = "delete") -> Change | None:
@@ -211,7 +221,7 @@ class HtableReplica:
             expires: float = 0
             seconds = self.autoexpire.get(message.htname)
             if seconds:
-                expires = now + seconds  # new, or updateexpire=1
+                expires = int(now) + seconds  # new, or updateexpire=1
             elif old is not None:
                 expires = old.expires
             change = self._put(message.htname, message.cname, message.value, expires, now, sender)
@@ -220,7 +230,7 @@ class HtableReplica:
         elif isinstance(message, SetCellExpire):
             entry = self.get(message.htname, message.cname, now)
             if entry is not None and self.has_autoexpire(message.htname):
-                expires = now + message.seconds if message.seconds > 0 else 0
+                expires = int(now) + message.seconds if message.seconds > 0 else 0
                 change = self._put(message.htname, message.cname, entry.value, expires, now, sender)
                 if change is not None:
                     changes.append(change)
@@ -246,7 +256,7 @@ class HtableReplica:
     def _apply_cell(self, cell: Cell, now: float, sender: str | None) -> list[Change]:
         if cell.expire:
             self.expiring.add(cell.htname)
-            if cell.expire <= now:
+            if cell.expire < int(now):
                 return []  # expired on the way: Kamailio would drop it at once too
         change = self._put(cell.htname, cell.cname, cell.value, float(cell.expire), now, sender)
         return [change] if change is not None else []
@@ -256,9 +266,9 @@ class HtableReplica:
         changes = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            expires, table, key = heapq.heappop(deadlines)
+            deadline, table, key = heapq.heappop(deadlines)
             entry = self.tables.get(table, {}).get(key)
-            if entry is None or entry.expires != expires:
+            if entry is None or entry.expires + 1 != deadline:
                 continue  # deleted, or set again since
             change = self._delete(table, key, "expire")
             if change is not None:
@@ -316,6 +326,15 @@ class HtableMirror:
         if isinstance(parsed, SyncAnswer):
             self.bootstrap.answer_seen(message.sender)
             self.sync_cells += len(parsed.cells)
+            # Answered at once, applied in the loop's next turn: a donor sends its
+            # chunks (60 KB, hundreds of cells) in a burst and retransmits each one
+            # not answered within its T1. Messages that arrive later are handled in
+            # later turns, so the order of application is kept.
+            try:
+                asyncio.get_running_loop().call_soon(self.apply, parsed, sender)
+            except RuntimeError:
+                self.apply(parsed, sender)  # no loop (a unit test)
+            return _OK
         try:
             self.apply(parsed, sender)
         except re.error as exc:
@@ -377,7 +396,10 @@ class HtableMirror:
             if len(self.streams) >= MAX_TABLES:
                 return None
             stream = self.streams[table] = ChangeStream(
-                f"htable/{table}", queue_limit=self.queue_limit, clock=self.clock
+                f"htable/{table}",
+                capacity=STREAM_CAPACITY,
+                queue_limit=self.queue_limit,
+                clock=self.clock,
             )
         return stream
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import heapq
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ MAX_CONTACTS = 1_000_000
 #: The name of the change stream (``GET /v1/registrations/changes``).
 STREAM = "registrations"
 _OK = PeerReply()
+_SERVER_ERROR = PeerReply(500, "Server Internal Error")
+log = logging.getLogger("dmq.kamailio")
 
 
 class RegistrationEventKind(StrEnum):
@@ -310,7 +313,12 @@ class RegistrationsMirror:
             self.bootstrap.answer_seen(message.sender)
             self.contacts_received += len(parsed.items) if isinstance(parsed, Multi) else 1
         self.applied += 1
-        self._publish(self.replica.apply(parsed, sender, self.clock()), sender)
+        try:
+            events = self.replica.apply(parsed, sender, self.clock())
+        except Exception:  # a bug, not the sender's fault: the replica keeps serving
+            log.exception("usrloc: applying a message from %s failed", sender)
+            return _SERVER_ERROR
+        self._publish(events, sender)
         self._arm()
         return _OK
 

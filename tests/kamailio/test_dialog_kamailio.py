@@ -2,14 +2,17 @@
 
 A sipp call through the Kamailio node (sipp's UAC, Kamailio, sipp's UAS, with
 Record-Route) appears in ``GET /v1/dialogs`` while it is up, confirmed, with the
-dialog variable and profiles the configuration sets, and goes away after the BYE; the
+dialog variable and profiles the configuration sets, and goes away after the BYE (the
+UAC holds the call until the test sends it an INFO, so that no check races the BYE); the
 change stream shows each state in order, then the removal Kamailio sends a few
 seconds later.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,11 @@ from harness.ports import free_port
 from harness.waiting import wait_until
 from tests.interop.conftest import require_kamailio
 
-from .registrar_bus import changes, gateway_on, next_change, registrar
+from .registrar_bus import changes, cli, gateway_on, next_change, registrar
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
 SCENARIOS = Path(__file__).parent / "sipp"
-#: How long the call stays up between the ACK and the BYE (sipp's pause), in ms.
-CALL_MS = 4000
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +44,24 @@ def sipp(scenario: str, port: int, *extra: str, log: Path) -> subprocess.Popen[b
     ]  # fmt: skip
     with open(log, "wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
+
+
+def hang_up(uac_port: int, callid: str) -> None:
+    """Tell the UAC to send its BYE: an INFO of its call, straight to it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        info = (
+            f"INFO sip:sipp@127.0.0.1:{uac_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-hangup\r\n"
+            "From: <sip:test@127.0.0.1>;tag=hangup\r\n"
+            "To: <sip:sipp@127.0.0.1>\r\n"
+            f"Call-ID: {callid}\r\n"
+            "CSeq: 1 INFO\r\n"
+            "Max-Forwards: 70\r\n"
+            "Content-Length: 0\r\n\r\n"
+        )
+        sock.sendto(info.encode(), ("127.0.0.1", uac_port))
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -65,10 +84,11 @@ def test_a_sipp_call_shows_while_up_and_goes_after_the_bye(tmp_path: Path) -> No
             changes(gateway, "/v1/dialogs/changes") as ws,
         ):
             uas = sipp("uas_rr.xml", uas_port, log=tmp_path / "uas.log")
+            uac_port = free_port()
             uac = sipp(
                 "uac_rr.xml",
-                free_port(),
-                "-s", "svc", "-d", str(CALL_MS), f"127.0.0.1:{k.port}",
+                uac_port,
+                "-s", "svc", f"127.0.0.1:{k.port}",
                 log=tmp_path / "uac.log",
             )  # fmt: skip
 
@@ -86,7 +106,16 @@ def test_a_sipp_call_shows_while_up_and_goes_after_the_bye(tmp_path: Path) -> No
             assert listing["total"] == 1 and listing["counts"]["confirmed"] == 1
             one = http.get(f"/v1/dialogs/{dialog['id']}")
             assert one.status_code == 200 and one.json()["callid"] == dialog["callid"]
+            shown = cli(gateway, "dialogs")
+            assert shown.returncode == 0, shown.stderr
+            header, row, summary = shown.stdout.splitlines()
+            assert header.split()[:3] == ["ID", "STATE", "CALL-ID"]
+            assert row.split()[:3] == [dialog["id"], "confirmed", dialog["callid"]]
+            assert summary.startswith("1 dialogs (unconfirmed 0, early 0, confirmed_na 0, ")
+            as_json = json.loads(cli(gateway, "dialogs", "--json", "--state", "early").stdout)
+            assert (as_json["total"], as_json["items"]) == (0, [])
 
+            hang_up(uac_port, dialog["callid"])  # the UAC sends its BYE now
             assert uac.wait(60) == 0, (tmp_path / "uac.log").read_text(errors="replace")
             wait_until(lambda: http.get("/v1/dialogs").json()["total"] == 0, 10, "the call gone")
             seen = []

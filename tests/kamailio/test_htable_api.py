@@ -225,3 +225,21 @@ def test_with_the_mirror_off_the_routes_are_404(tmp_path: Path) -> None:
         with client.websocket_connect("/v1/htable/ht/changes") as ws:
             message = ws.receive()
             assert message["type"] == "websocket.close" and message["code"] == 4004
+
+
+def test_a_raw_htable_peer_and_the_mirror_coexist(bus: Bus) -> None:
+    assert bus.client.put("/v1/peers/htable", json={}).status_code == 201
+    with bus.client.websocket_connect("/v1/peers/htable/subscribe") as raw:
+        assert raw.receive_json()["type"] == "subscribed"
+        body = b'{"action":2,"htname":"ht","cname":"both","type":0,"intval":3,"mode":1}'
+        assert bus.send(body) == 200
+        assert raw.receive_json()["body"] == body.decode()  # exactly as sent
+        assert bus.client.get("/v1/htable/ht/both").json()["value"] == 3  # and applied
+        # The raw peer answers now: 200 (auto) even to what the mirror refuses,
+        # which the mirror still counts.
+        assert bus.send(b"{bad") == 200
+        assert raw.receive_json()["body"] == "{bad"
+    assert 'kind="json",mirror="htable"' in bus.client.get("/metrics").text
+    # Unregistered: the mirror answers alone again, as Kamailio would.
+    assert bus.client.delete("/v1/peers/htable").status_code == 204
+    assert bus.send(b"{bad") == 400

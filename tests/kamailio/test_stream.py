@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from app.gateway.hub import Ending
+from app.kamailio.frames import ChangeFrame
 from app.kamailio.stream import ChangeStream, ChangeSubscription
 
 
@@ -52,6 +53,9 @@ def test_live_subscription_starts_after_the_latest_change() -> None:
         "at": 100.0,
     }
     assert len(got) == 2
+    # The frame is what the documented model makes of it, byte for byte.
+    text = subscription.subscriber.frames[0][1]
+    assert ChangeFrame.model_validate_json(text).model_dump_json(by_alias=True) == text
 
 
 def test_resume_replays_what_came_after_since_then_goes_live() -> None:

@@ -10,21 +10,22 @@ after one sync request, whether Kamailio answers one message per contact or in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from harness.sip_phone import SipPhone, ul_dump
 from harness.waiting import wait_until
 from tests.interop.conftest import require_kamailio
 
 from .registrar_bus import (
-    SipPhone,
     changes,
+    cli,
     gateway_on,
     next_change,
     registrar,
     replica_contacts,
-    ul_dump,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
@@ -61,6 +62,14 @@ def test_a_register_shows_is_refreshed_and_goes_on_unregister_and_on_expiry(
             event = next_change(ws, 10)
             assert (event["event"], event["key"]) == ("register", contact["ruid"])
             assert event["data"]["aor"] == "alice"
+            shown = cli(gateway, "registrations", "alice")
+            assert shown.returncode == 0, shown.stderr
+            header, row = shown.stdout.splitlines()
+            assert header.split()[:3] == ["AOR", "CONTACT", "EXPIRES"]
+            assert row.split()[:2] == ["alice", phone.contact("alice")]
+            assert "test-phone/1.0" in row and contact["ruid"] in row
+            as_json = json.loads(cli(gateway, "registrations", "--json").stdout)
+            assert [item["aor"] for item in as_json["items"]] == ["alice"]
 
             phone.register("alice", 300)  # a refresh: CSeq 2
             event = next_change(ws, 10)
@@ -70,6 +79,9 @@ def test_a_register_shows_is_refreshed_and_goes_on_unregister_and_on_expiry(
             event = next_change(ws, 10)
             assert (event["event"], event["key"]) == ("unregister", contact["ruid"])
             assert http.get("/v1/registrations/alice").status_code == 404
+            gone = cli(gateway, "registrations", "alice")
+            assert gone.returncode == 1
+            assert "no contact of AOR 'alice'" in gone.stderr
 
             phone.register("bob", 2)  # Kamailio replicates no expiry: the replica's own
             event = next_change(ws, 10)
@@ -81,6 +93,8 @@ def test_a_register_shows_is_refreshed_and_goes_on_unregister_and_on_expiry(
             assert http.get("/v1/registrations/bob").status_code == 404
             listing = http.get("/v1/registrations").json()
             assert (listing["aors"], listing["contacts"], listing["items"]) == (0, 0, [])
+            summary = cli(gateway, "registrations").stdout
+            assert summary.startswith("0 AORs shown of 0, 0 contacts in all (sync: synced")
     finally:
         phone.close()
         k.stop()

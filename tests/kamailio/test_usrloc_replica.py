@@ -168,3 +168,24 @@ def test_the_replica_matches_a_plain_model(ops: list[tuple[str, str, str, int]])
     held = {r.contact.ruid: r.contact for aor in ("a", "b") for r in replica.contacts_of(aor)}
     assert held == model
     assert replica.aor_count == len({c.aor for c in model.values()})
+
+
+def test_the_mirror_answers_500_to_a_message_it_fails_to_apply_and_keeps_serving() -> None:
+    """A bug while applying one message is the gateway's, not the sender's: that message
+    is answered 500 and logged, and the next one is applied as usual."""
+    from app.dmq.peers import PeerMessage
+    from app.dmq.sip import SipUri
+    from app.kamailio.registrations import RegistrationsMirror
+
+    mirror = RegistrationsMirror(None, clock=lambda: NOW)  # type: ignore[arg-type]
+    body = usrloc.build(update(contact()))
+
+    def message(n: int) -> PeerMessage:
+        return PeerMessage(n, "usrloc", body, "application/json", SipUri.parse(A), f"c{n}", 0, 1)
+
+    apply = mirror.replica.apply
+    mirror.replica.apply = lambda *args: 1 / 0  # type: ignore[assignment,method-assign,misc]
+    assert mirror.handle(message(1)).code == 500
+    mirror.replica.apply = apply  # type: ignore[method-assign]
+    assert mirror.handle(message(2)).code == 200
+    assert [r.contact.ruid for r in mirror.replica.contacts_of("alice")] == ["r1"]
