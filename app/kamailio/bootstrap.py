@@ -16,7 +16,9 @@ answered again in full. :class:`SyncBootstrap` does neither:
   no outbox, no resend), so no node ever answers the same request twice; a request
   lost on the way costs ``answer_timeout`` and one request to another node;
 * it is done as soon as an answer arrives from the node asked (the mirror calls
-  :meth:`answer_seen` for each sync answer), or that node answers 200.
+  :meth:`answer_seen` for each sync answer), or that node answers 200;
+* when every node that may hold data was lost (a partition) and one is back, it syncs
+  again, from one node (a 5.6 node re-syncs from every node then).
 
 The mirror hands :meth:`init` to :meth:`Gateway.attach_tap` as the peer's init hook,
 which the node runs once it first reaches another node, after merging the node list
@@ -77,6 +79,8 @@ class BootstrapStatus:
     donor: str | None = None
     requests_sent: int = 0
     asked: list[str] = field(default_factory=list)
+    #: Syncs after the bus came back from a partition.
+    resyncs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +88,7 @@ class BootstrapStatus:
             "donor": self.donor,
             "requests_sent": self.requests_sent,
             "asked": list(self.asked),
+            "resyncs": self.resyncs,
         }
 
 
@@ -169,9 +174,16 @@ class SyncBootstrap:
         return found
 
     async def _run(self) -> None:
-        status = self.status
         if self.settle > 0:
             await asyncio.sleep(self.settle)
+        while await self._sync():
+            await self._watch()
+            self.status.resyncs += 1
+            log.info("%s: the bus is back after a partition: syncing again", self.peer_id)
+
+    async def _sync(self) -> bool:
+        """Ask one node after the other until one donates; False after max_rounds."""
+        status = self.status
         failed_rounds = 0
         while failed_rounds < self.max_rounds:
             asked: set[str] = set()
@@ -186,7 +198,7 @@ class SyncBootstrap:
                     status.state = "synced"
                     status.donor = uri
                     log.info("%s: replica synced from %s", self.peer_id, uri)
-                    return
+                    return True
             if asked:
                 failed_rounds += 1
             # No node that may hold data is active yet (only gateways, or nobody):
@@ -201,6 +213,21 @@ class SyncBootstrap:
             self.max_rounds,
             ", ".join(status.asked),
         )
+        return False
+
+    async def _watch(self) -> None:
+        """Return once every node that may hold data was lost and one is back: what
+        Kamailio does when its node list shrinks to itself (a partition), with one
+        donor. A re-sync adds and updates keys; a key deleted meanwhile stays until
+        deleted again (a sync says what is, not what is gone)."""
+        lost = False
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            present = bool(self._candidates(set()))
+            if not present:
+                lost = True
+            elif lost:
+                return
 
     async def _ask(self, key: str, uri: str) -> bool:
         """Ask one node, once; True when it is the donor."""

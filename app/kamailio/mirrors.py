@@ -119,7 +119,7 @@ def attach_mirrors(gateway: Gateway, config: GatewayConfig) -> Mirrors:
     for name in config.kamailio_mirrors:
         factory = factories.get(name)
         if factory is None:
-            log.warning("the %s mirror is not part of this build; skipped", name)
+            log.info("the %s mirror is not part of this build; skipped", name)
             continue
         mirror = factory(gateway, config)
         gateway.attach_tap(

@@ -149,3 +149,62 @@ async def _two_gateways(tmp_path: Path) -> None:
 
 def test_gateways_never_ask_each_other_for_a_sync(tmp_path: Path) -> None:
     asyncio.run(_two_gateways(tmp_path))
+
+
+async def _partition(tmp_path: Path) -> None:
+    global gateway_uri
+    donor = FakeNode("kamailio (5.6.3 (x86_64/linux))", "before")
+    donor.server.register_peer("htable", donor.handler)
+    await donor.server.start()
+    config = GatewayConfig(
+        node=node_config(donor.uri), state_dir=tmp_path / "state", kamailio_mirrors=("htable",)
+    )
+    gateway_uri = str(config.node.server_address)
+    gateway = Gateway(config)
+    htable = attach_mirrors(gateway, config).get("htable")
+    assert isinstance(htable, HtableMirror)
+    htable.bootstrap.retry_interval = 0.2
+    await gateway.start()
+    back: FakeNode | None = None
+    try:
+        status = htable.bootstrap.status
+        for _ in range(300):
+            if status.state == "synced":
+                break
+            await asyncio.sleep(0.01)
+        assert status.state == "synced" and status.resyncs == 0
+        await donor.server.stop()  # the only Kamailio node is gone
+        for _ in range(1000):
+            if not any(n.status == "active" for n in gateway.nodes() if not n.local):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        assert status.requests_sent == 1  # nobody to ask meanwhile
+        # It comes back on the same address (the gateway pings it again) and holds
+        # what changed meanwhile.
+        back = FakeNode("kamailio (5.6.3 (x86_64/linux))", "after")
+        back.server = DmqServer(
+            dataclasses.replace(
+                node_config(gateway_uri),
+                server_address=SipUri.parse(donor.uri),
+                user_agent="kamailio (5.6.3 (x86_64/linux))",
+            )
+        )
+        back.server.register_peer("htable", back.handler)
+        await back.server.start()
+        for _ in range(1000):
+            if status.resyncs == 1 and status.state == "synced":
+                break
+            await asyncio.sleep(0.01)
+        assert status.resyncs == 1 and status.requests_sent == 2
+        await asyncio.sleep(0.1)
+        assert htable.replica.get("ht", "from-after", 0) is not None
+        assert htable.replica.get("ht", "from-before", 0) is not None  # kept
+    finally:
+        await gateway.stop()
+        if back is not None:
+            await back.server.stop()
+
+
+def test_a_partition_healed_is_synced_again_from_one_node(tmp_path: Path) -> None:
+    asyncio.run(_partition(tmp_path))

@@ -146,6 +146,7 @@ class SyncStatusOut(OutModel):
     donor: str | None = Field(description="the node whose sync answer bootstrapped the replica")
     requests_sent: int = Field(description="sync requests sent (each to one node, once)")
     asked: list[str]
+    resyncs: int = Field(description="syncs after the bus came back from a partition")
 
 
 class TablesOut(OutModel):
