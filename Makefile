@@ -93,6 +93,11 @@ bench-fanout: $(STAMP)
 bench-abuse: $(STAMP)
 	$(BIN)/python -m bench.abuse $(BENCH_ARGS)
 
+## screenshots: the console's pictures in docs/console-*.png (three gateways, headless chromium)
+.PHONY: screenshots
+screenshots: $(STAMP)
+	$(BIN)/python -m tests.console.screenshots
+
 # Exits 0 when every gateway whose HTTP port is given sees all the others active.
 export JOINED := import json, sys, urllib.request as r; ports = sys.argv[1:]; sys.exit(any(json.load(r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1))["active_nodes"] < len(ports) - 1 for p in ports))
 

@@ -33,6 +33,7 @@ from app.api.routes import (
     registrations,
     subscribe,
 )
+from app.api.routes.console import router as console_router
 from app.api.routes.fastpath import MessageFastPath
 from app.gateway.config import GatewayConfig
 from app.gateway.service import Gateway
@@ -139,6 +140,10 @@ def create_app(config: GatewayConfig, limits: ServeLimits | None = None) -> Fast
     @app.get(ASYNCAPI_PATH, include_in_schema=False)
     async def get_asyncapi() -> JSONResponse:
         return JSONResponse(document)
+
+    # The console page and its files carry no data of the gateway: open, like the
+    # documentation's assets (the page sends the token with each API call it makes).
+    app.include_router(console_router)
 
     secured = [Depends(require_token)]
     app.include_router(health.router, dependencies=[] if config.public_health else secured)

@@ -127,8 +127,10 @@ def guarded_http_protocol(limits: ApiLimits, stats: GuardStats) -> type[HttpTool
 
 
 #: Paths open without a token: the documentation pages' static assets (Swagger UI and
-#: ReDoc's own scripts, nothing of this gateway's).
-_OPEN_PREFIXES = ("/docs-assets/",)
+#: ReDoc's own scripts, nothing of this gateway's), and the console's page and files
+#: (the page asks for the token and sends it with every API call).
+_OPEN_PREFIXES = ("/docs-assets/", "/console/")
+_OPEN_PATHS = frozenset({"/"})
 #: Routes whose bodies go to the bus (one message, or a batch of them): they take
 #: ``max_message_body`` bytes, the rest ``max_body``.
 _MESSAGE_ROUTE = re.compile(r"/v1/peers/[^/]+/(broadcast|send)(/batch)?")
@@ -183,7 +185,7 @@ class GuardMiddleware:
         await self._bounded(scope, receive, send, limit)
 
     def _open(self, path: str) -> bool:
-        if path.startswith(_OPEN_PREFIXES):
+        if path.startswith(_OPEN_PREFIXES) or path in _OPEN_PATHS:
             return True
         return self.public_health and path == "/v1/health"
 
