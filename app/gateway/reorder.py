@@ -16,9 +16,13 @@ first copy is gone. :class:`Reorderer` turns that into what a subscriber wants:
 
 A stream the receiver has never seen starts at ``seq`` 1 when that is what arrives;
 otherwise (this node joined, or registered the peer, after the origin had already sent
-to it) its first messages are held for ``max_wait`` and delivery starts at the lowest
-``seq`` that arrived, without a gap: the receiver cannot know which earlier messages
-were ever meant for it. A new origin epoch (the origin lost its state dir) retires the
+to it) its first messages are held for ``join_wait`` (at most ``max_wait``) and
+delivery starts at the lowest ``seq`` that arrived, without a gap: the receiver cannot
+know which earlier messages were ever meant for it. ``join_wait`` is short (it covers
+the retransmissions of a first message lost on its way, not an outbox's resend after a
+partition) because a peer registered on a receiver after its origin had sent a single
+message would otherwise deliver nothing for the whole ``max_wait`` (minutes at the
+default timers). A new origin epoch (the origin lost its state dir) retires the
 old epoch's stream: what it still held is released, with gaps, before the new one
 starts.
 
@@ -38,6 +42,9 @@ T = TypeVar("T")
 #: The reorderer's own default wait (the gateway derives its ``--reorder-wait`` from
 #: Timer F instead: :data:`WAIT_PER_TIMER_F`).
 DEFAULT_MAX_WAIT = 2.0
+#: How long a stream first seen at a seq above 1 waits for the seqs below it: the first
+#: two retransmissions of a lost request at the default T1 (0.5 s, then 1 s more).
+DEFAULT_JOIN_WAIT = 2.0
 #: ``--reorder-wait`` when not set: this many times the node's Timer F. A missing
 #: message is most often still on its way: retransmitted until Timer F, then resent
 #: from the sender's outbox once the node answers a ping again. Measured under 20% and
@@ -126,13 +133,22 @@ class _Stream(Generic[T]):
 class Reorderer(Generic[T]):
     """Per-stream reordering with bounded waiting; see the module's docstring."""
 
-    def __init__(self, max_wait: float = DEFAULT_MAX_WAIT, max_held: int = DEFAULT_MAX_HELD):
+    def __init__(
+        self,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        max_held: int = DEFAULT_MAX_HELD,
+        join_wait: float = DEFAULT_JOIN_WAIT,
+    ):
         if max_wait < 0:
             raise ValueError(f"max_wait {max_wait}: must be at least 0 seconds")
         if max_held < 1:
             raise ValueError(f"max_held {max_held}: must be at least 1")
+        if join_wait < 0:
+            raise ValueError(f"join_wait {join_wait}: must be at least 0 seconds")
         self.max_wait = max_wait
         self.max_held = max_held
+        #: How long a stream whose start is unknown holds its first messages.
+        self.join_wait = min(join_wait, max_wait)
         self._streams: dict[StreamKey, _Stream[T]] = {}
         #: (peer_id, origin, to) -> the epoch whose stream is current.
         self._current: dict[tuple[str, str, str], str] = {}
@@ -256,17 +272,24 @@ class Reorderer(Generic[T]):
         """Give up on what has waited ``max_wait``; return what to do now."""
         actions: list[Action[T]] = []
         for key, stream in list(self._streams.items()):
-            while stream.held and min(a for _, a in stream.held.values()) + self.max_wait <= now:
+            while (
+                stream.held and min(a for _, a in stream.held.values()) + self._wait(stream) <= now
+            ):
                 reason = f"not received within --reorder-wait ({self.max_wait:g} s)"
                 self._release(key, stream, actions, reason)
         return actions
+
+    def _wait(self, stream: _Stream[T]) -> float:
+        """How long the stream's held messages wait: ``join_wait`` while its start is
+        unknown (no gap is declared then, see the module's docstring)."""
+        return self.join_wait if stream.next is None else self.max_wait
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` has something to do, or None."""
         deadline: float | None = None
         for stream in self._streams.values():
             if stream.held:
-                oldest = min(a for _, a in stream.held.values()) + self.max_wait
+                oldest = min(a for _, a in stream.held.values()) + self._wait(stream)
                 if deadline is None or oldest < deadline:
                     deadline = oldest
         return deadline

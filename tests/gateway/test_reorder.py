@@ -93,6 +93,23 @@ def test_a_new_stream_starts_at_seq_1_or_at_the_lowest_seen_within_the_bound() -
     assert delivered(actions) == [6, 7]
 
 
+def test_a_stream_of_unknown_start_waits_the_join_wait_not_the_reorder_wait() -> None:
+    # A peer registered here after its origin had sent: minutes of reorder wait must
+    # not hold its first message back; the join wait does, then no gap is declared.
+    r: Reorderer[int] = Reorderer(128.0, 10, join_wait=2.0)
+    assert r.offer(A, 5, 5, now=10.0)[0] is Verdict.HELD
+    assert r.next_deadline() == 12.0
+    assert r.expire(11.9) == []
+    actions = r.expire(12.0)
+    assert delivered(actions) == [5]
+    assert not any(isinstance(a, Gap) for a in actions)
+    # From then on the stream's start is known: a hole waits the whole reorder wait.
+    assert r.offer(A, 7, 7, now=20.0)[0] is Verdict.HELD
+    assert r.next_deadline() == 148.0
+    actions = r.expire(148.0)
+    assert [(g.first, g.last) for g in actions if isinstance(g, Gap)] == [(6, 6)]
+
+
 def test_a_new_origin_epoch_releases_the_old_stream_and_restarts_at_1() -> None:
     r: Reorderer[str] = Reorderer(2.0, 10)
     r.offer(A, 1, "a1", now=0.0)
