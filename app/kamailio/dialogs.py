@@ -21,7 +21,12 @@ list at once; Kamailio destroys it some seconds later (RM, a ``removed`` event).
 DELETED dialog whose RM never comes is dropped after :data:`DELETED_GRACE` s, and a
 confirmed dialog whose node never said it ended is dropped (``expired``) when its
 ``start_ts + lifetime`` has passed by :data:`LIFETIME_GRACE` s: the node that held it
-may be gone. State 3 (confirmed without ACK) is never replicated live by Kamailio.
+may be gone. A dialog not yet confirmed (unconfirmed, early, or confirmed without ACK,
+which Kamailio never replicates live but a sync answer may carry) is dropped
+(``expired``) :data:`EARLY_TIMEOUT` + :data:`EARLY_GRACE` s after its last update:
+Kamailio's dialog module destroys a dialog still early ``early_timeout`` s (300 by
+default) after it began, and tells nobody, so without a bound a call whose node went
+away before the answer would stay in the replica for ever.
 
 Bootstrap. A dialog sync in 5.6 makes **every** node broadcast **every** dialog it
 holds to **every** node, one message per dialog; the mirror never asks for one, and
@@ -77,6 +82,12 @@ log = logging.getLogger("dmq.kamailio")
 DELETED_GRACE = 30.0
 #: Seconds past ``start_ts + lifetime`` before a confirmed dialog is dropped.
 LIFETIME_GRACE = 30.0
+#: Kamailio's ``early_timeout`` default: a dialog still early this long after it began
+#: is destroyed on its node (without a message on the bus).
+EARLY_TIMEOUT = 300.0
+#: Seconds past :data:`EARLY_TIMEOUT` (counted from the last update the replica got)
+#: before a dialog never confirmed is dropped.
+EARLY_GRACE = 30.0
 
 
 class DialogEventKind(StrEnum):
@@ -121,9 +132,12 @@ class Dialog:
     def deadline(self) -> float | None:
         if self.state == DialogState.DELETED:
             return self.deleted_at + DELETED_GRACE
-        if self.state == DialogState.CONFIRMED and self.lifetime and self.start_ts:
-            return self.start_ts + self.lifetime + LIFETIME_GRACE
-        return None
+        if self.state == DialogState.CONFIRMED:
+            if self.lifetime and self.start_ts:
+                return self.start_ts + self.lifetime + LIFETIME_GRACE
+            return None
+        # Not confirmed yet: Kamailio gives up on it after early_timeout.
+        return self.updated_at + EARLY_TIMEOUT + EARLY_GRACE
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -329,7 +343,10 @@ class Dialogs:
             message.caller,
             message.callee,
         )
-        return self._state(held, change, now)
+        events = self._state(held, change, now)
+        if not events:
+            self._schedule(held)  # the same state, updated now: a later bound
+        return events
 
     def _state(self, held: Dialog, change: StateChange, now: float) -> list[DialogEvent]:
         if change.state <= held.state:
