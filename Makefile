@@ -10,7 +10,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls openapi demo demo-stop clean
+.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls bench-kamailio-join openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,7 +67,7 @@ openapi: $(STAMP)
 	$(BIN)/python -m app.api.openapi_export
 
 ## bench: every benchmark, one after the other; results in bench/results/
-bench: bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse
+bench: bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-kamailio-join
 
 ## bench-kdmq: KDMQ throughput, ours vs Kamailio (needs kamailio and sipp)
 bench-kdmq: $(STAMP)
@@ -92,6 +92,10 @@ bench-fanout: $(STAMP)
 ## bench-abuse: every attack the bounds are for, at full size, while /v1/health is timed (BENCH_ARGS=--quick: a tenth)
 bench-abuse: $(STAMP)
 	$(BIN)/python -m bench.abuse $(BENCH_ARGS)
+
+## bench-kamailio-join: a join against 1-3 Kamailio nodes, ours (one donor) next to Kamailio (root, to count bytes on lo; ~1 min)
+bench-kamailio-join: $(STAMP)
+	$(BIN)/python -m bench.kamailio_join $(BENCH_ARGS)
 
 # Exits 0 when every gateway whose HTTP port is given sees all the others active.
 export JOINED := import json, sys, urllib.request as r; ports = sys.argv[1:]; sys.exit(any(json.load(r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1))["active_nodes"] < len(ports) - 1 for p in ports))

@@ -29,9 +29,13 @@ default) after it began, and tells nobody, so without a bound a call whose node 
 away before the answer would stay in the replica for ever.
 
 Bootstrap. A dialog sync in 5.6 makes **every** node broadcast **every** dialog it
-holds to **every** node, one message per dialog; the mirror never asks for one, and
-so holds only the dialogs created (or re-sent for a profile change) after the gateway
-joined, and those it sees when a Kamailio node joins and asks for a sync itself.
+holds to **every** node, one message per dialog; by default the mirror never asks for
+one, and so holds only the dialogs created (or re-sent for a profile change) after the
+gateway joined, and those it sees when a Kamailio node joins and asks for a sync itself.
+With ``--dialog-sync`` (``DMQ_DIALOG_SYNC``) it asks ONE node, once, as the other
+mirrors do (:class:`~app.kamailio.bootstrap.SyncBootstrap`): that node still broadcasts
+every dialog it holds to every node (5.6 has no way to answer only the asker), but
+only one node does, where a Kamailio node joining makes each node do it.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.dmq.peers import PeerMessage, PeerReply
 from app.gateway.hub import Ending
-from app.kamailio.bootstrap import MIRROR_REPLY
+from app.kamailio.bootstrap import MIRROR_REPLY, BootstrapStatus, SyncBootstrap
 from app.kamailio.dialog import (
     PEER_ID,
     BodyError,
@@ -60,6 +64,7 @@ from app.kamailio.dialog import (
     SyncRequest,
     Timing,
     Update,
+    build,
     parse,
     state_label,
 )
@@ -396,7 +401,8 @@ class DialogsMirror:
     It applies UPDATE, STATE and RM; answers a body it cannot read 400 (counted per
     sender and kind, logged once), a STATE or RM for a dialog it does not hold 500 as
     Kamailio does, and a sync request :data:`~app.kamailio.bootstrap.MIRROR_REPLY`.
-    It never asks for a sync itself (see the module: in 5.6 that is a broadcast storm).
+    It asks one node for a sync only when built with ``sync=True`` (``--dialog-sync``;
+    see the module: in 5.6 a dialog sync is a broadcast storm).
     """
 
     name = "dialog"
@@ -410,10 +416,17 @@ class DialogsMirror:
         clock: Callable[[], float] = time.time,
         queue_limit: int = 1000,
         limit: int = MAX_DIALOGS,
+        sync: bool = False,
     ) -> None:
         self.gateway = gateway
         self.clock = clock
         self.replica = Dialogs(limit)
+        #: The one-donor bootstrap, with --dialog-sync only.
+        self.bootstrap = (
+            SyncBootstrap(gateway, PEER_ID, build(SyncRequest()))
+            if sync and gateway is not None
+            else None
+        )
         self.malformed = MalformedBodies(PEER_ID)
         self.stream = ChangeStream(STREAM, queue_limit=queue_limit, clock=clock)
         self.streams = {STREAM: self.stream}
@@ -423,6 +436,8 @@ class DialogsMirror:
         self.sync_requests_answered = 0
 
     def handle(self, message: PeerMessage) -> PeerReply:
+        if self.bootstrap is not None:
+            self.bootstrap.observe(message)
         sender = str(message.sender.with_user(None))
         try:
             parsed = parse(message.body)
@@ -431,6 +446,8 @@ class DialogsMirror:
         if isinstance(parsed, SyncRequest):
             self.sync_requests_answered += 1
             return MIRROR_REPLY
+        if isinstance(parsed, Update) and self.bootstrap is not None:
+            self.bootstrap.answer_seen(message.sender)  # a sync answer is UPDATEs
         try:
             result, events = self.replica.apply(parsed, sender, self.clock())
         except Exception:  # a bug, not the sender's fault: the replica keeps serving
@@ -444,7 +461,17 @@ class DialogsMirror:
         return _OK
 
     def init(self) -> None:
-        """Nothing: a dialog sync is not requested (a 5.6 broadcast storm)."""
+        """Ask one node for a dialog sync with --dialog-sync; else nothing (in 5.6 a
+        dialog sync is a broadcast storm)."""
+        if self.bootstrap is not None:
+            self.bootstrap.init()
+
+    @property
+    def sync_status(self) -> BootstrapStatus:
+        """How the bootstrap went: state ``off`` without --dialog-sync."""
+        if self.bootstrap is None:
+            return BootstrapStatus(state="off")
+        return self.bootstrap.status
 
     def _publish(self, events: list[DialogEvent], sender: str | None) -> None:
         for event in events:
@@ -479,6 +506,8 @@ class DialogsMirror:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.bootstrap is not None:
+            self.bootstrap.cancel()
         self.stream.end_all(Ending.STOPPING)
 
     def stats(self) -> dict[str, float]:
@@ -487,6 +516,7 @@ class DialogsMirror:
             "applied": self.applied,
             "unknown": self.replica.unknown,
             "sync_requests_answered": self.sync_requests_answered,
+            "sync_requests_sent": self.sync_status.requests_sent,
             "refused": self.replica.refused,
         }
         for state, count in self.replica.counts().items():
