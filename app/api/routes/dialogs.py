@@ -5,10 +5,10 @@ Reads only. What the replica cannot know (:mod:`app.kamailio.dialogs`): no body 
 which node owns a dialog (``origin`` is the node we first heard it from), and it holds
 only dialogs created (or changed by a profile) since the gateway joined: a dialog sync
 in Kamailio 5.6 makes every node asked broadcast every dialog to every node, so the
-gateway asks one node for one only with ``--dialog-sync``. A WebSocket ``GET /v1/dialogs/changes`` streams ``created``,
-``state``, ``removed`` and ``expired`` events (key: the dialog's id; data: the dialog,
-with ``previous`` for a state change) with the subscribe path's offsets, resume and gap
-rules.
+gateway asks one node for one only with ``--dialog-sync``. A WebSocket
+``GET /v1/dialogs/changes`` streams ``created``, ``state``, ``removed`` and
+``expired`` events (key: the dialog's id; data: the dialog, with ``previous`` for a
+state change) with the subscribe path's offsets, resume and gap rules.
 """
 
 from __future__ import annotations
