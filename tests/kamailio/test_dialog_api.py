@@ -135,3 +135,7 @@ def test_the_change_stream_shows_each_state(bus: Bus) -> None:
         ("removed", "deleted"),
     ]
     assert frames[2]["data"]["previous"] == "early"
+
+
+def test_a_dialog_id_too_long_is_422_naming_the_path_field(bus: Bus) -> None:
+    assert_problem(bus.client.get("/v1/dialogs/" + "1" * 1025), 422, "path.dialog_id")

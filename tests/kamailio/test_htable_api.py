@@ -132,6 +132,37 @@ def test_bad_removals_are_422_naming_the_field(bus: Bus, body: dict[str, Any], f
     assert_problem(bus.client.post("/v1/htable/ht/delete", json=body), 422, field)
 
 
+LONG = "k" * 1025
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "field"),
+    [
+        ("GET", "/v1/htable/ht", {"limit": 0}, "query.limit"),
+        ("GET", "/v1/htable/ht", {"limit": 1001}, "query.limit"),
+        ("GET", "/v1/htable/ht", {"limit": "all"}, "query.limit"),
+        ("GET", "/v1/htable/ht", {"prefix": LONG}, "query.prefix"),
+        ("GET", "/v1/htable/ht", {"after": LONG}, "query.after"),
+        ("GET", f"/v1/htable/{LONG}", {}, "path.table"),
+        ("GET", f"/v1/htable/ht/{LONG}", {}, "path.key"),
+        ("GET", "/v1/htable/ht/a%00b", {}, "path.key"),
+        ("DELETE", f"/v1/htable/ht/{LONG}", {}, "path.key"),
+        ("DELETE", "/v1/htable/ht/k", {"timeout": 0}, "query.timeout"),
+        ("DELETE", "/v1/htable/ht/k", {"timeout": "soon"}, "query.timeout"),
+        ("PUT", "/v1/htable/ht/k", {"timeout": -1}, "query.timeout"),
+        ("PUT", f"/v1/htable/{LONG}/k", {}, "path.table"),
+    ],
+)
+def test_bad_paths_and_queries_are_422_naming_the_field_and_send_nothing(
+    bus: Bus, method: str, path: str, params: dict[str, Any], field: str
+) -> None:
+    before = len(bus.bodies())
+    body = {"value": "v"} if method == "PUT" else None
+    response = bus.client.request(method, path, params=params, json=body)
+    assert_problem(response, 422, field)
+    assert len(bus.bodies()) == before
+
+
 def test_delete_and_delete_matching(bus: Bus) -> None:
     for key in ("tmp_1", "tmp_2", "keep"):
         bus.client.put(f"/v1/htable/ht/{key}", json={"value": "x"})
