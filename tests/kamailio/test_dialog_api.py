@@ -86,6 +86,13 @@ def test_what_kamailio_answers_500_and_400_and_a_sync_request(bus: Bus) -> None:
     assert bus.send(b"{")[0] == 400
     assert bus.send("01-sync-request.json") == (200, MIRROR_BODY)
     assert not [m for m in bus.node.received if m.body == b'{"action":4}']  # never asks
+    assert bus.client.get("/v1/dialogs").json()["sync"] == {
+        "state": "off",
+        "donor": None,
+        "requests_sent": 0,
+        "asked": [],
+        "resyncs": 0,
+    }
     metrics = bus.client.get("/metrics").text
     assert 'dmq_kamailio_mirror{mirror="dialog",what="unknown"} 1.0' in metrics
     assert 'kind="missing",mirror="dialog"' in metrics and 'kind="json",mirror="dialog"' in metrics
@@ -192,5 +199,7 @@ def test_with_dialog_sync_the_mirror_asks_one_node_once(tmp_path: Path) -> None:
             assert [m.body for m in node.received] == [b'{"action":4}']
             metric = 'dmq_kamailio_mirror{mirror="dialog",what="sync_requests_sent"} 1.0'
             assert metric in client.get("/metrics").text
+            sync = client.get("/v1/dialogs").json()["sync"]
+            assert (sync["state"], sync["donor"], sync["asked"]) == ("synced", node.uri, [node.uri])
         finally:
             node.stop()

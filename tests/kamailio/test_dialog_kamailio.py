@@ -173,7 +173,8 @@ def test_with_dialog_sync_a_gateway_started_after_the_call_learns_it(tmp_path: P
                 "the usrloc bootstrap",
             )
             assert dialog_metric(http, "sync_requests_sent") == 0
-            assert http.get("/v1/dialogs").json()["total"] == 0
+            listing = http.get("/v1/dialogs").json()
+            assert (listing["total"], listing["sync"]["state"]) == (0, "off")
 
         with (
             gateway_on(k, tmp_path / "synced", "--dialog-sync") as (gateway, http),
@@ -186,6 +187,8 @@ def test_with_dialog_sync_a_gateway_started_after_the_call_learns_it(tmp_path: P
 
             (dialog,) = wait_until(confirmed, 10, "the call learnt from the sync")
             assert dialog_metric(http, "sync_requests_sent") == 1
+            sync = http.get("/v1/dialogs").json()["sync"]
+            assert (sync["state"], sync["requests_sent"]) == ("synced", 1)
             assert dialog["callid"] in listed
             assert dialog["origin"] == k.server_address
             assert dialog["vars"] == {"billing": "acct-42"}
