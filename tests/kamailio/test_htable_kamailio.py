@@ -257,6 +257,9 @@ def test_the_htable_cli_sets_gets_lists_and_deletes(
     assert "sync: synced from" in out
     code, out, _ = cli(capsys, bus, "htable", "del", "ht", "--prefix", "cli-")
     assert code == 0 and bus.k1.htable_get("ht", "cli-n") is None
+    assert sorted(line.split()[1:3] for line in out.splitlines()[1:]) == sorted(
+        [[bus.k1.server_address, "200"], [bus.k2.server_address, "200"]]
+    )
     code, _, err = cli(capsys, bus, "htable", "get", "ht", "cli-n")
     assert code == 1 and "no key 'cli-n'" in err
     code, _, err = cli(capsys, bus, "htable", "set", "ht", "k", "2147483648", "--int")
