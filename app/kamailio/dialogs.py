@@ -339,6 +339,7 @@ class Dialogs:
         held.init_ts = message.init_ts
         held.vars = message.vars or ()
         held.profiles = message.profiles or ()
+        before = held.deadline()
         held.updated_at = now
         change = StateChange(
             message.h_entry,
@@ -349,8 +350,8 @@ class Dialogs:
             message.callee,
         )
         events = self._state(held, change, now)
-        if not events:
-            self._schedule(held)  # the same state, updated now: a later bound
+        if not events and held.deadline() != before:
+            self._schedule(held)  # not confirmed yet, updated now: a later bound
         return events
 
     def _state(self, held: Dialog, change: StateChange, now: float) -> list[DialogEvent]:

@@ -179,6 +179,19 @@ def test_an_unconfirmed_dialog_updated_again_is_kept_longer() -> None:
     assert len(replica) == 1
 
 
+def test_updates_that_move_no_deadline_leave_no_timer_entry_behind() -> None:
+    """A confirmed dialog re-sent many times (a profile change, relays of a sync) keeps
+    its one deadline: the timer heap does not grow with the messages."""
+    replica = Dialogs()
+    replica.apply(read("02-update-new-dialog.json"), A, NOW)
+    replica.apply(read("04-state-confirmed.json"), A, NOW)
+    relayed = read("05-update-from-sync-confirmed.json")
+    for second in range(100):
+        replica.apply(relayed, A, NOW + second)
+    assert len(replica) == 1
+    assert len(replica._deadlines) <= 2  # the unconfirmed one (stale) and the confirmed
+
+
 def test_a_sync_request_changes_nothing() -> None:
     replica = Dialogs()
     assert replica.apply(dialog.SyncRequest(), A, NOW) == (ApplyResult.APPLIED, [])
