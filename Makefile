@@ -10,7 +10,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls openapi demo demo-stop clean
+.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls bench-kamailio-join openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 ## help: list the targets
 help:
-	@sed -n 's/^## \([^:]*\): \(.*\)/\1\t\2/p' $(MAKEFILE_LIST) | expand -t 16
+	@sed -n 's/^## \([^:]*\): \(.*\)/\1\t\2/p' $(MAKEFILE_LIST) | expand -t 22
 
 ## run: a DMQ node on sip:127.0.0.1:5060 (a bus of one), API on :8000; ARGS='...' adds options
 run: $(RUN_STAMP)
@@ -67,7 +67,7 @@ openapi: $(STAMP)
 	$(BIN)/python -m app.api.openapi_export
 
 ## bench: every benchmark, one after the other; results in bench/results/
-bench: bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse
+bench: bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-kamailio-join
 
 ## bench-kdmq: KDMQ throughput, ours vs Kamailio (needs kamailio and sipp)
 bench-kdmq: $(STAMP)
@@ -92,6 +92,10 @@ bench-fanout: $(STAMP)
 ## bench-abuse: every attack the bounds are for, at full size, while /v1/health is timed (BENCH_ARGS=--quick: a tenth)
 bench-abuse: $(STAMP)
 	$(BIN)/python -m bench.abuse $(BENCH_ARGS)
+
+## bench-kamailio-join: a join against 1-3 Kamailio nodes, ours (one donor) next to Kamailio (root, to count bytes on lo; ~1 min)
+bench-kamailio-join: $(STAMP)
+	$(BIN)/python -m bench.kamailio_join $(BENCH_ARGS)
 
 ## screenshots: the console's pictures in docs/console-*.png (three gateways, headless chromium)
 .PHONY: screenshots

@@ -490,6 +490,15 @@ class ServeSettings(BaseSettings):
             "so that the mirror expires its cells when Kamailio does (repeatable)",
         ),
     ] = []
+    dialog_sync: Annotated[
+        bool,
+        Option(),
+        Field(
+            description="ask one Kamailio node for a dialog sync at start, so that the "
+            "dialog mirror learns the calls already up; off by default: the node asked "
+            "then sends every dialog it holds to every node, one message per dialog",
+        ),
+    ] = False
     log_level: Annotated[
         LogLevel,
         Option("LEVEL"),
@@ -662,6 +671,7 @@ class ServeSettings(BaseSettings):
             log_format=self.log_format,
             kamailio_mirrors=mirrors,
             htable_autoexpire=autoexpire,
+            dialog_sync=self.dialog_sync,
         )
 
     def _mirrors(self) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
@@ -932,6 +942,7 @@ CONFIG_FIELDS: dict[str, str] = {
     "log_format": "log_format",
     "kamailio_mirrors": "kamailio_mirrors",
     "htable_autoexpire": "htable_autoexpire",
+    "dialog_sync": "dialog_sync",
     "tls_cert": "tls_cert",
     "tls_key": "tls_key",
     "tls_ca": "tls_ca",

@@ -3,6 +3,7 @@ to a Kamailio node.
 
 Run from the repository root (as root: bytes are counted with a packet socket on lo)::
 
+    make bench-kamailio-join             # the same, about a minute (part of make bench)
     python -m bench.kamailio_join        # 1, 2 and 3 Kamailio nodes, 3 000 keys, 300 contacts
     python -m bench.kamailio_join --nodes 1,3 --keys 1000 --contacts 0 --repeats 1
 

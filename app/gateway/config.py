@@ -57,6 +57,8 @@ class GatewayConfig:
     kamailio_mirrors: tuple[str, ...] = ()
     #: (table, seconds): htables with Kamailio's autoexpire, for the htable mirror.
     htable_autoexpire: tuple[tuple[str, int], ...] = ()
+    #: Ask one node for a dialog sync at start (off: in 5.6 it is a broadcast storm).
+    dialog_sync: bool = False
     #: debug, info, warning or error.
     log_level: str = "info"
     #: text, or json for one JSON object per line.

@@ -21,12 +21,21 @@ list at once; Kamailio destroys it some seconds later (RM, a ``removed`` event).
 DELETED dialog whose RM never comes is dropped after :data:`DELETED_GRACE` s, and a
 confirmed dialog whose node never said it ended is dropped (``expired``) when its
 ``start_ts + lifetime`` has passed by :data:`LIFETIME_GRACE` s: the node that held it
-may be gone. State 3 (confirmed without ACK) is never replicated live by Kamailio.
+may be gone. A dialog not yet confirmed (unconfirmed, early, or confirmed without ACK,
+which Kamailio never replicates live but a sync answer may carry) is dropped
+(``expired``) :data:`EARLY_TIMEOUT` + :data:`EARLY_GRACE` s after its last update:
+Kamailio's dialog module destroys a dialog still early ``early_timeout`` s (300 by
+default) after it began, and tells nobody, so without a bound a call whose node went
+away before the answer would stay in the replica for ever.
 
 Bootstrap. A dialog sync in 5.6 makes **every** node broadcast **every** dialog it
-holds to **every** node, one message per dialog; the mirror never asks for one, and
-so holds only the dialogs created (or re-sent for a profile change) after the gateway
-joined, and those it sees when a Kamailio node joins and asks for a sync itself.
+holds to **every** node, one message per dialog; by default the mirror never asks for
+one, and so holds only the dialogs created (or re-sent for a profile change) after the
+gateway joined, and those it sees when a Kamailio node joins and asks for a sync itself.
+With ``--dialog-sync`` (``DMQ_DIALOG_SYNC``) it asks ONE node, once, as the other
+mirrors do (:class:`~app.kamailio.bootstrap.SyncBootstrap`): that node still broadcasts
+every dialog it holds to every node (5.6 has no way to answer only the asker), but
+only one node does, where a Kamailio node joining makes each node do it.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.dmq.peers import PeerMessage, PeerReply
 from app.gateway.hub import Ending
-from app.kamailio.bootstrap import MIRROR_REPLY
+from app.kamailio.bootstrap import MIRROR_REPLY, BootstrapStatus, SyncBootstrap
 from app.kamailio.dialog import (
     PEER_ID,
     BodyError,
@@ -55,6 +64,7 @@ from app.kamailio.dialog import (
     SyncRequest,
     Timing,
     Update,
+    build,
     parse,
     state_label,
 )
@@ -77,6 +87,12 @@ log = logging.getLogger("dmq.kamailio")
 DELETED_GRACE = 30.0
 #: Seconds past ``start_ts + lifetime`` before a confirmed dialog is dropped.
 LIFETIME_GRACE = 30.0
+#: Kamailio's ``early_timeout`` default: a dialog still early this long after it began
+#: is destroyed on its node (without a message on the bus).
+EARLY_TIMEOUT = 300.0
+#: Seconds past :data:`EARLY_TIMEOUT` (counted from the last update the replica got)
+#: before a dialog never confirmed is dropped.
+EARLY_GRACE = 30.0
 
 
 class DialogEventKind(StrEnum):
@@ -121,9 +137,12 @@ class Dialog:
     def deadline(self) -> float | None:
         if self.state == DialogState.DELETED:
             return self.deleted_at + DELETED_GRACE
-        if self.state == DialogState.CONFIRMED and self.lifetime and self.start_ts:
-            return self.start_ts + self.lifetime + LIFETIME_GRACE
-        return None
+        if self.state == DialogState.CONFIRMED:
+            if self.lifetime and self.start_ts:
+                return self.start_ts + self.lifetime + LIFETIME_GRACE
+            return None
+        # Not confirmed yet: Kamailio gives up on it after early_timeout.
+        return self.updated_at + EARLY_TIMEOUT + EARLY_GRACE
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -320,6 +339,7 @@ class Dialogs:
         held.init_ts = message.init_ts
         held.vars = message.vars or ()
         held.profiles = message.profiles or ()
+        before = held.deadline()
         held.updated_at = now
         change = StateChange(
             message.h_entry,
@@ -329,7 +349,10 @@ class Dialogs:
             message.caller,
             message.callee,
         )
-        return self._state(held, change, now)
+        events = self._state(held, change, now)
+        if not events and held.deadline() != before:
+            self._schedule(held)  # not confirmed yet, updated now: a later bound
+        return events
 
     def _state(self, held: Dialog, change: StateChange, now: float) -> list[DialogEvent]:
         if change.state <= held.state:
@@ -379,7 +402,8 @@ class DialogsMirror:
     It applies UPDATE, STATE and RM; answers a body it cannot read 400 (counted per
     sender and kind, logged once), a STATE or RM for a dialog it does not hold 500 as
     Kamailio does, and a sync request :data:`~app.kamailio.bootstrap.MIRROR_REPLY`.
-    It never asks for a sync itself (see the module: in 5.6 that is a broadcast storm).
+    It asks one node for a sync only when built with ``sync=True`` (``--dialog-sync``;
+    see the module: in 5.6 a dialog sync is a broadcast storm).
     """
 
     name = "dialog"
@@ -393,10 +417,17 @@ class DialogsMirror:
         clock: Callable[[], float] = time.time,
         queue_limit: int = 1000,
         limit: int = MAX_DIALOGS,
+        sync: bool = False,
     ) -> None:
         self.gateway = gateway
         self.clock = clock
         self.replica = Dialogs(limit)
+        #: The one-donor bootstrap, with --dialog-sync only.
+        self.bootstrap = (
+            SyncBootstrap(gateway, PEER_ID, build(SyncRequest()))
+            if sync and gateway is not None
+            else None
+        )
         self.malformed = MalformedBodies(PEER_ID)
         self.stream = ChangeStream(STREAM, queue_limit=queue_limit, clock=clock)
         self.streams = {STREAM: self.stream}
@@ -406,6 +437,8 @@ class DialogsMirror:
         self.sync_requests_answered = 0
 
     def handle(self, message: PeerMessage) -> PeerReply:
+        if self.bootstrap is not None:
+            self.bootstrap.observe(message)
         sender = str(message.sender.with_user(None))
         try:
             parsed = parse(message.body)
@@ -414,6 +447,8 @@ class DialogsMirror:
         if isinstance(parsed, SyncRequest):
             self.sync_requests_answered += 1
             return MIRROR_REPLY
+        if isinstance(parsed, Update) and self.bootstrap is not None:
+            self.bootstrap.answer_seen(message.sender)  # a sync answer is UPDATEs
         try:
             result, events = self.replica.apply(parsed, sender, self.clock())
         except Exception:  # a bug, not the sender's fault: the replica keeps serving
@@ -427,7 +462,17 @@ class DialogsMirror:
         return _OK
 
     def init(self) -> None:
-        """Nothing: a dialog sync is not requested (a 5.6 broadcast storm)."""
+        """Ask one node for a dialog sync with --dialog-sync; else nothing (in 5.6 a
+        dialog sync is a broadcast storm)."""
+        if self.bootstrap is not None:
+            self.bootstrap.init()
+
+    @property
+    def sync_status(self) -> BootstrapStatus:
+        """How the bootstrap went: state ``off`` without --dialog-sync."""
+        if self.bootstrap is None:
+            return BootstrapStatus(state="off")
+        return self.bootstrap.status
 
     def _publish(self, events: list[DialogEvent], sender: str | None) -> None:
         for event in events:
@@ -462,6 +507,8 @@ class DialogsMirror:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.bootstrap is not None:
+            self.bootstrap.cancel()
         self.stream.end_all(Ending.STOPPING)
 
     def stats(self) -> dict[str, float]:
@@ -470,6 +517,7 @@ class DialogsMirror:
             "applied": self.applied,
             "unknown": self.replica.unknown,
             "sync_requests_answered": self.sync_requests_answered,
+            "sync_requests_sent": self.sync_status.requests_sent,
             "refused": self.replica.refused,
         }
         for state, count in self.replica.counts().items():

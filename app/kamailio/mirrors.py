@@ -89,7 +89,7 @@ def _usrloc(gateway: Gateway, config: GatewayConfig) -> Mirror:
 def _dialog(gateway: Gateway, config: GatewayConfig) -> Mirror:
     from app.kamailio.dialogs import DialogsMirror
 
-    return DialogsMirror(gateway, queue_limit=config.queue_limit)
+    return DialogsMirror(gateway, queue_limit=config.queue_limit, sync=config.dialog_sync)
 
 
 class Mirrors:

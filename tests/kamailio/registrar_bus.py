@@ -64,9 +64,12 @@ def joined(k: KamailioNode, gateway: Gateway, http: httpx.Client) -> bool:
 
 
 @contextlib.contextmanager
-def gateway_on(k: KamailioNode, workdir: Path) -> Iterator[tuple[Gateway, httpx.Client]]:
-    """A gateway process joined to ``k``'s bus, stopped on the way out."""
-    gateway = Gateway("gateway", workdir, notify=[k.server_address], ping_interval=1.0)
+def gateway_on(
+    k: KamailioNode, workdir: Path, *extra: str
+) -> Iterator[tuple[Gateway, httpx.Client]]:
+    """A gateway process (``extra``: more options) joined to ``k``'s bus, stopped on the
+    way out."""
+    gateway = Gateway("gateway", workdir, notify=[k.server_address], ping_interval=1.0, extra=extra)
     http = httpx.Client(base_url=gateway.url, timeout=10, trust_env=False)
     try:
         gateway.start()

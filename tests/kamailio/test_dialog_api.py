@@ -5,6 +5,7 @@ Kamailio and sipp: test_dialog_kamailio.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -41,7 +42,12 @@ def bus(tmp_path: Path) -> Iterator[Bus]:
         node=node_config(), state_dir=tmp_path / "state", kamailio_mirrors=("dialog",)
     )
     with running(config) as client:
-        node = Node(client, node_config(str(config.node.server_address))).start()
+        # It says it runs Kamailio: the node a dialog sync would be asked of, were
+        # --dialog-sync on (it is off by default).
+        kamailio = dataclasses.replace(
+            node_config(str(config.node.server_address)), user_agent="kamailio (5.6.3)"
+        )
+        node = Node(client, kamailio).start()
         node.listen("dialog")
         try:
             deadline = time.monotonic() + 5
@@ -80,6 +86,13 @@ def test_what_kamailio_answers_500_and_400_and_a_sync_request(bus: Bus) -> None:
     assert bus.send(b"{")[0] == 400
     assert bus.send("01-sync-request.json") == (200, MIRROR_BODY)
     assert not [m for m in bus.node.received if m.body == b'{"action":4}']  # never asks
+    assert bus.client.get("/v1/dialogs").json()["sync"] == {
+        "state": "off",
+        "donor": None,
+        "requests_sent": 0,
+        "asked": [],
+        "resyncs": 0,
+    }
     metrics = bus.client.get("/metrics").text
     assert 'dmq_kamailio_mirror{mirror="dialog",what="unknown"} 1.0' in metrics
     assert 'kind="missing",mirror="dialog"' in metrics and 'kind="json",mirror="dialog"' in metrics
@@ -135,3 +148,58 @@ def test_the_change_stream_shows_each_state(bus: Bus) -> None:
         ("removed", "deleted"),
     ]
     assert frames[2]["data"]["previous"] == "early"
+
+
+def test_a_dialog_id_too_long_is_422_naming_the_path_field(bus: Bus) -> None:
+    assert_problem(bus.client.get("/v1/dialogs/" + "1" * 1025), 422, "path.dialog_id")
+
+
+def test_a_raw_dialog_peer_and_the_mirror_coexist(bus: Bus) -> None:
+    """A raw peer ``dialog`` gets every body as sent and answers it (200 even to a STATE
+    the mirror cannot match); the mirror still applies each; unregistered, the mirror
+    answers as Kamailio again."""
+    assert bus.client.put("/v1/peers/dialog", json={}).status_code == 201
+    with bus.client.websocket_connect("/v1/peers/dialog/subscribe") as raw:
+        assert raw.receive_json()["type"] == "subscribed"
+        new = (CAPTURES / "02-update-new-dialog.json").read_bytes().strip()
+        assert bus.send(new)[0] == 200
+        assert raw.receive_json()["body"] == new.decode()  # exactly as sent
+        assert bus.client.get("/v1/dialogs").json()["counts"]["unconfirmed"] == 1
+        rm = (CAPTURES / "07-rm.json").read_bytes().strip()
+        assert bus.send(rm)[0] == 200
+        assert raw.receive_json()["body"] == rm.decode()
+        assert sum(bus.client.get("/v1/dialogs").json()["counts"].values()) == 0  # applied
+        assert bus.send("04-state-confirmed.json")[0] == 200  # the raw peer's answer
+        raw.receive_json()
+    assert bus.client.delete("/v1/peers/dialog").status_code == 204
+    assert bus.send("04-state-confirmed.json")[0] == 500  # the mirror's, as Kamailio's
+
+
+def test_with_dialog_sync_the_mirror_asks_one_node_once(tmp_path: Path) -> None:
+    """--dialog-sync: one request to the one Kamailio node, sent once (the node's 200
+    ends the bootstrap: it has no dialog to send)."""
+    config = GatewayConfig(
+        node=node_config(),
+        state_dir=tmp_path / "state",
+        kamailio_mirrors=("dialog",),
+        dialog_sync=True,
+    )
+    with running(config) as client:
+        kamailio = dataclasses.replace(
+            node_config(str(config.node.server_address)), user_agent="kamailio (5.6.3)"
+        )
+        node = Node(client, kamailio).start()
+        node.listen("dialog")
+        try:
+            deadline = time.monotonic() + 5
+            while not [m for m in node.received if m.body == b'{"action":4}']:
+                assert time.monotonic() < deadline, "no dialog sync request"
+                time.sleep(0.02)
+            time.sleep(0.3)  # a retransmission would have come by now
+            assert [m.body for m in node.received] == [b'{"action":4}']
+            metric = 'dmq_kamailio_mirror{mirror="dialog",what="sync_requests_sent"} 1.0'
+            assert metric in client.get("/metrics").text
+            sync = client.get("/v1/dialogs").json()["sync"]
+            assert (sync["state"], sync["donor"], sync["asked"]) == ("synced", node.uri, [node.uri])
+        finally:
+            node.stop()

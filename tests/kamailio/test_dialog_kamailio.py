@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from harness.ports import free_port
@@ -132,6 +133,78 @@ def test_a_sipp_call_shows_while_up_and_goes_after_the_bye(tmp_path: Path) -> No
             ]
             counts = http.get("/v1/dialogs").json()["counts"]
             assert sum(counts.values()) == 0
+    finally:
+        for process in (uac, uas):
+            if process is not None:
+                stop(process)
+        k.stop()
+
+
+def dialog_metric(http: httpx.Client, what: str) -> float:
+    """One number of the dialog mirror in /metrics."""
+    line = f'dmq_kamailio_mirror{{mirror="dialog",what="{what}"}} '
+    (sample,) = [x for x in http.get("/metrics").text.splitlines() if x.startswith(line)]
+    return float(sample.rsplit(" ", 1)[1])
+
+
+def test_with_dialog_sync_a_gateway_started_after_the_call_learns_it(tmp_path: Path) -> None:
+    """A call is up on the Kamailio node before any gateway joins. A gateway with the
+    default settings never learns it (no dialog sync is asked for); one started with
+    ``--dialog-sync`` asks that node, once, and holds the call as Kamailio does, then
+    follows it to its end."""
+    uas_port = free_port()
+    k = registrar(tmp_path / "k", call_target=uas_port)
+    uas = uac = None
+    try:
+        uas = sipp("uas_rr.xml", uas_port, log=tmp_path / "uas.log")
+        uac_port = free_port()
+        uac = sipp(
+            "uac_rr.xml", uac_port, "-s", "svc", f"127.0.0.1:{k.port}", log=tmp_path / "uac.log"
+        )
+        wait_until(lambda: "state: 4" in k.kamcmd("dlg.list"), 10, "the call confirmed")
+        listed = k.kamcmd("dlg.list")
+
+        with gateway_on(k, tmp_path / "plain") as (_, http):
+            # The usrloc bootstrap done: the init hooks have run, a dialog sync would
+            # have been asked for by now.
+            wait_until(
+                lambda: http.get("/v1/registrations").json()["sync"]["state"] == "synced",
+                10,
+                "the usrloc bootstrap",
+            )
+            assert dialog_metric(http, "sync_requests_sent") == 0
+            listing = http.get("/v1/dialogs").json()
+            assert (listing["total"], listing["sync"]["state"]) == (0, "off")
+
+        with (
+            gateway_on(k, tmp_path / "synced", "--dialog-sync") as (gateway, http),
+            changes(gateway, "/v1/dialogs/changes") as ws,
+        ):
+
+            def confirmed() -> list[dict[str, Any]]:
+                listing = http.get("/v1/dialogs").json()
+                return [d for d in listing["items"] if d["state"] == "confirmed"]
+
+            (dialog,) = wait_until(confirmed, 10, "the call learnt from the sync")
+            assert dialog_metric(http, "sync_requests_sent") == 1
+            sync = http.get("/v1/dialogs").json()["sync"]
+            assert (sync["state"], sync["requests_sent"]) == ("synced", 1)
+            assert dialog["callid"] in listed
+            assert dialog["origin"] == k.server_address
+            assert dialog["vars"] == {"billing": "acct-42"}
+            assert sorted(p["name"] for p in dialog["profiles"]) == ["caller", "inbound"]
+            assert dialog["callee"]["contact"].startswith(f"sip:127.0.0.1:{uas_port}")
+            assert dialog["start_ts"] > 0 and dialog["lifetime"] > 0
+
+            hang_up(uac_port, dialog["callid"])
+            assert uac.wait(60) == 0, (tmp_path / "uac.log").read_text(errors="replace")
+            wait_until(lambda: http.get("/v1/dialogs").json()["total"] == 0, 10, "the call gone")
+            seen = []
+            while not seen or seen[-1] != "removed":
+                frame = next_change(ws, 20)
+                assert frame["key"] == dialog["id"]
+                seen.append(frame["event"])
+            assert seen == ["created", "state", "removed"]
     finally:
         for process in (uac, uas):
             if process is not None:

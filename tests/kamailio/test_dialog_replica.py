@@ -8,10 +8,19 @@ h_id reused, a dialog whose node never says it ended.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from app.kamailio import dialog
-from app.kamailio.dialogs import DELETED_GRACE, LIFETIME_GRACE, ApplyResult, Dialogs
+from app.kamailio.dialogs import (
+    DELETED_GRACE,
+    EARLY_GRACE,
+    EARLY_TIMEOUT,
+    LIFETIME_GRACE,
+    ApplyResult,
+    Dialogs,
+    DialogsMirror,
+)
 
 CAPTURES = Path(__file__).parent / "captures" / "dialog"
 A = "sip:127.0.0.1:5090"
@@ -131,6 +140,56 @@ def test_deleted_dialogs_without_rm_and_confirmed_dialogs_past_their_lifetime_go
     events = replica.expire(NOW + 1 + DELETED_GRACE)
     assert [e.kind.value for e in events] == ["removed"] and len(replica) == 0
     assert replica.next_deadline() is None
+
+
+def test_a_call_whose_node_vanished_before_the_answer_expires_after_early_timeout() -> None:
+    """An INVITE answered 180 and then nothing (its node died): Kamailio would have
+    destroyed it after early_timeout without a word on the bus, so the replica drops it
+    that long after the last update it got, and says so in the stream."""
+    clock = [NOW]
+    mirror = DialogsMirror(clock=lambda: clock[0])
+    replica = mirror.replica
+    replica.apply(read("02-update-new-dialog.json"), A, NOW)
+    replica.apply(read("03-state-early.json"), A, NOW + 2)  # the 180: the bound restarts
+    deadline = NOW + 2 + EARLY_TIMEOUT + EARLY_GRACE
+    assert replica.next_deadline() == deadline
+    subscription = mirror.stream.subscribe(None, None)
+    clock[0] = deadline - 1
+    mirror.expire_due()
+    assert [d.to_json()["state"] for d in replica.dialogs()] == ["early"]
+    clock[0] = deadline
+    mirror.expire_due()
+    assert len(replica) == 0
+    ((_, frame),) = subscription.subscriber.frames
+    change = json.loads(frame)
+    assert (change["event"], change["key"], change["from"]) == ("expired", f"2502:1058@{A}", None)
+    assert change["data"]["state"] == "early" and change["at"] == deadline
+    assert replica.next_deadline() is None
+
+
+def test_an_unconfirmed_dialog_updated_again_is_kept_longer() -> None:
+    replica = Dialogs()
+    new = read("02-update-new-dialog.json")
+    replica.apply(new, A, NOW)
+    assert replica.next_deadline() == NOW + EARLY_TIMEOUT + EARLY_GRACE
+    _, events = replica.apply(new, B, NOW + 100)  # the same dialog relayed in a sync
+    assert events == []
+    assert replica.expire(NOW + EARLY_TIMEOUT + EARLY_GRACE) == []
+    assert replica.next_deadline() == NOW + 100 + EARLY_TIMEOUT + EARLY_GRACE
+    assert len(replica) == 1
+
+
+def test_updates_that_move_no_deadline_leave_no_timer_entry_behind() -> None:
+    """A confirmed dialog re-sent many times (a profile change, relays of a sync) keeps
+    its one deadline: the timer heap does not grow with the messages."""
+    replica = Dialogs()
+    replica.apply(read("02-update-new-dialog.json"), A, NOW)
+    replica.apply(read("04-state-confirmed.json"), A, NOW)
+    relayed = read("05-update-from-sync-confirmed.json")
+    for second in range(100):
+        replica.apply(relayed, A, NOW + second)
+    assert len(replica) == 1
+    assert len(replica._deadlines) <= 2  # the unconfirmed one (stale) and the confirmed
 
 
 def test_a_sync_request_changes_nothing() -> None:

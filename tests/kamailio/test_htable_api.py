@@ -132,6 +132,37 @@ def test_bad_removals_are_422_naming_the_field(bus: Bus, body: dict[str, Any], f
     assert_problem(bus.client.post("/v1/htable/ht/delete", json=body), 422, field)
 
 
+LONG = "k" * 1025
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "field"),
+    [
+        ("GET", "/v1/htable/ht", {"limit": 0}, "query.limit"),
+        ("GET", "/v1/htable/ht", {"limit": 1001}, "query.limit"),
+        ("GET", "/v1/htable/ht", {"limit": "all"}, "query.limit"),
+        ("GET", "/v1/htable/ht", {"prefix": LONG}, "query.prefix"),
+        ("GET", "/v1/htable/ht", {"after": LONG}, "query.after"),
+        ("GET", f"/v1/htable/{LONG}", {}, "path.table"),
+        ("GET", f"/v1/htable/ht/{LONG}", {}, "path.key"),
+        ("GET", "/v1/htable/ht/a%00b", {}, "path.key"),
+        ("DELETE", f"/v1/htable/ht/{LONG}", {}, "path.key"),
+        ("DELETE", "/v1/htable/ht/k", {"timeout": 0}, "query.timeout"),
+        ("DELETE", "/v1/htable/ht/k", {"timeout": "soon"}, "query.timeout"),
+        ("PUT", "/v1/htable/ht/k", {"timeout": -1}, "query.timeout"),
+        ("PUT", f"/v1/htable/{LONG}/k", {}, "path.table"),
+    ],
+)
+def test_bad_paths_and_queries_are_422_naming_the_field_and_send_nothing(
+    bus: Bus, method: str, path: str, params: dict[str, Any], field: str
+) -> None:
+    before = len(bus.bodies())
+    body = {"value": "v"} if method == "PUT" else None
+    response = bus.client.request(method, path, params=params, json=body)
+    assert_problem(response, 422, field)
+    assert len(bus.bodies()) == before
+
+
 def test_delete_and_delete_matching(bus: Bus) -> None:
     for key in ("tmp_1", "tmp_2", "keep"):
         bus.client.put(f"/v1/htable/ht/{key}", json={"value": "x"})
@@ -243,3 +274,28 @@ def test_a_raw_htable_peer_and_the_mirror_coexist(bus: Bus) -> None:
     # Unregistered: the mirror answers alone again, as Kamailio would.
     assert bus.client.delete("/v1/peers/htable").status_code == 204
     assert bus.send(b"{bad") == 400
+
+
+def test_the_change_stream_resumes_and_says_when_it_cannot(bus: Bus) -> None:
+    """The subscribe path's rules on a table's stream: ``since`` replays what came
+    after it, another epoch gets a gap frame then everything held, ``epoch`` alone is
+    refused (1008)."""
+    for key in ("r1", "r2", "r3"):
+        body = f'{{"action":2,"htname":"ht","cname":"{key}","type":2,"strval":"v","mode":1}}'
+        assert bus.send(body.encode()) == 200
+    with bus.client.websocket_connect("/v1/htable/ht/changes") as ws:
+        subscribed = ws.receive_json()
+    epoch, latest = subscribed["epoch"], subscribed["offset"]
+    assert latest == 3
+    with bus.client.websocket_connect(f"/v1/htable/ht/changes?since=1&epoch={epoch}") as ws:
+        assert ws.receive_json()["since"] == 1
+        replayed = [ws.receive_json() for _ in range(2)]
+    assert [(c["offset"], c["key"]) for c in replayed] == [(2, "r2"), (3, "r3")]
+    with bus.client.websocket_connect("/v1/htable/ht/changes?since=3&epoch=0000") as ws:
+        assert ws.receive_json()["type"] == "subscribed"
+        gap = ws.receive_json()
+        assert gap["type"] == "gap" and gap["epoch"] == epoch and gap["client_epoch"] == "0000"
+        assert [ws.receive_json()["key"] for _ in range(3)] == ["r1", "r2", "r3"]
+    with bus.client.websocket_connect(f"/v1/htable/ht/changes?epoch={epoch}") as ws:
+        message = ws.receive()
+        assert message["type"] == "websocket.close" and message["code"] == 1008

@@ -257,11 +257,41 @@ def test_the_htable_cli_sets_gets_lists_and_deletes(
     assert "sync: synced from" in out
     code, out, _ = cli(capsys, bus, "htable", "del", "ht", "--prefix", "cli-")
     assert code == 0 and bus.k1.htable_get("ht", "cli-n") is None
+    assert sorted(line.split()[1:3] for line in out.splitlines()[1:]) == sorted(
+        [[bus.k1.server_address, "200"], [bus.k2.server_address, "200"]]
+    )
     code, _, err = cli(capsys, bus, "htable", "get", "ht", "cli-n")
     assert code == 1 and "no key 'cli-n'" in err
     code, _, err = cli(capsys, bus, "htable", "set", "ht", "k", "2147483648", "--int")
     assert code == 1 and "body.value" in err
     assert bus.k1.htable_get("ht", "k") is None
+
+
+def test_the_htable_cli_speaks_json_too(
+    bus: Bus, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each htable command with --json prints what the API answered, as the other
+    commands do: the per-node results of a write, the tables, a page of keys."""
+    for name in ("DMQ_URL", "DMQ_API_TOKEN", "DMQ_CA", "DMQ_CERT"):
+        monkeypatch.delenv(name, raising=False)
+    nodes = sorted([bus.k1.server_address, bus.k2.server_address])
+    code, out, _ = cli(capsys, bus, "htable", "set", "ht", "cli-j", "hello", "--json")
+    written = json.loads(out)
+    assert code == 0 and (written["table"], written["key"]) == ("ht", "cli-j")
+    assert sorted(r["node"] for r in written["results"]["results"]) == nodes
+    assert {r["code"] for r in written["results"]["results"]} == {200}
+    assert bus.k2.htable_get("ht", "cli-j") == "hello"
+    code, out, _ = cli(capsys, bus, "htable", "ls", "--json")
+    listing = json.loads(out)
+    assert code == 0 and listing["sync"]["state"] == "synced"
+    assert {t["table"]: t["cells"] for t in listing["tables"]}["ht"] >= 1
+    code, out, _ = cli(capsys, bus, "htable", "ls", "ht", "--prefix", "cli-j", "--json")
+    page = json.loads(out)
+    assert code == 0 and [(c["key"], c["value"]) for c in page["keys"]] == [("cli-j", "hello")]
+    code, out, _ = cli(capsys, bus, "htable", "del", "ht", "cli-j", "--json")
+    deleted = json.loads(out)
+    assert code == 0 and sorted(r["node"] for r in deleted["results"]["results"]) == nodes
+    assert bus.k1.htable_get("ht", "cli-j") is None and bus.k2.htable_get("ht", "cli-j") is None
 
 
 def test_a_late_gateway_converges_on_3000_keys_with_one_sync_request(

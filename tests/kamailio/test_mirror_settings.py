@@ -82,3 +82,11 @@ def test_a_bad_value_from_the_environment_names_the_variable(
     with pytest.raises(ConfigError) as caught:
         settings.load({}).gateway_config()
     assert str(caught.value).startswith("DMQ_KAMAILIO_MIRRORS 'usrloc,bogus': 'bogus'")
+
+
+def test_dialog_sync_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DMQ_DIALOG_SYNC", raising=False)
+    assert settings.load({}).gateway_config().dialog_sync is False
+    assert settings.load({"dialog_sync": True}).gateway_config().dialog_sync is True
+    monkeypatch.setenv("DMQ_DIALOG_SYNC", "true")
+    assert settings.load({}).gateway_config().dialog_sync is True

@@ -186,3 +186,7 @@ def test_the_change_stream_shows_register_refresh_unregister(bus: Bus) -> None:
     ]
     assert {f["key"] for f in frames} == {"uloc-6b0e9718-44ad-1"}
     assert frames[1]["data"]["cseq"] == 2 and frames[0]["from"] == bus.node.uri
+
+
+def test_an_aor_too_long_is_422_naming_the_path_field(bus: Bus) -> None:
+    assert_problem(bus.client.get("/v1/registrations/" + "a" * 1025), 422, "path.aor")

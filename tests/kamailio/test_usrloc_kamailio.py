@@ -70,6 +70,15 @@ def test_a_register_shows_is_refreshed_and_goes_on_unregister_and_on_expiry(
             assert "test-phone/1.0" in row and contact["ruid"] in row
             as_json = json.loads(cli(gateway, "registrations", "--json").stdout)
             assert [item["aor"] for item in as_json["items"]] == ["alice"]
+            one = json.loads(cli(gateway, "registrations", "alice", "--json").stdout)
+            assert (one["aor"], [c["ruid"] for c in one["contacts"]]) == (
+                "alice",
+                [contact["ruid"]],
+            )
+            listed = cli(gateway, "registrations").stdout.splitlines()
+            assert listed[0].split()[:3] == ["AOR", "CONTACT", "EXPIRES"]
+            assert listed[1].split()[:2] == ["alice", phone.contact("alice")]
+            assert listed[2].startswith("1 AORs shown of 1, 1 contacts in all (sync: synced")
 
             phone.register("alice", 300)  # a refresh: CSeq 2
             event = next_change(ws, 10)

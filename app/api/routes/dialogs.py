@@ -4,11 +4,11 @@
 Reads only. What the replica cannot know (:mod:`app.kamailio.dialogs`): no body says
 which node owns a dialog (``origin`` is the node we first heard it from), and it holds
 only dialogs created (or changed by a profile) since the gateway joined: a dialog sync
-in Kamailio 5.6 makes every node broadcast every dialog to every node, so the gateway
-never asks for one. A WebSocket ``GET /v1/dialogs/changes`` streams ``created``,
-``state``, ``removed`` and ``expired`` events (key: the dialog's id; data: the dialog,
-with ``previous`` for a state change) with the subscribe path's offsets, resume and gap
-rules.
+in Kamailio 5.6 makes every node asked broadcast every dialog to every node, so the
+gateway asks one node for one only with ``--dialog-sync``. A WebSocket
+``GET /v1/dialogs/changes`` streams ``created``, ``state``, ``removed`` and
+``expired`` events (key: the dialog's id; data: the dialog, with ``previous`` for a
+state change) with the subscribe path's offsets, resume and gap rules.
 """
 
 from __future__ import annotations
@@ -74,11 +74,22 @@ class DialogOut(OutModel):
     updated_at: float
 
 
+class DialogSyncOut(OutModel):
+    state: Literal["off", "waiting", "requesting", "synced", "failed"] = Field(
+        description="off unless --dialog-sync: no dialog sync is asked for by default"
+    )
+    donor: str | None = Field(description="the node asked that answered the sync")
+    requests_sent: int = Field(description="sync requests sent (each to one node, once)")
+    asked: list[str]
+    resyncs: int = Field(description="syncs after the bus came back from a partition")
+
+
 class DialogsOut(OutModel):
     total: int = Field(description="dialogs matching the filter (live ones by default)")
     counts: dict[str, int] = Field(description="dialogs held in each state")
     items: list[DialogOut]
     next: str | None = Field(description="pass as ?after= for the next page; null: last page")
+    sync: DialogSyncOut
 
 
 def _mirror(request: Request) -> DialogsMirror:
@@ -111,7 +122,8 @@ async def list_dialogs(
 ) -> DialogsOut:
     """The dialogs up on the bus (every state but deleted, unless ``state`` says),
     in id order, a page at a time, and how many are held in each state."""
-    replica = _mirror(request).replica
+    mirror = _mirror(request)
+    replica = mirror.replica
     chosen = replica.dialogs(DialogState[state.upper()] if state is not None else None)
     start = 0
     if after is not None:
@@ -123,6 +135,7 @@ async def list_dialogs(
         counts=replica.counts(),
         items=[_out(d) for d in page],
         next=page[-1].id if more and page else None,
+        sync=DialogSyncOut.model_validate(mirror.sync_status.as_dict()),
     )
 
 
