@@ -202,3 +202,36 @@ def test_a_refusal_in_the_middle_of_a_turn_leaves_no_hole(tmp_path: Path) -> Non
     finally:
         db.close()
     assert row == (20,)
+
+
+def test_seqs_a_failed_commit_left_are_written_before_the_next_stamp(tmp_path: Path) -> None:
+    """A turn whose commit fails (another connection holds the database's write lock
+    past the busy timeout): its message still leaves (its request was answered), and
+    its seq is written by the next stamp's commit, even one of another stream, so a
+    restart goes on after it."""
+    config = GatewayConfig(node=node_config(), state_dir=tmp_path / "state")
+    database = tmp_path / "state" / DB_NAME
+    with running(config) as client:
+        receiver = Node(client, node_config()).start()
+        receiver.listen(PEER)
+        try:
+            assert client.post("/v1/nodes", json={"uri": receiver.uri}).status_code == 201
+            assert client.post(f"/v1/peers/{PEER}/broadcast").status_code == 202
+            locker = sqlite3.connect(database, timeout=0)
+            locker.execute("BEGIN IMMEDIATE")
+            try:
+                assert client.post(f"/v1/peers/{PEER}/broadcast").status_code == 202
+            finally:
+                locker.rollback()
+                locker.close()
+            answer = client.post(f"/v1/peers/{PEER}/send?node={receiver.uri}&wait=true")
+            assert answer.status_code == 200, answer.text
+            wait_until(lambda: len(receiver.received) >= 3, 10, "the three messages")
+        finally:
+            stop_all(client, [receiver])
+    db = sqlite3.connect(database)
+    try:
+        rows = dict(db.execute("SELECT peer_id, seq FROM origin_seq").fetchall())
+    finally:
+        db.close()
+    assert rows == {PEER: 2, f"{PEER}>{receiver.uri}": 1}
