@@ -464,6 +464,14 @@ class Hub:
         #: transaction, answered 200 once it is committed (:meth:`flush`).
         self._batch: list[int] = []
         self._batch_open = False
+        #: Our stamps of the open batch, the last seq per stream, written with it; their
+        #: messages wait in the node (output held) until that commit, and the requests
+        #: that sent them on ``_stamp_waiters``.
+        self._stamps: dict[str, int] = {}
+        self._stamp_waiters: list[asyncio.Future[None]] = []
+        #: Seqs a failed commit left unwritten: every stamp commits on its own (and
+        #: fails its request) until they are written.
+        self._stamps_unsaved: dict[str, int] = {}
         #: Batches committed, and messages answered through them (metrics, tests).
         self.batches = 0
         self.batched = 0
@@ -619,27 +627,51 @@ class Hub:
         """Call ``start`` with the ``X-DMQ-Origin`` header of the next message we
         originate for a peer (a broadcast, or with ``to`` a send to that node).
 
-        The seq is committed before ``start`` sends the message, so a restart never
-        reuses one, even after a ``kill -9`` right after the send; a send the node
-        refuses gives it back (so it leaves no hole a receiver would wait for).
+        The seq is committed before the message leaves, so a restart never reuses one,
+        even after a ``kill -9`` right after the send; a send the node refuses uses up
+        no seq (so it leaves no hole a receiver would wait for).
+
+        On the loop, the message joins the turn's group commit: the node's output is
+        held, ``start`` builds the message (and the node refuses it or not) at once, and
+        :meth:`flush` writes the turn's last seq per stream in one transaction, then lets
+        the held messages go, in order. :meth:`committed` waits for that. Without a loop
+        (or after a failed commit) the seq is committed on its own before ``start``.
         """
-        self.flush()  # (the open batch goes in the same commit's stead)
         stream = f"{peer_id}>{to}" if to else peer_id
         previous = self._origin_seq.get(stream, 0)
         seq = previous + 1
+        header = ((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),)
         store = self.store
-        if store is not None:
-            store.save_origin_seq(stream, seq)
-        try:
-            result = start(
-                ((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),)
-            )
-        except BaseException:
-            if store is not None:
-                store.save_origin_seq(stream, previous)
-            raise
+        if store is None:
+            result = start(header)
+        elif not self._stamps_unsaved and self._open_batch():
+            self.server.hold_output()
+            result = start(header)  # a refusal raises here: the seq is not used
+            self._stamps[stream] = seq
+        else:
+            self.flush()  # (the open batch goes in the same commit's stead)
+            unsaved = self._stamps_unsaved
+            with store.transaction():
+                store.save_origin_seqs({**unsaved, stream: seq}.items())
+            unsaved.clear()
+            try:
+                result = start(header)
+            except BaseException:
+                store.save_origin_seqs(((stream, previous),))
+                raise
         self._origin_seq[stream] = seq
         return result
+
+    def committed(self) -> asyncio.Future[None] | None:
+        """What a request that stamped a message waits on before it answers, so that
+        an answer still means the message has left: the open batch's commit, or
+        ``None`` when nothing waits for one. One future per caller: a cancelled
+        request cancels its own alone."""
+        if not self._stamps:
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stamp_waiters.append(future)
+        return future
 
     # ------------------------------------------------------------------ incoming
 
@@ -750,7 +782,9 @@ class Hub:
 
     def flush(self) -> None:
         """Commit the open batch, then answer each of its messages: 200, or 500 when
-        the commit failed (nothing is answered 200 before it is in the store).
+        the commit failed (nothing is answered 200 before it is in the store). Our
+        stamps of the turn are written in the same commit, and only then do their
+        held messages leave and their requests go on.
 
         Runs from ``call_soon`` after the loop turn in which the batch opened, and
         before anything that must not wait for the batch (our own stamps, the peer
@@ -758,24 +792,60 @@ class Hub:
         if not self._batch_open:
             return
         ids, self._batch = self._batch, []
+        stamps, self._stamps = self._stamps, {}
         self._batch_open = False
-        assert self.store is not None
+        store = self.store
+        assert store is not None
         reply = _OK
         try:
-            self.store.commit()
+            if stamps:
+                store.save_origin_seqs(stamps.items())
+            store.commit()
         except Exception:
-            log.exception("the history store could not commit %d messages", len(ids))
+            log.exception(
+                "the state store could not commit %d messages and %d origin seqs",
+                len(ids),
+                len(stamps),
+            )
             try:
-                self.store.rollback()
+                store.rollback()
             except Exception:
-                log.exception("the history store could not roll back")
+                log.exception("the state store could not roll back")
             reply = _NOT_STORED
+            if stamps:
+                self._save_stamps_alone(stamps)
+        if self.server.output_held:
+            # The held messages leave now, in the order they were sent.
+            self.server.release_output()
+        if self._stamp_waiters:
+            waiters, self._stamp_waiters = self._stamp_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         self.batches += 1
         self.batched += len(ids)
         # All answered in one pass, sent together; one answered meanwhile (its peer
         # unregistered) is skipped, and none is when the node has stopped.
         with contextlib.suppress(NodeStoppedError):
             self.server.reply_many(ids, reply)
+
+    def _save_stamps_alone(self, stamps: dict[str, int]) -> None:
+        """After a failed batch commit, try our seqs again on their own (what failed
+        may have been a received message's rows). When that fails too the held
+        messages still leave (their requests were answered, and the node has them in
+        flight), the seqs are kept to be written before the next stamp, and each
+        stamp commits alone, refusing its request, until they are."""
+        assert self.store is not None
+        try:
+            with self.store.transaction():
+                self.store.save_origin_seqs(stamps.items())
+        except Exception:
+            log.exception(
+                "the origin seqs of %d streams could not be committed; every send "
+                "commits its own until they are",
+                len(stamps),
+            )
+            self._stamps_unsaved.update(stamps)
 
     def _offer(self, channel: PeerChannel, stamp: OriginStamp, message: PeerMessage) -> None:
         key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)

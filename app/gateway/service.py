@@ -393,15 +393,15 @@ class Gateway:
                     f"message {index} of the batch: a body of {len(body)} bytes does not fit "
                     f"in one message on this transport (at most {limit} bytes)"
                 )
-        store = self._hub.store
-        # One commit of the origin sequence numbers for the whole batch instead of one
-        # per message: all of it runs in this one turn of the loop, so a crash can
-        # land between a send and its commit exactly as it can for a single message.
-        with store.transaction() if store is not None else contextlib.nullcontext():
-            started = [
-                self.publish_nowait(peer_id, body, content_type, target)
-                for body, content_type in messages
-            ]
+        # All in this one turn of the loop: the hub commits their origin seqs at once
+        # (the turn's group commit), and they leave after it, in order.
+        started = [
+            self.publish_nowait(peer_id, body, content_type, target)
+            for body, content_type in messages
+        ]
+        committed = self._hub.committed()
+        if committed is not None:
+            await committed
         if not wait or not started:
             return [self.dispatch_of(op) for op, _ in started]
         stopping = self._stopping
@@ -466,6 +466,9 @@ class Gateway:
         waiter.add_done_callback(_retrieve)
         message_id = f"{self.instance}-{operation.id}"
         targets = tuple(str(t) for t in operation.targets)
+        committed = self._hub.committed()
+        if committed is not None:
+            await committed  # the answer says the message has left, as before
         if not wait:
             return Dispatch(message_id, operation.peer_id, targets)
         stopping = self._stopping

@@ -47,7 +47,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -670,10 +670,12 @@ class StateStore:
         """Stream name (the peer id, or ``peer>node`` for sends) -> the last seq used."""
         return {p: s for p, s in self.db.execute("SELECT peer_id, seq FROM origin_seq")}
 
-    def save_origin_seq(self, stream: str, seq: int) -> None:
+    def save_origin_seqs(self, seqs: Iterable[tuple[str, int]]) -> None:
+        """Write the last seq used per stream, in the open transaction (the hub's
+        group commit), or in one of its own."""
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO origin_seq (peer_id, seq) VALUES (?, ?) "
                 "ON CONFLICT DO UPDATE SET seq = excluded.seq",
-                (stream, seq),
+                seqs,
             )

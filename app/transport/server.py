@@ -478,6 +478,10 @@ class DmqServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._waiters: dict[int, asyncio.Future[SendOperation]] = {}
+        #: While set, what the core has to send waits in its outbox (in order) until
+        #: release_output(): the gateway holds its stamped messages until their origin
+        #: sequence numbers are committed.
+        self.output_held = False
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Set when stop() begins: no new broadcast or send is accepted from then on.
         self._stopping = False
@@ -1196,10 +1200,21 @@ class DmqServer:
         if connection.remote is not None and self._outbound.get(connection.remote) is connection:
             del self._outbound[connection.remote]
 
+    def hold_output(self) -> None:
+        """Keep every datagram and stream write the core produces from now on (and its
+        order) until :meth:`release_output`; events and timers go on as usual."""
+        self.output_held = True
+
+    def release_output(self) -> None:
+        """Send, in order, everything held since :meth:`hold_output`."""
+        self.output_held = False
+        self._flush()
+
     def _flush(self) -> None:
         node = self.node
-        for data, destination in node.datagrams_to_send():
-            self._send(data, destination)
+        if not self.output_held:
+            for data, destination in node.datagrams_to_send():
+                self._send(data, destination)
         while (event := node.next_event()) is not None:
             if isinstance(event, SendCompleted):
                 waiter = self._waiters.pop(event.operation.id, None)
