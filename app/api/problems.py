@@ -7,6 +7,8 @@ a problem document with that status and the error's own sentence as ``detail``.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -86,6 +88,22 @@ def problem(
     )
 
 
+log = logging.getLogger("dmq.api")
+
+
+def store_failed(request: Request, exc: sqlite3.Error) -> JSONResponse:
+    """A 503 for a request the state store could not commit (the database locked by
+    another process past the busy time-out, the disk full): the client may try again,
+    and the operator finds the cause in the log rather than a bare 500."""
+    log.error("%s %s: the state store failed: %s", request.method, request.url.path, exc)
+    return problem(
+        request,
+        503,
+        f"the gateway's state store could not commit ({exc}); try again",
+        headers={"Retry-After": "1"},
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
@@ -97,6 +115,10 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(DmqUsageError, _refused)
     app.add_exception_handler(GatewayError, _refused)
+
+    @app.exception_handler(sqlite3.Error)
+    async def _store(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        return store_failed(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -235,3 +235,34 @@ def test_seqs_a_failed_commit_left_are_written_before_the_next_stamp(tmp_path: P
     finally:
         db.close()
     assert rows == {PEER: 2, f"{PEER}>{receiver.uri}": 1}
+
+
+def test_a_store_that_cannot_commit_is_a_503_problem_not_a_bare_500(tmp_path: Path) -> None:
+    """While another process holds the database's write lock past the busy time-out, a
+    broadcast whose seq cannot be committed is refused with a 503 problem saying why
+    (and Retry-After), and the same request succeeds once the lock is gone."""
+    config = GatewayConfig(node=node_config(), state_dir=tmp_path / "state")
+    database = tmp_path / "state" / DB_NAME
+    with running(config) as client:
+        receiver = Node(client, node_config()).start()
+        receiver.listen(PEER)
+        try:
+            assert client.post("/v1/nodes", json={"uri": receiver.uri}).status_code == 201
+            locker = sqlite3.connect(database, timeout=0)
+            locker.execute("BEGIN IMMEDIATE")
+            try:
+                # The first one's turn cannot commit, yet it was accepted: it leaves.
+                assert client.post(f"/v1/peers/{PEER}/broadcast").status_code == 202
+                # The next must write the seq left over first, and cannot.
+                refused = client.post(f"/v1/peers/{PEER}/broadcast")
+            finally:
+                locker.rollback()
+                locker.close()
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.headers["retry-after"] == "1"
+            assert "state store could not commit" in refused.json()["detail"]
+            assert client.post(f"/v1/peers/{PEER}/broadcast").status_code == 202
+            wait_until(lambda: len(receiver.received) >= 2, 10, "the two accepted messages")
+        finally:
+            stop_all(client, [receiver])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sqlite3
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -141,6 +142,8 @@ class MessageFastPath:
             )
         except (GatewayError, DmqUsageError) as exc:
             response = problems.problem(Request(scope), getattr(exc, "status_hint", 500), str(exc))
+        except sqlite3.Error as exc:
+            response = problems.store_failed(Request(scope), exc)
         else:
             if dispatch.outcomes is None:
                 await _accepted(send, dispatch)
