@@ -66,6 +66,13 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C's default back. A shell runs a background job with SIGINT
+    ignored, and an ignored signal stays ignored across exec, so a test suite started
+    in the background would otherwise send SIGINT to a client that cannot hear it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def client_process(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*gateway_command(), *args],
@@ -74,6 +81,7 @@ def client_process(*args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=clean_env(),
+        preexec_fn=_interruptible,
     )
 
 
