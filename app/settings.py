@@ -42,7 +42,11 @@ from app.dmq.config import (
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.dmq.transaction import TimerSettings
-from app.gateway.config import GatewayConfig
+from app.gateway.config import (
+    DEFAULT_BUNDLE_MAX_BYTES,
+    DEFAULT_BUNDLE_MAX_MESSAGES,
+    GatewayConfig,
+)
 from app.gateway.reorder import DEFAULT_MAX_HELD
 from app.gateway.store import HistoryStore, HistorySync
 from app.transport.limits import TransportLimits
@@ -450,6 +454,23 @@ class ServeSettings(BaseSettings):
             "ones are given up at once (a gap entry says so)",
         ),
     ] = DEFAULT_MAX_HELD
+    bundle_max_messages: Annotated[
+        int,
+        Option("N"),
+        Field(
+            description="messages packed into one KDMQ request (a bundle) for a node that "
+            "reads bundles (another gateway), when a batch or a publishing WebSocket has "
+            "several for one peer; 1 sends every message on its own",
+        ),
+    ] = DEFAULT_BUNDLE_MAX_MESSAGES
+    bundle_max_bytes: Annotated[
+        int,
+        Option("BYTES"),
+        Field(
+            description="bytes of body one bundle may have (at most what one message may "
+            "carry on the node's transport)",
+        ),
+    ] = DEFAULT_BUNDLE_MAX_BYTES
     ws_queue_limit: Annotated[
         int,
         Option("N"),
@@ -610,6 +631,14 @@ class ServeSettings(BaseSettings):
             raise ConfigError(
                 f"{self.label('reorder_limit')} {self.reorder_limit}: must be 1 to 1000000"
             )
+        if not 1 <= self.bundle_max_messages <= 1000:
+            raise ConfigError(
+                f"{self.label('bundle_max_messages')} {self.bundle_max_messages}: must be 1 to 1000"
+            )
+        if not 256 <= self.bundle_max_bytes <= 1_048_576:
+            raise ConfigError(
+                f"{self.label('bundle_max_bytes')} {self.bundle_max_bytes}: must be 256 to 1048576"
+            )
         if self.ws_queue_limit < 1:
             raise ConfigError(
                 f"{self.label('ws_queue_limit')} {self.ws_queue_limit}: must be at least 1"
@@ -662,6 +691,8 @@ class ServeSettings(BaseSettings):
             history_sync=HistorySync(self.history_sync),
             reorder_wait=self.reorder_wait,
             reorder_limit=self.reorder_limit,
+            bundle_max_messages=self.bundle_max_messages,
+            bundle_max_bytes=self.bundle_max_bytes,
             startup_peers=tuple(self.peer),
             drop_rate=self.drop_rate,
             http_host=http_host,
@@ -934,6 +965,8 @@ CONFIG_FIELDS: dict[str, str] = {
     "history_sync": "history_sync",
     "reorder_wait": "reorder_wait",
     "reorder_limit": "reorder_limit",
+    "bundle_max_messages": "bundle_max_messages",
+    "bundle_max_bytes": "bundle_max_bytes",
     "startup_peers": "peer",
     "http_host": "http",
     "http_port": "http",

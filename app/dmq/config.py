@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import dataclass, field
 
 from app.dmq.errors import ConfigError
@@ -20,6 +21,8 @@ LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
 
 DEFAULT_NOTIFICATION_CHANNEL = "notification_peer"
 SUPPORTED_TRANSPORTS = ("udp", "tcp", "tls")
+#: A SIP option tag: a token (RFC 3261 section 25.1).
+_OPTION_TAG = re.compile(r"[A-Za-z0-9.!%*_+`'~-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,10 @@ class NodeConfig:
     max_stream_message: int = DEFAULT_MAX_STREAM_MESSAGE
     #: Sent as ``User-Agent`` on requests and ``Server`` on responses.
     user_agent: str = "dmq-gateway/0.1"
+    #: SIP option tags sent as ``Supported`` on KDMQ requests and responses (none: no
+    #: header, as Kamailio sends): what the embedding service understands beyond plain
+    #: KDMQ. Each node's own tags are kept in :attr:`Node.option_tags`.
+    option_tags: tuple[str, ...] = ()
     #: Outbox bounds, per node (:mod:`app.dmq.outbox`): messages held for a node that
     #: is not active or did not answer. Beyond ``outbox_max_messages`` or
     #: ``outbox_max_bytes`` (bodies and extra headers) a new message is dropped; a
@@ -194,6 +201,13 @@ class NodeConfig:
                 field="outbox_max_age",
                 value=self.outbox_max_age,
             )
+        for tag in self.option_tags:
+            if not (isinstance(tag, str) and _OPTION_TAG.fullmatch(tag)):
+                raise ConfigError(
+                    "an option tag is a SIP token (letters, digits, - . ! % * _ + ` ' ~)",
+                    field="option_tags",
+                    value=tag,
+                )
         if not (isinstance(self.max_in_flight_per_node, int) and self.max_in_flight_per_node >= 1):
             raise ConfigError(
                 "must be a whole number, at least 1",

@@ -381,6 +381,10 @@ class DmqNode:
         self._max_message = (
             MAX_UDP_MESSAGE if local.transport == "udp" else config.max_stream_message
         )
+        #: ``Supported`` on what we send, when the embedding service has option tags.
+        tags = ", ".join(config.option_tags)
+        self._supported_lines = (f"Supported: {tags}",) if tags else ()
+        self._supported_head = f"Supported: {tags}\r\n" if tags else ""
 
     # ------------------------------------------------------------------ outputs
 
@@ -584,9 +588,12 @@ class DmqNode:
         exclude: SipUri | None = None,
         max_forwards: int = 1,
         headers: ExtraHeaders = (),
+        only: Callable[[Node], bool] | None = None,
     ) -> SendOperation:
         """Send to every node of the list but us (and ``exclude``), whatever its
-        status; one result per node.
+        status; one result per node. ``only`` narrows the targets to the nodes it
+        accepts (the gateway sends bundles to the nodes that read them, and single
+        messages to the others).
 
         A node that is active or not active yet is sent the message now, and one that
         does not answer it gets it through its outbox (:mod:`app.dmq.outbox`); for a
@@ -598,12 +605,29 @@ class DmqNode:
         says which are refused), and on every resend of it."""
         extra = header_lines(headers)
         self._check_user_send(peer_id, body, extra)
-        excluded = self.nodes.key_of(exclude) if exclude is not None else None
-        targets = [n for n in self.nodes.others() if n.key != excluded]
-        targets.extend(p.node for key, p in self._parked.items() if key != excluded)
+        targets = self.broadcast_targets(exclude)
+        if only is not None:
+            targets = [node for node in targets if only(node)]
         return self._operation(
             peer_id, targets, body, content_type, max_forwards, now, extra, store=True
         )
+
+    def broadcast_targets(self, exclude: SipUri | None = None) -> list[Node]:
+        """The nodes a broadcast goes to now: every node of the list but us (and
+        ``exclude``), and the nodes whose outboxes are parked."""
+        excluded = self.nodes.key_of(exclude) if exclude is not None else None
+        targets = [n for n in self.nodes.others() if n.key != excluded]
+        targets.extend(p.node for key, p in self._parked.items() if key != excluded)
+        return targets
+
+    def send_target(self, node: SipUri) -> Node | None:
+        """The node a send to ``node`` goes to (a node of the list, or one whose
+        outbox is parked), or None when there is none."""
+        target = self.nodes.find(node)
+        if target is None:
+            park = self._parked.get(self.nodes.key_of(node, ask=False))
+            target = park.node if park is not None else None
+        return None if target is None or target.local else target
 
     def send(
         self,
@@ -647,6 +671,14 @@ class DmqNode:
         if target is None or target.local:
             raise UnknownNodeError(f"{node} is not a node of this bus (see the node list)")
         return self._operation(peer_id, [target], body, content_type, 1, now, retransmit=False)
+
+    def reserve_ids(self, count: int) -> int:
+        """Take ``count`` consecutive message ids (the first is returned) for messages
+        the caller sends inside others (bundled), so that their ids never clash with
+        those of the node's operations and received messages."""
+        first = self._ids + 1
+        self._ids += count
+        return first
 
     def _check_user_send(self, peer_id: str, body: bytes, extra: HeaderLines = ()) -> None:
         if self.stopped:
@@ -803,6 +835,10 @@ class DmqNode:
                     outcome = self._store_failed(node, message, now)
             elif not membership:
                 self._node_answered(node, now)
+                if response is not None:
+                    supported = response.headers.get("supported")
+                    if supported:
+                        node.note_supported(supported)
             self._add_result(
                 operation,
                 NodeResult(
@@ -1137,6 +1173,7 @@ class DmqNode:
             f"Call-ID: {call_id}",
             f"Max-Forwards: {max_forwards}",
             f"User-Agent: {self.config.user_agent}",
+            *self._supported_lines,
             *extra,
         ]
         if content_type:
@@ -1237,7 +1274,7 @@ class DmqNode:
                 f"SIP/2.0 {code} {reason}\r\nVia: {vias[0]}\r\n"
                 f"From: {first.get('from') or ''}\r\nTo: {to}\r\n"
                 f"Call-ID: {first.get('call-id') or ''}\r\nCSeq: {first.get('cseq') or ''}\r\n"
-                f"Server: {self.config.user_agent}\r\n"
+                f"Server: {self.config.user_agent}\r\n{self._supported_head}"
             )
         else:
             lines = [f"SIP/2.0 {code} {reason}"]
@@ -1247,6 +1284,7 @@ class DmqNode:
             lines.append(f"Call-ID: {first.get('call-id') or ''}")
             lines.append(f"CSeq: {first.get('cseq') or ''}")
             lines.append(f"Server: {self.config.user_agent}")
+            lines.extend(self._supported_lines)
             head = "\r\n".join(lines) + "\r\n"
         for line in extra:
             head += line + "\r\n"
@@ -1453,10 +1491,13 @@ class DmqNode:
             return
         held = self.nodes.find(sender)
         agent = first.get("user-agent")
+        supported = first.get("supported")
         if held is not None:
             held.last_heard = now  # a sign of life, whatever the request is
             if agent:
                 held.agent = agent[:128]
+            if supported:
+                held.note_supported(supported)
         if peer_id is None:
             self._respond_error(
                 st, request, destination, 404, "the Request-URI names no peer id", now
@@ -1464,10 +1505,13 @@ class DmqNode:
             return
         if peer_id == self.config.notification_channel:
             self._on_notification(st, request, destination, sender, max_forwards, now)
-            if held is None and agent:  # a joining node is in the list only now
+            if held is None and (agent or supported):  # a joining node is listed only now
                 joined = self.nodes.find(sender)
                 if joined is not None:
-                    joined.agent = agent[:128]
+                    if agent:
+                        joined.agent = agent[:128]
+                    if supported:
+                        joined.note_supported(supported)
             return
         peer = self.peers.get(peer_id)
         if peer is None:
@@ -1828,6 +1872,9 @@ class DmqNode:
                 agent = result.response.headers.get("server")
                 if agent:
                     node.agent = agent[:128]
+                supported = result.response.headers.get("supported")
+                if supported:
+                    node.note_supported(supported)
             if node.status is not NodeStatus.ACTIVE and not self.stopped:
                 old: NodeStatus = node.status
                 node.status = NodeStatus.ACTIVE

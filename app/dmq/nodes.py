@@ -88,6 +88,16 @@ class Node:
     #: answers, at most 128 characters): a Kamailio node or a gateway, for mirrors
     #: that ask a node holding data for a sync.
     agent: str = ""
+    #: The SIP option tags it ever sent in a ``Supported`` header (requests and
+    #: answers): what it understands beyond plain KDMQ. Empty until it has sent one.
+    option_tags: frozenset[str] = frozenset()
+
+    def note_supported(self, value: str) -> None:
+        """Add the option tags of a ``Supported`` header value it sent."""
+        tags = {tag.strip().lower() for tag in value[:512].split(",")}
+        tags.discard("")
+        if not tags <= self.option_tags:
+            self.option_tags = self.option_tags | tags
 
     @property
     def host(self) -> str:

@@ -16,6 +16,12 @@ from app.gateway.store import HistoryStore, HistorySync
 
 #: Frames a WebSocket subscriber may have queued before it is cut off.
 DEFAULT_QUEUE_LIMIT = 1000
+#: Messages per bundle: past about a hundred the per-request cost is already a few
+#: percent of the messages', and a larger bundle only lengthens the wait of its first.
+DEFAULT_BUNDLE_MAX_MESSAGES = 100
+#: Bytes of bundle body: 8 KiB keeps a UDP request to six IP fragments at a 1500-byte
+#: MTU (losing any one loses the whole datagram, so fewer is safer under loss).
+DEFAULT_BUNDLE_MAX_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,10 @@ class GatewayConfig:
     reorder_limit: int = DEFAULT_MAX_HELD
     #: Frames a WebSocket subscriber may have queued before it is cut off.
     queue_limit: int = DEFAULT_QUEUE_LIMIT
+    #: Messages one bundle may hold (:mod:`app.gateway.bundle`); 1 sends no bundles.
+    bundle_max_messages: int = DEFAULT_BUNDLE_MAX_MESSAGES
+    #: Bytes of body one bundle may have (entries and their framing).
+    bundle_max_bytes: int = DEFAULT_BUNDLE_MAX_BYTES
     #: Peers registered at start (--peer): auto replies, not persisted.
     startup_peers: tuple[str, ...] = ()
     #: Fault injection for tests: fraction of UDP datagrams dropped.

@@ -68,11 +68,12 @@ from typing import Any, Final, NamedTuple, TypeVar
 from app.dmq.errors import NodeStoppedError, ReplyNotPendingError
 from app.dmq.node import ExtraHeaders
 from app.dmq.peers import ORIGIN_HEADER, PeerHandler, PeerInit, PeerMessage, PeerReply
+from app.gateway import bundle
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
 from app.gateway.errors import PeerNotRegisteredError
 from app.gateway.frames import GapFrame, MessageFrame, SubscribedFrame
 from app.gateway.models import PeerSettings, ReplyMode
-from app.gateway.origin import OriginStamp, build_origin, parse_origin
+from app.gateway.origin import MAX_SEQ, OriginStamp, build_origin, parse_origin
 from app.gateway.reorder import (
     DEFAULT_MAX_HELD,
     DEFAULT_MAX_WAIT,
@@ -341,8 +342,9 @@ class PeerChannel:
     offset: int = 0
     history: deque[HistoryEntry] = field(default_factory=deque)
     subscribers: set[Subscriber] = field(default_factory=set)
-    #: Subscriber mode: message id -> the core's id of the message, for the replies.
-    pending: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    #: Subscriber mode: message id -> the core's id of the message, for the replies
+    #: (for an entry of a bundle: the bundle's wait, and the entry's index).
+    pending: OrderedDict[str, int | tuple[_BundleReplies, int]] = field(default_factory=OrderedDict)
     received: int = 0
     overflows: int = 0
     registered_at: float = field(default_factory=time.time)
@@ -478,6 +480,8 @@ class Hub:
         #: Taps by peer id: typed mirrors of Kamailio's own peers (htable, usrloc,
         #: dialog), which see every message of their peer id beside any raw peer.
         self.taps: dict[str, _Tap] = {}
+        #: Bundles sent (by the gateway) and received, for /metrics.
+        self.bundle_stats = bundle.BundleStats()
 
     # ------------------------------------------------------------------ registry
 
@@ -590,7 +594,7 @@ class Hub:
         tap = self.taps.get(peer_id)
         if tap is not None:  # the typed mirror answers its peer id alone again
             self.server.register_peer(
-                peer_id, tap.handler, init=tap.init, description=tap.description
+                peer_id, self._tap_alone(tap.handler), init=tap.init, description=tap.description
             )
         self.reorderer.forget_peer(peer_id)
         for subscriber in list(channel.subscribers):
@@ -619,7 +623,9 @@ class Hub:
             raise ValueError(f"peer {peer_id!r} already has a tap")
         self.taps[peer_id] = _Tap(handler, init, description)
         if peer_id not in self.channels:
-            self.server.register_peer(peer_id, handler, init=init, description=description)
+            self.server.register_peer(
+                peer_id, self._tap_alone(handler), init=init, description=description
+            )
 
     # ------------------------------------------------------------------ our stamps
 
@@ -637,16 +643,30 @@ class Hub:
         the held messages go, in order. :meth:`committed` waits for that. Without a loop
         (or after a failed commit) the seq is committed on its own before ``start``.
         """
+        return self.stamped_run(
+            peer_id, to, 1, lambda seq: start(((ORIGIN_HEADER, self.origin_value(seq, to)),))
+        )
+
+    def origin_value(self, seq: int, to: str = "", count: int = 1) -> str:
+        """Our ``X-DMQ-Origin`` value for ``seq`` (with ``count`` > 1: a bundle's,
+        covering seqs ``seq .. seq + count - 1``)."""
+        value = build_origin(self.origin, self.origin_epoch, seq, to)
+        return value if count == 1 else bundle.with_count(value, count)
+
+    def stamped_run(self, peer_id: str, to: str, count: int, start: Callable[[int], _R]) -> _R:
+        """Like :meth:`stamped` for ``count`` consecutive messages: ``start`` gets the
+        first of their seqs and sends them all (singly, bundled, or both), before
+        anything else is stamped for the stream. A ``start`` that raises uses up none
+        of them, so it must raise before it sends any (the caller checks first)."""
         stream = f"{peer_id}>{to}" if to else peer_id
         previous = self._origin_seq.get(stream, 0)
-        seq = previous + 1
-        header = ((ORIGIN_HEADER, build_origin(self.origin, self.origin_epoch, seq, to)),)
+        seq = previous + count
         store = self.store
         if store is None:
-            result = start(header)
+            result = start(previous + 1)
         elif not self._stamps_unsaved and self._open_batch():
             self.server.hold_output()
-            result = start(header)  # a refusal raises here: the seq is not used
+            result = start(previous + 1)  # a refusal raises here: the seqs are not used
             self._stamps[stream] = seq
         else:
             self.flush()  # (the open batch goes in the same commit's stead)
@@ -655,7 +675,7 @@ class Hub:
                 store.save_origin_seqs({**unsaved, stream: seq}.items())
             unsaved.clear()
             try:
-                result = start(header)
+                result = start(previous + 1)
             except BaseException:
                 store.save_origin_seqs(((stream, previous),))
                 raise
@@ -679,6 +699,8 @@ class Hub:
         taps = self.taps
 
         def handler(message: PeerMessage) -> PeerReply | None:
+            if message.content_type == bundle.CONTENT_TYPE:
+                return self._on_bundle(channel, message)
             if taps:
                 tap = taps.get(channel.peer_id)
                 if tap is not None:
@@ -701,7 +723,9 @@ class Hub:
                             one_statement=True,
                         )
                 else:
-                    self._offer(channel, stamp, message)
+                    self._offer(
+                        channel, stamp, str(message.sender), message.content_type, message.body
+                    )
                 if not channel.subscribers and log.isEnabledFor(logging.INFO):
                     log.info(
                         "%s from %s (%s, %d bytes): %s",
@@ -745,6 +769,132 @@ class Hub:
             return None  # a subscriber answers, through reply(); the core times it
 
         return handler
+
+    # ------------------------------------------------------------------ bundles
+
+    def _unbundle(self, message: PeerMessage) -> tuple[OriginStamp, list[PeerMessage]] | PeerReply:
+        """A bundle's entries as the single messages they stand for (entry *i*
+        stamped ``seq + i``), or the 400 that says why it cannot be read."""
+        stamp = parse_origin(message.origin)
+        count = bundle.stamp_count(message.origin)
+        if stamp is None or count is None:
+            self.bundle_stats.malformed += 1
+            return PeerReply(400, "Bad Request (a bundle needs an X-DMQ-Origin stamp with count)")
+        if stamp.seq + count - 1 > MAX_SEQ:
+            self.bundle_stats.malformed += 1
+            return PeerReply(400, "Bad Request (bundle seqs beyond the largest seq)")
+        try:
+            entries = bundle.decode(message.body, count, max_body=self.server.node.max_body_size)
+        except bundle.BundleError as exc:
+            self.bundle_stats.malformed += 1
+            return PeerReply(400, f"Bad Request ({exc})")
+        self.bundle_stats.received(count)
+        messages = [
+            message._replace(
+                body=entry.body,
+                content_type=entry.content_type,
+                origin=stamp._replace(seq=stamp.seq + index).header(),
+            )
+            for index, entry in enumerate(entries)
+        ]
+        return stamp, messages
+
+    def _tap_alone(self, handler: PeerHandler) -> PeerHandler:
+        """A typed mirror that is its peer id's only handler: a bundle is handed to it
+        one entry at a time, and answered with the first refusal (its reason naming
+        the entry), else 200. The entries before a refused one were taken; those after
+        it are not offered (the sender learns the bundle failed at that entry)."""
+
+        def tap(message: PeerMessage) -> PeerReply | None:
+            if message.content_type != bundle.CONTENT_TYPE:
+                return handler(message)
+            unpacked = self._unbundle(message)
+            if isinstance(unpacked, PeerReply):
+                return unpacked
+            for index, entry in enumerate(unpacked[1]):
+                reply = handler(entry)
+                if reply is not None and not 200 <= reply.code < 300:
+                    return _entry_refused(index, reply)
+            return _OK
+
+        return tap
+
+    def _on_bundle(self, channel: PeerChannel, message: PeerMessage) -> PeerReply | None:
+        """A bundle for a raw peer: each entry is handled exactly as the single stamped
+        message it stands for (taps, the reorderer, the history and subscribers, in
+        this turn's page), and the bundle is answered once, after the commit, like
+        one message. A bundle that cannot be read is refused whole (400), before
+        anything of it is delivered."""
+        unpacked = self._unbundle(message)
+        if isinstance(unpacked, PeerReply):
+            return unpacked
+        stamp, entries = unpacked
+        tap = self.taps.get(channel.peer_id) if self.taps else None
+        if tap is not None:
+            for entry in entries:
+                try:
+                    tap.handler(entry)  # the raw peer's answer is the reply
+                except Exception:
+                    log.exception("tap of peer %s failed", channel.peer_id)
+        sender = str(message.sender)
+        if channel.settings.reply is ReplyMode.AUTO:
+            batched = channel.store is not None and self._open_batch()
+            for index, entry in enumerate(entries):
+                self._offer(
+                    channel,
+                    stamp._replace(seq=stamp.seq + index),
+                    sender,
+                    entry.content_type,
+                    entry.body,
+                )
+            if not channel.subscribers and log.isEnabledFor(logging.INFO):
+                log.info(
+                    "%s from %s: a bundle of %d messages (%d bytes)",
+                    channel.peer_id,
+                    sender,
+                    len(entries),
+                    len(message.body),
+                )
+            if batched:
+                self._batch.append(message.id)
+                return None  # answered by flush(), once committed
+            return _OK
+        if not channel.subscribers:
+            return _NO_SUBSCRIBER
+        # Subscriber mode: every new entry waits for its subscriber's reply; the
+        # bundle is answered when all have (the core times the whole bundle).
+        key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
+        reorderer = self.reorderer
+        store = self.store if self.durable else None
+        waiting = _BundleReplies(message.id)
+        new: list[tuple[int, PeerMessage, tuple[StreamKey, int, int | None]]] = []
+        for index, entry in enumerate(entries):
+            seq = stamp.seq + index
+            before = reorderer.next_seq(key)
+            if not reorderer.offer_unordered(key, seq):
+                self.duplicates += 1
+                continue  # delivered to a subscriber before: not asked again
+            after = reorderer.next_seq(key)
+            new.append((index, entry, (key, seq, after if after != before else None)))
+        if not new:
+            return _OK
+
+        def write() -> list[HistoryEntry]:
+            written = []
+            for _, entry, seen in new:
+                written.append(channel.append(sender, entry.content_type, entry.body))
+                if store is not None:
+                    store.mark_seen(*seen)
+            return written
+
+        written = self._commit(write)
+        waiting.left = len(written)
+        pending = channel.pending
+        for (index, _, _), row in zip(new, written, strict=True):
+            pending[message_id(channel.epoch, row[_OFFSET])] = (waiting, index)
+        while len(pending) > PENDING_IDS_KEPT:
+            pending.popitem(last=False)
+        return None
 
     def _commit(self, write: Callable[[], _R], *, one_statement: bool = False) -> _R:
         """Run ``write`` in one store transaction (committed before the 200): the open
@@ -847,10 +997,17 @@ class Hub:
             )
             self._stamps_unsaved.update(stamps)
 
-    def _offer(self, channel: PeerChannel, stamp: OriginStamp, message: PeerMessage) -> None:
+    def _offer(
+        self,
+        channel: PeerChannel,
+        stamp: OriginStamp,
+        sender: str,
+        content_type: str | None,
+        body: bytes,
+    ) -> None:
         key = StreamKey(channel.peer_id, stamp.origin, stamp.epoch, stamp.to)
         now = time.time()
-        held = _Held(str(message.sender), message.content_type, message.body)
+        held = _Held(sender, content_type, body)
         verdict, actions = self.reorderer.offer(key, stamp.seq, held, now)
         if verdict is Verdict.DUPLICATE:
             self.duplicates += 1
@@ -969,7 +1126,16 @@ class Hub:
                 f"message {message_id!r} of peer {peer_id!r} is not waiting for a reply "
                 "(not a message of this epoch in subscriber mode, or long answered)"
             )
-        self.server.reply(core_id, reply)
+        if isinstance(core_id, int):
+            self.server.reply(core_id, reply)
+            return
+        waiting, index = core_id
+        if not waiting.answer(index, reply):
+            raise ReplyNotPendingError(
+                f"message {message_id!r} of peer {peer_id!r} was answered already"
+            )
+        if waiting.left == 0:
+            self.server.reply(waiting.core_id, waiting.reply())
 
     # ------------------------------------------------------------------ subscribers
 
@@ -1058,6 +1224,44 @@ class _Held(NamedTuple):
     sender: str
     content_type: str | None
     body: bytes
+
+
+class _BundleReplies:
+    """The subscribers' replies to the entries of one bundle (subscriber mode): the
+    bundle is answered once all are in, with the first refusal (by entry index, its
+    reason naming the entry), else the first entry's reply."""
+
+    __slots__ = ("core_id", "left", "replies")
+
+    def __init__(self, core_id: int) -> None:
+        self.core_id = core_id
+        self.left = 0
+        self.replies: dict[int, PeerReply] = {}
+
+    def answer(self, index: int, reply: PeerReply) -> bool:
+        """Record one entry's reply; False when that entry was answered already."""
+        if index in self.replies:
+            return False
+        self.replies[index] = reply
+        self.left -= 1
+        return True
+
+    def reply(self) -> PeerReply:
+        for index in sorted(self.replies):
+            reply = self.replies[index]
+            if not 200 <= reply.code < 300:
+                return _entry_refused(index, reply)
+        return self.replies[min(self.replies)]
+
+
+def _entry_refused(index: int, reply: PeerReply) -> PeerReply:
+    """A bundle's answer when entry ``index`` was refused with ``reply``."""
+    return PeerReply(
+        reply.code,
+        f"{reply.reason} (bundle entry {index})",
+        reply.content_type,
+        reply.body,
+    )
 
 
 _R = TypeVar("_R")

@@ -25,13 +25,15 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from app.dmq.errors import MessageTooLargeError, NodeStoppedError
 from app.dmq.events import Delivery, NodeResult, SendOperation
 from app.dmq.nodes import Node, NodeStatus
 from app.dmq.outbox import DROP_REASONS
-from app.dmq.peers import PeerHandler, PeerInit, PeerReply
+from app.dmq.peers import ORIGIN_HEADER, PeerHandler, PeerInit, PeerReply
 from app.dmq.sip import SipUri
+from app.gateway import bundle
 from app.gateway.config import GatewayConfig
 from app.gateway.errors import InvalidNodeUriError, LocalNodeError
 from app.gateway.hub import Ending, Hub, PeerChannel, Subscriber, Subscription
@@ -65,6 +67,12 @@ class Gateway:
     """One gateway: a DMQ node, its peers, and what clients may do with them."""
 
     def __init__(self, config: GatewayConfig) -> None:
+        if bundle.OPTION_TAG not in config.node.option_tags:
+            # Every gateway reads bundles; the node says so on what it sends.
+            node = dataclasses.replace(
+                config.node, option_tags=(*config.node.option_tags, bundle.OPTION_TAG)
+            )
+            config = dataclasses.replace(config, node=node)
         self.config = config
         self._server = DmqServer(config.node, drop_rate=config.drop_rate)
         self._store = (
@@ -395,19 +403,16 @@ class Gateway:
                 )
         # All in this one turn of the loop: the hub commits their origin seqs at once
         # (the turn's group commit), and they leave after it, in order.
-        started = [
-            self.publish_nowait(peer_id, body, content_type, target)
-            for body, content_type in messages
-        ]
+        started = self.publish_run(peer_id, messages, target)
         committed = self._hub.committed()
         if committed is not None:
             await committed
         if not wait or not started:
-            return [self.dispatch_of(op) for op, _ in started]
+            return [self.dispatch_of(sent) for sent in started]
         stopping = self._stopping
         assert stopping is not None
         limit_s = timeout if timeout is not None else self.config.node.timers.timer_f_value + 1
-        waiters = [waiter for _, waiter in started]
+        waiters = list({id(w): w for sent in started for w in sent.waiters}.values())
         everything = asyncio.ensure_future(asyncio.wait(waiters))
         try:
             await asyncio.wait(
@@ -417,20 +422,58 @@ class Gateway:
             everything.cancel()
         if stopping.done() and not all(w.done() and w.exception() is None for w in waiters):
             raise NodeStoppedError("the gateway is stopping; the results will not be known")
-        return [self.dispatch_of(op, results=True) for op, _ in started]
+        return [self.dispatch_of(sent, results=True) for sent in started]
 
-    def publish_nowait(
-        self, peer_id: str, body: bytes, content_type: str | None, target: SipUri | None = None
-    ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
-        """Broadcast one message (or send it to ``target``, a node :meth:`resolve_node`
-        returned) now; the future completes when every node has answered or timed out
-        (:meth:`dispatch_of` then gives the results), or fails when the node stops.
-        Raises what a broadcast raises (no such peer, too large, stopping)."""
+    def publish_run(
+        self,
+        peer_id: str,
+        messages: Sequence[tuple[bytes, str | None]],
+        target: SipUri | None = None,
+    ) -> list[Published]:
+        """Broadcast (or send to ``target``, a node :meth:`resolve_node` returned) a run
+        of ``(body, content_type)`` messages now, in order; one :class:`Published`
+        per message, whose waiters complete when every node has answered or timed out
+        (:meth:`dispatch_of` then gives its results), or fail when the node stops.
+
+        Each node that reads bundles (it sent ``Supported: dmq-bundle``) gets the
+        run packed into bundles of at most ``bundle_max_messages`` messages and
+        ``bundle_max_bytes``; every other node gets one request per message, as
+        before. Either way a message's seq is the same, so a receiver sees one stream.
+        Raises what a broadcast raises (no such peer, too large, stopping) before
+        anything of the run is sent."""
         if self.stopping:
             raise NodeStoppedError("the gateway is stopping and sends nothing more")
+        node = self._server.node
+        config = self.config
+        if target is None:
+            targets = node.broadcast_targets()
+        else:
+            found = node.send_target(target)
+            targets = [found] if found is not None else []
+        bundlers = sum(1 for n in targets if _reads_bundles(n))
+        if len(messages) < 2 or not bundlers or config.bundle_max_messages < 2:
+            return [self._publish_one(peer_id, body, ct, target) for body, ct in messages]
+        max_bytes = min(config.bundle_max_bytes, node.max_body_size - 256)
+        sizes = [bundle.entry_size(ct, body) if bundle.fits(ct) else -1 for body, ct in messages]
+        published: list[Published] = []
+        for start, stop in bundle.chunks(sizes, config.bundle_max_messages, max_bytes):
+            if stop - start == 1:
+                body, ct = messages[start]
+                published.append(self._publish_one(peer_id, body, ct, target))
+            else:
+                published.extend(
+                    self._publish_bundle(
+                        peer_id, messages[start:stop], target, singles=bundlers < len(targets)
+                    )
+                )
+        return published
+
+    def _publish_one(
+        self, peer_id: str, body: bytes, content_type: str | None, target: SipUri | None
+    ) -> Published:
         server = self._server
         if target is None:
-            start = self._hub.stamped(
+            operation, waiter = self._hub.stamped(
                 peer_id,
                 "",
                 lambda headers: server.broadcast_nowait(
@@ -438,24 +481,92 @@ class Gateway:
                 ),
             )
         else:
-            start = self._hub.stamped(
+            operation, waiter = self._hub.stamped(
                 peer_id,
-                str(target).split(";", 1)[0],
+                _stream_name(target),
                 lambda headers: server.send_nowait(
                     peer_id, body, content_type, target, headers=headers
                 ),
             )
-        start[1].add_done_callback(_retrieve)
-        return start
+        waiter.add_done_callback(_retrieve)
+        return Published(operation.id, peer_id, (operation,), (waiter,))
 
-    def dispatch_of(self, operation: SendOperation, *, results: bool = False) -> Dispatch:
+    def _publish_bundle(
+        self,
+        peer_id: str,
+        run: Sequence[tuple[bytes, str | None]],
+        target: SipUri | None,
+        *,
+        singles: bool,
+    ) -> list[Published]:
+        """One bundle of ``run`` to each node that reads bundles and, with
+        ``singles``, one request per message to each other node (a broadcast); all
+        with the same consecutive seqs."""
+        server, hub = self._server, self._hub
+        to = "" if target is None else _stream_name(target)
+        count = len(run)
+
+        def start(first: int) -> list[Published]:
+            alone: list[tuple[SendOperation, asyncio.Future[SendOperation]]] = []
+            if singles:
+                for index, (body, ct) in enumerate(run):
+                    header = ((ORIGIN_HEADER, hub.origin_value(first + index, to)),)
+                    alone.append(
+                        server.broadcast_nowait(
+                            peer_id, body, ct, headers=header, only=_reads_no_bundles
+                        )
+                    )
+            header = ((ORIGIN_HEADER, hub.origin_value(first, to, count)),)
+            body = bundle.encode(run)
+            if target is None:
+                operation, waiter = server.broadcast_nowait(
+                    peer_id, body, bundle.CONTENT_TYPE, headers=header, only=_reads_bundles
+                )
+            else:
+                operation, waiter = server.send_nowait(
+                    peer_id, body, bundle.CONTENT_TYPE, target, headers=header
+                )
+            waiter.add_done_callback(_retrieve)
+            hub.bundle_stats.sent(count)
+            if alone:
+                for _, single in alone:
+                    single.add_done_callback(_retrieve)
+                return [
+                    Published(op.id, peer_id, (op, operation), (single, waiter))
+                    for op, single in alone
+                ]
+            first_id = server.node.reserve_ids(count)
+            return [
+                Published(first_id + index, peer_id, (operation,), (waiter,))
+                for index in range(count)
+            ]
+
+        return hub.stamped_run(peer_id, to, count, start)
+
+    def publish_nowait(
+        self, peer_id: str, body: bytes, content_type: str | None, target: SipUri | None = None
+    ) -> Published:
+        """Broadcast one message (or send it to ``target``) now (:meth:`publish_run`)."""
+        if self.stopping:
+            raise NodeStoppedError("the gateway is stopping and sends nothing more")
+        return self._publish_one(peer_id, body, content_type, target)
+
+    def dispatch_of(
+        self, operation: SendOperation | Published, *, results: bool = False
+    ) -> Dispatch:
         """What the API says of a started message: its id and targets, and with
-        ``results`` every node's result so far (a node yet to answer: timed out)."""
+        ``results`` every node's result so far (a node yet to answer: timed out). A
+        bundled message's result from a node is the bundle's."""
+        if isinstance(operation, Published):
+            targets = tuple(t for part in operation.parts for t in part.targets)
+            answered = [r for part in operation.parts for r in part.results]
+        else:
+            targets, answered = operation.targets, operation.results
         return Dispatch(
             f"{self.instance}-{operation.id}",
             operation.peer_id,
-            tuple(str(t) for t in operation.targets),
-            _outcomes(operation) if results else None,
+            tuple(str(t) for t in targets),
+            _outcomes(targets, answered) if results else None,
         )
 
     async def _dispatch(self, start: _Start, wait: bool, timeout: float | None) -> Dispatch:
@@ -479,7 +590,12 @@ class Gateway:
             raise NodeStoppedError("the gateway is stopping; the results will not be known")
         if not waiter.done() and stopping.done():
             raise NodeStoppedError("the gateway is stopping; the results will not be known")
-        return Dispatch(message_id, operation.peer_id, targets, _outcomes(operation))
+        return Dispatch(
+            message_id,
+            operation.peer_id,
+            targets,
+            _outcomes(operation.targets, operation.results),
+        )
 
     # ------------------------------------------------------------------ subscribers
 
@@ -532,10 +648,34 @@ def _retrieve(future: asyncio.Future[SendOperation]) -> None:
         future.exception()
 
 
-def _outcomes(operation: SendOperation) -> tuple[NodeOutcome, ...]:
-    answered: dict[str, NodeResult] = {str(r.node): r for r in operation.results}
+@dataclass(slots=True, eq=False)
+class Published:
+    """One message of a run as it was sent: its id, the operations that carry it (a
+    single request to some nodes, a bundle to others) and their waiters."""
+
+    id: int
+    peer_id: str
+    parts: tuple[SendOperation, ...]
+    waiters: tuple[asyncio.Future[SendOperation], ...]
+
+
+def _reads_bundles(node: Node) -> bool:
+    return bundle.OPTION_TAG in node.option_tags
+
+
+def _reads_no_bundles(node: Node) -> bool:
+    return bundle.OPTION_TAG not in node.option_tags
+
+
+def _stream_name(target: SipUri) -> str:
+    """Names the stream of sends to a node: its parameters are left out."""
+    return str(target).split(";", 1)[0]
+
+
+def _outcomes(targets: Sequence[SipUri], results: Sequence[NodeResult]) -> tuple[NodeOutcome, ...]:
+    answered: dict[str, NodeResult] = {str(r.node): r for r in results}
     outcomes = []
-    for target in operation.targets:
+    for target in targets:
         node = str(target)
         result = answered.get(node)
         if result is None:

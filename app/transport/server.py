@@ -740,12 +740,14 @@ class DmqServer:
         content_type: str | None,
         *,
         headers: ExtraHeaders = (),
+        only: Callable[[Node], bool] | None = None,
     ) -> tuple[SendOperation, asyncio.Future[SendOperation]]:
         """Start a broadcast; the future completes with every node's result, or with
         :class:`NodeStoppedError` if the node stops first. ``headers`` are extra
-        ``(name, value)`` headers for the KDMQ requests (:meth:`DmqNode.broadcast`)."""
+        ``(name, value)`` headers for the KDMQ requests, ``only`` narrows the targets
+        (:meth:`DmqNode.broadcast`)."""
         operation = self.node.broadcast(
-            peer_id, body, content_type, self._send_clock(), headers=headers
+            peer_id, body, content_type, self._send_clock(), headers=headers, only=only
         )
         waiter = self._waiter(operation)
         self._flush()

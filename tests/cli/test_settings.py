@@ -94,6 +94,8 @@ def test_every_kind_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
         "DMQ_TIMER_F": "7",
         "DMQ_MAX_TCP_MESSAGE": "2048",
         "DMQ_WS_QUEUE_LIMIT": "5",
+        "DMQ_BUNDLE_MAX_MESSAGES": "7",
+        "DMQ_BUNDLE_MAX_BYTES": "4096",
         "DMQ_DROP_RATE": "0.25",
         # lists: commas, spaces, or both
         "DMQ_NOTIFICATION_ADDRESS": "sip:10.0.0.6:5060,sip:10.0.0.7:5060",
@@ -118,6 +120,7 @@ def test_every_kind_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert (node.timers.t1, node.timers.t2, node.timers.timer_f) == (0.1, 1.0, 7.0)
     assert node.max_stream_message == 2048
     assert settings.queue_limit == 5
+    assert (settings.bundle_max_messages, settings.bundle_max_bytes) == (7, 4096)
     assert settings.drop_rate == 0.25
     assert [str(uri) for uri in node.notification_addresses] == [
         "sip:10.0.0.6:5060",
@@ -234,6 +237,8 @@ def test_public_health_option() -> None:
         (["--drop-rate", "1"], "--drop-rate 1: must be at least 0 and below 1"),
         (["--drop-rate", "-0.1"], "--drop-rate -0.1: must be at least 0 and below 1"),
         (["--ws-queue-limit", "0"], "--ws-queue-limit 0: must be at least 1"),
+        (["--bundle-max-messages", "0"], "--bundle-max-messages 0: must be 1 to 1000"),
+        (["--bundle-max-bytes", "100"], "--bundle-max-bytes 100: must be 256 to 1048576"),
         (
             ["--peer", "notification_peer"],
             "--peer 'notification_peer': that is the notification channel (--notification-channel)",
@@ -273,6 +278,11 @@ def test_each_error_is_one_sentence_naming_the_option(
             "DMQ_TRUSTED 'nowhere': not a network in CIDR form, e.g. 10.0.0.0/24",
         ),
         ("DMQ_WS_QUEUE_LIMIT", "0", "DMQ_WS_QUEUE_LIMIT 0: must be at least 1"),
+        (
+            "DMQ_BUNDLE_MAX_MESSAGES",
+            "1001",
+            "DMQ_BUNDLE_MAX_MESSAGES 1001: must be 1 to 1000",
+        ),
         ("DMQ_T1", "-1", "DMQ_T1 -1: must be a positive number of seconds"),
         (
             "DMQ_API_TOKEN",
@@ -570,6 +580,8 @@ def test_the_options_defaults_are_the_bounds_defaults() -> None:
         "ws_max_frames_per_second": limits.api.ws_frames_per_second,
         "ws_queue_bytes": limits.api.ws_queue_bytes,
         "ws_queue_limit": DEFAULT_QUEUE_LIMIT,
+        "bundle_max_messages": GatewayConfig(node=node).bundle_max_messages,
+        "bundle_max_bytes": GatewayConfig(node=node).bundle_max_bytes,
         "max_nodes": node.max_nodes,
         "max_new_nodes_per_list": node.max_new_nodes_per_list,
         "max_new_nodes_per_second": node.max_new_nodes_per_second,

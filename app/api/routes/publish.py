@@ -42,11 +42,10 @@ from app.api.routes.subscribe import (
 )
 from app.api.schemas import BatchAccepted, BatchMessageIn, BatchResults, Problem, SendResults
 from app.dmq.errors import DmqUsageError
-from app.dmq.events import SendOperation
 from app.gateway.errors import GatewayError
 from app.gateway.frames import AckFrame, NodeResultFrame, PublishErrorFrame, PublishFrame
 from app.gateway.models import Dispatch
-from app.gateway.service import Gateway
+from app.gateway.service import Gateway, Published
 
 router = APIRouter(prefix="/v1/peers", tags=["peers"])
 #: The WebSocket authenticates itself (a header or ?token=), like subscribe.
@@ -254,11 +253,21 @@ async def publish(websocket: WebSocket, peer_id: str) -> None:
             return
     # Acks go out in the order of the publishes, from one task; the reading loop waits
     # for room when MAX_UNACKED publishes are unacknowledged.
-    pending: deque[tuple[str, SendOperation | None, asyncio.Future[SendOperation] | str]]
-    pending = deque()
+    pending: deque[_Pending] = deque()
     room = asyncio.Semaphore(MAX_UNACKED)
     more = asyncio.Event()
     sender = asyncio.ensure_future(_send_acks(websocket, gateway, peer_id, pending, room, more))
+    # The publishes read in one turn of the loop leave together, at its end, as one
+    # run (bundled for the nodes that read bundles), in the order they came.
+    turn: list[tuple[str, tuple[bytes, str] | str]] = []
+    loop = asyncio.get_running_loop()
+
+    def flush() -> None:
+        if turn:
+            _publish_turn(gateway, peer_id, target, turn, pending)
+            turn.clear()
+            more.set()
+
     try:
         while not sender.done():
             await room.acquire()
@@ -267,9 +276,11 @@ async def publish(websocket: WebSocket, peer_id: str) -> None:
             except (WebSocketDisconnect, RuntimeError, KeyError):
                 room.release()
                 break
-            pending.append(_publish_one(gateway, peer_id, target, text))
-            more.set()
+            if not turn:
+                loop.call_soon(flush)
+            turn.append(_parse_publish(text))
     finally:
+        flush()
         # Acks still due are sent (the client may be waiting for them), unless the
         # client is gone.
         pending.append(("", None, "stop"))
@@ -282,10 +293,13 @@ async def publish(websocket: WebSocket, peer_id: str) -> None:
             await websocket.close(code=CLOSE_SERVICE_RESTART, reason="the gateway is stopping")
 
 
-def _publish_one(
-    gateway: Gateway, peer_id: str, target: Any, text: str
-) -> tuple[str, SendOperation | None, asyncio.Future[SendOperation] | str]:
-    """Start one publish: ``(client id, operation, waiter)``, or ``(id, None, error frame)``."""
+#: One publish on its way to an ack: ``(client id, message, None)``, or
+#: ``(client id, None, error frame)`` (``"stop"`` ends the acks).
+_Pending = tuple[str, Published | None, str | None]
+
+
+def _parse_publish(text: str) -> tuple[str, tuple[bytes, str] | str]:
+    """One publish frame: ``(client id, (body, content type))``, or ``(id, error frame)``."""
     try:
         frame = PublishFrame.model_validate_json(text)
     except ValidationError as exc:
@@ -296,7 +310,6 @@ def _publish_one(
             client_id = json.loads(text).get("id")
         return (
             "",
-            None,
             PublishErrorFrame(
                 type="error",
                 error=f"not a publish frame: {where + ': ' if where else ''}{first.get('msg')}",
@@ -305,19 +318,49 @@ def _publish_one(
             ).text(),
         )
     try:
-        body, content_type = _decode(
+        message = _decode(
             BatchMessageIn.model_construct(
                 body=frame.body, content_type=frame.content_type, encoding=frame.encoding
             )
         )
-        operation, waiter = gateway.publish_nowait(peer_id, body, content_type, target)
     except (binascii.Error, ValueError):
-        return frame.id, None, _error(frame.id, 422, "body is not valid base64")
+        return frame.id, _error(frame.id, 422, "body is not valid base64")
     except ProblemError as exc:
-        return frame.id, None, _error(frame.id, exc.status, exc.detail)
-    except (GatewayError, DmqUsageError) as exc:
-        return frame.id, None, _error(frame.id, getattr(exc, "status_hint", 500), str(exc))
-    return frame.id, operation, waiter
+        return frame.id, _error(frame.id, exc.status, exc.detail)
+    return frame.id, message
+
+
+def _publish_turn(
+    gateway: Gateway,
+    peer_id: str,
+    target: Any,
+    turn: list[tuple[str, tuple[bytes, str] | str]],
+    pending: deque[_Pending],
+) -> None:
+    """Send the publishes of one turn: each stretch of good ones as one run; a run
+    the gateway refuses gets its error on each of its publishes, in order."""
+    at = 0
+    while at < len(turn):
+        client_id, item = turn[at]
+        if isinstance(item, str):
+            pending.append((client_id, None, item))
+            at += 1
+            continue
+        stop = at
+        while stop < len(turn) and not isinstance(turn[stop][1], str):
+            stop += 1
+        ids = [turn[i][0] for i in range(at, stop)]
+        run = [item for _, item in turn[at:stop] if not isinstance(item, str)]
+        try:
+            sent = gateway.publish_run(peer_id, run, target)
+        except ProblemError as exc:
+            pending.extend((i, None, _error(i, exc.status, exc.detail)) for i in ids)
+        except (GatewayError, DmqUsageError) as exc:
+            status = getattr(exc, "status_hint", 500)
+            pending.extend((i, None, _error(i, status, str(exc))) for i in ids)
+        else:
+            pending.extend((i, published, None) for i, published in zip(ids, sent, strict=True))
+        at = stop
 
 
 def _error(client_id: str, status: int, error: str) -> str:
@@ -328,7 +371,7 @@ async def _send_acks(
     websocket: WebSocket,
     gateway: Gateway,
     peer_id: str,
-    pending: deque[tuple[str, SendOperation | None, asyncio.Future[SendOperation] | str]],
+    pending: deque[_Pending],
     room: asyncio.Semaphore,
     more: asyncio.Event,
 ) -> None:
@@ -336,24 +379,27 @@ async def _send_acks(
         while not pending:
             more.clear()
             await more.wait()
-        client_id, operation, waiter = pending.popleft()
-        if operation is None:
-            assert isinstance(waiter, str)
-            if waiter == "stop":
+        client_id, sent, error = pending.popleft()
+        if sent is None:
+            assert error is not None
+            if error == "stop":
                 return
-            await websocket.send_text(waiter)
+            await websocket.send_text(error)
             room.release()
             continue
-        assert not isinstance(waiter, str)
-        with contextlib.suppress(Exception):
-            await waiter
-        if waiter.exception() is not None if waiter.done() and not waiter.cancelled() else True:
+        failed = False
+        for waiter in sent.waiters:
+            with contextlib.suppress(Exception):
+                await waiter
+            if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+                failed = True
+        if failed:
             await websocket.send_text(
                 _error(client_id, 503, "the gateway stopped before every node answered")
             )
             room.release()
             continue
-        dispatch = gateway.dispatch_of(operation, results=True)
+        dispatch = gateway.dispatch_of(sent, results=True)
         await websocket.send_text(
             AckFrame(
                 type="ack",
