@@ -227,6 +227,10 @@ class Gateway:
             },
         )
 
+    def bundle_stats(self) -> bundle.BundleStats:
+        """Bundles sent and received (:mod:`app.gateway.bundle`), for /metrics."""
+        return self._hub.bundle_stats
+
     # ------------------------------------------------------------------ nodes
 
     def nodes(self) -> list[NodeInfo]:

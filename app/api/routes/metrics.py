@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from app.api.limits import GuardStats
+from app.gateway import bundle
 from app.gateway.service import Gateway
 from app.transport.server import TLS_FAILURE_REASONS
 
@@ -238,9 +239,34 @@ class GatewayCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, text, value=value)
+        yield from self._bundles()
         yield from self._transport(stats.transport)
         yield from self._tls(stats.transport)
         yield from self._guard()
+
+    def _bundles(self) -> Iterator[Metric]:
+        """Bundles sent and received, as histograms of the entries they held (their
+        ``_count`` is the bundles, their ``_sum`` the messages so carried)."""
+        stats = self.gateway.bundle_stats()
+        for direction, sizes in (("sent", stats.sent_sizes), ("received", stats.received_sizes)):
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*bundle.SIZE_BUCKETS, "+Inf"), sizes[:-2], strict=True):
+                cumulative += count
+                buckets.append((str(bound), cumulative))
+            yield HistogramMetricFamily(
+                f"dmq_bundles_{direction}_entries",
+                f"bundles {direction} (one KDMQ request carrying several messages of one "
+                "origin, gateway to gateway), by the messages they held",
+                buckets=buckets,
+                sum_value=sizes[-1],
+            )
+        yield CounterMetricFamily(
+            "dmq_bundles_malformed",
+            "bundles refused whole (400): bad framing, a count that does not match, or an "
+            "entry over the limits",
+            value=stats.malformed,
+        )
 
     @staticmethod
     def _transport(transport: dict[str, int]) -> Iterator[Metric]:
