@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection, connect
 
 from app.gateway import bundle
+from app.gateway.frames import AckFrame
 from harness.gateway import Gateway
 from harness.ports import free_port
 from harness.waiting import wait_until
@@ -168,6 +169,12 @@ def test_websocket_publishes_are_bundled_and_each_acknowledged_with_its_result(
         acks = frames(pub, count)
         got = frames(sub, count)
     assert [a["id"] for a in acks] == [f"c{n}" for n in range(count)]
+    # Each ack is exactly the text the documented model gives.
+    assert all(
+        AckFrame.model_validate(a).text()
+        == json.dumps(a, separators=(",", ":"), ensure_ascii=False)
+        for a in acks
+    )
     assert all(a["type"] == "ack" for a in acks), acks[0]
     assert len({a["message_id"] for a in acks}) == count
     assert all([(r["node"], r["code"]) for r in a["results"]] == [(pair.b.uri, 200)] for a in acks)

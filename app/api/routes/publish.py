@@ -42,8 +42,9 @@ from app.api.routes.subscribe import (
 )
 from app.api.schemas import BatchAccepted, BatchMessageIn, BatchResults, Problem, SendResults
 from app.dmq.errors import DmqUsageError
+from app.dmq.events import SendOperation
 from app.gateway.errors import GatewayError
-from app.gateway.frames import AckFrame, NodeResultFrame, PublishErrorFrame, PublishFrame
+from app.gateway.frames import NodeResultFrame, PublishErrorFrame, PublishFrame
 from app.gateway.models import Dispatch
 from app.gateway.service import Gateway, Published
 
@@ -228,6 +229,10 @@ async def send_batch(
 # ---------------------------------------------------------------------- WebSocket
 
 
+#: A JSON string as pydantic writes it (UTF-8 kept, control characters escaped).
+_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _result_frame(dispatch: Dispatch) -> list[NodeResultFrame]:
     model = _results(dispatch)
     return [NodeResultFrame.model_validate(r.model_dump()) for r in model.results]
@@ -375,6 +380,8 @@ async def _send_acks(
     room: asyncio.Semaphore,
     more: asyncio.Event,
 ) -> None:
+    rendered_for: tuple[SendOperation, ...] = ()
+    results = ""
     while True:
         while not pending:
             more.clear()
@@ -399,15 +406,22 @@ async def _send_acks(
             )
             room.release()
             continue
-        dispatch = gateway.dispatch_of(sent, results=True)
+        if sent.parts != rendered_for:
+            # The messages of one bundle share its results: rendered once for them all.
+            dispatch = gateway.dispatch_of(sent, results=True)
+            rendered_for = sent.parts
+            results = (
+                f'"targets":{len(dispatch.targets)},"results":['
+                + ",".join(
+                    f.model_dump_json(by_alias=True, exclude_unset=True)
+                    for f in _result_frame(dispatch)
+                )
+                + "]}"
+            )
+        # AckFrame's text (tests/bundle check it), written without a model per ack.
         await websocket.send_text(
-            AckFrame(
-                type="ack",
-                id=client_id,
-                message_id=dispatch.id,
-                peer=peer_id,
-                targets=len(dispatch.targets),
-                results=_result_frame(dispatch),
-            ).text()
+            f'{{"type":"ack","id":{_json(client_id)},'
+            f'"message_id":{_json(f"{gateway.instance}-{sent.id}")},'
+            f'"peer":{_json(peer_id)},{results}'
         )
         room.release()
