@@ -20,6 +20,7 @@ from app.api.guard import guarded_http_protocol
 from app.api.limits import GuardStats, ServeLimits
 from app.api.routes.fastpath import MessageFront
 from app.api.routes.subscribe import SubscribeFastPath
+from app.api.wsproto import CoalescingWebSocketProtocol
 from app.dmq.errors import ConfigError
 from app.dmq.sip import SipUri
 from app.gateway.config import GatewayConfig
@@ -60,7 +61,8 @@ async def serve(settings: GatewayConfig, limits: ServeLimits | None = None) -> N
         host=settings.http_host,
         port=settings.http_port,
         loop="none",
-        ws="websockets-sansio",
+        # uvicorn's "websockets-sansio", writing the frames of one loop turn at once.
+        ws=CoalescingWebSocketProtocol,
         # permessage-deflate keeps two zlib contexts per connection (about 45 KB) and
         # costs a third of the CPU per delivered frame: off unless asked for.
         ws_per_message_deflate=settings.ws_deflate,
