@@ -266,3 +266,27 @@ def kdmq(gateway: Gateway, peer: str, body: bytes, params: str) -> tuple[int, st
             if int(code) >= 200:
                 return int(code), phrase
         raise AssertionError("no final answer")
+
+
+def test_a_send_batch_to_one_gateway_is_bundled_in_its_own_stream(pair: Pair) -> None:
+    """A send counts its seqs apart (``;to=``): bundled, it still arrives whole and in
+    order, and a broadcast after it is not taken for a copy of it."""
+    peer = fresh_peer(pair)
+    count = 250
+    with pair.subscribe(pair.b, peer) as ws:
+        before = pair.bundles(pair.a, "sent")
+        answer = pair.http.post(
+            f"{pair.a.url}/v1/peers/{peer}/send/batch",
+            params={"node": pair.b.uri},
+            json=[{"body": f"s{n}"} for n in range(count)],
+        )
+        assert answer.status_code == 202, answer.text
+        assert len(set(answer.json()["ids"])) == count
+        broadcast = pair.http.post(
+            f"{pair.a.url}/v1/peers/{peer}/broadcast/batch", json=[{"body": "after"}]
+        )
+        assert broadcast.status_code == 202, broadcast.text
+        got = frames(ws, count + 1)
+    assert [f["body"] for f in got] == [f"s{n}" for n in range(count)] + ["after"]
+    after = pair.bundles(pair.a, "sent")
+    assert after[0] - before[0] == 3 and after[1] - before[1] == count
