@@ -547,14 +547,6 @@ class Gateway:
 
         return hub.stamped_run(peer_id, to, count, start)
 
-    def publish_nowait(
-        self, peer_id: str, body: bytes, content_type: str | None, target: SipUri | None = None
-    ) -> Published:
-        """Broadcast one message (or send it to ``target``) now (:meth:`publish_run`)."""
-        if self.stopping:
-            raise NodeStoppedError("the gateway is stopping and sends nothing more")
-        return self._publish_one(peer_id, body, content_type, target)
-
     def dispatch_of(
         self, operation: SendOperation | Published, *, results: bool = False
     ) -> Dispatch:
