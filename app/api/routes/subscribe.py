@@ -281,10 +281,12 @@ def _handle_reply(gateway: Gateway, peer_id: str, text: str) -> ErrorFrame | Non
 
 
 _SUBSCRIBE_PATH = re.compile(r"/v1/peers/([^/]+)/subscribe")
+_PUBLISH_PATH = re.compile(r"/v1/peers/([^/]+)/publish")
 
 
 class SubscribeFastPath:
-    """An ASGI wrapper that hands subscribe WebSockets straight to :func:`subscribe`.
+    """An ASGI wrapper that hands subscribe (and publish) WebSockets straight to their
+    endpoints (:func:`subscribe`, :func:`app.api.routes.publish.publish`).
 
     Each WebSocket lives for hours, and FastAPI's router keeps its exit stacks, request
     scope and exception-handler wrappers alive for all that time: about 12 KB per idle
@@ -301,5 +303,15 @@ class SubscribeFastPath:
             if match is not None:
                 scope["app"] = self.app
                 await subscribe(WebSocket(scope, receive, send), match.group(1))
+                return
+            match = _PUBLISH_PATH.fullmatch(scope["path"])
+            if match is not None:
+                # A publishing WebSocket receives a frame and sends an ack per message:
+                # FastAPI's wrappers around every receive and send were a tenth of the
+                # publishing gateway's CPU. The endpoint authenticates itself too.
+                from app.api.routes.publish import publish  # (publish imports this)
+
+                scope["app"] = self.app
+                await publish(WebSocket(scope, receive, send), match.group(1))
                 return
         await self.app(scope, receive, send)
