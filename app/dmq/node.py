@@ -836,9 +836,7 @@ class DmqNode:
             elif not membership:
                 self._node_answered(node, now)
                 if response is not None:
-                    supported = response.headers.get("supported")
-                    if supported:
-                        node.note_supported(supported)
+                    node.note_supported(response.headers.get("supported"))
             self._add_result(
                 operation,
                 NodeResult(
@@ -1496,8 +1494,7 @@ class DmqNode:
             held.last_heard = now  # a sign of life, whatever the request is
             if agent:
                 held.agent = agent[:128]
-            if supported:
-                held.note_supported(supported)
+            held.note_supported(supported)
         if peer_id is None:
             self._respond_error(
                 st, request, destination, 404, "the Request-URI names no peer id", now
@@ -1510,8 +1507,7 @@ class DmqNode:
                 if joined is not None:
                     if agent:
                         joined.agent = agent[:128]
-                    if supported:
-                        joined.note_supported(supported)
+                    joined.note_supported(supported)
             return
         peer = self.peers.get(peer_id)
         if peer is None:
@@ -1872,9 +1868,7 @@ class DmqNode:
                 agent = result.response.headers.get("server")
                 if agent:
                     node.agent = agent[:128]
-                supported = result.response.headers.get("supported")
-                if supported:
-                    node.note_supported(supported)
+                node.note_supported(result.response.headers.get("supported"))
             if node.status is not NodeStatus.ACTIVE and not self.stopped:
                 old: NodeStatus = node.status
                 node.status = NodeStatus.ACTIVE

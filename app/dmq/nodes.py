@@ -88,16 +88,23 @@ class Node:
     #: answers, at most 128 characters): a Kamailio node or a gateway, for mirrors
     #: that ask a node holding data for a sync.
     agent: str = ""
-    #: The SIP option tags it ever sent in a ``Supported`` header (requests and
-    #: answers): what it understands beyond plain KDMQ. Empty until it has sent one.
+    #: The SIP option tags of the ``Supported`` header in the last request or answer
+    #: it sent: what it understands beyond plain KDMQ. Empty until it has sent one,
+    #: and empty again after a message without one (another program may have taken
+    #: over its address, e.g. a Kamailio node replacing a gateway).
     option_tags: frozenset[str] = frozenset()
 
-    def note_supported(self, value: str) -> None:
-        """Add the option tags of a ``Supported`` header value it sent."""
+    def note_supported(self, value: str | None) -> None:
+        """Take the option tags of the ``Supported`` header value (or its absence) in
+        a message it sent."""
+        if not value:
+            if self.option_tags:
+                self.option_tags = frozenset()
+            return
         tags = {tag.strip().lower() for tag in value[:512].split(",")}
         tags.discard("")
-        if not tags <= self.option_tags:
-            self.option_tags = self.option_tags | tags
+        if tags != self.option_tags:
+            self.option_tags = frozenset(tags)
 
     @property
     def host(self) -> str:

@@ -64,9 +64,13 @@ def test_a_nodes_tags_are_kept_from_its_requests_and_its_answers() -> None:
     ).encode()
     node.receive(answer, SOURCE, 0.1)
     assert other.option_tags == frozenset({"dmq-bundle", "other"})
-    # ... and a later request adds to what it said (never takes back).
+    # ... and a later request says what it reads now: another program may have taken
+    # the address over, so what it no longer says is forgotten ...
     one_answer(node, request(branch="z9hG4bKmore", replace={"Supported": "more"}))
-    assert other.option_tags == frozenset({"dmq-bundle", "other", "more"})
+    assert other.option_tags == frozenset({"more"})
+    # ... down to nothing, for a message without the header (a Kamailio node).
+    one_answer(node, request(branch="z9hG4bKnone", replace={"Supported": None}))
+    assert other.option_tags == frozenset()
 
 
 def test_a_broadcast_can_be_narrowed_to_the_nodes_that_read_a_tag() -> None:
