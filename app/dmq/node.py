@@ -1252,7 +1252,9 @@ class DmqNode:
             head += line + "\r\n"
         if body and content_type:
             head += f"Content-Type: {content_type}\r\n"
-        data = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        data = f"{head}Content-Length: {len(body)}\r\n\r\n".encode()
+        if body:
+            data += body
         if peer_id is not None:
             self.stats.received[(peer_id, code)] += 1
         if st is not None:
@@ -1270,9 +1272,13 @@ class DmqNode:
         """
         if source.reliable:
             return source
+        port = top_via.port or 5060
         if top_via.param("rport") is not None:
             return source
-        return Endpoint("udp", source.host, top_via.port or 5060)
+        if port == source.port and source.connection is None:
+            # The same Endpoint a new one would be, without building it per request.
+            return source
+        return Endpoint("udp", source.host, port)
 
     # ------------------------------------------------------------------ input
 
