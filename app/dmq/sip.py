@@ -809,6 +809,16 @@ class Via(NamedTuple):
         return self.param("branch")
 
 
+def via_param(via: Via, name: str) -> str | None:
+    """``via.param(name)`` as a plain function: the compiled core calls it directly,
+    where a method of a NamedTuple is looked up and called like any Python method
+    (the branch and rport of every request are read through it)."""
+    for key, value in via.params:
+        if key == name:
+            return value if value is not None else ""
+    return None
+
+
 def parse_cseq(value: str) -> tuple[int, str]:
     """``CSeq: 10 KDMQ`` -> ``(10, "KDMQ")``; ``ValueError`` when malformed."""
     if _native:
