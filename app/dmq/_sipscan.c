@@ -236,10 +236,8 @@ static PyObject *scan(PyObject *module, PyObject *arg) {
     long code = 0, content_length = -1;
     int status;
 
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "scan() takes bytes");
-        return NULL;
-    }
+    if (!PyBytes_Check(arg))
+        Py_RETURN_NONE; /* a bytearray or memoryview: the Python code reads it */
     data = PyBytes_AS_STRING(arg);
     size = PyBytes_GET_SIZE(arg);
     end = data + size;

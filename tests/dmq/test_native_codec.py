@@ -127,6 +127,12 @@ def test_sipp_benchmark_requests_take_the_fast_path() -> None:
         assert check_cseq(message.headers.first["cseq"])
 
 
+def test_scan_declines_what_is_not_bytes() -> None:
+    data = sipp_request(1)
+    assert _sipscan.scan(bytearray(data)) is None
+    assert _sipscan.scan(memoryview(data)) is None  # type: ignore[arg-type]
+
+
 SLOW_CASES = {
     "LF line ends": wire(*BASE, eol="\n"),
     "folded header": wire(*BASE[:3], " ;more", *BASE[3:]),
