@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 COMPILED = [
     "app/dmq/sip.py",
@@ -50,7 +50,10 @@ def _ext_modules() -> list[object]:
 
     # One shared library inside the package (app/dmq/core__mypyc*.so), not a hashed
     # name at the top of the tree, where an installed script would not find it.
-    return list(mypycify(COMPILED, opt_level="3", group_name="app.dmq.core"))
+    extensions = list(mypycify(COMPILED, opt_level="3", group_name="app.dmq.core"))
+    # The codec's native fast paths (plain C; sip.py falls back to Python without it).
+    extensions.append(Extension("app.dmq._sipscan", ["app/dmq/_sipscan.c"]))
+    return extensions
 
 
 setup(ext_modules=_ext_modules())

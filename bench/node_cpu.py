@@ -17,7 +17,12 @@ does not depend on how busy the other cores are; with ``--repeats N`` the median
 is reported (the minimum beside it).
 
 Each core runs in its own interpreter (``DMQ_GATEWAY_CORE=pure`` for the sources), so
-that both are measured in one run. Writes ``OUT/node-cpu.json``.
+that both are measured in one run. ``--baseline DIR`` adds the compiled core of another
+checkout (built there with ``make compiled``, or ``DMQ_GATEWAY_COMPILE=1 python setup.py
+build_ext --inplace``), run by this interpreter, and with ``--rounds N`` every core
+takes its turn N times (the median of all its runs is reported), so that a change is
+measured against what it changed on the same machine at the same load. Writes
+``OUT/node-cpu.json``.
 """
 
 from __future__ import annotations
@@ -106,18 +111,34 @@ def measure(requests: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def run_core(core: str, requests: int, repeats: int) -> dict[str, Any]:
+def run_core(core: str, requests: int, repeats: int, tree: Path = REPO) -> dict[str, Any]:
+    """One child interpreter measuring ``core`` (pure or compiled) of the checkout at
+    ``tree`` (its sources come first on the path, ahead of the installed package)."""
     env = dict(os.environ)
     if core == "pure":
         env["DMQ_GATEWAY_CORE"] = "pure"
     else:
         env.pop("DMQ_GATEWAY_CORE", None)
+    if tree != REPO:
+        env["PYTHONPATH"] = str(tree)
     command = [sys.executable, "-m", "bench.node_cpu", "--child", str(requests), str(repeats)]
-    out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(out.stdout)
     if core == "compiled" and result["core"] != "compiled":
-        raise SystemExit("the compiled core is not built (make compiled)")
+        raise SystemExit(f"the compiled core is not built in {tree} (make compiled)")
     return result
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One core's rounds as one result: the median and minimum of all its runs."""
+    figures = [figure for run in runs for figure in run["runs_us"]]
+    return {
+        **runs[0],
+        "repeats": len(figures),
+        "us_per_request": round(statistics.median(figures), 2),
+        "us_per_request_min": round(min(figures), 2),
+        "runs_us": figures,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,12 +150,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cores", default="pure,compiled")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout whose compiled core is measured beside these ('baseline')",
+    )
+    parser.add_argument(
+        "--baseline-label", default="", help="what the baseline is (e.g. its commit)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="turns each core takes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(args_list)
     report: dict[str, Any] = {"load_before": Path("/proc/loadavg").read_text().split()[:3]}
-    for core in args.cores.split(","):
-        report[core] = run_core(core, args.requests, args.repeats)
-        print(f"{core}: {report[core]['us_per_request']} us/request", file=sys.stderr)
+    targets: list[tuple[str, str, Path]] = [(core, core, REPO) for core in args.cores.split(",")]
+    if args.baseline is not None:
+        targets.append(("baseline", "compiled", args.baseline.resolve()))
+        report["baseline_tree"] = str(args.baseline.resolve())
+        report["baseline_label"] = args.baseline_label
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+    for _ in range(args.rounds):
+        for name, core, tree in targets:
+            runs[name].append(run_core(core, args.requests, args.repeats, tree))
+    for name, _, _ in targets:
+        report[name] = merge(runs[name])
+        print(f"{name}: {report[name]['us_per_request']} us/request", file=sys.stderr)
     report["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "node-cpu.json").write_text(json.dumps(report, indent=2) + "\n")

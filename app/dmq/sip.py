@@ -31,6 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from app.dmq import _sipscan
+
+#: Whether the native fast paths for the plain shape of a message, Via and CSeq
+#: (_sipscan.c, built with the compiled core) are there. Each returns None for anything
+#: else, which the Python code below reads, so results and errors are the same with or
+#: without them.
+_native: bool = _sipscan.AVAILABLE
+
 SIP_VERSION = "SIP/2.0"
 #: The largest UDP payload an IPv4 datagram can carry (65 535 - 8 - 20).
 MAX_UDP_MESSAGE = 65_507
@@ -347,6 +355,13 @@ def parse_message(data: bytes, *, max_size: int = MAX_UDP_MESSAGE) -> SipMessage
     # RFC 3261 section 7.5: leading CRLFs before a message are ignored.
     if data[:1] in (b"\r", b"\n"):
         data = data.lstrip(b"\r\n")
+    if _native:
+        scanned = _sipscan.scan(data)
+        if scanned is not None:
+            method_, uri_, code_, reason_, items_, first_, vias_, body_ = scanned
+            if method_ is None:
+                return SipResponse(code_, reason_, Headers(items_, first_, vias_), body_)
+            return SipRequest(method_, uri_, Headers(items_, first_, vias_), body_)
     head_end, term_len = _find_head_end(data)
     if head_end < 0:
         raise SipParseError("no empty line ends the headers")
@@ -763,6 +778,10 @@ class Via(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Via:
+        if _native:
+            fast = _sipscan.parse_via(text, cls)
+            if fast is not None:
+                return fast
         protocol, _, rest = text.strip().partition(" ")
         pieces = protocol.split("/")
         if len(pieces) != 3 or pieces[0].upper() != "SIP" or not pieces[2]:
@@ -790,8 +809,22 @@ class Via(NamedTuple):
         return self.param("branch")
 
 
+def via_param(via: Via, name: str) -> str | None:
+    """``via.param(name)`` as a plain function: the compiled core calls it directly,
+    where a method of a NamedTuple is looked up and called like any Python method
+    (the branch and rport of every request are read through it)."""
+    for key, value in via.params:
+        if key == name:
+            return value if value is not None else ""
+    return None
+
+
 def parse_cseq(value: str) -> tuple[int, str]:
     """``CSeq: 10 KDMQ`` -> ``(10, "KDMQ")``; ``ValueError`` when malformed."""
+    if _native:
+        fast = _sipscan.parse_cseq(value)
+        if fast is not None:
+            return fast
     number, _, method = value.strip().partition(" ")
     method = method.strip()
     if not number.isdigit() or not _is_token(method):

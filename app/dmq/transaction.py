@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from app.dmq.sip import SipRequest, SipResponse, Via, parse_cseq
+from app.dmq.sip import SipRequest, SipResponse, Via, parse_cseq, via_param
 from app.dmq.timers import TimerHandle, TimerQueue
 
 try:
@@ -177,7 +177,7 @@ def server_transaction_key(request: SipRequest, top_via: Via) -> str:
     RFC 3261 branches identify the transaction together with the sent-by and the
     method; for older (RFC 2543) peers fall back to Call-ID, CSeq, From tag and Via.
     """
-    branch = top_via.branch or ""
+    branch = via_param(top_via, "branch") or ""
     if branch.startswith(MAGIC_COOKIE):
         return f"{branch} {top_via.host}:{top_via.port or ''} {request.method}"
     headers = request.headers
@@ -279,7 +279,7 @@ class TransactionLayer:
 
     def receive_response(self, response: SipResponse, top_via: Via, now: float) -> bool:
         """Hand a response to its client transaction; False when none matches."""
-        branch = top_via.branch or ""
+        branch = via_param(top_via, "branch") or ""
         ct = self.clients.get(branch)
         if ct is None:
             absorbing = self.absorbing.get(branch)
@@ -383,7 +383,7 @@ class TransactionLayer:
         self.transmit(data, destination)
         if self.servers.get(st.key) is st:
             del self.servers[st.key]
-        if destination.reliable:
+        if destination.transport != "udp":  # reliable (the property costs a lookup)
             st.state = ServerState.TERMINATED
             return True
         deadline = now + self._timer_j_seconds

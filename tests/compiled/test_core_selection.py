@@ -102,3 +102,23 @@ def test_an_extension_older_than_its_source_is_not_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(source)
     assert "sip.py changed since the core was compiled" in result.stderr
+
+
+def test_expected_build_has_the_native_codec() -> None:
+    """make compiled builds the codec's C fast paths beside the mypyc modules."""
+    if os.environ.get("DMQ_GATEWAY_EXPECT_COMPILED") != "1":
+        pytest.skip("only under make test-compiled (DMQ_GATEWAY_EXPECT_COMPILED=1)")
+    assert "_sipscan" + SUFFIX in BUILT, BUILT
+    assert sip._native is True
+
+
+def test_pure_switch_runs_no_native_codec() -> None:
+    """DMQ_GATEWAY_CORE=pure imports the stand-in module, so no C code parses."""
+    result = _python(
+        "from app.dmq import sip, _sipscan; print(sip._native, _sipscan.__file__)",
+        **{app.CORE_ENV: "pure"},
+    )
+    assert result.returncode == 0, result.stderr
+    native, path = result.stdout.split()
+    assert native == "False"
+    assert path.endswith("_sipscan.py"), path

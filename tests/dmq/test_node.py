@@ -206,6 +206,30 @@ def test_custom_channel_reply_is_an_empty_200_by_default() -> None:
     assert message.max_forwards == 1
 
 
+def test_delivered_message_carries_every_field_by_name() -> None:
+    """The node builds PeerMessage from its fields in order (not by keyword, for
+    speed): each field must still hold what its name says."""
+    node, recorder = make_node()
+    origin = "node-a 7 42"
+    node.receive(request(branch="z9hG4bKall", replace={"X-DMQ-Origin": origin}), SOURCE, 12.5)
+    node.receive(request(branch="z9hG4bKnext", replace={"Content-Type": None}), SOURCE, 13.0)
+    first, second = recorder.messages
+    assert type(first) is PeerMessage
+    assert first == PeerMessage(
+        id=first.id,
+        peer_id="htable",
+        body=b"hello",
+        content_type="text/plain",
+        sender=SipUri.parse("sip:127.0.0.1:5090"),
+        call_id="z9hG4bKall@127.0.0.1",
+        received_at=12.5,
+        max_forwards=1,
+        origin=origin,
+    )
+    assert isinstance(first.id, int) and second.id == first.id + 1
+    assert (second.content_type, second.origin, second.received_at) == (None, None, 13.0)
+
+
 def test_peer_reply_body_is_sent_with_its_content_type() -> None:
     node, recorder = make_node()
     recorder.reply = PeerReply(202, "Accepted DMQ", "application/json", b"{}")
