@@ -127,7 +127,7 @@ screenshots: $(STAMP)
 export JOINED := import json, sys, urllib.request as r; ports = sys.argv[1:]; sys.exit(any(json.load(r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1))["active_nodes"] < len(ports) - 1 for p in ports))
 
 ## demo: three gateways on one bus in the background (SIP 5070-5074, HTTP 8070-8072, .demo/)
-demo: $(RUN_STAMP)
+demo: $(CORE_STAMP)
 	@mkdir -p $(DEMO)
 	@for name in a b c; do \
 	    if [ -f $(DEMO)/$$name.pid ] && kill -0 "$$(cat $(DEMO)/$$name.pid)" 2>/dev/null; then \
