@@ -81,28 +81,52 @@ def test_unknown_core_choice_is_refused_with_its_name() -> None:
     assert "DMQ_GATEWAY_CORE='fast'" in result.stderr and "pure" in result.stderr
 
 
-@pytest.mark.skipif(not BUILT, reason="no compiled core built (make compiled)")
-def test_an_extension_older_than_its_source_is_not_run(tmp_path: Path) -> None:
-    """A copy of the package whose sip.py changed after the build runs the sources."""
+def _copy_with_newer_sip_source(tmp_path: Path, source_tree: bool) -> Path:
+    """A copy of the package (with setup.py beside it: a source tree) whose sip.py is
+    younger than its extension."""
     import shutil
 
     shutil.copytree(REPO / "app", tmp_path / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    if source_tree:
+        shutil.copy(REPO / "setup.py", tmp_path / "setup.py")
     source = tmp_path / "app" / "dmq" / "sip.py"
     extension = tmp_path / "app" / "dmq" / ("sip" + SUFFIX)
     newer = extension.stat().st_mtime + 10
     os.utime(source, (newer, newer))
+    return source
+
+
+def _sip_file_in(tree: Path) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k != app.CORE_ENV}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", "import app; from app.dmq import sip; print(sip.__file__)"],
-        cwd=tmp_path,
-        env={**environ, "PYTHONPATH": str(tmp_path)},
+        cwd=tree,
+        env={**environ, "PYTHONPATH": str(tree)},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.skipif(not BUILT, reason="no compiled core built (make core)")
+def test_an_extension_older_than_its_source_is_not_run(tmp_path: Path) -> None:
+    """In a source tree whose sip.py changed after the build, the sources run."""
+    source = _copy_with_newer_sip_source(tmp_path, source_tree=True)
+    result = _sip_file_in(tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(source)
     assert "sip.py changed since the core was compiled" in result.stderr
+
+
+@pytest.mark.skipif(not BUILT, reason="no compiled core built (make core)")
+def test_an_installed_compiled_core_runs_whatever_its_files_dates(tmp_path: Path) -> None:
+    """An installed wheel has no setup.py beside the package, and pip writes a source
+    after its extension as often as not: the extension runs all the same."""
+    source = _copy_with_newer_sip_source(tmp_path, source_tree=False)
+    result = _sip_file_in(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(source.with_name("sip" + SUFFIX))
+    assert result.stderr == ""
 
 
 def _tree_without_extensions(tmp_path: Path) -> Path:
