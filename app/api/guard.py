@@ -70,7 +70,6 @@ def guarded_http_protocol(limits: ApiLimits, stats: GuardStats) -> type[HttpTool
             if self._refused:
                 return
             if self._reading_head:
-                self._arm_head_timer()
                 self._head_bytes += len(data)
             super().data_received(data)
             if self._reading_head and self._head_bytes > limits.max_head:
@@ -78,6 +77,11 @@ def guarded_http_protocol(limits: ApiLimits, stats: GuardStats) -> type[HttpTool
                 # piece: stop before it holds more than the cap.
                 stats.http_headers_too_large += 1
                 self._refuse(431, f"request line and headers exceed {limits.max_head} bytes")
+            elif self._reading_head and self._head_bytes:
+                # A head still incomplete after this read: its time-out runs from its
+                # first piece (armed once). A head that came whole, the usual request,
+                # costs no timer at all.
+                self._arm_head_timer()
 
         def on_headers_complete(self) -> None:
             self._reading_head = False
