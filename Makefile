@@ -36,7 +36,6 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # build_ext copies a module's small loader only when it changed, and app/__init__.py
 # calls an extension older than its source stale: date them all to this build.
 $(CORE_STAMP): $(CORE_SOURCES) | $(RUN_STAMP)
-	@echo "building the compiled core (mypyc; about a minute)"
 	@DMQ_GATEWAY_COMPILE=$${DMQ_GATEWAY_COMPILE:-auto} $(BIN)/python setup.py --quiet build_ext --inplace
 	@find app/dmq -name '*.so' -exec touch {} +
 	@$(BIN)/python -c 'import app; print(app.core())' >$@.new && mv $@.new $@
