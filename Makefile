@@ -6,31 +6,47 @@ BIN := $(VENV)/bin
 # What running needs (the package alone), and what the tests and benchmarks add.
 RUN_STAMP := $(VENV)/.run-installed
 STAMP := $(VENV)/.installed
+# What `make core` built: "compiled" or "pure Python" (the core `dmq-gateway --version`
+# names), remade when a source of the core or setup.py changes.
+CORE_STAMP := $(VENV)/.core
+CORE_SOURCES := $(wildcard app/dmq/*.py app/dmq/*.c) setup.py
 DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-compiled compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls bench-kamailio-join openapi demo demo-stop clean
+.PHONY: help run test test-compiled core compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls bench-kamailio-join openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The editable install is pure Python (DMQ_GATEWAY_COMPILE=0); $(CORE_STAMP) then builds
+# the compiled core in place where it can. The `compiled` extra is what that build needs.
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	DMQ_GATEWAY_COMPILE=0 $(BIN)/pip install --quiet -e '.[compiled]'
 	touch $@
 
 # The extras include the package: a venv set up for the tests can run it too.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	DMQ_GATEWAY_COMPILE=0 $(BIN)/pip install --quiet -e '.[test,bench,compiled]'
 	touch $@ $(RUN_STAMP)
+
+# The compiled core where a C compiler and this Python's headers are present; elsewhere
+# setup.py says in one line why the core stays pure Python, and that is not an error.
+# build_ext copies a module's small loader only when it changed, and app/__init__.py
+# calls an extension older than its source stale: date them all to this build.
+$(CORE_STAMP): $(CORE_SOURCES) | $(RUN_STAMP)
+	@DMQ_GATEWAY_COMPILE=$${DMQ_GATEWAY_COMPILE:-auto} $(BIN)/python setup.py --quiet build_ext --inplace
+	@find app/dmq -name '*.so' -exec touch {} +
+	@$(BIN)/python -c 'import app; print(app.core())' >$@.new && mv $@.new $@
+	@$(BIN)/dmq-gateway --version
 
 ## help: list the targets
 help:
 	@sed -n 's/^## \([^:]*\): \(.*\)/\1\t\2/p' $(MAKEFILE_LIST) | expand -t 22
 
 ## run: a DMQ node on sip:127.0.0.1:5060 (a bus of one), API on :8000; ARGS='...' adds options
-run: $(RUN_STAMP)
+run: $(CORE_STAMP)
 	$(BIN)/dmq-gateway serve $(ARGS)
 
 ## lint: ruff (lint + format check), mypy --strict on app and harness
@@ -39,26 +55,30 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy app harness
 
-## test: lint, then the whole suite (interop tests need the kamailio package)
-test: lint
-	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+## test: lint; the whole suite on the default core (compiled where it can be); the core's tests on pure Python
+test: lint $(CORE_STAMP)
+	DMQ_GATEWAY_EXPECT_COMPILED=$$(grep -qx compiled $(CORE_STAMP) && echo 1) \
+	    $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	DMQ_GATEWAY_CORE=pure $(BIN)/pytest -q -p no:cacheprovider $(PURE_TESTS) $(PYTEST_ARGS)
 
-## compiled: build the sans-IO core (app/dmq) in place with mypyc (needs a C compiler, Python headers)
-compiled: $(STAMP)
-	$(BIN)/pip install --quiet 'mypy>=1.10' 'setuptools>=77'
-	DMQ_GATEWAY_COMPILE=1 $(BIN)/python setup.py build_ext --inplace
-	@# build_ext copies a module's small loader only when it changed, and app/__init__.py
-	@# calls an extension older than its source stale: date them all to this build.
-	find app/dmq -name '*.so' -exec touch {} +
-	@$(BIN)/dmq-gateway --version
+# What also runs on the pure-Python core: the core's own tests and the real-socket ones.
+PURE_TESTS := tests/dmq tests/transport tests/compiled
 
-## test-compiled: build the compiled core, then run the core's tests against it
-test-compiled: compiled
-	DMQ_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest -q -p no:cacheprovider tests/dmq tests/transport tests/compiled $(PYTEST_ARGS)
+## core: build the compiled core where a C compiler and Python headers are (run and test do)
+core: $(CORE_STAMP)
 
-## uncompiled: remove the compiled core's artefacts (back to pure Python)
+## compiled: build the compiled core, or fail saying why (DMQ_GATEWAY_COMPILE=1)
+compiled: | $(RUN_STAMP)
+	rm -f $(CORE_STAMP)
+	DMQ_GATEWAY_COMPILE=1 $(MAKE) --no-print-directory core
+
+## test-compiled: build the compiled core (or fail), then run the core's tests against it
+test-compiled: compiled $(STAMP)
+	DMQ_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest -q -p no:cacheprovider $(PURE_TESTS) $(PYTEST_ARGS)
+
+## uncompiled: remove the compiled core's artefacts (DMQ_GATEWAY_CORE=pure runs the sources without this)
 uncompiled:
-	rm -rf build
+	rm -rf build $(CORE_STAMP)
 	find app -name '*.so' -delete
 	rm -f *__mypyc*.so
 
@@ -106,7 +126,7 @@ screenshots: $(STAMP)
 export JOINED := import json, sys, urllib.request as r; ports = sys.argv[1:]; sys.exit(any(json.load(r.urlopen(f"http://127.0.0.1:{p}/v1/health", timeout=1))["active_nodes"] < len(ports) - 1 for p in ports))
 
 ## demo: three gateways on one bus in the background (SIP 5070-5074, HTTP 8070-8072, .demo/)
-demo: $(RUN_STAMP)
+demo: $(CORE_STAMP)
 	@mkdir -p $(DEMO)
 	@for name in a b c; do \
 	    if [ -f $(DEMO)/$$name.pid ] && kill -0 "$$(cat $(DEMO)/$$name.pid)" 2>/dev/null; then \

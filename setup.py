@@ -1,11 +1,22 @@
-"""Optional compiled core: the sans-IO DMQ modules built with mypyc.
+"""The compiled core: the sans-IO DMQ modules built with mypyc where the machine can.
 
-Without ``DMQ_GATEWAY_COMPILE=1`` this is plain setuptools and the package is pure
-Python (what ``pip install`` and ``make run`` give on any machine). With it, and with
-mypy (which ships mypyc), a C compiler and the Python headers present, the modules in
-``COMPILED`` become C extensions beside their sources: ``make compiled`` builds them in
-place, ``DMQ_GATEWAY_COMPILE=1 pip wheel --no-build-isolation .`` builds a wheel with them.
-The sources stay in the package either way, so a missing extension falls back to them.
+``DMQ_GATEWAY_COMPILE`` says what to build:
+
+* ``auto`` (the default): the modules in ``COMPILED`` become C extensions when a C
+  compiler and the headers of the interpreter that builds are present (a real compile of
+  a file that includes ``Python.h`` decides: ``CC`` is honoured as setuptools honours
+  it); otherwise one line on stderr says so and the package is pure Python. A build
+  that fails for any other reason (mypyc refusing a module) fails: only a machine that
+  cannot compile falls back.
+* ``1``: the extensions or an error (a build that must be compiled, e.g. a wheel for
+  distribution).
+* ``0``: pure Python, nothing probed (the editable install the Makefile makes; it
+  builds the extensions in place itself, ``make core``).
+
+``pip install .`` and ``python -m build`` therefore give a wheel with the compiled core
+where they can (mypy, which ships mypyc, is a build requirement in pyproject.toml) and a
+pure-Python wheel elsewhere. The sources stay in the package either way, so a missing
+extension falls back to them, and ``DMQ_GATEWAY_CORE=pure`` picks them at run time.
 
 ``transaction.py`` keeps its ``TimerSettings`` a plain Python class
 (``mypyc_attr(native_class=False)``): compiled, an ``int`` given for one of its
@@ -29,6 +40,8 @@ Modules left out, and why (they stay Python and import the compiled ones):
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 
 from setuptools import Extension, setup
 
@@ -42,9 +55,67 @@ COMPILED = [
     "app/dmq/timers.py",
 ]
 
+#: The environment variable that chooses, and its values.
+COMPILE_ENV = "DMQ_GATEWAY_COMPILE"
+CHOICES = ("auto", "1", "0")
+
+
+def cannot_compile() -> str | None:
+    """Why this machine cannot build a C extension for this interpreter, or None.
+
+    Compiles a few lines that include ``Python.h`` with the compiler setuptools would
+    use: a missing compiler and missing headers (Debian's ``python3-dev``) are both
+    found the way the real build would meet them, and nothing else is guessed."""
+    import sysconfig
+
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    cc = str(compiler.compiler_so[0]) if compiler.compiler_so else "cc"
+    with tempfile.TemporaryDirectory() as work, tempfile.TemporaryFile("w+") as said:
+        source = os.path.join(work, "probe.c")
+        with open(source, "w") as file:
+            file.write("#include <Python.h>\nint probe(void) { return PY_MAJOR_VERSION; }\n")
+        # What the compiler says goes to a file (one line of it is the reason given),
+        # not to the terminal as a wall of errors.
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            compiler.compile(
+                [source], output_dir=work, include_dirs=[sysconfig.get_paths()["include"]]
+            )
+        except Exception as exc:  # any failure to build the probe: no extension either
+            said.seek(0)
+            lines = [line.strip() for line in said.read().splitlines() if "error" in line]
+            reason = lines[0] if lines else str(exc).strip() or type(exc).__name__
+            return f"{cc} cannot build against Python.h: {reason}"
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return None
+
+
+#: The commands that build extensions. setup.py also runs for metadata (egg_info,
+#: dist_info) and source distributions, where neither the probe nor mypyc's analysis of
+#: every module (tens of seconds) is of any use; an editable install stays pure Python
+#: (``make core`` builds the extensions in place beside it).
+BUILDS = {"build", "build_ext", "bdist_wheel", "install"}
+
 
 def _ext_modules() -> list[object]:
-    if os.environ.get("DMQ_GATEWAY_COMPILE") != "1":
+    choice = os.environ.get(COMPILE_ENV, "auto")
+    if choice not in CHOICES:
+        raise SystemExit(f"{COMPILE_ENV}={choice!r}: use auto (the default), 1 or 0")
+    if choice == "0" or not BUILDS.intersection(sys.argv[1:]):
+        return []
+    why = cannot_compile()
+    if why is not None:
+        if choice == "1":
+            raise SystemExit(f"dmq-gateway: cannot compile the core: {why}")
+        print(f"dmq-gateway: pure-Python core: {why}", file=sys.stderr)
         return []
     from mypyc.build import mypycify
 

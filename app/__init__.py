@@ -3,9 +3,9 @@
 The sans-IO core (:mod:`app.dmq`) may be compiled (``make compiled``: C extensions
 beside the sources). Which one runs is :func:`core`. ``DMQ_GATEWAY_CORE=pure`` in the
 environment makes this process import the Python sources even where extensions are
-built, so that both can be run, tested and measured from one tree. An extension older
-than its source (the source changed since ``make compiled``) would run stale code, so
-then the sources are imported instead, with a warning saying to rebuild.
+built, so that both can be run, tested and measured from one tree. In a source tree, an
+extension older than its source (the source changed since ``make core``) would run
+stale code, so then the sources are imported instead, with a warning saying to rebuild.
 """
 
 from __future__ import annotations
@@ -46,14 +46,25 @@ class _SourceOnlyFinder(importlib.abc.MetaPathFinder):
 
 
 def _stale_extensions() -> list[str]:
-    """The compiled core modules whose ``.py`` changed after they were built."""
+    """The compiled core modules whose source (``.py``, or ``.c`` for the native codec)
+    changed after they were built in place.
+
+    Only in a source tree (``setup.py`` beside the package: ``make core`` builds there,
+    and an edited source must not be shadowed by an old build). An installed package
+    (a wheel) is never stale: the installer writes its files in any order, so a source
+    may be a few microseconds younger than its extension from the same build.
+    """
     package = Path(__file__).resolve().parent / "dmq"
+    if not (package.parent.parent / "setup.py").is_file():
+        return []
     stale: list[str] = []
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         for extension in package.glob(f"*{suffix}"):
-            source = package / (extension.name.removesuffix(suffix) + ".py")
-            if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
-                stale.append(source.name)
+            stem = extension.name.removesuffix(suffix)
+            # A mypyc module is built from its .py, the native codec from its .c.
+            for source in (package / f"{stem}.py", package / f"{stem}.c"):
+                if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
+                    stale.append(source.name)
     return sorted(stale)
 
 
@@ -66,7 +77,7 @@ def _select_core() -> None:
         if stale:
             print(
                 f"dmq-gateway: {', '.join(stale)} changed since the core was compiled; "
-                "running the pure-Python core (make compiled to rebuild)",
+                "running the pure-Python core (make core to rebuild)",
                 file=sys.stderr,
             )
             sys.meta_path.insert(0, _SourceOnlyFinder())

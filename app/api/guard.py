@@ -70,7 +70,6 @@ def guarded_http_protocol(limits: ApiLimits, stats: GuardStats) -> type[HttpTool
             if self._refused:
                 return
             if self._reading_head:
-                self._arm_head_timer()
                 self._head_bytes += len(data)
             super().data_received(data)
             if self._reading_head and self._head_bytes > limits.max_head:
@@ -78,11 +77,20 @@ def guarded_http_protocol(limits: ApiLimits, stats: GuardStats) -> type[HttpTool
                 # piece: stop before it holds more than the cap.
                 stats.http_headers_too_large += 1
                 self._refuse(431, f"request line and headers exceed {limits.max_head} bytes")
+            elif self._reading_head and self._head_bytes:
+                # A head still incomplete after this read: its time-out runs from its
+                # first piece (armed once). A head that came whole, the usual request,
+                # costs no timer at all.
+                self._arm_head_timer()
 
         def on_headers_complete(self) -> None:
             self._reading_head = False
             self._cancel_head_timer()
+            before = self.cycle
             super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not before and cycle is not None:
+                cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -124,6 +132,52 @@ def guarded_http_protocol(limits: ApiLimits, stats: GuardStats) -> type[HttpTool
             self.transport.close()
 
     return GuardedHttpToolsProtocol
+
+
+class _HeadWithBody:
+    """One response's transport: its head leaves with its body, in one write.
+
+    uvicorn writes a response's status line and headers when the app starts the
+    response, and the body when the app sends it: two ``send`` system calls, and two
+    TCP segments, for a response that is nearly always started and finished in the same
+    loop turn. The head is held until the body's first write and leaves with it; what
+    is held at the end of the turn (a streamed response whose body comes later, a
+    ``100 Continue``) leaves then, so no client waits longer for anything. Everything
+    but ``write`` and ``close`` is the connection's own transport.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif self._loop is not None:
+            # Only the response's first write is held (one loop callback per response).
+            self._held = bytes(data)
+            self._loop.call_soon(self._release)
+            self._loop = None  # type: ignore[assignment]
+        else:
+            self._transport.write(data)
+
+    def _release(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._release()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 #: Paths open without a token: the documentation pages' static assets (Swagger UI and

@@ -20,6 +20,7 @@ messages), which is safer than refusing a message another node already committed
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -56,16 +57,45 @@ def build_origin(origin: str, epoch: str, seq: int, to: str = "") -> str:
 
     Raises ValueError for values that :func:`parse_origin` would not read back, so a
     gateway never sends a stamp its peers would ignore.
+
+    A gateway stamps every message it originates with the same origin and epoch (and
+    per send the same few nodes): whether those read back is decided once per
+    ``(origin, epoch, to)`` (:func:`_stamp_parts`), and a stamp is then two string
+    joins, the seq only checked for its range and for the header's length cap.
     """
+    plain = type(seq) is int and type(origin) is str and type(epoch) is str and type(to) is str
+    parts = _stamp_parts(origin, epoch, to) if plain else None
+    if parts is not None:
+        head, tail, room = parts
+        text = str(seq)
+        if 1 <= seq <= MAX_SEQ and len(text) <= room:
+            return f"{head}{text}{tail}"
     stamp = OriginStamp(origin, epoch, seq, to)
-    if parse_origin(stamp.header()) != stamp:
-        raise ValueError(
-            f"origin stamp {stamp.header()} is not valid: the origin is a sip: URI "
-            "without '<', '>', ',' or spaces (and to one without ';' either), the epoch "
-            "1-32 letters or digits, "
-            f"the seq 1..{MAX_SEQ}"
-        )
-    return stamp.header()
+    raise ValueError(
+        f"origin stamp {stamp.header()} is not valid: the origin is a sip: URI "
+        "without '<', '>', ',' or spaces (and to one without ';' either), the epoch "
+        "1-32 letters or digits, "
+        f"the seq 1..{MAX_SEQ}"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _stamp_parts(origin: str, epoch: str, to: str) -> tuple[str, str, int] | None:
+    """The header around the seq, and how many digits the seq may have, or None when
+    no stamp of these three reads back.
+
+    The seq is the one part that changes, and it cannot change how the rest is read
+    (its value is digits only, and ``to`` may hold no ``;``): a stamp of these three
+    reads back for every seq in range that keeps it within :data:`MAX_STAMP`, exactly
+    when it reads back for seq 1 (the shortest).
+    """
+    first = OriginStamp(origin, epoch, 1, to)
+    value = first.header()
+    if parse_origin(value) != first:
+        return None
+    head = f"<{origin}>;epoch={epoch};seq="
+    tail = f";to={to}" if to else ""
+    return head, tail, MAX_STAMP - len(head) - len(tail)
 
 
 def parse_origin(value: str | None) -> OriginStamp | None:

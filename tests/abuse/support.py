@@ -60,11 +60,15 @@ class Probe:
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _ready: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def __enter__(self) -> Probe:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+        # The probe is asking before what it watches starts: making the client takes
+        # tens of milliseconds, and a fast load (1 000 refusals) can be over by then.
+        self._ready.wait(10)
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -76,6 +80,7 @@ class Probe:
         url = f"{self.gateway.url}/v1/health"
         client = httpx.Client(headers=self.gateway.headers, timeout=self.timeout, trust_env=False)
         with client:
+            self._ready.set()
             while not self._stop.is_set():
                 self._once(client, url)
                 self._stop.wait(self.interval)

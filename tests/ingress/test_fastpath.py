@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from app.api.app import create_app
 from app.api.routes import peers
-from app.api.routes.fastpath import MessageFastPath
+from app.api.routes.fastpath import MessageFastPath, _accepted
 from app.gateway.config import GatewayConfig
+from app.gateway.models import Dispatch
 from tests.gateway.conftest import Node, node_config, stop_all
 
 TOKEN = "s3cret-token"
@@ -161,3 +163,29 @@ def test_the_fast_path_answers_plain_requests_and_leaves_the_rest_to_the_router(
         spelled = client.post("/v1/peers/q/broadcast", params={"timeout": "3e1"}, headers=TEXT)
     assert (plain.status_code, spelled.status_code) == (202, 202)
     assert routed == ["/v1/peers/q/broadcast"]
+
+
+@pytest.mark.parametrize(
+    "dispatch",
+    [
+        Dispatch("c8e8a24d-1", "news", ()),
+        Dispatch("c8e8a24d-2", "p", ("sip:127.0.0.1:5072", "sip:[::1]:5074;transport=tcp")),
+        # Strings JSON must escape or keep as they are: quotes, backslashes, control
+        # characters, non-ASCII and the line separators a JavaScript parser minds.
+        Dispatch('i"d\\-3', "pe'er", ('sip:"q"@h:1', "sip:\u00e9\u2028\x01@h:2")),
+    ],
+)
+async def test_the_accepted_answer_is_the_routed_endpoints_bytes(dispatch: Dispatch) -> None:
+    """The fast path writes its 202 body by hand; the routed endpoint renders
+    SendAccepted with JSONResponse. Both give the same bytes and headers."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await _accepted(send, dispatch)
+    model, status = peers.answer(dispatch)
+    routed = JSONResponse(model.model_dump(mode="json"), status_code=status)
+    assert sent[0]["status"] == status == 202
+    assert sent[1]["body"] == routed.body
+    assert sorted(sent[0]["headers"]) == sorted(routed.raw_headers)
