@@ -31,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 #: The bit of ``type`` that says the value is a string (``AVP_VAL_STR``).
 AVP_VAL_STR = 2
@@ -195,12 +195,62 @@ def _require(fields: dict[str, Any], action: int, *names: str) -> None:
             raise MalformedBody("missing", f"action {action} needs {name}")
 
 
+_decode = json.JSONDecoder().decode
+_SET_CELL = int(Action.SET_CELL)
+
+
+def _loads(body: bytes) -> Any:
+    """``json.loads(body)``, without its encoding guess for what is surely UTF-8.
+
+    json.loads reads bytes as UTF-16 or UTF-32 when a BOM or NULs in the first bytes
+    say so; a body that opens with ``{`` followed by anything but a NUL is UTF-8 by
+    that same guess, and is decoded here exactly as json.loads would decode it."""
+    if body[:1] == b"{" and body[1:2] != b"\x00":
+        return _decode(body.decode("utf-8", "surrogatepass"))
+    return json.loads(body)
+
+
+def _is_int32(value: object) -> TypeGuard[int]:
+    return type(value) is int and INT32_MIN <= value <= INT32_MAX
+
+
+def _is_text(value: object) -> TypeGuard[str]:
+    return type(value) is str and "\x00" not in value
+
+
+def _set_cell(document: dict[str, Any]) -> SetCell | None:
+    """The usual body (a SET of action 2 with its value, as every node sends), read
+    with one test per field; None for anything else, which the full reading of
+    :func:`parse` takes, and refuses saying why."""
+    get = document.get
+    action = get("action")
+    if type(action) is not int or action != _SET_CELL:
+        return None
+    if not document.keys() <= ACTION_FIELDS:
+        return None
+    htname = get("htname")
+    cname = get("cname")
+    mode = get("mode", 0)
+    type_ = get("type", 0)
+    if not (_is_text(htname) and _is_text(cname) and _is_int32(mode) and _is_int32(type_)):
+        return None
+    if type_ & AVP_VAL_STR:
+        text = get("strval")
+        return SetCell(htname, cname, text, mode) if _is_text(text) else None
+    number = get("intval")
+    return SetCell(htname, cname, number, mode) if _is_int32(number) else None
+
+
 def parse(body: bytes) -> HtableMessage:
     """Read one htable body; raise :class:`MalformedBody` where Kamailio answers 400."""
     try:
-        document = json.loads(body)
+        document = _loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedBody("json", f"not JSON: {exc}") from None
+    if type(document) is dict:
+        message = _set_cell(document)
+        if message is not None:
+            return message
     if not isinstance(document, dict) or not document:
         raise MalformedBody("shape", "the body must be a non-empty JSON object")
     if next(iter(document)) == "cells":

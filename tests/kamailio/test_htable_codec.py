@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.dmq.sip import SipRequest, parse_message
@@ -203,3 +204,78 @@ def test_any_bytes_parse_or_are_refused_cleanly(body: bytes) -> None:
         parse(body)
     except MalformedBody as exc:
         assert exc.kind in {"json", "shape", "field", "type", "range", "missing"}
+
+
+# The usual SET body is read by a shortcut (htable_codec._set_cell, and the body
+# decoded without json's encoding guess); everything it does not take goes the full
+# way. These properties check that the shortcut never changes an outcome: for bodies
+# near a SET (each field right, of a wrong type, out of range, with a NUL, missing, an
+# extra field, any order, any encoding json accepts), parse gives the same message or
+# the same refusal with the shortcut and without it.
+
+field_values = st.one_of(
+    st.integers(INT32_MIN - 2, INT32_MIN + 2),
+    st.integers(INT32_MAX - 2, INT32_MAX + 2),
+    st.integers(-3, 9),
+    st.booleans(),
+    st.none(),
+    st.sampled_from([2.0, 2.5, -0.0, 1e10]),
+    st.text(max_size=4),
+    st.sampled_from(["ht", "k\x00", "", "é"]),
+    st.lists(st.integers(), max_size=2),
+)
+KEYS = ["action", "htname", "cname", "type", "strval", "intval", "mode", "extra"]
+near_set = st.dictionaries(st.sampled_from(KEYS), field_values, max_size=4).map(
+    lambda d: {"action": 2, "htname": "ht", "cname": "k", "type": 2, "strval": "v"} | d
+)
+encodings = st.sampled_from(
+    ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"]
+)
+
+
+def outcome(body: bytes) -> object:
+    try:
+        return parse(body)
+    except MalformedBody as exc:
+        return (exc.kind, exc.detail)
+
+
+def full_reading(body: bytes) -> object:
+    """parse without the shortcut: json.loads itself, and every field read in turn."""
+    import app.kamailio.htable_codec as codec
+
+    with (
+        patch.object(codec, "_set_cell", lambda document: None),
+        patch.object(codec, "_loads", json.loads),
+    ):
+        return outcome(body)
+
+
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(near_set, st.permutations(range(8)), st.booleans(), encodings)
+def test_the_shortcut_reads_a_set_as_the_full_reading_does(
+    document: dict[str, object], order: list[int], ascii_only: bool, encoding: str
+) -> None:
+    shuffled = dict(sorted(document.items(), key=lambda item: order[KEYS.index(item[0])]))
+    body = json.dumps(shuffled, ensure_ascii=ascii_only).encode(encoding)
+    assert outcome(body) == full_reading(body)
+
+
+@given(st.binary(max_size=40).map(lambda tail: b"{" + tail))
+def test_the_shortcut_decodes_bytes_as_json_does(body: bytes) -> None:
+    assert outcome(body) == full_reading(body)
+
+
+def test_the_shortcut_takes_the_usual_set() -> None:
+    """The property above is only worth something if the shortcut is taken: the usual
+    SET (as Kamailio sends it, string or integer) comes out of it whole."""
+    from app.kamailio.htable_codec import _set_cell
+
+    for path in JSON_CAPTURES:
+        body = path.read_bytes()
+        message = parse(body)
+        if isinstance(message, SetCell) and not message.value_missing:
+            assert _set_cell(json.loads(body)) == message
+    assert _set_cell({"action": 2, "htname": "h", "cname": "c", "type": 0, "intval": 5}) == (
+        SetCell("h", "c", 5, 0)
+    )

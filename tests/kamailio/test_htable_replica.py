@@ -7,11 +7,14 @@ autoexpire tables, values matched by removals only when they are strings.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
-from app.kamailio.htable import HtableReplica
+from app.dmq.peers import PeerMessage
+from app.dmq.sip import SipUri
+from app.kamailio.htable import HtableMirror, HtableReplica
 from app.kamailio.htable_codec import (
     Cell,
     DeleteCell,
@@ -111,3 +114,37 @@ def test_removals_by_regex_and_prefix_on_names_and_values() -> None:
     assert values(replica, "ht") == {"n": 5}
     with pytest.raises(re.error):
         replica.apply(RemoveCells("ht", "re", "name", "("), T0)
+
+
+def message(body: bytes, sender: str, origin: str | None = None) -> PeerMessage:
+    return PeerMessage(
+        1, "htable", body, "application/json", SipUri.parse(sender), "c", 0.0, 1
+    )._replace(origin=origin)
+
+
+def test_the_mirror_names_each_sender_and_notes_each_kamailio_node() -> None:
+    """Senders alternate (their text is kept per node): every change names its own
+    sender without the user part, and every node that sent without an origin stamp
+    is known to the bootstrap as a Kamailio node, however the messages interleave."""
+    mirror = HtableMirror(None, clock=lambda: T0)  # type: ignore[arg-type]
+    stream = mirror.stream_for("ht")
+    senders = ["sip:htable@10.0.0.1:5060", "sip:10.0.0.2:5070", "sip:htable@10.0.0.1:5060"]
+    for n, sender in enumerate(senders * 3):
+        body = b'{"action":2,"htname":"ht","cname":"k%d","type":0,"intval":%d,"mode":1}' % (n, n)
+        assert mirror.handle(message(body, sender)).code == 200
+    mirror.handle(
+        message(b'{"action":4,"htname":"ht","cname":"k0","mode":0}', "sip:gw@10.0.0.3:5080", "x")
+    )
+    got = [json.loads(text) for _, text in stream.subscribe(0, stream.epoch).subscriber.frames]
+    assert [f["from"] for f in got] == [
+        "sip:10.0.0.1:5060",
+        "sip:10.0.0.2:5070",
+        "sip:10.0.0.1:5060",
+    ] * 3 + ["sip:10.0.0.3:5080"]
+    assert [f["data"] for f in got[:2]] == [
+        {"value": 0, "type": "int", "expires": None},
+        {"value": 1, "type": "int", "expires": None},
+    ]
+    assert got[-1]["event"] == "delete" and got[-1]["data"] is None
+    # The third node stamped its message (a gateway): not taken for a Kamailio node.
+    assert mirror.bootstrap.kamailio_nodes == {"10.0.0.1:5060", "10.0.0.2:5070"}
