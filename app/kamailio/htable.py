@@ -38,7 +38,7 @@ import heapq
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -62,6 +62,7 @@ from app.kamailio.htable_codec import (
     compile_regex,
     matches,
     parse,
+    read_set,
 )
 from app.kamailio.malformed import MalformedBodies
 from app.kamailio.stream import ChangeStream
@@ -211,6 +212,20 @@ class HtableReplica:
         self._cells -= 1
         return Change(event, table, key, None)
 
+    def set(
+        self, table: str, key: str, value: Value, now: float, sender: str | None = None
+    ) -> Change | None:
+        """Apply a SET (action 2) as a 5.6 node would; return what changed."""
+        expires: float = 0
+        seconds = self.autoexpire.get(table)
+        if seconds:
+            expires = int(now) + seconds  # new, or updateexpire=1
+        else:
+            old = self.get(table, key, now)
+            if old is not None:
+                expires = old.expires
+        return self._put(table, key, value, expires, now, sender)
+
     def apply(self, message: HtableMessage, now: float, sender: str | None = None) -> list[Change]:
         """Apply one message as a 5.6 node would; return what changed.
 
@@ -218,14 +233,7 @@ class HtableReplica:
         500 then, and removes nothing)."""
         changes: list[Change] = []
         if isinstance(message, SetCell):
-            old = self.get(message.htname, message.cname, now)
-            expires: float = 0
-            seconds = self.autoexpire.get(message.htname)
-            if seconds:
-                expires = int(now) + seconds  # new, or updateexpire=1
-            elif old is not None:
-                expires = old.expires
-            change = self._put(message.htname, message.cname, message.value, expires, now, sender)
+            change = self.set(message.htname, message.cname, message.value, now, sender)
             if change is not None:
                 changes.append(change)
         elif isinstance(message, SetCellExpire):
@@ -318,6 +326,17 @@ class HtableMirror:
         sender = self._senders.get(message.sender)
         if sender is None:
             sender = self._sender(message.sender)
+        usual = read_set(message.body)
+        if usual is not None:
+            # The usual SET, applied without a message object (what apply does).
+            table, key, value, _ = usual
+            now = self.clock()
+            change = self.replica.set(table, key, value, now, sender)
+            self.applied += 1
+            if change is not None:
+                self._publish((change,), sender)
+            self._arm()
+            return _OK
         try:
             parsed = parse(message.body)
         except MalformedBody as exc:
@@ -369,7 +388,7 @@ class HtableMirror:
         self._arm()
         return len(changes)
 
-    def _publish(self, changes: list[Change], sender: str | None) -> None:
+    def _publish(self, changes: Iterable[Change], sender: str | None) -> None:
         streams = self.streams
         for event, table, key, entry in changes:
             stream = streams.get(table) or self._stream(table)
