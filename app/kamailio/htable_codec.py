@@ -210,7 +210,7 @@ def _loads(body: bytes) -> Any:
 
 
 #: A JSON string without escapes or control characters (its bytes are its text), and
-#: JSON integers: the usual SET, exactly as Kamailio writes it (see :func:`read_set`).
+#: JSON integers: the usual SET, as Kamailio writes it (see :func:`read_set`).
 _TEXT = rb'"([^"\\\x00-\x1f]*)"'
 _NUMBER = rb"(-?(?:0|[1-9][0-9]{0,9}))"
 _USUAL_SET = re.compile(
@@ -226,16 +226,17 @@ _USUAL_SET = re.compile(
     + _NUMBER
     + rb'),"mode":'
     + _NUMBER
-    + rb"\}"
+    + rb"\}[ \t\n\r]*"  # JSON's whitespace after the object (a line end, say)
 )
 
 
 def read_set(body: bytes) -> tuple[str, str, Value, int] | None:
     """The usual body, a SET as every Kamailio node writes it (compact, its field
-    order, the value its type names, names without escapes), as ``(htname, cname,
-    value, mode)``, read by one regular expression; None for any other body, which
-    :func:`parse` reads in full (and refuses saying why). What this returns is what
-    the full reading gives (tests check it for bodies near this shape)."""
+    order, the value its type names, names without escapes; JSON whitespace may
+    follow), as ``(htname, cname, value, mode)``, read by one regular expression;
+    None for any other body, which :func:`parse` reads in full (and refuses saying
+    why). What this returns is what the full reading gives (tests check it for bodies
+    near this shape)."""
     match = _USUAL_SET.fullmatch(body)
     if match is None:
         return None

@@ -293,10 +293,16 @@ raw_number = st.integers(INT32_MIN - 2, INT32_MAX + 2).map(lambda n: str(n).enco
 
 @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    raw_text, raw_text, raw_number, raw_number, st.booleans(), st.sampled_from([b"2", b"0", b"3"])
+    raw_text,
+    raw_text,
+    raw_number,
+    raw_number,
+    st.booleans(),
+    st.sampled_from([b"2", b"0", b"3"]),
+    st.sampled_from([b"", b"\r\n", b"\n", b" \t\r\n", b"\x0b", b"\x00", b"\r\n}", b"\xc2\xa0"]),
 )
 def test_the_shortcut_reads_any_bytes_in_the_fields_as_the_full_reading_does(
-    name: bytes, value: bytes, number: bytes, mode: bytes, as_text: bool, type_: bytes
+    name: bytes, value: bytes, number: bytes, mode: bytes, as_text: bool, type_: bytes, end: bytes
 ) -> None:
     field = b'"strval":"' + value + b'"' if as_text else b'"intval":' + number
     body = (
@@ -309,6 +315,7 @@ def test_the_shortcut_reads_any_bytes_in_the_fields_as_the_full_reading_does(
         + b',"mode":'
         + mode
         + b"}"
+        + end
     )
     assert outcome(body) == full_reading(body)
 
@@ -332,4 +339,5 @@ def test_the_shortcut_takes_the_usual_set() -> None:
             taken += 1
     assert taken >= 2
     assert read_set(build(SetCell("h", "ké", -5, 1))) == ("h", "ké", -5, 1)
+    assert read_set(build(SetCell("h", "c", "v", 1)) + b"\r\n") == ("h", "c", "v", 1)  # sipp's
     assert read_set(build(SetCell("h", "c", 'a"b', 1))) is None  # escaped: the full way
