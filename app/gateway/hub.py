@@ -69,6 +69,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from app.dmq.errors import NodeStoppedError, ReplyNotPendingError
 from app.dmq.node import ExtraHeaders
 from app.dmq.peers import ORIGIN_HEADER, PeerHandler, PeerInit, PeerMessage, PeerReply
+from app.dmq.sip import SipUri
 from app.gateway import bundle
 from app.gateway.config import DEFAULT_QUEUE_LIMIT
 from app.gateway.errors import PeerNotRegisteredError
@@ -93,6 +94,9 @@ log = logging.getLogger("dmq.gateway")
 #: Message ids remembered per subscriber-mode peer, so that a reply that comes after
 #: its message was answered is told so rather than called unknown.
 PENDING_IDS_KEPT = 4096
+
+#: Sender URIs whose text is kept (a bus has a few nodes; more only clears it).
+MAX_SENDER_TEXTS = 1024
 
 #: History rows trimmed from the store in one statement (not one per message).
 TRIM_BATCH = 256
@@ -488,6 +492,8 @@ class Hub:
         self.taps: dict[str, _Tap] = {}
         #: Bundles sent (by the gateway) and received, for /metrics.
         self.bundle_stats = bundle.BundleStats()
+        #: Sender URI -> its text (see _sender_text).
+        self._senders: dict[SipUri, str] = {}
 
     # ------------------------------------------------------------------ registry
 
@@ -719,8 +725,12 @@ class Hub:
                 # With a durable history the 200 waits for the batch's commit.
                 batched = channel.store is not None and self._open_batch()
                 if stamp is None:
-                    if batched:  # one buffered row: written with the batch
-                        channel.append(str(message.sender), message.content_type, message.body)
+                    if batched or channel.store is None:
+                        # One buffered row written with the batch, or a history kept
+                        # in memory only: no store transaction of its own.
+                        channel.append(
+                            self._sender_text(message.sender), message.content_type, message.body
+                        )
                     else:
                         self._commit(
                             lambda: channel.append(
@@ -780,6 +790,16 @@ class Hub:
             return None  # a subscriber answers, through reply(); the core times it
 
         return handler
+
+    def _sender_text(self, uri: SipUri) -> str:
+        """A sender URI as history entries name it, written once per sending node
+        rather than once per message."""
+        text = self._senders.get(uri)
+        if text is None:
+            if len(self._senders) >= MAX_SENDER_TEXTS:
+                self._senders.clear()
+            text = self._senders[uri] = str(uri)
+        return text
 
     # ------------------------------------------------------------------ bundles
 

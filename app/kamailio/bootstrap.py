@@ -119,6 +119,8 @@ class SyncBootstrap:
         #: host:port of nodes seen sending this peer's messages without an origin
         #: stamp: Kamailio nodes, which hold the data, asked first.
         self.kamailio_nodes: set[str] = set()
+        #: The sender last added to kamailio_nodes (its messages come in runs).
+        self._observed: SipUri | None = None
         self._target: str | None = None
         self._answered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -133,8 +135,10 @@ class SyncBootstrap:
 
     def observe(self, message: PeerMessage) -> None:
         """Note who speaks for the peer (every message of the peer, before parsing)."""
-        if message.origin is None and len(self.kamailio_nodes) < 1024:
-            self.kamailio_nodes.add(host_port(message.sender))
+        sender = message.sender
+        if message.origin is None and sender != self._observed and len(self.kamailio_nodes) < 1024:
+            self.kamailio_nodes.add(host_port(sender))
+            self._observed = sender
 
     def answer_seen(self, sender: SipUri) -> bool:
         """A sync answer arrived from ``sender``; True if it answers our request."""

@@ -429,7 +429,9 @@ class DialogsMirror:
             else None
         )
         self.malformed = MalformedBodies(PEER_ID)
-        self.stream = ChangeStream(STREAM, queue_limit=queue_limit, clock=clock)
+        # Rendered when published: a dialog's data nests legs, vars and profiles,
+        # which a lazy stream would keep in the cyclic collector's sight.
+        self.stream = ChangeStream(STREAM, queue_limit=queue_limit, clock=clock, lazy=False)
         self.streams = {STREAM: self.stream}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None

@@ -38,11 +38,12 @@ import heapq
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from app.dmq.peers import PeerMessage, PeerReply
+from app.dmq.sip import SipUri
 from app.gateway.hub import Ending
 from app.kamailio.bootstrap import MIRROR_REPLY, SyncBootstrap
 from app.kamailio.htable_codec import (
@@ -61,6 +62,7 @@ from app.kamailio.htable_codec import (
     compile_regex,
     matches,
     parse,
+    read_set,
 )
 from app.kamailio.malformed import MalformedBodies
 from app.kamailio.stream import ChangeStream
@@ -83,6 +85,8 @@ STREAM_CAPACITY = 4096
 MAX_CELLS = 2_000_000
 #: A table or key name longer than this is not one Kamailio's API would take.
 MAX_NAME = 1024
+#: Sender URIs whose text is kept (a bus has a few nodes; more only clears it).
+MAX_SENDERS = 256
 
 _SERVER_ERROR = PeerReply(500, "Server Internal Error")
 _OK = PeerReply()
@@ -114,16 +118,13 @@ def _expired(entry: Entry, now: float) -> bool:
     return bool(entry.expires) and entry.expires < int(now)
 
 
-class Change:
-    """What one application of a message changed: (event, table, key, entry)."""
+class Change(NamedTuple):
+    """What one application of a message changed."""
 
-    __slots__ = ("entry", "event", "key", "table")
-
-    def __init__(self, event: str, table: str, key: str, entry: Entry | None) -> None:
-        self.event = event
-        self.table = table
-        self.key = key
-        self.entry = entry
+    event: str
+    table: str
+    key: str
+    entry: Entry | None
 
 
 class HtableReplica:
@@ -148,9 +149,12 @@ class HtableReplica:
         return self._cells
 
     def get(self, table: str, key: str, now: float) -> Entry | None:
-        entry = self.tables.get(table, {}).get(key)
-        if entry is None or _expired(entry, now):
+        cells = self.tables.get(table)
+        if cells is None:
             return None
+        entry = cells.get(key)
+        if entry is None or (entry.expires and entry.expires < int(now)):
+            return None  # expired: see _expired
         return entry
 
     def items(self, table: str, now: float) -> Iterator[tuple[str, Entry]]:
@@ -182,20 +186,18 @@ class HtableReplica:
             self.refused += 1
             return None
         old = cells.get(key)
-        if old is not None and _expired(old, now):
-            old = None  # expired already: this is a new cell
-        if (
-            old is not None
+        if old is None:
+            if self._cells >= MAX_CELLS:
+                self.refused += 1
+                return None
+            self._cells += 1
+        elif (
+            not _expired(old, now)  # an expired one is replaced by a new cell
             and old.value == value
             and type(old.value) is type(value)
             and old.expires == expires
         ):
             return None  # the same cell again (a sync answered twice): no change
-        if key not in cells:
-            if self._cells >= MAX_CELLS:
-                self.refused += 1
-                return None
-            self._cells += 1
         entry = Entry(value, expires, now, sender)
         cells[key] = entry
         if expires:
@@ -210,6 +212,20 @@ class HtableReplica:
         self._cells -= 1
         return Change(event, table, key, None)
 
+    def set(
+        self, table: str, key: str, value: Value, now: float, sender: str | None = None
+    ) -> Change | None:
+        """Apply a SET (action 2) as a 5.6 node would; return what changed."""
+        expires: float = 0
+        seconds = self.autoexpire.get(table)
+        if seconds:
+            expires = int(now) + seconds  # new, or updateexpire=1
+        else:
+            old = self.get(table, key, now)
+            if old is not None:
+                expires = old.expires
+        return self._put(table, key, value, expires, now, sender)
+
     def apply(self, message: HtableMessage, now: float, sender: str | None = None) -> list[Change]:
         """Apply one message as a 5.6 node would; return what changed.
 
@@ -217,14 +233,7 @@ class HtableReplica:
         500 then, and removes nothing)."""
         changes: list[Change] = []
         if isinstance(message, SetCell):
-            old = self.get(message.htname, message.cname, now)
-            expires: float = 0
-            seconds = self.autoexpire.get(message.htname)
-            if seconds:
-                expires = int(now) + seconds  # new, or updateexpire=1
-            elif old is not None:
-                expires = old.expires
-            change = self._put(message.htname, message.cname, message.value, expires, now, sender)
+            change = self.set(message.htname, message.cname, message.value, now, sender)
             if change is not None:
                 changes.append(change)
         elif isinstance(message, SetCellExpire):
@@ -305,6 +314,8 @@ class HtableMirror:
         self.sync_cells = 0
         self.sync_requests_answered = 0
         self.unsupported = 0
+        #: Sender URI -> its text in changes (see _sender).
+        self._senders: dict[SipUri, str] = {}
 
     # ------------------------------------------------------------------ the tap
 
@@ -312,7 +323,20 @@ class HtableMirror:
         """Every KDMQ message of peer ``htable``; the reply counts when no raw peer
         ``htable`` is registered (see :meth:`Gateway.attach_tap`)."""
         self.bootstrap.observe(message)
-        sender = str(message.sender.with_user(None))
+        sender = self._senders.get(message.sender)
+        if sender is None:
+            sender = self._sender(message.sender)
+        usual = read_set(message.body)
+        if usual is not None:
+            # The usual SET, applied without a message object (what apply does).
+            table, key, value, _ = usual
+            now = self.clock()
+            change = self.replica.set(table, key, value, now, sender)
+            self.applied += 1
+            if change is not None:
+                self._publish((change,), sender)
+            self._arm()
+            return _OK
         try:
             parsed = parse(message.body)
         except MalformedBody as exc:
@@ -342,6 +366,15 @@ class HtableMirror:
             return _SERVER_ERROR
         return _OK
 
+    def _sender(self, uri: SipUri) -> str:
+        """A sender's URI as changes name it (without its user part), written once per
+        sending node rather than per message."""
+        senders = self._senders
+        if len(senders) >= MAX_SENDERS:
+            senders.clear()
+        sender = senders[uri] = str(uri.with_user(None))
+        return sender
+
     def init(self) -> None:
         self.bootstrap.init()
 
@@ -355,12 +388,12 @@ class HtableMirror:
         self._arm()
         return len(changes)
 
-    def _publish(self, changes: list[Change], sender: str | None) -> None:
-        for change in changes:
-            stream = self._stream(change.table)
+    def _publish(self, changes: Iterable[Change], sender: str | None) -> None:
+        streams = self.streams
+        for event, table, key, entry in changes:
+            stream = streams.get(table) or self._stream(table)
             if stream is not None:
-                data = change.entry.as_data() if change.entry is not None else None
-                stream.publish(change.event, change.key, data, sender)
+                stream.publish(event, key, None if entry is None else entry.as_data(), sender)
 
     # ------------------------------------------------------------------ expiry
 

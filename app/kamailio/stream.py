@@ -18,8 +18,15 @@ contact registered...) to a :class:`ChangeStream`; WebSocket clients subscribe t
   (:attr:`Ending.OVERFLOW`) and resumes with ``since``; one slow client never slows the
   mirror or the others.
 
-Frames are rendered to JSON text once, when the change is published, and the same
-string is queued for every subscriber.
+Frames are rendered to JSON text once, and the same string is queued for every
+subscriber: when the change is published if anyone subscribes then, else (a *lazy*
+stream, the default) only when a resuming client first asks for it. A bus with
+nobody watching a stream then pays for no JSON per change; the frame is the same
+either way (its ``at`` is the time of publication). A lazy stream holds the change's
+parts until then, so its ``data`` should be flat (values that are not containers,
+as htable and usrloc changes are): nested containers would keep up to ``capacity``
+changes in the cyclic collector's sight. A stream whose data nests (dialogs) is made
+with ``lazy=False``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ from app.kamailio.frames import GapFrame, SubscribedFrame
 DEFAULT_CAPACITY = 10_000
 #: Frames a subscriber may fall behind before it is cut off.
 DEFAULT_QUEUE_LIMIT = 1000
+
+#: A change held but not rendered yet: event, key, data, sender, time of publication.
+_Parts = tuple[str, str | None, dict[str, Any] | None, str | None, float]
 
 
 class ChangeSubscriber:
@@ -100,6 +110,7 @@ class ChangeStream:
         capacity: int = DEFAULT_CAPACITY,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
         clock: Callable[[], float] = time.time,
+        lazy: bool = True,
     ) -> None:
         if capacity < 1 or queue_limit < 1:
             raise ValueError("a change stream keeps at least one change and one frame")
@@ -108,7 +119,9 @@ class ChangeStream:
         #: The offset of the latest change (0: none yet).
         self.offset = 0
         self.queue_limit = queue_limit
-        self._held: deque[tuple[int, str]] = deque(maxlen=capacity)
+        #: (offset, frame), or (offset, parts) for a change not rendered yet.
+        self._held: deque[tuple[int, str | _Parts]] = deque(maxlen=capacity)
+        self.lazy = lazy
         self.subscribers: set[ChangeSubscriber] = set()
         self._clock = clock
         #: Subscribers cut off for reading too slowly (metrics).
@@ -126,12 +139,33 @@ class ChangeStream:
         data: dict[str, Any] | None = None,
         sender: str | None = None,
     ) -> int:
-        """Append one change; queue it for every subscriber; return its offset."""
+        """Append one change; queue it for every subscriber; return its offset.
+
+        ``data`` belongs to the stream from now on: the caller must not change it."""
         self.offset += 1
         offset = self.offset
+        at = self._clock()
+        if self.subscribers or not self.lazy:
+            frame = self._render(offset, event, key, data, sender, at)
+            self._held.append((offset, frame))
+            for subscriber in tuple(self.subscribers):
+                subscriber.push(offset, frame)
+        else:
+            self._held.append((offset, (event, key, data, sender, at)))
+        return offset
+
+    def _render(
+        self,
+        offset: int,
+        event: str,
+        key: str | None,
+        data: dict[str, Any] | None,
+        sender: str | None,
+        at: float,
+    ) -> str:
         # The fields of ChangeFrame, in its order, dumped as pydantic would (a sync
         # publishes thousands of changes at once: a model per change cost half of it).
-        frame = json.dumps(
+        return json.dumps(
             {
                 "type": "change",
                 "offset": offset,
@@ -141,15 +175,32 @@ class ChangeStream:
                 "key": key,
                 "data": data,
                 "from": sender,
-                "at": round(self._clock(), 3),
+                "at": round(at, 3),
             },
             ensure_ascii=False,
             separators=(",", ":"),
         )
-        self._held.append((offset, frame))
-        for subscriber in tuple(self.subscribers):
-            subscriber.push(offset, frame)
-        return offset
+
+    def _rendered_after(self, start: int) -> list[tuple[int, str]]:
+        """Every held change after offset ``start`` as (offset, frame), rendering
+        those not rendered yet, once: the held ones are replaced by their frames."""
+        out: list[tuple[int, str]] = []
+        held = self._held
+        pending = False
+        for offset, item in held:
+            if offset > start:
+                if isinstance(item, str):
+                    out.append((offset, item))
+                else:
+                    out.append((offset, self._render(offset, *item)))
+                    pending = True
+        if pending:
+            rendered = dict(out)
+            self._held = deque(
+                ((offset, rendered.get(offset, item)) for offset, item in held),
+                maxlen=held.maxlen,
+            )
+        return out
 
     def subscribe(self, since: int | None, epoch: str | None) -> ChangeSubscription:
         """Register a subscriber; queue what it missed first (no await: no gap).
@@ -195,9 +246,7 @@ class ChangeStream:
                     }
                 )
             # Replay what is held after `start` (bounded by the stream's capacity).
-            for offset, frame in held:
-                if offset > start:
-                    subscriber.frames.append((offset, frame))
+            subscriber.frames.extend(self._rendered_after(start))
             if subscriber.frames:
                 # The replay does not count against the live bound (it is bounded by
                 # the stream's capacity already).

@@ -7,11 +7,14 @@ autoexpire tables, values matched by removals only when they are strings.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
-from app.kamailio.htable import HtableReplica
+from app.dmq.peers import PeerMessage
+from app.dmq.sip import SipUri
+from app.kamailio.htable import HtableMirror, HtableReplica
 from app.kamailio.htable_codec import (
     Cell,
     DeleteCell,
@@ -19,9 +22,12 @@ from app.kamailio.htable_codec import (
     SetCell,
     SetCellExpire,
     SyncAnswer,
+    build,
+    read_set,
 )
 
 T0 = 1_800_000_000.0
+SENDER = SipUri.parse("sip:htable@10.0.0.1:5060")
 
 
 def values(replica: HtableReplica, table: str, now: float = T0) -> dict[str, str | int]:
@@ -111,3 +117,71 @@ def test_removals_by_regex_and_prefix_on_names_and_values() -> None:
     assert values(replica, "ht") == {"n": 5}
     with pytest.raises(re.error):
         replica.apply(RemoveCells("ht", "re", "name", "("), T0)
+
+
+def message(body: bytes, sender: str, origin: str | None = None) -> PeerMessage:
+    return PeerMessage(
+        1, "htable", body, "application/json", SipUri.parse(sender), "c", 0.0, 1
+    )._replace(origin=origin)
+
+
+def test_the_mirror_names_each_sender_and_notes_each_kamailio_node() -> None:
+    """Senders alternate (their text is kept per node): every change names its own
+    sender without the user part, and every node that sent without an origin stamp
+    is known to the bootstrap as a Kamailio node, however the messages interleave."""
+    mirror = HtableMirror(None, clock=lambda: T0)  # type: ignore[arg-type]
+    stream = mirror.stream_for("ht")
+    senders = ["sip:htable@10.0.0.1:5060", "sip:10.0.0.2:5070", "sip:htable@10.0.0.1:5060"]
+    for n, sender in enumerate(senders * 3):
+        body = b'{"action":2,"htname":"ht","cname":"k%d","type":0,"intval":%d,"mode":1}' % (n, n)
+        assert mirror.handle(message(body, sender)).code == 200
+    mirror.handle(
+        message(b'{"action":4,"htname":"ht","cname":"k0","mode":0}', "sip:gw@10.0.0.3:5080", "x")
+    )
+    got = [json.loads(text) for _, text in stream.subscribe(0, stream.epoch).subscriber.frames]
+    assert [f["from"] for f in got] == [
+        "sip:10.0.0.1:5060",
+        "sip:10.0.0.2:5070",
+        "sip:10.0.0.1:5060",
+    ] * 3 + ["sip:10.0.0.3:5080"]
+    assert [f["data"] for f in got[:2]] == [
+        {"value": 0, "type": "int", "expires": None},
+        {"value": 1, "type": "int", "expires": None},
+    ]
+    assert got[-1]["event"] == "delete" and got[-1]["data"] is None
+    # The third node stamped its message (a gateway): not taken for a Kamailio node.
+    assert mirror.bootstrap.kamailio_nodes == {"10.0.0.1:5060", "10.0.0.2:5070"}
+
+
+def test_the_usual_set_and_the_full_reading_change_the_same() -> None:
+    """Kamailio's own SET bodies take the mirror's shortcut; the same SETs written
+    otherwise (spaces after the separators) are read in full. Both mirrors end with
+    the same cells, counters and change frames: the same value again changes nothing,
+    an autoexpire table's cells expire, strings and integers stay apart."""
+    fast = HtableMirror(None, autoexpire={"hx": 60}, clock=lambda: T0)  # type: ignore[arg-type]
+    full = HtableMirror(None, autoexpire={"hx": 60}, clock=lambda: T0)  # type: ignore[arg-type]
+    for table in ("ht", "hx"):
+        fast.stream_for(table).epoch = full.stream_for(table).epoch
+    sets: list[tuple[str, str, str | int]] = [
+        ("ht", "a", "1"),
+        ("ht", "a", "1"),  # the same again
+        ("ht", "a", 1),  # an integer now
+        ("hx", "b", "v"),
+        ("hx", "b", "v"),  # renews its expiry: the same cell, no change
+        ("ht", "é", -(2**31)),
+    ]
+    for table, key, value in sets:
+        message = SetCell(table, key, value)
+        usual = build(message)
+        spaced = json.dumps(json.loads(usual)).encode()
+        assert read_set(usual) is not None and read_set(spaced) is None
+        assert fast.handle(PeerMessage(1, "htable", usual, None, SENDER, "c", 0.0, 1)).code == 200
+        assert full.handle(PeerMessage(1, "htable", spaced, None, SENDER, "c", 0.0, 1)).code == 200
+    assert fast.replica.tables == full.replica.tables
+    assert fast.replica.next_deadline() == full.replica.next_deadline() == T0 + 61
+    assert fast.applied == full.applied == len(sets)
+    for table in ("ht", "hx"):
+        got = fast.stream_for(table).subscribe(0, fast.stream_for(table).epoch)
+        want = full.stream_for(table).subscribe(0, full.stream_for(table).epoch)
+        assert list(got.subscriber.frames) == list(want.subscriber.frames)
+    assert len(fast.streams["ht"].subscribers.pop().frames) == 3

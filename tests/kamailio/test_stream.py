@@ -124,3 +124,92 @@ def test_end_all_ends_every_subscription() -> None:
     stream.end_all(Ending.STOPPING)
     assert all(s.ending is Ending.STOPPING for s in subscribers)
     assert not stream.subscribers
+
+
+class Ticking:
+    """A clock that moves 0.25 s at every reading: each change has its own time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 0.25
+        return self.now
+
+
+def publish_mixed(stream: ChangeStream, count: int) -> None:
+    """Changes of every shape a mirror publishes: str and int values, none, a delete,
+    no sender, non-ASCII text."""
+    for n in range(count):
+        if n % 4 == 3:
+            stream.publish("delete", f"k{n}", None, None)
+        else:
+            value: str | int = n if n % 2 else f"v{n}-é"
+            kind = "int" if isinstance(value, int) else "str"
+            stream.publish(
+                "set", f"k{n}", {"value": value, "type": kind, "expires": None}, "sip:x:1"
+            )
+
+
+def test_a_late_subscriber_gets_the_frames_a_live_one_got() -> None:
+    """Nobody subscribes while the first changes come, so they are rendered only when
+    a client resumes: its frames are byte for byte those a client subscribed all
+    along got (the time in each is that of publication, not of the resume)."""
+    live_stream = ChangeStream("htable/ht", clock=Ticking())
+    lazy_stream = ChangeStream("htable/ht", clock=Ticking())
+    lazy_stream.epoch = live_stream.epoch
+    live = live_stream.subscribe(None, None)
+    publish_mixed(live_stream, 12)
+    publish_mixed(lazy_stream, 12)
+    late = lazy_stream.subscribe(0, lazy_stream.epoch)
+    assert list(late.subscriber.frames) == list(live.subscriber.frames)
+    assert [f["at"] for f in frames(late)[1:]] == [1000.25 + 0.25 * n for n in range(12)]
+    # Later changes go to the resumed client as they come, rendered once for all.
+    publish_mixed(live_stream, 3)
+    publish_mixed(lazy_stream, 3)
+    assert list(late.subscriber.frames) == list(live.subscriber.frames)
+
+
+def test_resumes_after_a_mix_of_rendered_and_held_changes() -> None:
+    """Changes published while someone listened and while nobody did, resumed from
+    several offsets by several clients: each gets every change after its offset once,
+    in order, identical to the eager stream's frames."""
+    eager = ChangeStream("s", clock=Ticking(), lazy=False)
+    lazy = ChangeStream("s", clock=Ticking())
+    lazy.epoch = eager.epoch
+    for stream in (eager, lazy):
+        publish_mixed(stream, 5)
+        listener = stream.subscribe(None, None).subscriber
+        publish_mixed(stream, 5)
+        listener.end(Ending.STOPPING)
+        publish_mixed(stream, 5)
+    for since in (0, 3, 7, 12, 15):
+        want = list(eager.subscribe(since, eager.epoch).subscriber.frames)
+        got = list(lazy.subscribe(since, lazy.epoch).subscriber.frames)
+        assert got == want
+        assert [offset for offset, _ in got] == list(range(since + 1, 16))
+
+
+def test_nothing_is_rendered_while_nobody_subscribes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JSON of a change is written only when someone reads it: with no subscriber
+    a bus costs no frame per change; a resume renders each held change once."""
+    import app.kamailio.stream as stream_module
+
+    dumped: list[str] = []
+    real = stream_module.json.dumps
+
+    def counting(*args: Any, **kwargs: Any) -> str:
+        text = real(*args, **kwargs)
+        dumped.append(text)
+        return text
+
+    monkeypatch.setattr(stream_module.json, "dumps", counting)
+    stream = ChangeStream("s")
+    publish(stream, 50)
+    assert dumped == []
+    stream.subscribe(40, stream.epoch)
+    assert len(dumped) == 10
+    stream.subscribe(40, stream.epoch)  # rendered already: not again
+    assert len(dumped) == 10
+    stream.subscribe(0, stream.epoch)
+    assert len(dumped) == 50
