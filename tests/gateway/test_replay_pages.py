@@ -85,3 +85,48 @@ def test_a_live_backlog_over_the_byte_budget_is_cut_off() -> None:
     assert subscriber.ending is Ending.OVERFLOW
     assert channel.overflows == 1
     assert len(subscriber.frames) == 0
+
+
+def test_a_burst_in_one_turn_is_not_a_slow_client_but_a_backlog_left_after_it_is() -> None:
+    """One turn of the event loop may queue more frames than the limit (a reorderer
+    releasing what a hole held back, bundles of a hundred): the endpoint has had no
+    chance at them yet. What it leaves unsent into a later turn is what counts."""
+    import asyncio
+
+    async def run() -> tuple[Ending | None, int, Ending | None]:
+        channel = _channel(history=1000, messages=0)
+        subscriber = Subscriber(channel, limit=10, max_bytes=1 << 20)
+        channel.subscribers.add(subscriber)
+        for _ in range(50):  # one turn: five times the limit
+            channel.append("sip:127.0.0.1:5", "text/plain", BODY)
+        after_burst = subscriber.ending
+        queued = len(subscriber.frames)
+        await asyncio.sleep(0)  # the next turn; the endpoint took none of them
+        channel.append("sip:127.0.0.1:5", "text/plain", BODY)
+        return after_burst, queued, subscriber.ending
+
+    after_burst, queued, after_next_turn = asyncio.run(run())
+    assert (after_burst, queued) == (None, 50)
+    assert after_next_turn is Ending.OVERFLOW
+
+
+def test_a_burst_the_endpoint_drained_leaves_the_subscriber_live() -> None:
+    import asyncio
+
+    async def run() -> tuple[Ending | None, list[int]]:
+        channel = _channel(history=1000, messages=0)
+        subscriber = Subscriber(channel, limit=10, max_bytes=1 << 20)
+        channel.subscribers.add(subscriber)
+        for _ in range(50):
+            channel.append("sip:127.0.0.1:5", "text/plain", BODY)
+        await asyncio.sleep(0)
+        taken = [json.loads(frame)["offset"] for _, frame in list(subscriber.frames)]
+        subscriber.frames.clear()  # what the endpoint does, frame by frame
+        for _ in range(5):
+            channel.append("sip:127.0.0.1:5", "text/plain", BODY)
+        taken += [offset for offset, _ in subscriber.frames]
+        return subscriber.ending, taken
+
+    ending, taken = asyncio.run(run())
+    assert ending is None
+    assert taken == list(range(1, 56))
