@@ -14,7 +14,7 @@ DEMO := .demo
 LINTED := app harness tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-compiled core compiled uncompiled lint bench bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-tls bench-kamailio-join openapi demo demo-stop clean
+.PHONY: help run test test-compiled core compiled uncompiled lint bench bench-kdmq bench-node bench-ingress bench-e2e bench-fanout bench-loss bench-abuse bench-tls bench-kamailio-join openapi demo demo-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,34 +87,42 @@ openapi: $(STAMP)
 	$(BIN)/python -m app.api.openapi_export
 
 ## bench: every benchmark, one after the other; results in bench/results/
-bench: bench-kdmq bench-e2e bench-fanout bench-loss bench-abuse bench-kamailio-join
+bench: bench-kdmq bench-node bench-ingress bench-e2e bench-fanout bench-loss bench-abuse bench-kamailio-join
 
 ## bench-kdmq: KDMQ throughput, ours vs Kamailio (needs kamailio and sipp)
-bench-kdmq: $(STAMP)
+bench-kdmq: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m bench.kdmq_throughput $(BENCH_ARGS)
 
 ## bench-tls: KDMQ over TLS next to TCP and UDP, ours and Kamailio, and the cost of a join
-bench-tls: $(STAMP)
+bench-tls: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m bench.kdmq_tls $(BENCH_ARGS)
 
+## bench-node: the node's CPU per KDMQ request, no sockets: pure Python and compiled core
+bench-node: $(STAMP) $(CORE_STAMP)
+	$(BIN)/python -m bench.node_cpu $(BENCH_ARGS)
+
+## bench-ingress: per POST (vs minimal FastAPI and raw ASGI), batches and WebSocket publish, A to B
+bench-ingress: $(STAMP) $(CORE_STAMP)
+	$(BIN)/python -m bench.ingress $(BENCH_ARGS)
+
 ## bench-e2e: HTTP POST on one gateway to a WebSocket subscriber on another
-bench-e2e: $(STAMP)
+bench-e2e: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m bench.gateway_e2e $(BENCH_ARGS)
 
 ## bench-loss: delivery through 20%/40% UDP and 40% TCP loss in a namespace lab (root, nft)
-bench-loss: $(STAMP)
+bench-loss: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m bench.delivery_loss $(BENCH_ARGS)
 
 ## bench-fanout: WebSocket fan-out, the gateway vs a bare websockets server
-bench-fanout: $(STAMP)
+bench-fanout: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m bench.ws_fanout $(BENCH_ARGS)
 
 ## bench-abuse: every attack the bounds are for, at full size, while /v1/health is timed (BENCH_ARGS=--quick: a tenth)
-bench-abuse: $(STAMP)
+bench-abuse: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m bench.abuse $(BENCH_ARGS)
 
 ## bench-kamailio-join: a join against 1-3 Kamailio nodes, ours (one donor) next to Kamailio (root, to count bytes on lo; ~1 min)
-bench-kamailio-join: $(STAMP)
+bench-kamailio-join: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m bench.kamailio_join $(BENCH_ARGS)
 
 ## screenshots: the console's pictures in docs/console-*.png (three gateways, headless chromium)
