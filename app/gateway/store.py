@@ -59,6 +59,12 @@ from app.gateway.models import PeerSettings
 log = logging.getLogger("dmq.gateway")
 
 DB_NAME = "gateway.db"
+#: How long a write on the event loop waits for the database's write lock held by
+#: another connection (someone's ``sqlite3`` shell, a backup), in seconds. SQLite's
+#: default, 5 s, froze the whole gateway (the node, every API request) that long on
+#: each attempt; past this the turn's commit fails instead, its KDMQ requests are
+#: answered 500 (their senders retransmit) and its API requests 503 with Retry-After.
+BUSY_TIMEOUT = 0.1
 #: Files a write interrupted by a crash can leave in the state dir (see
 #: StateStore._remove_temporaries); removed at every start.
 TEMPORARY_PATTERNS = (".peers-*.json", ".peers-*.json.tmp", "peers.json.tmp")
@@ -302,7 +308,9 @@ class StateStore:
                     log.info("removed the leftover temporary %s", leftover)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
+        )
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.sync.value.upper()}")

@@ -266,3 +266,20 @@ def test_a_store_that_cannot_commit_is_a_503_problem_not_a_bare_500(tmp_path: Pa
             wait_until(lambda: len(receiver.received) >= 2, 10, "the two accepted messages")
         finally:
             stop_all(client, [receiver])
+
+
+def test_the_event_loop_waits_a_tenth_of_a_second_for_a_lock_held_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """The store's writes run on the event loop: SQLite's default busy time-out (5 s)
+    would freeze the node and the API that long for someone's open shell."""
+    from app.gateway.store import BUSY_TIMEOUT, StateStore
+
+    (tmp_path / "state").mkdir()
+    store = StateStore(tmp_path / "state")
+    store.open()
+    try:
+        (waits_ms,) = store.db.execute("PRAGMA busy_timeout").fetchone()
+    finally:
+        store.close()
+    assert waits_ms == round(BUSY_TIMEOUT * 1000) == 100
