@@ -113,6 +113,10 @@ class TransportStats:
     #: Outbound TCP connections torn down because a request on them went unanswered
     #: for Timer F (the next request opens a new one).
     tcp_outbound_reset: int = 0
+    #: Requests passed from an outbound connect that timed out to a new connect,
+    #: because their own Timer F still had time left (a partition that healed while
+    #: the first connect's SYNs were unanswered).
+    tcp_connect_requests_carried: int = 0
     #: TCP connections closed because the incomplete messages of all connections
     #: together went over ``max_buffered``.
     tcp_buffer_overflows: int = 0
@@ -229,6 +233,9 @@ class _StreamProtocol(asyncio.Protocol):
         #: For outbound connections: the node address it was opened to.
         self.remote = remote
         self.pending: list[bytes] = []
+        #: Loop time each of ``pending`` was queued: a connect that times out passes the
+        #: requests young enough to be worth a new attempt on to the next connection.
+        self.pending_at: list[float] = []
         self.closed = False
         #: Whether this connection counts against the inbound caps.
         self.counted = False
@@ -279,10 +286,12 @@ class _StreamProtocol(asyncio.Protocol):
         for data in self.pending:
             self.transport.write(data)
         self.pending.clear()
+        self.pending_at.clear()
 
     def write(self, data: bytes) -> None:
         if self.transport is None:
             self.pending.append(data)
+            self.pending_at.append(self.server._clock())
             return
         if self.transport.is_closing():
             return
@@ -1350,6 +1359,43 @@ class DmqServer:
         # A node no longer listed (removed, its outbox parked) keeps the name it had.
         return self._tls_names.get(where) or destination.host
 
+    def _carry_over(
+        self, key: tuple[str, int], destination: Endpoint, failed: _StreamProtocol
+    ) -> bool:
+        """A connect timed out: open a new one for the requests it held that still have
+        a fair part of their Timer F ahead (more than T1), and say whether there were any.
+
+        A connect is bounded by Timer F, so a request queued as it began is due to time
+        out now anyway; one queued later is not. Failing it with the connect would end a
+        transaction that never had a chance: after a partition heals, the SYN of a
+        connect begun during the cut can be minutes from its next retransmission, and a
+        ping queued behind it would disable a node that is talking to us again. The old
+        ones are left to their own Timer F, a moment away.
+        """
+        if self._loop is None:
+            return False
+        now = self._clock()
+        timers = self.config.timers
+        cutoff = now - timers.timer_f_value + timers.t1
+        young = [
+            data for data, at in zip(failed.pending, failed.pending_at, strict=True) if at > cutoff
+        ]
+        failed.pending.clear()
+        failed.pending_at.clear()
+        if not young:
+            return False
+        self.stats.tcp_connect_requests_carried += len(young)
+        current = self._outbound.get(key)
+        outbound = (
+            current
+            if current is not None and not current.closed
+            else self._connect(key, destination)
+        )
+        for data in young:
+            outbound.write(data)
+        outbound.awaiting_since = now
+        return True
+
     def _connect(self, key: tuple[str, int], destination: Endpoint) -> _StreamProtocol:
         protocol = _StreamProtocol(self, key)
         self._outbound[key] = protocol
@@ -1417,9 +1463,12 @@ class DmqServer:
                 protocol.closed = True
                 if self._outbound.get(key) is protocol:
                     del self._outbound[key]
-                if self._loop is not None:
-                    self.node.transport_error(destination, self._loop.time())
-                    self._flush()
+                if self._loop is None:
+                    return
+                if isinstance(exc, TimeoutError) and self._carry_over(key, destination, protocol):
+                    return
+                self.node.transport_error(destination, self._loop.time())
+                self._flush()
 
         self._spawn(connect())
         return protocol

@@ -290,6 +290,11 @@ class GatewayCollector(Collector):
                 "tcp_outbound_reset",
             ),
             (
+                "dmq_tcp_connect_requests_carried",
+                "requests passed from a SIP TCP connect that timed out to a new connect",
+                "tcp_connect_requests_carried",
+            ),
+            (
                 "dmq_dns_lookups_refused",
                 "host name look-ups not started: too many were in flight",
                 "dns_lookups_refused",
