@@ -1114,7 +1114,7 @@ class DmqNode:
         self._node_answered(node, now)
 
     def _report_drops(self, node: Node, messages: list[OutboxMessage], reason: str) -> None:
-        by_peer = Counter(message.peer_id for message in messages)
+        by_peer = Counter([message.peer_id for message in messages])
         self.stats.outbox_dropped[reason] += len(messages)
         for peer_id, count in by_peer.items():
             self._events.append(OutboxDropped(node.uri, peer_id, count, reason))
@@ -1133,7 +1133,7 @@ class DmqNode:
             ]
             if expired:
                 gone = {m.id for m in expired}
-                box.messages = deque(m for m in box.messages if m.id not in gone)
+                box.messages = deque([m for m in box.messages if m.id not in gone])
                 box.size -= sum(m.size for m in expired)
                 self._report_drops(node, expired, DROP_AGE)
                 if not box.messages:
