@@ -53,6 +53,10 @@ COMPILED = [
     "app/dmq/peers.py",
     "app/dmq/transaction.py",
     "app/dmq/timers.py",
+    # The htable mirror's hot path: every KDMQ SET of peer htable is read by the codec
+    # and applied to the replica (the mirror around them, asyncio-bound, stays Python).
+    "app/kamailio/htable_codec.py",
+    "app/kamailio/replica.py",
 ]
 
 #: The environment variable that chooses, and its values.

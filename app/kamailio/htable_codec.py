@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
@@ -272,8 +273,17 @@ def parse(body: bytes) -> HtableMessage:
     usual = read_set(body)
     if usual is not None:
         return SetCell(*usual)
+    return read_full(body)
+
+
+def read_full(body: bytes, loads: Callable[[bytes], Any] = _loads) -> HtableMessage:
+    """Read one body field by field, without :func:`read_set`'s shortcut: what
+    :func:`parse` does with every body the shortcut does not take. ``loads`` decodes
+    the JSON (the tests give ``json.loads`` itself, to check that :func:`_loads` and
+    the shortcut change no outcome: this module is compiled, so they cannot patch
+    its functions)."""
     try:
-        document = _loads(body)
+        document = loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedBody("json", f"not JSON: {exc}") from None
     if not isinstance(document, dict) or not document:
