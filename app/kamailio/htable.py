@@ -125,13 +125,16 @@ class HtableMirror:
             sender = self._sender(message.sender)
         usual = read_set(message.body)
         if usual is not None:
-            # The usual SET, applied without a message object (what apply does).
+            # The usual SET, applied without a message object and its one change
+            # published without a list (what apply and _publish do, per message).
             table, key, value, _ = usual
-            now = self.clock()
-            change = self.replica.set(table, key, value, now, sender)
+            change = self.replica.set(table, key, value, self.clock(), sender)
             self.applied += 1
             if change is not None:
-                self._publish((change,), sender)
+                entry = change.entry
+                stream = self.streams.get(table) or self._stream(table)
+                if stream is not None:
+                    stream.publish("set", key, None if entry is None else entry.as_data(), sender)
             self._arm()
             return _OK
         try:
