@@ -128,8 +128,17 @@ def _change(event: str, table: str, key: str, entry: Entry | None) -> Change:
 class HtableReplica:
     """Kamailio's htables as one 5.6 node holds them (see the module)."""
 
-    def __init__(self, autoexpire: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        autoexpire: dict[str, int] | None = None,
+        *,
+        max_tables: int = MAX_TABLES,
+        max_cells: int = MAX_CELLS,
+    ) -> None:
         self.tables: dict[str, dict[str, Entry]] = {}
+        #: The bounds (MAX_TABLES, MAX_CELLS unless a test makes them small).
+        self.max_tables = max_tables
+        self.max_cells = max_cells
         #: Declared autoexpire seconds per table.
         self.autoexpire: dict[str, int] = dict(autoexpire or {})
         #: Tables seen with expiring cells in a sync answer (autoexpire, unknown value).
@@ -171,7 +180,7 @@ class HtableReplica:
     def _table(self, name: str) -> dict[str, Entry] | None:
         table = self.tables.get(name)
         if table is None:
-            if len(self.tables) >= MAX_TABLES:
+            if len(self.tables) >= self.max_tables:
                 return None
             table = self.tables[name] = {}
         return table
@@ -189,9 +198,22 @@ class HtableReplica:
         if cells is None:
             self.refused += 1
             return None
-        old = cells.get(key)
+        return self._store(cells, cells.get(key), table, key, value, expires, now, sender)
+
+    def _store(
+        self,
+        cells: dict[str, Entry],
+        old: Entry | None,
+        table: str,
+        key: str,
+        value: Value,
+        expires: int | float,
+        now: float,
+        sender: str | None,
+    ) -> Change | None:
+        """Set ``key`` of ``cells`` (table ``table``), whose cell is ``old`` now."""
         if old is None:
-            if self._cells >= MAX_CELLS:
+            if self._cells >= self.max_cells:
                 self.refused += 1
                 return None
             self._cells += 1
@@ -219,16 +241,22 @@ class HtableReplica:
     def set(
         self, table: str, key: str, value: Value, now: float, sender: str | None = None
     ) -> Change | None:
-        """Apply a SET (action 2) as a 5.6 node would; return what changed."""
+        """Apply a SET (action 2) as a 5.6 node would; return what changed.
+
+        The cell is looked up once, for its expiry and its replacement (every KDMQ SET
+        comes here)."""
+        cells = self._table(table)
+        if cells is None:
+            self.refused += 1
+            return None
+        old = cells.get(key)
         expires: int | float = 0
         seconds = self.autoexpire.get(table)
         if seconds:
             expires = int(now) + seconds  # new, or updateexpire=1
-        else:
-            old = self.get(table, key, now)
-            if old is not None:
-                expires = old.expires
-        return self._put(table, key, value, expires, now, sender)
+        elif old is not None and not _expired(old, now):
+            expires = old.expires
+        return self._store(cells, old, table, key, value, expires, now, sender)
 
     def apply(self, message: HtableMessage, now: float, sender: str | None = None) -> list[Change]:
         """Apply one message as a 5.6 node would; return what changed.
