@@ -64,7 +64,8 @@ MAX_NAME = 1024
 #: Sender URIs whose text is kept (a bus has a few nodes; more only clears it).
 MAX_SENDERS = 256
 
-#: What this module has always offered: the replica's names are imported from here.
+#: The names this module offers, the replica's among them (imported from replica.py,
+#: where they are compiled; the API and the tests read them from here).
 __all__ = [
     "MAX_CELLS",
     "MAX_NAME",
