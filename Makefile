@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 # What `make core` built: "compiled" or "pure Python" (the core `dmq-gateway --version`
 # names), remade when a source of the core or setup.py changes.
 CORE_STAMP := $(VENV)/.core
-CORE_SOURCES := $(wildcard app/dmq/*.py app/dmq/*.c) setup.py
+CORE_SOURCES := $(wildcard app/dmq/*.py app/dmq/*.c) app/kamailio/htable_codec.py \
+    app/kamailio/replica.py setup.py
 DEMO := .demo
 LINTED := app harness tests bench
 
@@ -37,7 +38,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # calls an extension older than its source stale: date them all to this build.
 $(CORE_STAMP): $(CORE_SOURCES) | $(RUN_STAMP)
 	@DMQ_GATEWAY_COMPILE=$${DMQ_GATEWAY_COMPILE:-auto} $(BIN)/python setup.py --quiet build_ext --inplace
-	@find app/dmq -name '*.so' -exec touch {} +
+	@find app/dmq app/kamailio -name '*.so' -exec touch {} +
 	@$(BIN)/python -c 'import app; print(app.core())' >$@.new && mv $@.new $@
 	@$(BIN)/dmq-gateway --version
 
@@ -61,8 +62,10 @@ test: lint $(CORE_STAMP)
 	    $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	DMQ_GATEWAY_CORE=pure $(BIN)/pytest -q -p no:cacheprovider $(PURE_TESTS) $(PYTEST_ARGS)
 
-# What also runs on the pure-Python core: the core's own tests and the real-socket ones.
-PURE_TESTS := tests/dmq tests/transport tests/compiled
+# What also runs on the pure-Python core: the core's own tests, the real-socket ones, and
+# the compiled htable mirror's (its codec and replica, no Kamailio process).
+PURE_TESTS := tests/dmq tests/transport tests/compiled tests/kamailio/test_htable_codec.py \
+    tests/kamailio/test_htable_replica.py
 
 ## core: build the compiled core where a C compiler and Python headers are (run and test do)
 core: $(CORE_STAMP)

@@ -1,4 +1,5 @@
-"""The compiled core: the sans-IO DMQ modules built with mypyc where the machine can.
+"""The compiled core: the sans-IO DMQ modules, and the htable mirror's codec and
+replica, built with mypyc where the machine can.
 
 ``DMQ_GATEWAY_COMPILE`` says what to build:
 
@@ -22,6 +23,24 @@ extension falls back to them, and ``DMQ_GATEWAY_CORE=pure`` picks them at run ti
 (``mypyc_attr(native_class=False)``): compiled, an ``int`` given for one of its
 ``float`` fields would be stored as a float and change the configuration's error
 sentences, as with ``config.py`` below.
+
+The htable mirror's hot path is compiled in the same group (``app/kamailio/htable_codec.py``,
+``app/kamailio/replica.py``); what it met:
+
+* a compiled dataclass is built through the Python ``__init__`` the dataclass decorator
+  writes, even from compiled code, and stores an ``int`` given for a ``float`` field as
+  a float: the replica's ``Entry`` is a plain class (``int | float`` for its expiry, so
+  a change frame still says ``60``, not ``60.0``) with a dataclass's equality and repr;
+* a NamedTuple's constructor is a Python function: ``Change`` is built with
+  ``tuple.__new__``, as ``node.py`` builds ``PeerMessage``;
+* module functions are bound at compile time, so a test cannot patch one to change
+  what another calls: the codec's full reading is a function of its own
+  (``read_full``) that tests call directly;
+* a regular expression is no faster compiled, and a loop over bytes is six times
+  slower as Python than one: ``read_set`` scans where it is compiled and matches where
+  it is not (both tested on every build);
+* the mirror itself (``app/kamailio/htable.py``) stays Python: it is bound to asyncio
+  and imports the gateway for its types.
 
 Modules left out, and why (they stay Python and import the compiled ones):
 
@@ -53,6 +72,10 @@ COMPILED = [
     "app/dmq/peers.py",
     "app/dmq/transaction.py",
     "app/dmq/timers.py",
+    # The htable mirror's hot path: every KDMQ SET of peer htable is read by the codec
+    # and applied to the replica (the mirror around them, asyncio-bound, stays Python).
+    "app/kamailio/htable_codec.py",
+    "app/kamailio/replica.py",
 ]
 
 #: The environment variable that chooses, and its values.

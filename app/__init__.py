@@ -1,7 +1,8 @@
 """dmq-gateway.
 
-The sans-IO core (:mod:`app.dmq`) may be compiled (``make compiled``: C extensions
-beside the sources). Which one runs is :func:`core`. ``DMQ_GATEWAY_CORE=pure`` in the
+The sans-IO core (:mod:`app.dmq`, and the htable mirror's codec and replica in
+:mod:`app.kamailio`) may be compiled (``make compiled``: C extensions beside the
+sources). Which one runs is :func:`core`. ``DMQ_GATEWAY_CORE=pure`` in the
 environment makes this process import the Python sources even where extensions are
 built, so that both can be run, tested and measured from one tree. In a source tree, an
 extension older than its source (the source changed since ``make core``) would run
@@ -22,12 +23,13 @@ __version__ = "0.1.0"
 
 #: The environment variable that forces the pure-Python core, and its one value.
 CORE_ENV = "DMQ_GATEWAY_CORE"
-#: The package whose modules may be compiled.
-CORE_PACKAGE = "app.dmq"
+#: The packages whose modules may be compiled (setup.py's ``COMPILED`` says which).
+CORE_PACKAGES = ("app.dmq", "app.kamailio")
 
 
 class _SourceOnlyFinder(importlib.abc.MetaPathFinder):
-    """Finds ``app.dmq`` modules from their ``.py`` files only, never an extension."""
+    """Finds the modules of :data:`CORE_PACKAGES` from their ``.py`` files only, never
+    an extension."""
 
     def find_spec(
         self,
@@ -35,7 +37,7 @@ class _SourceOnlyFinder(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None,
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if not fullname.startswith(CORE_PACKAGE + ".") or not path:
+        if fullname.rpartition(".")[0] not in CORE_PACKAGES or not path:
             return None
         loader = (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES)
         for entry in path:
@@ -54,17 +56,19 @@ def _stale_extensions() -> list[str]:
     (a wheel) is never stale: the installer writes its files in any order, so a source
     may be a few microseconds younger than its extension from the same build.
     """
-    package = Path(__file__).resolve().parent / "dmq"
-    if not (package.parent.parent / "setup.py").is_file():
+    root = Path(__file__).resolve().parent
+    if not (root.parent / "setup.py").is_file():
         return []
     stale: list[str] = []
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for extension in package.glob(f"*{suffix}"):
-            stem = extension.name.removesuffix(suffix)
-            # A mypyc module is built from its .py, the native codec from its .c.
-            for source in (package / f"{stem}.py", package / f"{stem}.c"):
-                if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
-                    stale.append(source.name)
+    for name in CORE_PACKAGES:
+        package = root.parent.joinpath(*name.split("."))
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            for extension in package.glob(f"*{suffix}"):
+                stem = extension.name.removesuffix(suffix)
+                # A mypyc module is built from its .py, the native codec from its .c.
+                for source in (package / f"{stem}.py", package / f"{stem}.c"):
+                    if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
+                        stale.append(source.name)
     return sorted(stale)
 
 
@@ -91,10 +95,27 @@ def _select_core() -> None:
 _select_core()
 
 
-def core() -> str:
-    """``"compiled"`` when the codec and node run from C extensions, else ``"pure Python"``."""
-    from app.dmq import node, sip
+#: The modules ``make core`` compiles (setup.py's ``COMPILED``; tests/compiled checks
+#: that the two lists agree).
+COMPILED_MODULES = (
+    "app.dmq.sip",
+    "app.dmq.node",
+    "app.dmq.nodes",
+    "app.dmq.outbox",
+    "app.dmq.peers",
+    "app.dmq.transaction",
+    "app.dmq.timers",
+    "app.kamailio.htable_codec",
+    "app.kamailio.replica",
+)
 
+
+def core() -> str:
+    """``"compiled"`` when every module of :data:`COMPILED_MODULES` runs from its C
+    extension (the codec, the node, the htable mirror's hot path), else ``"pure
+    Python"``: a tree built before a module joined the list runs that one from its
+    source, and is not called compiled."""
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    compiled = all(str(m.__file__).endswith(suffixes) for m in (sip, node))
+    modules = [importlib.import_module(name) for name in COMPILED_MODULES]
+    compiled = all(str(m.__file__).endswith(suffixes) for m in modules)
     return "compiled" if compiled else "pure Python"

@@ -185,3 +185,57 @@ def test_the_usual_set_and_the_full_reading_change_the_same() -> None:
         want = full.stream_for(table).subscribe(0, full.stream_for(table).epoch)
         assert list(got.subscriber.frames) == list(want.subscriber.frames)
     assert len(fast.streams["ht"].subscribers.pop().frames) == 3
+
+
+def test_a_set_keeps_the_expiry_of_a_live_cell_of_a_table_with_no_declared_autoexpire() -> None:
+    """A table known to expire only from a sync answer (its autoexpire unknown): a SET
+    of a live cell keeps the cell's expiry, a SET after it expired makes a cell that
+    never expires, and a SET of a new key too."""
+    replica = HtableReplica()
+    replica.apply(SyncAnswer((Cell("hy", "a", "x", int(T0) + 30),)), T0)
+    [change] = replica.apply(SetCell("hy", "a", "y"), T0 + 10)
+    assert change.entry is not None and change.entry.expires == int(T0) + 30
+    assert change.entry.as_data() == {"value": "y", "type": "str", "expires": int(T0) + 30}
+    [change] = replica.apply(SetCell("hy", "a", "y"), T0 + 31)  # expired: a new cell
+    assert change.entry is not None and change.entry.expires == 0
+    assert replica.get("hy", "a", T0 + 10_000) is not None
+    assert replica.expire(T0 + 10_000) == []  # its old deadline is stale
+    [change] = replica.apply(SetCell("hy", "b", 1), T0)
+    assert change.entry is not None and change.entry.as_data()["expires"] is None
+
+
+def test_the_same_value_again_after_expiry_is_a_change() -> None:
+    """An expired cell is replaced, even by its own value: readers had lost it."""
+    replica = HtableReplica(autoexpire={"hx": 5})
+    replica.apply(SetCell("hx", "k", "v"), T0)
+    assert replica.apply(SetCell("hx", "k", "v"), T0 + 2) != []  # renews its expiry
+    assert len(replica.apply(SetCell("hx", "k", "v"), T0 + 9)) == 1
+    assert replica.cells == 1
+
+
+def test_tables_and_cells_beyond_the_bounds_are_refused_and_counted() -> None:
+    """A table beyond max_tables and a new cell beyond max_cells change nothing and are
+    counted; a cell already held is still replaced at the bound, and a deletion makes
+    room again. By SET and by sync answer alike."""
+    replica = HtableReplica(max_tables=2, max_cells=3)
+    replica.apply(SetCell("t1", "a", 1), T0)
+    replica.apply(SyncAnswer((Cell("t2", "b", 2), Cell("t2", "c", 3))), T0)
+    assert replica.cells == 3 and replica.refused == 0
+    assert replica.apply(SetCell("t3", "a", 1), T0) == []  # a third table
+    assert replica.apply(SetCell("t1", "new", 1), T0) == []  # a fourth cell
+    assert replica.apply(SyncAnswer((Cell("t2", "d", 4),)), T0) == []
+    assert replica.refused == 3 and replica.cells == 3
+    assert sorted(replica.tables) == ["t1", "t2"]
+    [change] = replica.apply(SetCell("t1", "a", 7), T0)  # held already: replaced
+    assert change.entry is not None and change.entry.value == 7
+    replica.apply(DeleteCell("t2", "b"), T0)
+    assert len(replica.apply(SetCell("t1", "new", 1), T0)) == 1
+    assert replica.cells == 3 and replica.refused == 3
+
+
+def test_the_module_bounds_are_the_defaults() -> None:
+    from app.kamailio import htable, replica
+
+    made = HtableReplica()
+    assert (made.max_tables, made.max_cells) == (replica.MAX_TABLES, replica.MAX_CELLS)
+    assert (htable.MAX_TABLES, htable.MAX_CELLS) == (64, 2_000_000)
