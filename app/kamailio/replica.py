@@ -27,6 +27,14 @@ is built through a Python ``__init__``, and stores an ``int`` given for a ``floa
 field as a float: an expiry in a change frame would read ``60.0`` for ``60``), with a
 dataclass's equality and repr; :class:`Change` stays a NamedTuple (callers unpack it)
 and is built with ``tuple.__new__``.
+
+The cells themselves are held as plain tuples (:data:`Stored`), not as :class:`Entry`
+objects: a replica holds up to ``MAX_CELLS`` of them for as long as the gateway runs,
+and the cyclic collector walks every object that can hold a reference on each full
+pass, so two million ``Entry`` objects made each such pass a pause of a tenth of a
+second. A tuple of strings and numbers is taken off the collector's lists at its
+first pass. :meth:`HtableReplica.get` and :meth:`HtableReplica.items` hand out
+:class:`Entry` objects made from them.
 """
 
 from __future__ import annotations
@@ -102,10 +110,21 @@ class Entry:
         }
 
 
-def _expired(entry: Entry, now: float) -> bool:
+#: A cell as the replica holds it: (value, expires, updated, sender), Entry's fields.
+Stored = tuple[Value, int | float, float, str | None]
+#: Where each of Entry's fields is in a Stored cell.
+_VALUE: Final = 0
+_EXPIRES: Final = 1
+
+
+def _entry(stored: Stored) -> Entry:
+    return Entry(stored[0], stored[1], stored[2], stored[3])
+
+
+def _expired(expires: int | float, now: float) -> bool:
     """Kamailio's test: expiries are whole seconds, and a cell is gone once the clock's
     whole seconds are past it (``it->expire < time(NULL)``)."""
-    return bool(entry.expires) and entry.expires < int(now)
+    return bool(expires) and expires < int(now)
 
 
 class Change(NamedTuple):
@@ -135,7 +154,8 @@ class HtableReplica:
         max_tables: int = MAX_TABLES,
         max_cells: int = MAX_CELLS,
     ) -> None:
-        self.tables: dict[str, dict[str, Entry]] = {}
+        #: Table name -> key -> cell (see :data:`Stored`).
+        self.tables: dict[str, dict[str, Stored]] = {}
         #: The bounds (MAX_TABLES, MAX_CELLS unless a test makes them small).
         self.max_tables = max_tables
         self.max_cells = max_cells
@@ -159,15 +179,21 @@ class HtableReplica:
         cells = self.tables.get(table)
         if cells is None:
             return None
-        entry = cells.get(key)
-        if entry is None or (entry.expires and entry.expires < int(now)):
-            return None  # expired: see _expired
-        return entry
+        stored = cells.get(key)
+        if stored is None or _expired(stored[_EXPIRES], now):
+            return None
+        return _entry(stored)
+
+    def keys(self, table: str, now: float) -> Iterator[str]:
+        """The keys of ``table``'s cells not expired at ``now``."""
+        for key, stored in self.tables.get(table, {}).items():
+            if not _expired(stored[_EXPIRES], now):
+                yield key
 
     def items(self, table: str, now: float) -> Iterator[tuple[str, Entry]]:
-        for key, entry in self.tables.get(table, {}).items():
-            if not _expired(entry, now):
-                yield key, entry
+        for key, stored in self.tables.get(table, {}).items():
+            if not _expired(stored[_EXPIRES], now):
+                yield key, _entry(stored)
 
     def has_autoexpire(self, table: str) -> bool:
         return table in self.autoexpire or table in self.expiring
@@ -177,7 +203,7 @@ class HtableReplica:
 
     # ------------------------------------------------------------------ writing
 
-    def _table(self, name: str) -> dict[str, Entry] | None:
+    def _table(self, name: str) -> dict[str, Stored] | None:
         table = self.tables.get(name)
         if table is None:
             if len(self.tables) >= self.max_tables:
@@ -202,8 +228,8 @@ class HtableReplica:
 
     def _store(
         self,
-        cells: dict[str, Entry],
-        old: Entry | None,
+        cells: dict[str, Stored],
+        old: Stored | None,
         table: str,
         key: str,
         value: Value,
@@ -217,15 +243,18 @@ class HtableReplica:
                 self.refused += 1
                 return None
             self._cells += 1
-        elif (
-            not _expired(old, now)  # an expired one is replaced by a new cell
-            and old.value == value
-            and type(old.value) is type(value)
-            and old.expires == expires
-        ):
-            return None  # the same cell again (a sync answered twice): no change
+        else:
+            old_value = old[_VALUE]
+            old_expires = old[_EXPIRES]
+            if (
+                not _expired(old_expires, now)  # an expired one is replaced by a new cell
+                and old_value == value
+                and type(old_value) is type(value)
+                and old_expires == expires
+            ):
+                return None  # the same cell again (a sync answered twice): no change
+        cells[key] = (value, expires, now, sender)
         entry = Entry(value, expires, now, sender)
-        cells[key] = entry
         if expires:
             heapq.heappush(self._deadlines, (expires + 1, table, key))
         return _change("set", table, key, entry)
@@ -254,8 +283,8 @@ class HtableReplica:
         seconds = self.autoexpire.get(table)
         if seconds:
             expires = int(now) + seconds  # new, or updateexpire=1
-        elif old is not None and not _expired(old, now):
-            expires = old.expires
+        elif old is not None and not _expired(old[_EXPIRES], now):
+            expires = old[_EXPIRES]
         return self._store(cells, old, table, key, value, expires, now, sender)
 
     def apply(self, message: HtableMessage, now: float, sender: str | None = None) -> list[Change]:
@@ -283,7 +312,7 @@ class HtableReplica:
             regex = compile_regex(message.pattern) if message.op == "re" else None
             cells = self.tables.get(message.htname, {})
             doomed = [
-                key for key, entry in cells.items() if matches(message, key, entry.value, regex)
+                key for key, stored in cells.items() if matches(message, key, stored[_VALUE], regex)
             ]
             for key in doomed:
                 change = self._delete(message.htname, key)
@@ -308,8 +337,8 @@ class HtableReplica:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             deadline, table, key = heapq.heappop(deadlines)
-            entry = self.tables.get(table, {}).get(key)
-            if entry is None or entry.expires + 1 != deadline:
+            stored = self.tables.get(table, {}).get(key)
+            if stored is None or stored[_EXPIRES] + 1 != deadline:
                 continue  # deleted, or set again since
             change = self._delete(table, key, "expire")
             if change is not None:

@@ -200,7 +200,7 @@ async def list_tables(request: Request) -> TablesOut:
     tables = [
         TableSummary(
             table=name,
-            cells=sum(1 for _ in replica.items(name, now)),
+            cells=sum(1 for _ in replica.keys(name, now)),
             autoexpire=replica.autoexpire.get(name),
             expiring=replica.has_autoexpire(name),
         )
@@ -226,13 +226,16 @@ async def get_table(
     """A table's keys and values from the replica, in key order, a page at a time."""
     mirror = _mirror(request)
     now = mirror.clock()
-    keys = sorted(k for k, _ in mirror.replica.items(table, now) if k.startswith(prefix))
+    keys = sorted(k for k in mirror.replica.keys(table, now) if k.startswith(prefix))
     start = 0
     if after is not None:
         start = bisect.bisect_right(keys, after)
     page = keys[start : start + limit]
-    cells = mirror.replica.tables.get(table, {})
-    out = [_cell(key, cells[key]) for key in page]
+    out = [
+        _cell(key, entry)
+        for key in page
+        if (entry := mirror.replica.get(table, key, now)) is not None
+    ]
     more = start + limit < len(keys)
     return TableOut(table=table, cells=len(keys), keys=out, next=page[-1] if more else None)
 
