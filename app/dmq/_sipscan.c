@@ -631,10 +631,12 @@ static PyObject *py_sendmmsg(PyObject *module, PyObject *const *args, Py_ssize_t
         struct sockaddr_storage addresses[SEND_BATCH];
         PyObject *held[SEND_BATCH];
         Py_ssize_t next = start;
-        while (next < count) {
+        /* The size is read again for every batch: while the GIL was released the
+         * list may have changed. */
+        while (next < PyList_GET_SIZE(datagrams)) {
             int filled = 0, sent, i;
             int stopped = 0; /* an item the batch cannot take ends it */
-            while (filled < SEND_BATCH && next + filled < count) {
+            while (filled < SEND_BATCH && next + filled < PyList_GET_SIZE(datagrams)) {
                 socklen_t length = 0;
                 PyObject *data = datagram_of(PyList_GET_ITEM(datagrams, next + filled),
                                              (int)family, &addresses[filled], &length);
