@@ -219,7 +219,10 @@ class Lab:
 
         Only traffic on the lab's interface whose other end is another host is looked
         at: loopback and the bridge's address (the test process) pass untouched.
-        Loss is applied once per packet, on the way out of its sender.
+        Loss is applied once per packet, on the way into its receiver: a packet an
+        output hook drops is reported to its sender (``EPERM`` from the send), which a
+        lossy network never does, and a sender that tries a refused datagram again at
+        once (the UDP driver after a ``sendmmsg`` stops) would lose less than asked.
         """
         net, bridge = self.network, self.bridge_address
         return f"""
@@ -233,7 +236,6 @@ table ip {TABLE} {{
         ip daddr {bridge} accept
         ip daddr != {net} accept
         jump cut_out
-        jump loss
     }}
     chain input {{
         type filter hook input priority 0; policy accept;
@@ -241,6 +243,7 @@ table ip {TABLE} {{
         ip saddr {bridge} accept
         ip saddr != {net} accept
         jump cut_in
+        jump loss
     }}
 }}
 """
@@ -287,7 +290,7 @@ table ip {TABLE} {{
     ) -> None:
         """Drop ``udp`` % of UDP datagrams and ``tcp`` % of TCP segments between hosts.
 
-        Each packet is dropped at random (nftables ``numgen random``) on the way out of
+        Each packet is dropped at random (nftables ``numgen random``) on the way into
         ``hosts`` (every host by default), so every link between two of them loses
         about that share in each direction. 0 and 0 remove the loss.
         """

@@ -8,6 +8,18 @@ it *flushes*: sends what the core queued, hands out its events, and re-arms the 
 timer at :meth:`DmqNode.get_timer` (the aioquic adapter shape). It runs on the default
 loop and on uvloop.
 
+A datagram received only marks a flush as due: the loop hands over the datagrams one
+readiness event brought (up to 32 under uvloop) one call each, and a flush per datagram
+meant a ``sendto`` system call, an event drain and a timer re-arm each. One flush at
+the end of the turn (``loop.call_soon``) sends all their answers together, through
+``sendmmsg(2)`` (:func:`app.dmq._sipscan.sendmmsg`) in as few system calls as the
+batch needs; nothing waits past the current turn. Whatever that call does not send (a
+full send buffer, an unreachable network, an address it does not read) goes through
+the transport's ``sendto``, which queues it or reports why, and while the transport has
+anything queued every datagram goes through it, so datagrams to one destination leave
+in the order the core queued them. Every other input (API calls, timers, TCP) flushes
+at once, as before.
+
 UDP: one socket bound to the server address; requests and responses go out from it,
 so the source port other nodes see is the port we announce (Kamailio replies to the
 Via, which names it). TCP: a listening socket on the same port; outgoing requests use
@@ -52,6 +64,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+from app.dmq import _sipscan
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
 from app.dmq.errors import ConfigError, NodeStoppedError, ReplyNotPendingError
@@ -75,6 +88,10 @@ NAME_CACHE_SIZE = 4096
 #: Called with every event of the core but :class:`SendCompleted` (which completes
 #: the future of its broadcast or send): node status changes, peer reply timeouts.
 EventListener = Callable[[Event], None]
+
+
+#: A datagram to send over UDP: its bytes and the (address, port) it goes to.
+Datagram = tuple[bytes, tuple[str, int]]
 
 
 def _ip_literal(host: str) -> str | None:
@@ -487,6 +504,11 @@ class DmqServer:
         self.stats = TransportStats()
         self.event_listeners: list[EventListener] = []
         self._udp: asyncio.DatagramTransport | None = None
+        #: The UDP socket's descriptor and family, for sendmmsg (-1: none).
+        self._udp_fd = -1
+        self._udp_family = int(socket.AF_INET)
+        #: The end-of-turn flush the UDP receive path scheduled, until it runs.
+        self._flush_due: asyncio.Handle | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._connections: dict[int, _StreamProtocol] = {}
         self._outbound: dict[tuple[str, int], _StreamProtocol] = {}
@@ -556,6 +578,10 @@ class DmqServer:
             lambda: _UdpProtocol(self), local_addr=(bind_host, port)
         )
         _enlarge_buffers(self._udp)
+        udp_socket = self._udp.get_extra_info("socket")
+        if udp_socket is not None:
+            self._udp_fd = udp_socket.fileno()
+            self._udp_family = int(udp_socket.family)
         if listen_tls:
             self._tls_listener = _listen(bind_host, port)
             self._accepting = asyncio.ensure_future(self._accept_loop(self._tls_listener))
@@ -657,7 +683,13 @@ class DmqServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._flush_due is not None:
+            # What the last datagrams' turn queued leaves before the socket closes.
+            self._flush_due.cancel()
+            self._flush_due = None
+            self._flush()
         if self._udp is not None:
+            self._udp_fd = -1  # never written to directly again, closed or not
             self._udp.close()
         if self._tcp_server is not None:
             self._tcp_server.close()
@@ -963,6 +995,12 @@ class DmqServer:
         if source is None:
             source = self._udp_sources.put(addr, Endpoint("udp", str(addr[0]), int(addr[1])))
         self.node.receive(data, source, loop.time())
+        # The other datagrams of this readiness event come first (module docstring).
+        if self._flush_due is None:
+            self._flush_due = loop.call_soon(self._flush_end_of_turn)
+
+    def _flush_end_of_turn(self) -> None:
+        self._flush_due = None
         self._flush()
 
     def _stream_message(self, data: bytes, connection: _StreamProtocol) -> None:
@@ -1234,21 +1272,27 @@ class DmqServer:
     def _flush(self) -> None:
         node = self.node
         if not self.output_held:
-            udp = None if self.drop_rate else self._udp
+            datagrams: list[Datagram] = []
             for data, destination in node.datagrams_to_send():
-                # The usual datagram (UDP, to an address already seen) is sent here;
-                # _send does the same and takes every other case.
-                if udp is not None and destination.transport == "udp":
-                    address = self._send_addresses.get(destination.host)
-                    if address is not None:
-                        try:
-                            udp.sendto(data, (address, destination.port))
-                        except (OSError, ValueError) as exc:
-                            log.info(
-                                "cannot send to %s:%s: %s", destination.host, destination.port, exc
-                            )
+                if destination.transport != "udp":
+                    self._send(data, destination)
+                    continue
+                if self.drop_rate and self._drop_rng.random() < self.drop_rate:
+                    self.stats.dropped_datagrams += 1
+                    continue
+                # The usual destination is an address already seen.
+                address = self._send_addresses.get(destination.host)
+                if address is None:
+                    address = self._address_of(destination.host)
+                    if address is None:
+                        # A node known by name whose look-up has not succeeded: a
+                        # socket given the name would resolve it, blocking the loop.
+                        # Timer E sends again.
+                        log.debug("%s is not resolved yet; datagram not sent", destination.host)
                         continue
-                self._send(data, destination)
+                datagrams.append((data, (address, destination.port)))
+            if datagrams:
+                self._send_datagrams(datagrams)
         while (event := node.next_event()) is not None:
             if isinstance(event, SendCompleted):
                 waiter = self._waiters.pop(event.operation.id, None)
@@ -1307,25 +1351,35 @@ class DmqServer:
                 self._send_addresses.put(host, address)
         return address
 
-    def _send(self, data: bytes, destination: Endpoint) -> None:
-        if destination.transport == "udp":
-            if self.drop_rate and self._drop_rng.random() < self.drop_rate:
-                self.stats.dropped_datagrams += 1
-                return
-            address = self._address_of(destination.host)
-            if address is None:
-                # A node known by name whose look-up has not succeeded: a socket given
-                # the name would resolve it, blocking the loop. Timer E sends again.
-                log.debug("%s is not resolved yet; datagram not sent", destination.host)
-                return
-            if self._udp is not None:
-                try:
-                    self._udp.sendto(data, (address, destination.port))
-                except (OSError, ValueError) as exc:
-                    # An address the socket can't reach (another family, a name that
-                    # did not resolve): the transaction's timers report it as a timeout.
-                    log.info("cannot send to %s:%s: %s", destination.host, destination.port, exc)
+    def _send_datagrams(self, datagrams: list[Datagram]) -> None:
+        """Send ``datagrams`` (in order) over the UDP socket: batches through
+        ``sendmmsg`` while the transport has nothing queued, the rest through it."""
+        # Both loops' datagram transports have get_write_buffer_size(); the type
+        # stubs give it to write transports only.
+        udp: Any = self._udp
+        if udp is None:
             return
+        fd = self._udp_fd
+        count = len(datagrams)
+        index = 0
+        while index < count:
+            if fd >= 0 and not udp.get_write_buffer_size() and not udp.is_closing():
+                index += _sipscan.sendmmsg(fd, self._udp_family, datagrams, index)
+                if index == count:
+                    return
+            # Not sent directly: the transport queues it (a full buffer) or says why
+            # not; once it has queued one, the rest go behind it, in order.
+            data, target = datagrams[index]
+            index += 1
+            try:
+                udp.sendto(data, target)
+            except (OSError, ValueError) as exc:
+                # An address the socket can't reach (another family): the
+                # transaction's timers report it as a timeout.
+                log.info("cannot send to %s:%s: %s", target[0], target[1], exc)
+
+    def _send(self, data: bytes, destination: Endpoint) -> None:
+        """Send ``data`` over the stream (TCP or TLS) ``destination`` names."""
         if destination.connection is not None:
             connection = self._connections.get(destination.connection)
             if connection is not None and not connection.closed:
