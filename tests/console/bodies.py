@@ -7,13 +7,18 @@ import json
 import time
 from pathlib import Path
 
+from tests.kamailio.captured import dialog_body
+
 CAPTURES = Path(__file__).resolve().parents[1] / "kamailio" / "captures"
 
-#: A call set up on a Kamailio node: created, early, confirmed (peer ``dialog``).
-DIALOG_CALL = tuple(
-    (CAPTURES / "dialog" / name).read_bytes().strip()
-    for name in ("02-update-new-dialog.json", "03-state-early.json", "04-state-confirmed.json")
-)
+
+def dialog_call() -> tuple[bytes, ...]:
+    """A call set up on a Kamailio node now: created, early, confirmed (peer
+    ``dialog``), its start time moved to now (see :mod:`tests.kamailio.captured`)."""
+    return tuple(
+        dialog_body(name)
+        for name in ("02-update-new-dialog.json", "03-state-early.json", "04-state-confirmed.json")
+    )
 
 
 def htable_set(table: str, key: str, value: str) -> bytes:

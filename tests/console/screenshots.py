@@ -67,7 +67,7 @@ def _kamailio_state(b: Gateway, a: Gateway) -> None:
         _kdmq(b, "htable", bodies.htable_set("routing", key, value))
     for user, agent in (("alice", "Linphone/5.2"), ("bob", "Zoiper 5"), ("carol", "Yealink T54W")):
         _kdmq(b, "usrloc", bodies.registration(user, f"sip:{user}@192.0.2.10:5060", agent))
-    for body in bodies.DIALOG_CALL:
+    for body in bodies.dialog_call():
         _kdmq(b, "dialog", body, node=a.uri)
 
 

@@ -517,7 +517,7 @@ def test_kamailio_state_on_the_page(bus: Bus, page: Any) -> None:
     )
 
     # A call set up on a Kamailio node: counted by state.
-    for body in bodies.DIALOG_CALL:
+    for body in bodies.dialog_call():
         kdmq(bus.b, "dialog", body, node=bus.a.uri)
     eventually(
         lambda: by_css(page, '#kam-dialogs tr[data-state="confirmed"] td.num').text == "1",

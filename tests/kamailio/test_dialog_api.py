@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from app.gateway.config import GatewayConfig
 from app.kamailio.bootstrap import MIRROR_BODY
 from tests.gateway.conftest import Node, assert_problem, node_config, running
+from tests.kamailio.captured import dialog_body
 
 CAPTURES = Path(__file__).parent / "captures" / "dialog"
 
@@ -30,7 +31,7 @@ class Bus:
 
     def send(self, body: bytes | str) -> tuple[int, bytes]:
         if isinstance(body, str):
-            body = (CAPTURES / body).read_bytes().strip()
+            body = dialog_body(body)
         operation = self.node.send_later("dialog", body, self.gateway_uri)()
         (result,) = operation.results
         return result.code, result.body or b""
