@@ -502,6 +502,13 @@ class Hub:
         #: Seqs a failed commit left unwritten: every stamp commits on its own (and
         #: fails its request) until they are written.
         self._stamps_unsaved: dict[str, int] = {}
+        #: While True, the end-of-turn commit waits (:meth:`hold_commits`), and
+        #: ``_flush_deferred`` says one is due when they are released.
+        self._commits_held = False
+        self._flush_deferred = False
+        #: Holds for a checkpoint's last pass, and those that ended before it did.
+        self.checkpoint_holds = 0
+        self.checkpoint_holds_cut = 0
         #: Batches committed, and messages answered through them (metrics, tests).
         self.batches = 0
         self.batched = 0
@@ -965,8 +972,39 @@ class Hub:
         assert self.store is not None
         self.store.begin()
         self._batch_open = True
-        loop.call_soon(self.flush)
+        loop.call_soon(self._flush_turn)
         return True
+
+    def _flush_turn(self) -> None:
+        """The end-of-turn commit of the batch, put off while commits are held."""
+        if self._commits_held:
+            self._flush_deferred = True
+            return
+        self.flush()
+
+    def hold_commits(self) -> None:
+        """Keep the open batch open past its turn, until :meth:`release_commits`.
+
+        The WAL checkpoint's last pass runs meanwhile: a pass completes, and the WAL
+        starts over instead of growing, only when no frame is committed while it runs.
+        Messages keep arriving and join the batch (their rows are buffered, so the
+        transaction reads nothing before its commit); their 200s wait for the release.
+        Whatever commits outside a batch (the registry, :meth:`flush` called directly)
+        is not held: it only makes that pass fall short."""
+        self._commits_held = True
+        self.checkpoint_holds += 1
+
+    @property
+    def awaiting_commit(self) -> int:
+        """KDMQ messages of the open batch, not answered until it commits."""
+        return len(self._batch)
+
+    def release_commits(self) -> None:
+        """End :meth:`hold_commits`: the batch that waited commits now."""
+        self._commits_held = False
+        if self._flush_deferred:
+            self._flush_deferred = False
+            self.flush()
 
     def flush(self) -> None:
         """Commit the open batch, then answer each of its messages: 200, or 500 when

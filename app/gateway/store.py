@@ -65,6 +65,9 @@ DB_NAME = "gateway.db"
 #: each attempt; past this the turn's commit fails instead, its KDMQ requests are
 #: answered 500 (their senders retransmit) and its API requests 503 with Retry-After.
 BUSY_TIMEOUT = 0.1
+#: Bytes of WAL file kept when the WAL starts over (a burst's growth beyond is given
+#: back to the disk then; below, the file's blocks are reused without growing it).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: Files a write interrupted by a crash can leave in the state dir (see
 #: StateStore._remove_temporaries); removed at every start.
 TEMPORARY_PATTERNS = (".peers-*.json", ".peers-*.json.tmp", "peers.json.tmp")
@@ -226,6 +229,9 @@ class StateStore:
         #: and at the latest just before the commit (binding and stepping one prepared
         #: statement for many rows, rather than one ``execute`` call per message).
         self._rows: list[tuple[Any, ...]] = []
+        #: Checkpoint passes run, and the WAL's frames at the last one (/metrics).
+        self.checkpoints = 0
+        self.wal_frames = 0
 
     # ------------------------------------------------------------------ opening
 
@@ -318,6 +324,8 @@ class StateStore:
             # thread (checkpoint()), not inside a commit on the event loop: that halves
             # the cost of a commit.
             db.execute("PRAGMA wal_autocheckpoint=0")
+            # A WAL that a burst grew past this is cut back to it when it starts over.
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # Reads the whole schema: a file that is not a database fails here.
             db.executescript(_SCHEMA)
             db.execute("SELECT count(*) FROM peers").fetchone()
@@ -345,18 +353,38 @@ class StateStore:
                 self._checkpointer.close()
                 self._checkpointer = None
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> int:
         """Copy the WAL into the database without blocking writers (PASSIVE), on a
         connection of its own: call it from one worker thread, periodically. After
-        :meth:`close` it does nothing."""
+        :meth:`close` it does nothing.
+
+        Returns the frames the WAL held when the pass began, all of them now in the
+        database; -1 when it could not copy them all, or did nothing. Frames committed
+        while it ran are not copied: the WAL then cannot start over at the next write,
+        and grows on behind them. Under a steady load a commit lands during every
+        pass, and the WAL would grow without end; see :meth:`Gateway._checkpoint_loop`
+        for how the gateway gets a pass with nothing behind it."""
         with self._checkpoint_lock:
             if self._closed:
-                return
+                return -1
             if self._checkpointer is None:
                 self._checkpointer = sqlite3.connect(
                     self.path, isolation_level=None, check_same_thread=False
                 )
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            row = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.checkpoints += 1
+            # (busy, frames in the WAL, frames copied), as the pass began; frames are
+            # -1 when the database is not in WAL mode.
+            busy, frames, copied = row
+            self.wal_frames = int(frames)
+            return int(frames) if not busy and frames == copied else -1
+
+    def wal_bytes(self) -> int:
+        """The size of the WAL file: what a restart would replay, and disk in use."""
+        try:
+            return self.path.with_name(DB_NAME + "-wal").stat().st_size
+        except OSError:
+            return 0
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -240,9 +240,44 @@ class GatewayCollector(Collector):
         ):
             yield CounterMetricFamily(name, text, value=value)
         yield from self._bundles()
+        yield from self._store()
         yield from self._transport(stats.transport)
         yield from self._tls(stats.transport)
         yield from self._guard()
+
+    def _store(self) -> Iterator[Metric]:
+        """The state store's group commits and WAL checkpoints (none without one)."""
+        stats = self.gateway.store_stats()
+        if stats is None:
+            return
+        for name, text, value in (
+            ("dmq_store_commits", "group commits of the state store", stats.batches),
+            (
+                "dmq_store_committed_messages",
+                "KDMQ messages answered 200 after a group commit",
+                stats.batched,
+            ),
+            ("dmq_store_checkpoints", "WAL checkpoint passes", stats.checkpoints),
+            (
+                "dmq_store_checkpoint_holds",
+                "WAL checkpoint passes run with the commits held, so that the WAL starts over",
+                stats.checkpoint_holds,
+            ),
+            (
+                "dmq_store_checkpoint_holds_cut",
+                "holds on the commits for a checkpoint's last pass that ended before it",
+                stats.checkpoint_holds_cut,
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        yield GaugeMetricFamily(
+            "dmq_store_wal_frames",
+            "frames in the state store's WAL at the last checkpoint pass",
+            value=stats.wal_frames,
+        )
+        yield GaugeMetricFamily(
+            "dmq_store_wal_bytes", "size of the state store's WAL file", value=stats.wal_bytes
+        )
 
     def _bundles(self) -> Iterator[Metric]:
         """Bundles sent and received, as histograms of the entries they held (their
