@@ -307,8 +307,10 @@ class _Pending:
     request: SipRequest
     peer_id: str
     destination: Endpoint
-    deadline: TimerHandle
-    #: The seconds ``deadline`` was armed for, to explain a 408 later.
+    #: When it is answered 408 unless answered before.
+    deadline: float
+    #: The seconds ``deadline`` is after its arrival: its deadline queue, and what a
+    #: 408 says.
     reply_timeout: float
 
 
@@ -342,6 +344,13 @@ class DmqNode:
         self.started = False
         self.stopped = False
         self._pending: dict[int, _Pending] = {}
+        #: Deferred message ids by reply timeout, in arrival order, so also in order of
+        #: deadline: one timer per queue, at its head's deadline, rather than a timer
+        #: armed and cancelled per message. An answered id leaves its queue when it
+        #: reaches the head (at once, when answered in order, as group commits do).
+        self._deadlines: dict[float, deque[int]] = {}
+        #: The armed timer of each deadline queue.
+        self._deadline_timers: dict[float, TimerHandle] = {}
         #: message id -> how a deferred message was answered (bounded, oldest first).
         self._finished: BoundedCache[int, str] = BoundedCache(FINISHED_RECORD_LIMIT)
         self._ids = 0
@@ -1215,10 +1224,26 @@ class DmqNode:
             raise ReplyNotPendingError(f"message {message_id} was already {outcome}")
         self._finish(message_id, reply, now, f"answered {reply.code} {reply.reason} by a reply")
 
+    def reply_many(self, message_ids: Iterable[int], reply: PeerReply, now: float) -> int:
+        """Answer several deferred messages alike (a group commit's batch); ids that no
+        longer wait are skipped. Returns how many were answered."""
+        outcome = f"answered {reply.code} {reply.reason} by a reply"
+        pending = self._pending
+        answered = 0
+        for message_id in message_ids:
+            if message_id in pending:
+                self._finish(message_id, reply, now, outcome)
+                answered += 1
+        return answered
+
     def _finish(self, message_id: int, reply: PeerReply, now: float, outcome: str) -> None:
         """Send the final answer of a deferred message and remember how it ended."""
         pending = self._pending.pop(message_id)
-        pending.deadline.cancel()
+        queue = self._deadlines.get(pending.reply_timeout)
+        if queue is not None:
+            waiting = self._pending
+            while queue and queue[0] not in waiting:
+                queue.popleft()
         self._finished.put(message_id, outcome)
         self._respond(
             pending.st,
@@ -1231,6 +1256,40 @@ class DmqNode:
             body=reply.body,
             peer_id=pending.peer_id,
         )
+
+    def _defer(self, message_id: int, pending: _Pending, now: float) -> None:
+        """Keep a message whose handler will answer later, with its deadline."""
+        self._pending[message_id] = pending
+        timeout = pending.reply_timeout
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            queue = self._deadlines[timeout] = deque()
+        queue.append(message_id)
+        if timeout not in self._deadline_timers:
+            self._deadline_timers[timeout] = self.timers.call_at(
+                pending.deadline, self._expire_replies, timeout
+            )
+
+    def _expire_replies(self, now: float, timeout: float) -> None:
+        """The timer of one deadline queue: answer 408 whatever waits past its
+        deadline, then arm for the next deadline still ahead (or forget the queue)."""
+        del self._deadline_timers[timeout]
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            return
+        waiting = self._pending
+        while queue:
+            pending = waiting.get(queue[0])
+            if pending is None:
+                queue.popleft()
+            elif pending.deadline <= now:
+                self._reply_timeout(now, queue.popleft())
+            else:
+                self._deadline_timers[timeout] = self.timers.call_at(
+                    pending.deadline, self._expire_replies, timeout
+                )
+                return
+        del self._deadlines[timeout]
 
     def _reply_timeout(self, now: float, message_id: int) -> None:
         pending = self._pending.get(message_id)
@@ -1550,13 +1609,10 @@ class DmqNode:
             timeout = peer.reply_timeout
             if timeout is None:
                 timeout = self.config.timers.timer_f_value
-            self._pending[message.id] = _Pending(
-                st,
-                request,
-                peer_id,
-                destination,
-                self.timers.call_at(now + timeout, self._reply_timeout, message.id),
-                timeout,
+            self._defer(
+                message.id,
+                _Pending(st, request, peer_id, destination, now + timeout, timeout),
+                now,
             )
             return
         self._respond(

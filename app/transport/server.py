@@ -67,7 +67,7 @@ from typing import Any, cast
 from app.dmq import _sipscan
 from app.dmq.cache import BoundedCache
 from app.dmq.config import NodeConfig
-from app.dmq.errors import ConfigError, NodeStoppedError, ReplyNotPendingError
+from app.dmq.errors import ConfigError, NodeStoppedError
 from app.dmq.events import Event, HostLookupNeeded, SendCompleted, SendOperation
 from app.dmq.node import DmqNode, ExtraHeaders
 from app.dmq.nodes import Node
@@ -772,12 +772,8 @@ class DmqServer:
         loop = self._loop
         if loop is None:
             raise NodeStoppedError("the DMQ node is not running")
-        node = self.node
-        now = loop.time()
         try:
-            for message_id in message_ids:
-                with contextlib.suppress(ReplyNotPendingError):
-                    node.reply(message_id, reply, now)
+            self.node.reply_many(message_ids, reply, loop.time())
         finally:
             self._flush()
 

@@ -277,3 +277,56 @@ def test_the_record_of_finished_messages_is_bounded(monkeypatch: pytest.MonkeyPa
     for message in rest:
         with pytest.raises(ReplyNotPendingError, match="already answered 200 OK"):
             node.reply(message.id, PeerReply(), 0.2)
+
+
+def test_messages_answered_out_of_order_time_out_at_their_own_deadlines() -> None:
+    """One deadline queue per reply timeout, one timer per queue: answering the
+    message at the head of its queue, or one behind it, leaves every other deadline
+    exactly where it was."""
+    node = make_node()
+    handler = Deferred()
+    node.register_peer("rpc", handler, reply_timeout=2.0)
+    node.register_peer("fast", handler, reply_timeout=0.5)
+    node.receive(kdmq("rpc", "a"), SOURCE, 10.0)  # due 12.0
+    node.receive(kdmq("rpc", "b"), SOURCE, 10.2)  # due 12.2, answered
+    node.receive(kdmq("fast", "c"), SOURCE, 10.3)  # due 10.8
+    node.receive(kdmq("rpc", "d"), SOURCE, 10.4)  # due 12.4
+    a, b, c, d = (m.id for m in handler.messages)
+    node.reply(b, PeerReply(), 10.5)
+    assert answers(node) == [(200, "OK")]
+    assert node.get_timer() == 10.8
+    advance(node, 10.8)
+    assert answers(node) == [(408, "Request Timeout")]
+    advance(node, 11.9999)
+    assert answers(node) == []
+    advance(node, 12.0)
+    assert answers(node) == [(408, "Request Timeout")]
+    advance(node, 12.3999)
+    assert answers(node) == []
+    advance(node, 12.4)
+    assert answers(node) == [(408, "Request Timeout")]
+    assert [e.message_id for e in timed_out_events(node)] == [c, a, d]
+    assert node.get_timer() is None or node.get_timer() > 12.4
+
+
+def test_a_batch_answered_in_order_leaves_nothing_queued_behind() -> None:
+    """A group commit answers its batch in arrival order: each id leaves its deadline
+    queue as it is answered, so the queue holds only what still waits."""
+    node = make_node()
+    handler = Deferred()
+    node.register_peer("rpc", handler, reply_timeout=5.0)
+    for n in range(1000):
+        node.receive(kdmq("rpc", f"m{n}"), SOURCE, 1.0 + n / 1000)
+    ids = [m.id for m in handler.messages]
+    assert node.reply_many(ids[:990], PeerReply(), 2.0) == 990
+    queues = node._deadlines
+    assert [len(q) for q in queues.values()] == [10]
+    # Already answered, and unknown, ids are skipped.
+    assert node.reply_many([ids[0], ids[995], 10**9], PeerReply(), 2.0) == 1
+    assert len(answers(node)) == 991
+    advance(node, 10.0)
+    assert len(answers(node)) == 9  # the rest timed out, each once
+    assert node.stats.reply_timeouts == 9
+    assert node._deadlines == {}
+    with pytest.raises(ReplyNotPendingError, match="was already answered 200 OK by a reply"):
+        node.reply(ids[1], PeerReply(), 10.0)
