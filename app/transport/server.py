@@ -62,7 +62,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from app.dmq import _sipscan
 from app.dmq.cache import BoundedCache
@@ -84,6 +84,12 @@ MESSAGES_PER_TURN = 64
 
 #: Host names (and destination hosts) whose address or failure is remembered.
 NAME_CACHE_SIZE = 4096
+
+#: Seconds an outbound connect waits before a sign of life from its host starts it
+#: over: the kernel resends an unanswered SYN after 1 s, then 2, 4, 8... s later.
+CONNECT_REVIVE_AFTER = 1.0
+
+_T = TypeVar("_T")
 
 #: Called with every event of the core but :class:`SendCompleted` (which completes
 #: the future of its broadcast or send): node status changes, peer reply timeouts.
@@ -134,6 +140,9 @@ class TransportStats:
     #: because their own Timer F still had time left (a partition that healed while
     #: the first connect's SYNs were unanswered).
     tcp_connect_requests_carried: int = 0
+    #: Outbound TCP/TLS connects started over because the host they wait for sent us
+    #: something while their SYN went unanswered (see ``DmqServer._revive_connects``).
+    tcp_connects_revived: int = 0
     #: TCP connections closed because the incomplete messages of all connections
     #: together went over ``max_buffered``.
     tcp_buffer_overflows: int = 0
@@ -253,6 +262,11 @@ class _StreamProtocol(asyncio.Protocol):
         #: Loop time each of ``pending`` was queued: a connect that times out passes the
         #: requests young enough to be worth a new attempt on to the next connection.
         self.pending_at: list[float] = []
+        #: Outbound, while connecting: what it connects to, the task that does it, and
+        #: the loop time it began (see ``DmqServer._revive_connects``).
+        self.destination: Endpoint | None = None
+        self.connect_task: asyncio.Future[None] | None = None
+        self.connect_began = 0.0
         self.closed = False
         #: Whether this connection counts against the inbound caps.
         self.counted = False
@@ -283,6 +297,8 @@ class _StreamProtocol(asyncio.Protocol):
         if peername:
             self.peer = (str(peername[0]), int(peername[1]))
         server = self.server
+        if self.connect_task is not None:
+            server._connected(self)
         if self.tls:
             # The loop calls connection_made once the handshake is done.
             if self.remote is None:
@@ -356,6 +372,8 @@ class _StreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         server = self.server
+        if server._connecting and self.peer[0] in server._connecting:
+            server._revive_connects(self.peer[0])
         now = server._clock()
         self.last_received = now
         self.awaiting_since = None
@@ -512,6 +530,9 @@ class DmqServer:
         self._tcp_server: asyncio.AbstractServer | None = None
         self._connections: dict[int, _StreamProtocol] = {}
         self._outbound: dict[tuple[str, int], _StreamProtocol] = {}
+        #: Outbound connects still waiting for their connection, by the address they
+        #: connect to: a sign of life from it starts a stale one over.
+        self._connecting: dict[str, set[_StreamProtocol]] = {}
         self._connection_ids = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -948,10 +969,11 @@ class DmqServer:
         self._waiters[operation.id] = future
         return future
 
-    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+    def _spawn(self, coroutine: Awaitable[_T]) -> asyncio.Future[_T]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _send_clock(self) -> float:
         """The clock for a new broadcast or send, which is refused once stop() began."""
@@ -990,6 +1012,8 @@ class DmqServer:
         source = self._udp_sources.get(addr)
         if source is None:
             source = self._udp_sources.put(addr, Endpoint("udp", str(addr[0]), int(addr[1])))
+        if self._connecting and source.host in self._connecting:
+            self._revive_connects(source.host)
         self.node.receive(data, source, loop.time())
         # The other datagrams of this readiness event come first (module docstring).
         if self._flush_due is None:
@@ -1446,8 +1470,58 @@ class DmqServer:
         outbound.awaiting_since = now
         return True
 
+    def _waiting_connect(self, protocol: _StreamProtocol, address: str) -> None:
+        protocol.connect_began = self._clock()
+        self._connecting.setdefault(address, set()).add(protocol)
+
+    def _connected(self, protocol: _StreamProtocol) -> None:
+        """An outbound connect is over (connected, failed or started over)."""
+        protocol.connect_task = None
+        for address, waiting in list(self._connecting.items()):
+            waiting.discard(protocol)
+            if not waiting:
+                del self._connecting[address]
+
+    def _revive_connects(self, address: str) -> None:
+        """``address`` sent us something: start over every connect to it that has
+        waited longer than the kernel's first SYN retransmission.
+
+        A SYN lost to a partition is resent after 1 s, then 2, 4, 8... s: a connect
+        begun during a cut can be many seconds from its next try when the link comes
+        back, and every request queued on it waits that long (Timer F bounds it, 32 s
+        by default). A sign of life from the host (a datagram, a message on a
+        connection it opened) says the path is back, so a new connect goes now and
+        takes the queued requests with it. At most one new start per connect per
+        ``CONNECT_REVIVE_AFTER``."""
+        now = self._clock()
+        for protocol in list(self._connecting.get(address, ())):
+            if now - protocol.connect_began < CONNECT_REVIVE_AFTER:
+                continue
+            key, destination, task = protocol.remote, protocol.destination, protocol.connect_task
+            if key is None or destination is None or task is None or protocol.closed:
+                continue
+            self._connected(protocol)
+            protocol.closed = True
+            if self._outbound.get(key) is protocol:
+                del self._outbound[key]
+            fresh = self._connect(key, destination)
+            fresh.pending, protocol.pending = protocol.pending, []
+            fresh.pending_at, protocol.pending_at = protocol.pending_at, []
+            task.cancel()
+            self.stats.tcp_connects_revived += 1
+            self._log_limited(
+                logging.INFO,
+                address,
+                "revive",
+                "%s connect to %s:%s started over: the host is reachable again",
+                destination.transport.upper(),
+                key[0],
+                key[1],
+            )
+
     def _connect(self, key: tuple[str, int], destination: Endpoint) -> _StreamProtocol:
         protocol = _StreamProtocol(self, key)
+        protocol.destination = destination
         self._outbound[key] = protocol
         loop = self._loop
         assert loop is not None
@@ -1465,6 +1539,7 @@ class DmqServer:
                     # A name: looked up like any other (bounded, negatively cached,
                     # an undecodable name is a failed look-up), never by the socket.
                     host = await asyncio.shield(self._lookup(host.lower()))
+                self._waiting_connect(protocol, host)
                 # Bounded: during a partition, a SYN can go unanswered for minutes.
                 # A TLS handshake has a bound of its own, which it may use in full.
                 bound = self.config.timers.timer_f_value
@@ -1491,6 +1566,7 @@ class DmqServer:
                     else:
                         await loop.create_connection(lambda: protocol, host, key[1])
             except Exception as exc:
+                self._connected(protocol)
                 source = key[0]
                 if destination.transport == "tls" and _tls_handshake_error(exc):
                     # Only the handshake's own failures: a refused or unanswered TCP
@@ -1520,7 +1596,7 @@ class DmqServer:
                 self.node.transport_error(destination, self._loop.time())
                 self._flush()
 
-        self._spawn(connect())
+        protocol.connect_task = self._spawn(connect())
         return protocol
 
 

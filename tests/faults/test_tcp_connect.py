@@ -17,6 +17,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -103,6 +104,59 @@ async def test_a_request_queued_late_on_a_connect_that_times_out_goes_on_a_new_o
         assert a.stats.tcp_connect_requests_carried >= 1
         assert a.node.nodes.find(node_b.uri) is not None
         assert a.node.nodes.find(node_b.uri).status is NodeStatus.ACTIVE  # type: ignore[union-attr]
+    finally:
+        await b.stop(grace=0.2)
+        await a.stop(grace=0.2)
+
+
+#: Timer F 8 s: long enough that without a new start the connect would wait for the
+#: kernel's SYN retransmission at 3 s, and succeed then.
+PATIENT = TimerSettings(t1=0.05, t2=0.2, timer_f=8.0)
+
+
+async def test_a_sign_of_life_from_the_host_starts_a_stuck_connect_over() -> None:
+    """The link comes back while the connect waits for the kernel's next SYN (3 s
+    after it began); the host then sends us something: a new connect goes at once and
+    takes the queued request, long before that SYN."""
+    port_a, port_b = free_port(), free_port()
+    a = DmqServer(replace(config(port_a), timers=PATIENT))
+    b = DmqServer(replace(config(port_b, port_a), timers=PATIENT))
+    got: list[PeerMessage] = []
+
+    def handle(message: PeerMessage) -> PeerReply:
+        got.append(message)
+        return PeerReply()
+
+    b.register_peer("htable", handle)
+    a.register_peer("htable", lambda message: PeerReply())
+    loop = asyncio.get_running_loop()
+    await a.start()
+    try:
+        with syns_dropped(port_b):
+            await b.start()
+            for _ in range(500):
+                if a.node.nodes.active_others():
+                    break
+                await asyncio.sleep(0.01)
+            [node_b] = a.node.nodes.active_others()
+            connect_began = loop.time()
+            # Past the first SYN retransmission (1 s): the next is due at 3 s.
+            await asyncio.sleep(1.2)
+            _, answered = a.send_once_nowait("htable", b"queued", "text/plain", node_b.uri)
+            await asyncio.sleep(0.2)
+            assert not answered.done(), "the send did not wait on the stuck connect"
+        assert a.stats.tcp_connects_revived == 0
+        # The link is back. B speaks to A over the connection B opened: a sign of life.
+        [node_a] = b.node.nodes.active_others()
+        spoke = await b.send("htable", b"hello", "text/plain", node_a.uri)
+        assert [r.code for r in spoke.results] == [200]
+        operation = await asyncio.wait_for(answered, 10)
+        delivered_after = loop.time() - connect_began
+        [result] = operation.results
+        assert (result.code, [m.body for m in got]) == (200, [b"queued"]), result
+        assert a.stats.tcp_connects_revived == 1
+        # Before the kernel's own retransmission would have connected.
+        assert delivered_after < 2.8, delivered_after
     finally:
         await b.stop(grace=0.2)
         await a.stop(grace=0.2)

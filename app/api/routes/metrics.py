@@ -330,6 +330,12 @@ class GatewayCollector(Collector):
                 "tcp_connect_requests_carried",
             ),
             (
+                "dmq_tcp_connects_revived",
+                "SIP TCP connects started over when their host, which had not answered "
+                "their SYN, sent something",
+                "tcp_connects_revived",
+            ),
+            (
                 "dmq_dns_lookups_refused",
                 "host name look-ups not started: too many were in flight",
                 "dns_lookups_refused",
