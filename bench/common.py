@@ -211,6 +211,15 @@ def no_collector_pauses() -> Iterator[None]:
         gc.unfreeze()
 
 
+def collect_between_phases() -> None:
+    """For a process whose collector stays off (``gc.disable()``): collect now, between
+    measured phases, and freeze what lives, so that the next collection has only the
+    next phase's leftovers to look at."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(coro)
