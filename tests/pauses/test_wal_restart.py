@@ -80,7 +80,7 @@ async def test_the_wal_starts_over_under_a_steady_load(
 ) -> None:
     a, hub, store = durable
     frames_seen: list[int] = []
-    passes = asyncio.ensure_future(checkpoint_loop(store, hub, interval=0.1))
+    passes = asyncio.ensure_future(checkpoint_loop(store, hub, interval=0.1, hold_frames=0))
     try:
         # Two messages every millisecond or so for 3 s: commits land during every
         # checkpoint pass.
@@ -103,3 +103,33 @@ async def test_the_wal_starts_over_under_a_steady_load(
     assert restarts >= 10, f"frames at each pass: {frames_seen}"
     assert max(frames_seen) < 3 * len(sends) // 4, f"frames at each pass: {frames_seen}"
     assert hub.checkpoint_holds >= 10
+
+
+async def test_the_wal_is_let_grow_to_its_bound_before_a_hold(
+    durable: tuple[DmqServer, Hub, StateStore],
+) -> None:
+    """Holding the commits every second would make a few messages a second wait for
+    a hold; the WAL is let grow to ``hold_frames`` first, and held for then."""
+    a, hub, store = durable
+    frames_seen: list[int] = []
+    passes = asyncio.ensure_future(checkpoint_loop(store, hub, interval=0.1, hold_frames=400))
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3.0
+        sends = []
+        while loop.time() < end:
+            for _ in range(2):
+                sends.append(asyncio.ensure_future(a.broadcast("durable", b"x", "text/plain")))
+            if store.wal_frames not in frames_seen[-1:]:
+                frames_seen.append(store.wal_frames)
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*sends)
+    finally:
+        passes.cancel()
+    restarts = [b for b, after in itertools.pairwise(frames_seen) if after < b]
+    assert restarts, f"frames at each pass: {frames_seen}"
+    # Every start-over came from a WAL at its bound, and the WAL stayed near it.
+    assert min(restarts) >= 400, f"frames at each pass: {frames_seen}"
+    assert 1 <= hub.checkpoint_holds <= len(restarts) + 1
+    # (A WAL that never started over would have reached thousands of frames.)
+    assert max(frames_seen) < 3 * 400, f"frames at each pass: {frames_seen}"
