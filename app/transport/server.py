@@ -140,7 +140,7 @@ class TransportStats:
     #: because their own Timer F still had time left (a partition that healed while
     #: the first connect's SYNs were unanswered).
     tcp_connect_requests_carried: int = 0
-    #: Outbound TCP/TLS connects started over because the host they wait for sent us
+    #: Outbound TCP connects started over because the host they wait for sent us
     #: something while their SYN went unanswered (see ``DmqServer._revive_connects``).
     tcp_connects_revived: int = 0
     #: TCP connections closed because the incomplete messages of all connections
@@ -1539,7 +1539,10 @@ class DmqServer:
                     # A name: looked up like any other (bounded, negatively cached,
                     # an undecodable name is a failed look-up), never by the socket.
                     host = await asyncio.shield(self._lookup(host.lower()))
-                self._waiting_connect(protocol, host)
+                if destination.transport == "tcp":
+                    # (Not TLS: its connect includes the handshake, which a slow host
+                    # may take more than a second over, and which must not be cut.)
+                    self._waiting_connect(protocol, host)
                 # Bounded: during a partition, a SYN can go unanswered for minutes.
                 # A TLS handshake has a bound of its own, which it may use in full.
                 bound = self.config.timers.timer_f_value
