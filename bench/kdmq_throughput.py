@@ -14,6 +14,10 @@ that option (history in memory only) runs as ``ours``, and ``ours-memory`` fails
 the compiled core must be built (``make compiled``), and ``ours-pure`` runs the Python
 sources beside it (``DMQ_GATEWAY_CORE=pure``); each run checks which core it got
 (``dmq-gateway --version``), ``ratio_compiled_over_pure`` is what compiling gave.
+``ours-mirror`` is the compiled node with no raw peer ``htable`` registered: the typed
+htable mirror is then the peer, applies each set and answers it, the same work
+Kamailio's htable module does (the other targets also keep every message in a raw
+peer's history, for subscribers, which Kamailio does not).
 
 For every target and every in-flight level (and every repeat), a fresh target is
 started on a free loopback UDP port, sipp sends ``--requests`` KDMQ htable "set"
@@ -112,10 +116,11 @@ TARGET_LABELS = {
     "ours-memory": "dmq-gateway (ours), in-memory history",
     "ours-pure": "dmq-gateway (ours), in-memory history, pure-Python core",
     "ours-compiled": "dmq-gateway (ours), in-memory history, compiled core",
+    "ours-mirror": "dmq-gateway (ours), htable mirror alone, compiled core",
 }
 
 #: The core each of these targets must run (``DMQ_GATEWAY_CORE``; see app/__init__.py).
-CORES = {"ours-pure": "pure Python", "ours-compiled": "compiled"}
+CORES = {"ours-pure": "pure Python", "ours-compiled": "compiled", "ours-mirror": "compiled"}
 
 #: The ``--history-store`` each of our targets runs with (ours: the durable default).
 HISTORY_STORES = {
@@ -123,7 +128,13 @@ HISTORY_STORES = {
     "ours-memory": "memory",
     "ours-pure": "memory",
     "ours-compiled": "memory",
+    "ours-mirror": "memory",
 }
+
+#: Targets that register no raw peer ``htable``: the typed htable mirror is the peer
+#: and answers every set once it has applied it, which is all Kamailio's htable does
+#: (the other targets also keep each message in a raw peer's history for subscribers).
+MIRROR_ALONE = {"ours-mirror"}
 
 
 def gateway_core(pure: bool) -> str:
@@ -582,6 +593,11 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
         if name in CORES and gateway_core(pure) != CORES[name]:
             raise RuntimeError(f"{name} needs the {CORES[name]} core: build it with make compiled")
         target = OursTarget(workdir, f"{options} --history-store {HISTORY_STORES[name]}", pure=pure)
+        if name in MIRROR_ALONE:
+            if "--kamailio-mirrors" in options:
+                target.stop()
+                raise RuntimeError(f"{name} runs the default mirrors: drop --kamailio-mirrors")
+            return target
         try:
             register_peer(target.gateway, "htable", history=1000)
         except BaseException:
@@ -694,6 +710,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "ours-memory": "#55a868",
         "ours-pure": "#8172b3",
         "ours-compiled": "#c44e52",
+        "ours-mirror": "#937860",
     }
     for ax, mode in zip(axes, modes, strict=True):
         data = report["modes"][mode]
@@ -757,7 +774,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="kamailio,ours,ours-memory",
         help="comma-separated: kamailio, ours (durable history: --history-store sqlite), "
         "ours-memory (--history-store memory), ours-pure and ours-compiled (in-memory "
-        "history on the pure-Python core and on the compiled one: make compiled first)",
+        "history on the pure-Python core and on the compiled one: make compiled first), "
+        "ours-mirror (compiled, no raw peer: the htable mirror alone answers, like "
+        "Kamailio's htable)",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs per target and level; the median is reported"

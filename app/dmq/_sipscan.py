@@ -39,6 +39,12 @@ def parse_cseq(value: str) -> tuple[int, str] | None:
     return None
 
 
+def scan_set(body: bytes) -> tuple[str, str, str | int, int] | None:
+    """``app.kamailio.htable_codec.read_set`` for the usual SET body, or None: read it
+    with the Python code."""
+    return None
+
+
 #: One datagram to send: its bytes and the (address, port) it goes to.
 Datagram = tuple[bytes, tuple[str, int]]
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app.kamailio.htable_codec as codec
+from app.dmq import _sipscan
 from app.dmq.sip import SipRequest, parse_message
 from app.kamailio.htable_codec import (
     INT32_MAX,
@@ -318,7 +319,19 @@ def test_the_shortcut_reads_any_bytes_in_the_fields_as_the_full_reading_does(
         + end
     )
     assert outcome(body) == full_reading(body)
-    assert codec._scan_set(body) == codec._match_set(body)
+    assert_every_reading_agrees(body)
+
+
+def assert_every_reading_agrees(body: bytes) -> None:
+    """Every way of reading the usual SET, whichever this build runs: the regular
+    expression, the compiled scan, and the native one where it is built."""
+    expected = codec._match_set(body)
+    assert codec._scan_set(body) == expected, body
+    if _sipscan.AVAILABLE:
+        native = _sipscan.scan_set(body)
+        assert native == expected, body
+        # The same types too (an int value is not a str, and bool is no int here).
+        assert [type(part) for part in native or ()] == [type(p) for p in expected or ()]
 
 
 @given(st.binary(max_size=40).map(lambda tail: b"{" + tail))
@@ -373,8 +386,7 @@ def test_the_shortcut_agrees_with_the_full_reading_on_every_cut_and_every_byte(
     bodies += [usual + end for end in (b" \t\r\n", b"\x0b", b"}", b"\x00")]
     for body in bodies:
         assert outcome(body) == full_reading(body), body
-        # Both ways of reading it, whichever this build runs.
-        assert codec._scan_set(body) == codec._match_set(body), body
+        assert_every_reading_agrees(body)
 
 
 def test_the_compiled_codec_scans_and_the_python_one_matches() -> None:
@@ -382,3 +394,10 @@ def test_the_compiled_codec_scans_and_the_python_one_matches() -> None:
     is compiled, the regular expression when it is Python."""
     compiled = str(codec.__file__).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
     assert codec._SCANNED is compiled
+    # The native scan is built with the compiled core, and read_set takes it there.
+    assert codec._NATIVE is _sipscan.AVAILABLE
+    if _sipscan.AVAILABLE:
+        body = build(SetCell("ht", "k", "v", 1))
+        assert _sipscan.scan_set(body) == read_set(body) == ("ht", "k", "v", 1)
+        with pytest.raises(TypeError):
+            _sipscan.scan_set(bytearray(body))  # type: ignore[arg-type]
