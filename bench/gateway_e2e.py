@@ -64,6 +64,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -873,6 +874,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ws-queue-limit", type=int, default=None, help="pass --ws-queue-limit to gateway B"
     )
+    parser.add_argument(
+        "--gateway-options",
+        default="",
+        help="more options of both gateways' dmq-gateway serve, e.g. '--history-store "
+        "memory' to see what the durable history costs the latency",
+    )
     parser.add_argument("--keep-going", action="store_true", help="run every step")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     parser.add_argument("--keep-logs", action="store_true", help="keep the gateways' logs")
@@ -907,6 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wait": args.wait,
             "ws_queue_limit_b": args.ws_queue_limit,
             "keep_going": args.keep_going,
+            "gateway_options": args.gateway_options,
         },
         "method": {
             "topology": "gateway A and gateway B as subprocesses (dmq-gateway serve, "
@@ -930,10 +938,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateways: list[Gateway] = []
     code = 0
     try:
-        a = bench_gateway("A", workdir)
+        extra = shlex.split(args.gateway_options)
+        a = bench_gateway("A", workdir, extra=extra)
         gateways.append(a)
         a.start()
-        b = bench_gateway("B", workdir, notify=[a], queue_limit=args.ws_queue_limit)
+        b = bench_gateway("B", workdir, notify=[a], queue_limit=args.ws_queue_limit, extra=extra)
         gateways.append(b)
         b.start()
         wait_joined([a, b], 1)

@@ -15,9 +15,13 @@ In one run, on this machine:
 
 Gateway A sends every message to gateway B (default timers, ``--peer``), where a
 subscriber in a process of its own counts them: nothing may be lost, duplicated or
-reordered. For each mode: the server's CPU µs per message (psutil, the process under
-test alone: the machine is shared), messages per second end to end (first send to last
-arrival at B's subscriber), the UDP drops of B's socket, and the machine's load.
+reordered. Order is what one sender asked for: each per-POST worker sends its next
+message once the last was accepted, so its messages must arrive in its order (messages
+of workers in flight at once have no order between them, and are not compared); a
+batch, and the publishing WebSocket, are one sender each. For each mode: the server's
+CPU µs per message (psutil, the process under test alone: the machine is shared),
+messages per second end to end (first send to last arrival at B's subscriber), the UDP
+drops of B's socket, and the machine's load.
 Writes ``bench/results/ingress.json`` and ``ingress.png``.
 
     .venv/bin/python -m bench.ingress [--posts 3000] [--messages 30000]
@@ -153,7 +157,8 @@ async def subscribe(url: str, expected: int, timeout: float) -> None:
 
     seen: set[int] = set()
     duplicates = inversions = 0
-    last_seq = -1
+    #: The last seq received from each sender (``w`` in the body: a per-POST worker).
+    last_seq: dict[int, int] = {}
     first_at = last_at = None
     async with websockets.connect(url, max_size=None, compression=None) as ws:
         json.loads(await ws.recv())  # the subscribed frame
@@ -173,13 +178,14 @@ async def subscribe(url: str, expected: int, timeout: float) -> None:
             now = time.time()
             first_at = first_at or now
             last_at = now
-            seq = json.loads(frame["body"])["s"]
+            body = json.loads(frame["body"])
+            seq, sender = body["s"], body.get("w", 0)
             if seq in seen:
                 duplicates += 1
                 continue
-            if seq < last_seq:
+            if seq < last_seq.get(sender, -1):
                 inversions += 1
-            last_seq = seq
+            last_seq[sender] = seq
             seen.add(seq)
     summary = {
         "received": len(seen),
@@ -217,8 +223,9 @@ class Subscriber:
 # --------------------------------------------------------------------------- load
 
 
-def _body(seq: int) -> bytes:
-    return b'{"s":%d}' % seq
+def _body(seq: int, sender: int = 0) -> bytes:
+    """A message: its seq, and which sender (``w``) sent it, whose order it must keep."""
+    return b'{"s":%d,"w":%d}' % (seq, sender)
 
 
 async def post_each(url: str, seqs: range, concurrency: int, params: dict[str, str]) -> int:
@@ -228,15 +235,17 @@ async def post_each(url: str, seqs: range, concurrency: int, params: dict[str, s
     async with RawHttpClient(concurrency) as client:
         queue = iter(seqs)
 
-        async def worker() -> None:
+        async def worker(sender: int) -> None:
             nonlocal failures
             headers = {"Content-Type": "application/json"}
             for seq in queue:
-                answer = await client.post(url, content=_body(seq), headers=headers, params=params)
+                answer = await client.post(
+                    url, content=_body(seq, sender), headers=headers, params=params
+                )
                 if answer.status_code != 202:
                     failures += 1
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(sender) for sender in range(1, concurrency + 1)))
     return failures
 
 
