@@ -127,6 +127,7 @@ from app.dmq.transaction import (
     MAGIC_COOKIE,
     Endpoint,
     FinalResult,
+    Recipe,
     ServerTransaction,
     TransactionLayer,
 )
@@ -162,6 +163,9 @@ _ORIGIN = Headers.canonical(ORIGIN_HEADER)
 #: ``NodeStats.received``): the ids are the sender's choice, and a series per id would
 #: let any sender grow the counters, and the metrics, without bound.
 UNKNOWN_PEER = "(unknown)"
+#: Recipes of plain answers (a code and a reason) kept to be shared (_respond): a
+#: handful in use; a handler inventing reasons only starts the table over.
+_MAX_RECIPES = 64
 
 #: Refused nodes are logged at most once per this many seconds (with a count).
 REFUSAL_LOG_INTERVAL = 60.0
@@ -327,7 +331,11 @@ class DmqNode:
         self.config = config
         self.rng = rng or random.Random()
         self.timers = TimerQueue()
-        self.transactions = TransactionLayer(self.timers, config.timers, self._transmit)
+        self.transactions = TransactionLayer(
+            self.timers, config.timers, self._transmit, self._rebuild
+        )
+        #: (code, reason) -> the recipe of that answer with nothing else (_respond).
+        self._recipes: dict[tuple[int, str], Recipe] = {}
         self._outbox: list[tuple[bytes, Endpoint]] = []
         self._events: deque[Event] = deque()
         self._resolver = resolver
@@ -1319,6 +1327,51 @@ class DmqNode:
         peer_id: str | None = None,
         extra: Iterable[str] = (),
     ) -> None:
+        lines = tuple(extra)
+        data = self._response_bytes(request, code, reason, content_type, body, lines)
+        if peer_id is not None:
+            self.stats.received[(peer_id, code)] += 1
+        if st is not None:
+            if body or lines or content_type is not None:
+                recipe: Recipe = (code, reason, content_type, body, lines)
+            else:
+                # The usual answer (a code and reason, nothing else): one recipe object
+                # for every transaction Timer J keeps with it.
+                recipe = self._recipes.get((code, reason)) or self._recipe(code, reason)
+            self.transactions.respond(st, data, destination, now, recipe)
+        else:
+            self._transmit(data, destination)
+
+    def _recipe(self, code: int, reason: str) -> Recipe:
+        recipes = self._recipes
+        if len(recipes) >= _MAX_RECIPES:
+            recipes.clear()  # reasons come from handlers: keep a handful
+        recipe: Recipe = (code, reason, None, b"", ())
+        recipes[(code, reason)] = recipe
+        return recipe
+
+    def _rebuild(self, request: SipRequest, recipe: Recipe) -> bytes:
+        """The final response of ``recipe`` again, for a retransmission of the request
+        it answered (the transaction layer's :data:`~app.dmq.transaction.Rebuild`)."""
+        code: int = recipe[0]
+        reason: str = recipe[1]
+        content_type: str | None = recipe[2]
+        body: bytes = recipe[3]
+        extra: tuple[str, ...] = recipe[4]
+        return self._response_bytes(request, code, reason, content_type, body, extra)
+
+    def _response_bytes(
+        self,
+        request: SipRequest,
+        code: int,
+        reason: str,
+        content_type: str | None,
+        body: bytes,
+        extra: tuple[str, ...],
+    ) -> bytes:
+        """The final response to ``request``: built once for the answer, and again,
+        byte for byte, for each retransmission of the request while Timer J keeps its
+        recipe (a retransmission's headers are the original's)."""
         headers = request.headers
         first = headers.first
         to = first.get("to") or ""
@@ -1351,12 +1404,7 @@ class DmqNode:
         data = f"{head}Content-Length: {len(body)}\r\n\r\n".encode()
         if body:
             data += body
-        if peer_id is not None:
-            self.stats.received[(peer_id, code)] += 1
-        if st is not None:
-            self.transactions.respond(st, data, destination, now)
-        else:
-            self._transmit(data, destination)
+        return data
 
     @staticmethod
     def _response_destination(source: Endpoint, top_via: Via) -> Endpoint:
