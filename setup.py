@@ -24,13 +24,25 @@ extension falls back to them, and ``DMQ_GATEWAY_CORE=pure`` picks them at run ti
 ``float`` fields would be stored as a float and change the configuration's error
 sentences, as with ``config.py`` below.
 
+**Explicit __init__.** A compiled dataclass is built through the Python ``__init__``
+the dataclass decorator writes, interpreted even when compiled code builds it: 0.5 us
+for a four-field class and 0.9 us for a frozen one (whose ``__init__`` goes through
+``object.__setattr__``), against 0.07-0.1 us for an ``__init__`` written in the class,
+which mypyc compiles and the decorator keeps (it writes one only where the class has
+none). Every dataclass of the core built per message (``SipRequest``, ``SipResponse``,
+the transactions and their ``FinalResult``, ``OutboxMessage``, ``PeerReply``, the
+codec's ``SetCell`` and its kin...) therefore writes its ``__init__`` out, with the
+generated one's parameters, defaults and checks (a ``default_factory`` becomes
+``None``); ``tests/compiled/test_explicit_init.py`` holds each to its fields and, on the
+compiled core, checks that it is compiled. Frozen ones set their fields with
+``object.__setattr__``, which pure Python needs and mypyc turns into a plain store.
+
 The htable mirror's hot path is compiled in the same group (``app/kamailio/htable_codec.py``,
 ``app/kamailio/replica.py``); what it met:
 
-* a compiled dataclass is built through the Python ``__init__`` the dataclass decorator
-  writes, even from compiled code, and stores an ``int`` given for a ``float`` field as
-  a float: the replica's ``Entry`` is a plain class (``int | float`` for its expiry, so
-  a change frame still says ``60``, not ``60.0``) with a dataclass's equality and repr;
+* a compiled dataclass stores an ``int`` given for a ``float`` field as a float: the
+  replica's ``Entry`` is a plain class (``int | float`` for its expiry, so a change
+  frame still says ``60``, not ``60.0``) with a dataclass's equality and repr;
 * a NamedTuple's constructor is a Python function: ``Change`` is built with
   ``tuple.__new__``, as ``node.py`` builds ``PeerMessage``;
 * module functions are bound at compile time, so a test cannot patch one to change

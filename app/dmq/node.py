@@ -215,6 +215,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 HeaderLines = tuple[str, ...]
 
 
+#: Extra header names :func:`header_lines` has accepted: a service sends the same few on
+#: every message (the gateway's origin stamp), checked once each.
+_ACCEPTED_NAMES: set[str] = set()
+
+
 def header_lines(headers: ExtraHeaders) -> HeaderLines:
     """Check extra headers and render them as ``Name: value`` lines.
 
@@ -227,14 +232,19 @@ def header_lines(headers: ExtraHeaders) -> HeaderLines:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise InvalidHeaderError(f"an extra header must be a (name, value) pair, not {item!r}")
         name, value = item
-        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
-            raise InvalidHeaderError(
-                f"header name {name!r} must be a SIP token (letters, digits, - . ! % * _ + ` ' ~)"
-            )
-        if Headers.canonical(name) in _OWN_HEADERS:
-            raise InvalidHeaderError(
-                f"header {name!r} is written by the DMQ node itself and cannot be given"
-            )
+        if not isinstance(name, str) or name not in _ACCEPTED_NAMES:
+            if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+                raise InvalidHeaderError(
+                    f"header name {name!r} must be a SIP token "
+                    "(letters, digits, - . ! % * _ + ` ' ~)"
+                )
+            if Headers.canonical(name) in _OWN_HEADERS:
+                raise InvalidHeaderError(
+                    f"header {name!r} is written by the DMQ node itself and cannot be given"
+                )
+            if len(_ACCEPTED_NAMES) >= CACHE_SIZE:
+                _ACCEPTED_NAMES.clear()
+            _ACCEPTED_NAMES.add(name)
         if not isinstance(value, str) or _CONTROL.search(value):
             raise InvalidHeaderError(
                 f"header {name} value {value!r} must be a single line of text without "
@@ -302,6 +312,15 @@ class _Lane:
     in_flight: int = 0
     waiting: deque[tuple[SendOperation, OutboxMessage]] = field(default_factory=deque)
 
+    def __init__(
+        self,
+        in_flight: int = 0,
+        waiting: deque[tuple[SendOperation, OutboxMessage]] | None = None,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.in_flight = in_flight
+        self.waiting = deque() if waiting is None else waiting
+
 
 @dataclass(slots=True, eq=False)
 class _Pending:
@@ -316,6 +335,23 @@ class _Pending:
     #: The seconds ``deadline`` is after its arrival: its deadline queue, and what a
     #: 408 says.
     reply_timeout: float
+
+    def __init__(
+        self,
+        st: ServerTransaction,
+        request: SipRequest,
+        peer_id: str,
+        destination: Endpoint,
+        deadline: float,
+        reply_timeout: float,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.st = st
+        self.request = request
+        self.peer_id = peer_id
+        self.destination = destination
+        self.deadline = deadline
+        self.reply_timeout = reply_timeout
 
 
 class DmqNode:
@@ -403,6 +439,23 @@ class DmqNode:
         tags = ", ".join(config.option_tags)
         self._supported_lines = (f"Supported: {tags}",) if tags else ()
         self._supported_head = f"Supported: {tags}\r\n" if tags else ""
+        # What every request we send is made of (_send_request): its Via, Call-ID and
+        # From tag are this node's random tag and a count of the requests it made,
+        # unique in space (the tag) and time (the count) as RFC 3261 asks of a branch,
+        # and the rest is the same for every request to one node for one peer.
+        self._requests_made = 0
+        self._call_id_tail = f".{self._tag}@{self._local_hostport}"
+        self._request_middle = (
+            f"\r\nCSeq: {CSEQ_NUMBER} KDMQ\r\nCall-ID: ",
+            f"\r\nUser-Agent: {config.user_agent}\r\n{self._supported_head}",
+        )
+        #: (node URI, peer id) -> the request line and Via up to the branch's count,
+        #: and the To and From up to the tag's count.
+        self._request_heads: dict[tuple[SipUri, str], tuple[str, str]] = {}
+        #: Node key -> where its requests go.
+        self._endpoints: dict[NodeKey, Endpoint] = {}
+        #: Peer ids a send has checked already (is_valid_peer_id), at most CACHE_SIZE.
+        self._valid_peer_ids: set[str] = set()
 
     # ------------------------------------------------------------------ outputs
 
@@ -489,10 +542,14 @@ class DmqNode:
             raise ReservedPeerError(
                 f"{peer_id!r} is the notification channel and carries membership only"
             )
-        if not is_valid_peer_id(peer_id):
-            raise InvalidPeerIdError(
-                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
-            )
+        if peer_id not in self._valid_peer_ids:
+            if not is_valid_peer_id(peer_id):
+                raise InvalidPeerIdError(
+                    f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
+                )
+            if len(self._valid_peer_ids) >= CACHE_SIZE:
+                self._valid_peer_ids.clear()
+            self._valid_peer_ids.add(peer_id)
 
     def _check_reply_timeout(self, reply_timeout: float | None) -> None:
         if reply_timeout is None:
@@ -705,10 +762,14 @@ class DmqNode:
             raise ReservedPeerError(
                 f"{peer_id!r} is the notification channel and carries membership only"
             )
-        if not is_valid_peer_id(peer_id):
-            raise InvalidPeerIdError(
-                f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
-            )
+        if peer_id not in self._valid_peer_ids:
+            if not is_valid_peer_id(peer_id):
+                raise InvalidPeerIdError(
+                    f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
+                )
+            if len(self._valid_peer_ids) >= CACHE_SIZE:
+                self._valid_peer_ids.clear()
+            self._valid_peer_ids.add(peer_id)
         limit = self.max_body_size
         extra_size = sum(len(line.encode()) + 2 for line in extra)
         if len(body) + extra_size > limit:
@@ -1174,29 +1235,28 @@ class DmqNode:
         *,
         retransmit: bool = True,
     ) -> None:
-        rng = self.rng
-        branch = f"{MAGIC_COOKIE}{rng.getrandbits(64):016x}"
-        call_id = f"{rng.getrandbits(64):016x}@{self._local_hostport}"
-        target = node.uri.with_user(peer_id)
-        to_uri = str(target)
-        transport = node.transport.upper()
-        lines = [
-            f"KDMQ {target} SIP/2.0",
-            f"Via: SIP/2.0/{transport} {self._local_hostport};branch={branch}",
-            f"To: <{to_uri}>",
-            f"From: <{self._from_uri(peer_id)}>;tag={self._tag}-{rng.getrandbits(32):08x}",
-            f"CSeq: {CSEQ_NUMBER} KDMQ",
-            f"Call-ID: {call_id}",
-            f"Max-Forwards: {max_forwards}",
-            f"User-Agent: {self.config.user_agent}",
-            *self._supported_lines,
-            *extra,
-        ]
-        if content_type:
-            lines.append(f"Content-Type: {content_type}")
-        lines.append(f"Content-Length: {len(body)}")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-        destination = Endpoint(node.transport, node.resolved_ip, node.port)
+        self._requests_made += 1
+        count = str(self._requests_made)
+        head = self._request_heads.get((node.uri, peer_id))
+        if head is None:
+            head = self._request_head(node, peer_id)
+        extra_lines = "".join([f"{line}\r\n" for line in extra]) if extra else ""
+        type_line = f"Content-Type: {content_type}\r\n" if content_type else ""
+        cseq_call_id, user_agent = self._request_middle
+        data = (
+            f"{head[0]}{count}{head[1]}{count}{cseq_call_id}{count}{self._call_id_tail}"
+            f"\r\nMax-Forwards: {max_forwards}{user_agent}{extra_lines}{type_line}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        branch = f"{MAGIC_COOKIE}{self._tag}.{count}"
+        key = node.key
+        destination = self._endpoints.get(key)
+        if destination is None:
+            if len(self._endpoints) >= CACHE_SIZE:
+                self._endpoints.clear()
+            destination = self._endpoints[key] = Endpoint(
+                node.transport, node.resolved_ip, node.port
+            )
         stats = self.stats.sent
 
         def counted(result: FinalResult, now: float) -> None:
@@ -1206,6 +1266,21 @@ class DmqNode:
         self.transactions.send_request(
             branch, data, destination, now, counted, retransmit=retransmit
         )
+
+    def _request_head(self, node: Node, peer_id: str) -> tuple[str, str]:
+        """The parts of every request to ``node`` for ``peer_id`` around the counts
+        of its branch and From tag (kept for the next, CACHE_SIZE of them)."""
+        target = str(node.uri.with_user(peer_id))
+        transport = node.transport.upper()
+        head = (
+            f"KDMQ {target} SIP/2.0\r\n"
+            f"Via: SIP/2.0/{transport} {self._local_hostport};branch={MAGIC_COOKIE}{self._tag}.",
+            f"\r\nTo: <{target}>\r\nFrom: <{self._from_uri(peer_id)}>;tag={self._tag}-",
+        )
+        if len(self._request_heads) >= CACHE_SIZE:
+            self._request_heads.clear()
+        self._request_heads[(node.uri, peer_id)] = head
+        return head
 
     def _from_uri(self, peer_id: str) -> str:
         cached = self._from_cache.get(peer_id)

@@ -71,6 +71,27 @@ class OutboxMessage:
     #: What the message counts for against the byte bound: body and headers.
     size: int
 
+    def __init__(
+        self,
+        id: int,
+        peer_id: str,
+        body: bytes,
+        content_type: str | None,
+        extra: tuple[str, ...],
+        max_forwards: int,
+        created_at: float,
+        size: int,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.id = id
+        self.peer_id = peer_id
+        self.body = body
+        self.content_type = content_type
+        self.extra = extra
+        self.max_forwards = max_forwards
+        self.created_at = created_at
+        self.size = size
+
 
 @dataclass(slots=True, eq=False)
 class Outbox:

@@ -57,11 +57,22 @@ class PeerReply:
     content_type: str | None = None
     body: bytes = b""
 
-    def __post_init__(self) -> None:
-        if not 200 <= self.code <= 699:
-            raise ValueError(f"a peer reply needs a final status code (200-699), not {self.code}")
-        if "\r" in self.reason or "\n" in self.reason:
+    def __init__(
+        self,
+        code: int = 200,
+        reason: str = "OK",
+        content_type: str | None = None,
+        body: bytes = b"",
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        if not 200 <= code <= 699:
+            raise ValueError(f"a peer reply needs a final status code (200-699), not {code}")
+        if "\r" in reason or "\n" in reason:
             raise ValueError("a reply reason must be a single line")
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "content_type", content_type)
+        object.__setattr__(self, "body", body)
 
 
 PeerHandler = Callable[[PeerMessage], PeerReply | None]

@@ -275,6 +275,15 @@ class SipRequest:
     headers: Headers = field(default_factory=Headers)
     body: bytes = b""
 
+    def __init__(
+        self, method: str, uri: str, headers: Headers | None = None, body: bytes = b""
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.method = method
+        self.uri = uri
+        self.headers = Headers() if headers is None else headers
+        self.body = body
+
     def to_bytes(self) -> bytes:
         return _serialize(f"{self.method} {self.uri} {SIP_VERSION}", self.headers, self.body)
 
@@ -287,6 +296,15 @@ class SipResponse:
     reason: str
     headers: Headers = field(default_factory=Headers)
     body: bytes = b""
+
+    def __init__(
+        self, code: int, reason: str, headers: Headers | None = None, body: bytes = b""
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.code = code
+        self.reason = reason
+        self.headers = Headers() if headers is None else headers
+        self.body = body
 
     def to_bytes(self) -> bytes:
         return _serialize(f"{SIP_VERSION} {self.code} {self.reason}", self.headers, self.body)

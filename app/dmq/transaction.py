@@ -118,6 +118,21 @@ class FinalResult:
     #: True when the transport could not deliver the request (connection refused...).
     transport_error: bool = False
 
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        response: SipResponse | None = None,
+        timed_out: bool = False,
+        transport_error: bool = False,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "response", response)
+        object.__setattr__(self, "timed_out", timed_out)
+        object.__setattr__(self, "transport_error", transport_error)
+
     @property
     def local(self) -> bool:
         """A failure generated here, not an answer from the other node."""
@@ -151,6 +166,29 @@ class ClientTransaction:
     timer_e: TimerHandle | None = None
     timer_f: TimerHandle | None = None
 
+    def __init__(
+        self,
+        branch: str,
+        data: bytes,
+        destination: Endpoint,
+        on_result: ResultCallback,
+        state: ClientState = ClientState.TRYING,
+        interval: float = 0.0,
+        retransmissions: int = 0,
+        timer_e: TimerHandle | None = None,
+        timer_f: TimerHandle | None = None,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.branch = branch
+        self.data = data
+        self.destination = destination
+        self.on_result = on_result
+        self.state = state
+        self.interval = interval
+        self.retransmissions = retransmissions
+        self.timer_e = timer_e
+        self.timer_f = timer_f
+
 
 @dataclass(slots=True, eq=False)
 class ServerTransaction:
@@ -166,6 +204,19 @@ class ServerTransaction:
     request: SipRequest
     source: Endpoint
     state: ServerState = ServerState.TRYING
+
+    def __init__(
+        self,
+        key: str,
+        request: SipRequest,
+        source: Endpoint,
+        state: ServerState = ServerState.TRYING,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.key = key
+        self.request = request
+        self.source = source
+        self.state = state
 
 
 @dataclass(slots=True)

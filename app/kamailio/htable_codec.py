@@ -94,6 +94,16 @@ class SetCell:
     #: The body named a type but carried no value of it (5.6 stores an empty one).
     value_missing: bool = False
 
+    def __init__(
+        self, htname: str, cname: str, value: Value, mode: int = 1, value_missing: bool = False
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        object.__setattr__(self, "htname", htname)
+        object.__setattr__(self, "cname", cname)
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "value_missing", value_missing)
+
 
 @dataclass(frozen=True, slots=True)
 class SetCellExpire:
@@ -104,6 +114,12 @@ class SetCellExpire:
     cname: str
     seconds: int
 
+    def __init__(self, htname: str, cname: str, seconds: int) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        object.__setattr__(self, "htname", htname)
+        object.__setattr__(self, "cname", cname)
+        object.__setattr__(self, "seconds", seconds)
+
 
 @dataclass(frozen=True, slots=True)
 class DeleteCell:
@@ -111,6 +127,11 @@ class DeleteCell:
 
     htname: str
     cname: str
+
+    def __init__(self, htname: str, cname: str) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        object.__setattr__(self, "htname", htname)
+        object.__setattr__(self, "cname", cname)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +162,13 @@ class Cell:
     cname: str
     value: Value
     expire: int = 0
+
+    def __init__(self, htname: str, cname: str, value: Value, expire: int = 0) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        object.__setattr__(self, "htname", htname)
+        object.__setattr__(self, "cname", cname)
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "expire", expire)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,18 +11,19 @@ from hypothesis import strategies as st
 
 from app.dmq.config import NodeConfig
 from app.dmq.errors import (
+    InvalidHeaderError,
     InvalidPeerIdError,
     MessageTooLargeError,
     ReservedPeerError,
     UnknownNodeError,
 )
 from app.dmq.events import NodeStatusChanged
-from app.dmq.node import DmqNode
+from app.dmq.node import CACHE_SIZE, DmqNode
 from app.dmq.nodes import NodeStatus, parse_node_list
 from app.dmq.peers import PeerMessage, PeerReply
-from app.dmq.sip import NameAddr, SipRequest, SipResponse, SipUri, parse_message
+from app.dmq.sip import NameAddr, SipRequest, SipResponse, SipUri, Via, parse_message
 from app.dmq.transaction import Endpoint
-from tests.dmq.helpers import VECTOR_FILES, VECTORS, mutated
+from tests.dmq.helpers import VECTOR_FILES, VECTORS, Cluster, mutated
 
 NODE = SipUri.parse("sip:127.0.0.1:5091")
 SOURCE = Endpoint("udp", "127.0.0.1", 5090)
@@ -427,6 +428,85 @@ def test_kdmq_request_we_send_has_kamailios_shape() -> None:
         "SIP/2.0/UDP 127.0.0.1:5091;branch=z9hG4bK"
     )
     assert message.body == b"sip:127.0.0.1:5091;status=active\r\n"
+
+
+def _sent_requests(cluster: Cluster, since: int) -> list[SipRequest]:
+    return [r for wire in cluster.trace[since:] if (r := wire.request()) is not None]
+
+
+def test_requests_we_send_have_unique_branches_call_ids_and_tags() -> None:
+    cluster = Cluster()
+    a = cluster.add(7001, peers=("htable", "dialog"))
+    b = cluster.add(7002, [7001], peers=("htable", "dialog"))
+    cluster.advance(1)
+    since = len(cluster.trace)
+    for number in range(300):
+        for member in (a, b):
+            peer_id = "htable" if number % 2 else "dialog"
+            member.node.broadcast(peer_id, b"%d" % number, None, cluster.now)
+    cluster.flush()
+    sent = [r for r in _sent_requests(cluster, since) if r.method == "KDMQ"]
+    assert len(sent) == 600
+    vias = [Via.parse(r.headers.get("via") or "") for r in sent]
+    branches = [via.branch for via in vias]
+    assert all(b is not None and b.startswith("z9hG4bK") for b in branches)
+    assert len(set(branches)) == 600
+    assert len({r.headers.get("call-id") for r in sent}) == 600
+    tags = [NameAddr.parse(r.headers.get("from") or "").tag for r in sent]
+    assert len(set(tags)) == 600
+    # Each was delivered to its peer, under the peer named in its Request-URI.
+    assert len(a.received) == len(b.received) == 300
+    assert {(m.peer_id, int(m.body)) for m in a.received} == {
+        ("htable" if n % 2 else "dialog", n) for n in range(300)
+    }
+
+
+def test_a_node_started_again_does_not_reuse_a_branch() -> None:
+    cluster = Cluster()
+    cluster.add(7001)
+    b = cluster.add(7002, [7001])
+    cluster.advance(1)
+    since = len(cluster.trace)
+    b.node.broadcast("htable", b"first life", None, cluster.now)
+    cluster.flush()
+    b = cluster.add(7002, [7001])  # the same address, a new process
+    cluster.advance(1)
+    b.node.broadcast("htable", b"second life", None, cluster.now)
+    cluster.flush()
+    branches = [
+        Via.parse(r.headers.get("via") or "").branch
+        for r in _sent_requests(cluster, since)
+        if r.uri.startswith("sip:htable@127.0.0.1:7001")
+    ]
+    assert len(branches) == 2 and branches[0] != branches[1]
+
+
+def test_sends_to_many_peers_keep_the_request_heads_bounded() -> None:
+    cluster = Cluster()
+    cluster.add(7001, peers=tuple(f"p{n}" for n in range(CACHE_SIZE + 50)))
+    b = cluster.add(7002, [7001])
+    cluster.advance(1)
+    since = len(cluster.trace)
+    for n in range(CACHE_SIZE + 50):
+        b.node.broadcast(f"p{n}", b"x", None, cluster.now)
+    assert len(b.node._request_heads) <= CACHE_SIZE
+    cluster.flush()
+    uris = [r.uri for r in _sent_requests(cluster, since) if r.method == "KDMQ"]
+    assert uris == [f"sip:p{n}@127.0.0.1:7001" for n in range(CACHE_SIZE + 50)]
+
+
+def test_an_extra_header_name_accepted_once_still_has_its_value_checked() -> None:
+    cluster = Cluster()
+    cluster.add(7001)
+    b = cluster.add(7002, [7001])
+    cluster.advance(1)
+    b.node.broadcast("htable", b"x", None, cluster.now, headers=(("X-Seen", "fine"),))
+    with pytest.raises(InvalidHeaderError, match="single line"):
+        b.node.broadcast("htable", b"x", None, cluster.now, headers=(("X-Seen", "a\r\nB: c"),))
+    with pytest.raises(InvalidHeaderError, match="SIP token"):
+        b.node.broadcast("htable", b"x", None, cluster.now, headers=(("X-Seen:", "v"),))
+    with pytest.raises(InvalidHeaderError, match="written by the DMQ node"):
+        b.node.broadcast("htable", b"x", None, cluster.now, headers=(("Call-ID", "v"),))
 
 
 # --------------------------------------------------------------------------- node lists
