@@ -56,8 +56,6 @@ The htable mirror's hot path is compiled in the same group (``app/kamailio/htabl
 
 Modules left out, and why (they stay Python and import the compiled ones):
 
-* ``app/dmq/events.py``: not tried; events are built a few per message and read by
-  the Python driver, so there is little to gain.
 * ``app/dmq/cache.py``: a generic ``OrderedDict`` subclass with ``__slots__``; mypyc
   compiles it, and the compiled class crashes the interpreter (segmentation fault) on
   its first ``put``.
@@ -84,6 +82,7 @@ COMPILED = [
     "app/dmq/peers.py",
     "app/dmq/transaction.py",
     "app/dmq/timers.py",
+    "app/dmq/events.py",
     # The htable mirror's hot path: every KDMQ SET of peer htable is read by the codec
     # and applied to the replica (the mirror around them, asyncio-bound, stays Python).
     "app/kamailio/htable_codec.py",

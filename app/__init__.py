@@ -105,6 +105,7 @@ COMPILED_MODULES = (
     "app.dmq.peers",
     "app.dmq.transaction",
     "app.dmq.timers",
+    "app.dmq.events",
     "app.kamailio.htable_codec",
     "app.kamailio.replica",
 )

@@ -53,6 +53,27 @@ class NodeResult:
     transport_error: bool = False
     outcome: Delivery = Delivery.DELIVERED
 
+    def __init__(
+        self,
+        node: SipUri,
+        code: int,
+        reason: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        timed_out: bool = False,
+        transport_error: bool = False,
+        outcome: Delivery = Delivery.DELIVERED,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        object.__setattr__(self, "node", node)
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "body", body)
+        object.__setattr__(self, "content_type", content_type)
+        object.__setattr__(self, "timed_out", timed_out)
+        object.__setattr__(self, "transport_error", transport_error)
+        object.__setattr__(self, "outcome", outcome)
+
 
 @dataclass(slots=True, eq=False)
 class SendOperation:
@@ -62,6 +83,19 @@ class SendOperation:
     peer_id: str
     targets: tuple[SipUri, ...]
     results: list[NodeResult] = field(default_factory=list)
+
+    def __init__(
+        self,
+        id: int,
+        peer_id: str,
+        targets: tuple[SipUri, ...],
+        results: list[NodeResult] | None = None,
+    ) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        self.id = id
+        self.peer_id = peer_id
+        self.targets = targets
+        self.results = [] if results is None else results
 
     @property
     def done(self) -> bool:
@@ -73,6 +107,10 @@ class SendCompleted:
     """Every target of an operation has answered or timed out."""
 
     operation: SendOperation
+
+    def __init__(self, operation: SendOperation) -> None:
+        # Written out (the decorator keeps it): see "explicit __init__" in setup.py.
+        object.__setattr__(self, "operation", operation)
 
 
 @dataclass(frozen=True, slots=True)

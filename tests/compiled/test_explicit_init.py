@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 import app
+from app.dmq.events import Delivery, SendOperation
 from app.dmq.peers import PeerReply
-from app.dmq.sip import Headers, SipRequest, SipResponse
+from app.dmq.sip import Headers, SipRequest, SipResponse, SipUri
 from app.dmq.timers import TimerQueue
 from app.dmq.transaction import ClientState, Endpoint, ServerState, ServerTransaction
 
@@ -31,6 +32,7 @@ from app.dmq.transaction import ClientState, Endpoint, ServerState, ServerTransa
 PER_MESSAGE = {
     "app.dmq.sip": ("SipRequest", "SipResponse"),
     "app.dmq.node": ("_Lane", "_Pending"),
+    "app.dmq.events": ("NodeResult", "SendOperation", "SendCompleted"),
     "app.dmq.outbox": ("OutboxMessage",),
     "app.dmq.peers": ("PeerReply",),
     "app.dmq.transaction": ("FinalResult", "ClientTransaction", "ServerTransaction"),
@@ -40,6 +42,12 @@ PER_MESSAGE = {
 RARE = {
     "app.dmq.sip": (),
     "app.dmq.node": ("NodeStats", "_Parked"),
+    "app.dmq.events": (
+        "NodeStatusChanged",
+        "OutboxDropped",
+        "PeerReplyTimedOut",
+        "HostLookupNeeded",
+    ),
     "app.dmq.nodes": ("Node", "NodeLine", "ParsedNodeList"),
     "app.dmq.outbox": ("Outbox",),
     "app.dmq.peers": ("Peer",),
@@ -86,6 +94,12 @@ def _values(cls: type[Any]) -> list[object]:
         "SetCellExpire": ["ht", "key", 60],
         "DeleteCell": ["ht", "key"],
         "Cell": ["ht", "key", "value", 1_900_000_000],
+        "NodeResult": [
+            SipUri.parse("sip:127.0.0.1:5061"), 408, "Request Timeout", b"b", "text/plain",
+            True, True, Delivery.QUEUED,
+        ],
+        "SendOperation": [4, "p", (SipUri.parse("sip:127.0.0.1:5061"),), [object()]],
+        "SendCompleted": [SendOperation(1, "p", ())],
     }  # fmt: skip
     return table[cls.__name__]
 
