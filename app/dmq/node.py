@@ -538,6 +538,8 @@ class DmqNode:
         return peer
 
     def _check_peer_id(self, peer_id: str) -> None:
+        """Refuse the notification channel and a peer id that is not a SIP user name
+        (checked once per id: a service sends to the same few)."""
         if peer_id == self.config.notification_channel:
             raise ReservedPeerError(
                 f"{peer_id!r} is the notification channel and carries membership only"
@@ -758,18 +760,7 @@ class DmqNode:
     def _check_user_send(self, peer_id: str, body: bytes, extra: HeaderLines = ()) -> None:
         if self.stopped:
             raise NodeStoppedError("this node has left the bus")
-        if peer_id == self.config.notification_channel:
-            raise ReservedPeerError(
-                f"{peer_id!r} is the notification channel and carries membership only"
-            )
-        if peer_id not in self._valid_peer_ids:
-            if not is_valid_peer_id(peer_id):
-                raise InvalidPeerIdError(
-                    f"peer id {peer_id!r} must be 1-128 letters, digits or - _ . ! ~ * ' ( )"
-                )
-            if len(self._valid_peer_ids) >= CACHE_SIZE:
-                self._valid_peer_ids.clear()
-            self._valid_peer_ids.add(peer_id)
+        self._check_peer_id(peer_id)
         limit = self.max_body_size
         extra_size = sum(len(line.encode()) + 2 for line in extra)
         if len(body) + extra_size > limit:
