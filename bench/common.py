@@ -138,6 +138,28 @@ def cpu_pressure() -> float | None:
     return None
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """The machine's CPU time so far, in ticks: (all of it, stolen). *Steal* is the time
+    a virtual CPU was ready to run and the host ran something else: on a virtual machine
+    it is how busy the neighbours are, which no load figure inside it shows."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    ticks = [int(value) for value in fields[1:9]]
+    return sum(ticks), ticks[7]
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """% of the machine's CPU time between two :func:`cpu_ticks` the host took away."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round(100 * (after[1] - before[1]) / (after[0] - before[0]), 2)
+
+
 # --------------------------------------------------------------------------- the machine
 
 

@@ -45,8 +45,10 @@ What is measured, and how:
   each; ``machine``: all our processes together against every core; ``contended``:
   the machine's CPU pressure, some task waiting for a CPU, at >= 25 %), the POSTs' own
   response times, the kernel's UDP drops on B's SIP socket (/proc/net/udp), the
-  machine's CPU pressure (/proc/pressure/cpu), and the subscriber's state (cut off for
-  falling ``--ws-queue-limit`` behind: what it did not get counts as lost).
+  machine's CPU pressure (/proc/pressure/cpu), the share of its CPU time the host took
+  away (``cpu_steal_pct``, /proc/stat: on a virtual machine the tail latency follows
+  it), and the subscriber's state (cut off for falling ``--ws-queue-limit`` behind:
+  what it did not get counts as lost).
 
 Writes ``OUT/gateway-e2e.json`` and ``OUT/gateway-e2e.png`` (OUT defaults to
 bench/results). The module also holds the helpers bench.ws_fanout uses (gateway
@@ -82,6 +84,7 @@ from bench.common import (
     bench_gateway,
     collect_between_phases,
     cpu_pressure,
+    cpu_ticks,
     machine_info,
     no_collector_pauses,
     peer_info,
@@ -92,6 +95,7 @@ from bench.common import (
     rnd,
     run_async,
     self_cpu_seconds,
+    steal_share,
     udp_drops,
     wait_joined,
 )
@@ -533,6 +537,7 @@ class Bench:
         self.next_seq += count
         self.sub.expect(first, first + count)
         cpu0 = self.cpu_now()
+        ticks0 = cpu_ticks()
         drops0 = udp_drops(self.b.sip_port)
         wall0 = time.perf_counter()
         with no_collector_pauses():
@@ -544,6 +549,7 @@ class Bench:
                 await asyncio.sleep(0.01)
         wall1 = time.perf_counter()
         cpu1 = self.cpu_now()
+        ticks1 = cpu_ticks()
         drops1 = udp_drops(self.b.sip_port)
         latencies = sorted(
             recv - sent
@@ -591,6 +597,7 @@ class Bench:
             "b_udp_drops": None if drops0 is None or drops1 is None else drops1 - drops0,
             "subscriber_closed": self.sub.closed_at is not None,
             "cpu_pressure_some_avg10": cpu_pressure(),
+            "cpu_steal_pct": steal_share(ticks0, ticks1),
         }
         result["cpu_saturated"] = saturated(cpu, self.senders.count)
         pressure = result["cpu_pressure_some_avg10"]
@@ -666,7 +673,8 @@ class Bench:
                 f"{step['achieved_rate']}/s, lost {step['lost']}, p99 "
                 f"{step['latency_ms']['p99']} ms; CPU % A {step['A_cpu_pct']} B "
                 f"{step['B_cpu_pct']} subscriber {step['bench_cpu_pct']} senders "
-                f"{step['senders_cpu_pct']}, saturated {step['cpu_saturated'] or 'nothing'} -> "
+                f"{step['senders_cpu_pct']}, steal {step['cpu_steal_pct']} %, saturated "
+                f"{step['cpu_saturated'] or 'nothing'} -> "
                 f"{'pass' if step['passed'] else 'FAIL'}"
             )
             if not step["passed"] and not args.keep_going:
